@@ -1,0 +1,123 @@
+"""Pure tensor maths of uniform integer quantization.
+
+Conventions (shared by every form: simulated, packed, runtime):
+- integer codes are signed, q in [qmin, qmax] = [-2^(b-1), 2^(b-1)-1], held in int8;
+- dequantization is (q - zero_point) * scale, zero_point = 0 for symmetric schemes;
+- qparams of a 2-D tensor (rows, cols) have shape (rows, n_groups): n_groups = 1 for
+  channel/token granularity, ceil(cols / group_size) for group (the last group may be
+  partial), and scale/zero_point are (1, 1) for tensor granularity;
+- activations (..., cols) are flattened to (rows, cols) for qparams and reshaped back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .scheme import QuantArgs
+
+
+def n_groups(cols: int, args: QuantArgs) -> int:
+    return math.ceil(cols / args.group_size) if args.granularity == "group" else 1
+
+
+def _group_view(x: torch.Tensor, args: QuantArgs) -> list[torch.Tensor]:
+    """Split a (rows, cols) tensor into column blocks, one per qparam column."""
+    if args.granularity == "tensor":
+        return [x.reshape(1, -1)]
+    if args.granularity == "group":
+        return list(torch.split(x, args.group_size, dim=1))
+    return [x]
+
+
+def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.clamp(lo, max=0.0) * args.clip_ratio
+    hi = torch.clamp(hi, min=0.0) * args.clip_ratio
+    if args.symmetric:
+        scale = torch.maximum(-lo, hi) / args.qmax
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (args.qmax - args.qmin)
+        zero = None
+    # an all-zero row/group: any scale represents it exactly; 1 keeps it finite in fp16
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if zero is None:
+        zero = torch.clamp(args.qmin - torch.round(lo / scale), args.qmin, args.qmax)
+    return scale, zero
+
+
+def compute_qparams(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max qparams of `x` (..., cols) -> (scale, zero_point), each (rows, n_groups) float32."""
+    x2 = x.reshape(-1, x.shape[-1]).float()  # (rows, cols)
+    los, his = [], []
+    for block in _group_view(x2, args):
+        los.append(block.amin(dim=1, keepdim=True))
+        his.append(block.amax(dim=1, keepdim=True))
+    return _range_to_qparams(torch.cat(los, 1), torch.cat(his, 1), args)
+
+
+def expand_qparam(p: torch.Tensor, rows: int, cols: int, args: QuantArgs) -> torch.Tensor:
+    """(rows|1, n_groups) -> (rows, cols), repeating each group's value over its columns."""
+    if args.granularity == "group":
+        p = torch.repeat_interleave(p, args.group_size, dim=1)[:, :cols]
+    return p.expand(rows, cols)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """x (..., cols) -> int8 codes of the same shape."""
+    x2 = x.reshape(-1, x.shape[-1]).float()  # (rows, cols)
+    rows, cols = x2.shape
+    s = expand_qparam(scale.float(), rows, cols, args)
+    z = expand_qparam(zero.float(), rows, cols, args)
+    q = torch.clamp(torch.round(x2 / s) + z, args.qmin, args.qmax)
+    return q.to(torch.int8).reshape(x.shape)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: QuantArgs, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """int codes (..., cols) -> (q - zero) * scale in `dtype`. The one dequantization every form uses."""
+    q2 = q.reshape(-1, q.shape[-1])  # (rows, cols)
+    rows, cols = q2.shape
+    s = expand_qparam(scale.float(), rows, cols, args)
+    z = expand_qparam(zero.float(), rows, cols, args)
+    return ((q2.float() - z) * s).to(dtype).reshape(q.shape)
+
+
+def fake_quantize(x: torch.Tensor, args: QuantArgs, scale=None, zero=None) -> torch.Tensor:
+    """Quantize-dequantize in the input's dtype; qparams from `x` itself unless given."""
+    if scale is None:
+        scale, zero = compute_qparams(x, args)
+    return dequantize(quantize(x, scale, zero, args), scale, zero, args, dtype=x.dtype)
+
+
+def quant_error(x: torch.Tensor, xq: torch.Tensor) -> dict[str, float]:
+    """Relative MSE and SQNR (dB) of a quantized tensor against the original."""
+    x, xq = x.double(), xq.double()
+    err = (x - xq).pow(2).sum().item()
+    sig = x.pow(2).sum().item()
+    rel = err / sig if sig > 0 else 0.0
+    sqnr = float("inf") if err == 0 else 10.0 * math.log10(sig / err) if sig > 0 else float("-inf")
+    return {"rel_mse": rel, "sqnr_db": sqnr}
+
+
+def mse_clip_qparams(
+    w: torch.Tensor, args: QuantArgs, grid: int = 40, min_ratio: float = 0.5, norm: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row/group clip search: the ratio in [min_ratio, 1] whose fake-quant error
+    sum |w - q(w)|^norm is smallest (the GPTQ reference's grid search, norm 2.4)."""
+    w2 = w.reshape(-1, w.shape[-1]).float()  # (rows, cols)
+    rows, cols = w2.shape
+    best_s, best_z = compute_qparams(w2, args)
+    best_err = torch.full_like(best_s, float("inf"))
+    for i in range(grid):
+        ratio = 1.0 - (1.0 - min_ratio) * i / max(grid - 1, 1)
+        trial = QuantArgs(**{**args.to_dict(), "clip_ratio": args.clip_ratio * ratio, "mse_clip": False})
+        s, z = compute_qparams(w2, trial)
+        err = (w2 - dequantize(quantize(w2, s, z, trial), s, z, trial)).abs().pow(norm)  # (rows, cols)
+        err = torch.cat([b.sum(dim=1, keepdim=True) for b in _group_view(err, args)], 1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z

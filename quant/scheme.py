@@ -1,0 +1,234 @@
+"""The quantization vocabulary: `QuantArgs`, `QuantScheme`, `KVCacheArgs` and the named presets.
+
+Everything here is a small frozen dataclass validated in `__post_init__`, with messages that
+say what was wrong and what is allowed. Presets carry the names used in the literature.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+GRANULARITIES = ("tensor", "channel", "group", "token", "head")
+WEIGHT_BITS = (2, 3, 4, 8)
+KV_BITS = (2, 4, 8)
+
+
+def _check_keys(kind: str, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(f"{kind}: unknown key(s) {unknown}; allowed keys: {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """How one tensor is quantized to signed integers q in [-2^(b-1), 2^(b-1)-1].
+
+    Dequantization is (q - zero_point) * scale; symmetric schemes have zero_point = 0.
+    `group_size` applies along the last (input) dimension; a last group may be partial.
+    `dynamic` means qparams are computed at run time from the tensor itself (activations).
+    `clip_ratio` shrinks the observed range before qparams are computed; `mse_clip` searches
+    the ratio per row/group that minimizes the quantization error (weights only).
+    """
+
+    bits: int
+    granularity: str = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    dynamic: bool = False
+    clip_ratio: float = 1.0
+    mse_clip: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
+            raise ValueError(f"QuantArgs.bits={self.bits!r} is not supported; use one of {list(WEIGHT_BITS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"QuantArgs.granularity={self.granularity!r} is not known; use one of {list(GRANULARITIES)}"
+            )
+        if self.granularity == "group":
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+                raise ValueError(
+                    f"QuantArgs.group_size={self.group_size!r}: granularity 'group' needs a positive integer group_size (e.g. 64 or 128)"
+                )
+        elif self.group_size is not None:
+            raise ValueError(
+                f"QuantArgs.group_size={self.group_size!r} is only meaningful with granularity 'group' (got {self.granularity!r}); drop it or set granularity: group"
+            )
+        if self.granularity == "token" and not self.dynamic:
+            raise ValueError("QuantArgs: granularity 'token' is computed at run time; set dynamic: true")
+        if not (0.0 < float(self.clip_ratio) <= 1.0):
+            raise ValueError(f"QuantArgs.clip_ratio={self.clip_ratio!r} must lie in (0, 1]")
+        if self.mse_clip and self.dynamic:
+            raise ValueError("QuantArgs.mse_clip searches clipping offline; it cannot be combined with dynamic: true")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: "QuantArgs | None" = None) -> "QuantArgs":
+        _check_keys("QuantArgs", data, tuple(f.name for f in fields(cls)))
+        if base is not None:
+            merged = {**base.to_dict(), **data}
+            # switching away from 'group' drops an inherited group size
+            if merged.get("granularity") != "group" and "group_size" not in data:
+                merged["group_size"] = None
+            return cls(**merged)
+        if "bits" not in data:
+            raise ValueError("QuantArgs needs 'bits' (one of %s)" % list(WEIGHT_BITS))
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """What happens to one linear: weight quantization, input (activation) quantization, sparsity."""
+
+    weights: QuantArgs | None = None
+    inputs: QuantArgs | None = None
+    sparsity: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is None and self.inputs is None and self.sparsity is None:
+            raise ValueError("QuantScheme: nothing to do; give weights, inputs or sparsity (or map the module to null)")
+        if self.weights is not None and self.weights.dynamic:
+            raise ValueError("QuantScheme.weights cannot be dynamic; weights are quantized offline")
+        if self.inputs is not None and not self.inputs.dynamic:
+            raise ValueError("QuantScheme.inputs must be dynamic (per-token, computed at run time); static activation scales are not supported yet")
+        if self.sparsity is not None:
+            n, _, m = str(self.sparsity).partition(":")
+            if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+                raise ValueError(f"QuantScheme.sparsity={self.sparsity!r}: use 'N:M' with 0 < N < M, e.g. '2:4'")
+
+    @property
+    def name(self) -> str:
+        for key, preset in PRESETS.items():
+            if preset == self:
+                return key
+        w = f"W{self.weights.bits}" if self.weights else "W16"
+        a = f"A{self.inputs.bits}" if self.inputs else "A16"
+        return w + a + (f"-{self.sparsity}" if self.sparsity else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights.to_dict() if self.weights else None,
+            "inputs": self.inputs.to_dict() if self.inputs else None,
+            "sparsity": self.sparsity,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantScheme":
+        _check_keys("QuantScheme", data, ("preset", "weights", "inputs", "sparsity"))
+        base = preset(data["preset"]) if data.get("preset") is not None else None
+
+        def part(key: str) -> QuantArgs | None:
+            if key not in data:
+                return getattr(base, key) if base else None
+            value = data[key]
+            if value is None:
+                return None
+            if not isinstance(value, Mapping):
+                raise ValueError(f"QuantScheme.{key} must be a mapping of QuantArgs fields or null, got {value!r}")
+            return QuantArgs.from_dict(value, getattr(base, key) if base else None)
+
+        sparsity = data.get("sparsity", base.sparsity if base else None)
+        return cls(weights=part("weights"), inputs=part("inputs"), sparsity=sparsity)
+
+
+@dataclass(frozen=True)
+class KVCacheArgs:
+    """KV-cache quantization: keys per channel, values per token, `group_size` elements a group
+    (along the sequence for keys, along head_dim for values), asymmetric min-max by default, the
+    most recent `residual` tokens kept in full precision."""
+
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = False
+    residual: int = 0
+    key_granularity: str = "channel"
+
+    def __post_init__(self) -> None:
+        if self.bits not in KV_BITS:
+            raise ValueError(f"KVCacheArgs.bits={self.bits!r}: use one of {list(KV_BITS)}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"KVCacheArgs.group_size={self.group_size!r} must be a positive integer")
+        if not isinstance(self.residual, int) or self.residual < 0 or self.residual % self.group_size:
+            raise ValueError(
+                f"KVCacheArgs.residual={self.residual!r} must be a non-negative multiple of group_size={self.group_size}"
+            )
+        if self.key_granularity not in ("channel", "token"):
+            raise ValueError(f"KVCacheArgs.key_granularity={self.key_granularity!r}: use 'channel' (KIVI) or 'token'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "KVCacheArgs":
+        if isinstance(data, str):
+            return kv_preset(data)
+        _check_keys("kv_cache", data, ("preset",) + tuple(f.name for f in fields(cls)))
+        data = dict(data)
+        base = kv_preset(data.pop("preset")) if "preset" in data else cls()
+        return replace(base, **data)
+
+
+# ---- presets ---------------------------------------------------------------------------
+def _w(bits: int, group: int | None = None, symmetric: bool = True) -> QuantArgs:
+    return QuantArgs(bits=bits, granularity="group" if group else "channel", group_size=group, symmetric=symmetric)
+
+
+def _a(bits: int) -> QuantArgs:
+    return QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True)
+
+
+PRESETS: dict[str, QuantScheme] = {
+    "W8A8": QuantScheme(weights=_w(8), inputs=_a(8)),
+    "W8A16": QuantScheme(weights=_w(8)),
+    "W4A16": QuantScheme(weights=_w(4, 128)),
+    "W4A8": QuantScheme(weights=_w(4), inputs=_a(8)),
+    "W4A4": QuantScheme(weights=_w(4), inputs=_a(4)),
+    "W3A16": QuantScheme(weights=_w(3, 128)),
+    "W2A16": QuantScheme(weights=_w(2, 64)),
+}
+
+KV_PRESETS: dict[str, KVCacheArgs] = {
+    "KV8": KVCacheArgs(bits=8, group_size=64),
+    "KV4": KVCacheArgs(bits=4, group_size=64),
+    "KV2": KVCacheArgs(bits=2, group_size=64, residual=128),
+}
+
+W8A8, W8A16, W4A16, W4A8, W4A4, W3A16, W2A16 = (PRESETS[k] for k in ("W8A8", "W8A16", "W4A16", "W4A8", "W4A4", "W3A16", "W2A16"))
+KV8, KV4, KV2 = KV_PRESETS["KV8"], KV_PRESETS["KV4"], KV_PRESETS["KV2"]
+
+
+def preset(name: str) -> QuantScheme:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown scheme preset {name!r}; known presets: {sorted(PRESETS)}") from None
+
+
+def kv_preset(name: str) -> KVCacheArgs:
+    try:
+        return KV_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown KV-cache preset {name!r}; known presets: {sorted(KV_PRESETS)}") from None
+
+
+def parse_scheme(spec: Any) -> QuantScheme | None:
+    """A scheme-map value: null, a preset name, or a mapping (optionally with `preset:` plus overrides)."""
+    if spec is None:
+        return None
+    if isinstance(spec, QuantScheme):
+        return spec
+    if isinstance(spec, str):
+        return preset(spec)
+    if isinstance(spec, Mapping):
+        return QuantScheme.from_dict(spec)
+    raise ValueError(f"scheme {spec!r}: use null, a preset name {sorted(PRESETS)}, or a mapping")

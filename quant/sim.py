@@ -1,0 +1,53 @@
+"""The simulated form of a quantized linear: fake-quant weights (kept with their integer codes
+and qparams, so packing is exact) and dynamic per-token activation fake-quant."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .primitives import dequantize, fake_quantize
+from .scheme import QuantScheme
+
+
+class SimQuantLinear(nn.Module):
+    """y = fq_in(x) @ dequant(W_q)^T + b.
+
+    Buffers: `weight` (the dequantized weight, in the original dtype), `weight_codes` (int8,
+    (out, in)), `weight_scale` / `weight_zero_point` (float32, (out|1, n_groups)). A scheme with
+    no weight args keeps the float weight and only fake-quantizes the inputs.
+    """
+
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.scheme = scheme
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("weight_codes", None)
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_zero_point", None)
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_codes is not None
+
+    def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Install integer codes (out, in) and qparams; `weight` becomes their dequantization."""
+        args = self.scheme.weights
+        if args is None:
+            raise ValueError("this SimQuantLinear's scheme quantizes no weights")
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"codes of shape {tuple(q.shape)} do not match weight ({self.out_features}, {self.in_features})")
+        self.weight_codes = q.to(torch.int8).contiguous()
+        self.weight_scale = scale.float().contiguous()
+        self.weight_zero_point = zero.float().contiguous()
+        self.weight.data = dequantize(q, scale, zero, args, dtype=self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.inputs is not None:
+            x = fake_quantize(x, self.scheme.inputs)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
