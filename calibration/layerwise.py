@@ -1,0 +1,170 @@
+"""The layer-by-layer runner used by calibration stages (GPTQ, SparseGPT, statistics passes).
+
+The inputs of decoder layer 0 are captured once per batch: a forward pre-hook on layer 0 stashes
+its hidden states and keyword arguments (position_embeddings, attention_mask, position_ids, ...)
+and stops the forward with a private exception. Iterating the runner then yields one `LayerStep`
+per decoder layer. While a step is out, the caller may collect statistics (`step.forward()`
+runs the layer on every batch, firing its hooks) and modify the layer (e.g. replace linears with
+quantized ones). When the caller asks for the next step, the runner runs the layer, as modified,
+on its inputs to produce the next layer's inputs, so quantization error propagates.
+
+Peak memory is one layer on `device` plus the cached activations, which stay on CPU.
+
+    runner = LayerwiseRunner(model, arch_for(model), calib.tokens, batch_size=8, device="cuda")
+    for step in runner:
+        step.forward()          # statistics hooks see the layer's real inputs
+        quantize(step.layer)
+    hidden = runner.outputs     # after the last layer (before the final norm)
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from lmpress.compress.arch import ArchMap
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the model after layer 0's inputs are stashed."""
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    """`obj` with every tensor inside (tuples, lists, dicts) moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor  # (B, T, hidden) on CPU
+    kwargs: dict  # the decoder layer's keyword arguments for this batch, tensors on CPU
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer and the inputs it sees, handed to a stage by `LayerwiseRunner`."""
+
+    index: int
+    name: str  # e.g. "model.layers.3"
+    layer: nn.Module
+    inputs: list[torch.Tensor]  # one (B, T, hidden) tensor per batch, on CPU
+    _run: Callable[[], list[torch.Tensor]] = field(repr=False)
+
+    def forward(self) -> list[torch.Tensor]:
+        """Run every input batch through the current `layer` (no_grad); outputs on CPU."""
+        return self._run()
+
+
+class LayerwiseRunner:
+    """Iterate over the decoder layers of `model`, one at a time, on calibration `tokens`."""
+
+    def __init__(self, model: nn.Module, arch: ArchMap, tokens: torch.Tensor, batch_size: int = 8,
+                 device: torch.device | str | None = None):
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (n, seqlen), got shape {tuple(tokens.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.model, self.arch, self.tokens, self.batch_size = model, arch, tokens, batch_size
+        self.device = torch.device(device) if device is not None else None
+        self.layers = arch.decoder_layers(model)
+        self.outputs: list[torch.Tensor] | None = None  # hidden states after the last layer
+
+    # ----------------------------------------------------------------- capture
+
+    @torch.no_grad()
+    def _capture(self) -> list[_Batch]:
+        """Layer 0's inputs and kwargs, one entry per batch (only the embeddings and rotary run)."""
+        stash: list[tuple[tuple, dict]] = []
+
+        def hook(_module, args, kwargs):
+            stash.append((args, kwargs))
+            raise _StopForward
+
+        # Only the modules before layer 0 run: put them on `device` for the capture if asked.
+        pre = [self.model.get_submodule(p) for p in (self.arch.embed, self.arch.rotary)]
+        homes = [_device_of(m) for m in pre]
+        if self.device is not None:
+            for m in pre:
+                m.to(self.device)
+        run_device = _device_of(pre[0])
+        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        batches = []
+        try:
+            for chunk in self.tokens.split(self.batch_size):  # (B, T) each; the last may be smaller
+                try:
+                    self.model(input_ids=chunk.to(run_device, torch.long), use_cache=False)
+                except _StopForward:
+                    pass
+                else:
+                    raise RuntimeError("the capture hook on decoder layer 0 did not fire")
+                args, kwargs = stash.pop()
+                kwargs = dict(kwargs)
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                batches.append(_Batch(hidden.to("cpu"), _to(kwargs, "cpu")))
+        finally:
+            handle.remove()
+            for m, home in zip(pre, homes):
+                m.to(home)
+        return batches
+
+    # ----------------------------------------------------------------- running a layer
+
+    @torch.no_grad()
+    def _run_layer(self, layer: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]:
+        """`layer` applied to every batch; outputs (B, T, hidden) on CPU."""
+        dev = self.device if self.device is not None else _device_of(layer)
+        outs = []
+        for b in batches:
+            out = layer(b.hidden.to(dev), **_to(b.kwargs, dev))
+            out = out[0] if isinstance(out, (tuple, list)) else out  # older transformers: a tuple
+            outs.append(out.to("cpu"))
+        return outs
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[LayerStep]:
+        self.outputs = None
+        # Captured afresh on every iteration: earlier stages may have changed the embeddings.
+        batches = self._capture()
+        log.info("captured layer-0 inputs: %d batches of up to %d x %d tokens",
+                 len(batches), self.batch_size, self.tokens.shape[1])
+        for i in range(len(self.layers)):
+            layer = self.layers[i]
+            home = _device_of(layer)
+            if self.device is not None:
+                layer.to(self.device)
+            step = LayerStep(index=i, name=f"{self.arch.layers}.{i}", layer=layer,
+                             inputs=[b.hidden for b in batches],
+                             _run=lambda i=i, bs=batches: self._run_layer(self.layers[i], bs))
+            try:
+                yield step
+            except GeneratorExit:  # the caller stopped early: put the layer back where it was
+                if self.device is not None:
+                    self.layers[i].to(home)
+                raise
+            # The caller is done with layer i (maybe replaced linears): propagate through it as it is now.
+            layer = self.layers[i]
+            if self.device is not None:
+                layer.to(self.device)  # modules swapped in on another device follow the layer
+            outs = self._run_layer(layer, batches)
+            if self.device is not None:
+                layer.to(home)
+            batches = [_Batch(o, b.kwargs) for o, b in zip(outs, batches)]
+        self.outputs = [b.hidden for b in batches]

@@ -1,0 +1,262 @@
+"""The `lmpress` command line: every command is a thin call into the Python API."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress, pack and evaluate causal language models.")
+log = logging.getLogger("lmpress")
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_RECIPE = "w8a8-rtn"
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors():
+    """Turn bad input into one line on stderr and a non-zero exit, not a traceback."""
+    from lmpress.compress.checkpoint import CheckpointError
+    from lmpress.compress.recipe import RecipeError
+
+    try:
+        yield
+    except (RecipeError, CheckpointError, FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
+        _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+class _Timer(dict):
+    @contextmanager
+    def __call__(self, name: str, label: str | None = None):
+        if label:
+            typer.echo(f"· {label}", err=True)
+        t0 = time.perf_counter()
+        yield
+        self[name] = round(time.perf_counter() - t0, 2)
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    from lmpress.compress.checkpoint import _version
+
+    return {"lmpress": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _load(model_spec: str, timer: "_Timer"):
+    from lmpress.compress.models import load_model
+
+    with timer("load", f"loading {model_spec}"):
+        return load_model(model_spec)
+
+
+def _run_compress(model, tok, recipe_name, out, calib, n, seqlen, seed, overwrite, timer):
+    """Compress an already loaded model in place and save it; returns (recipe, report)."""
+    from lmpress.calibration.data import sample_calibration
+    from lmpress.compress import Recipe, compress, save
+
+    recipe = Recipe.load(recipe_name)
+    cal = None
+    if recipe.needs_calibration:
+        with timer("calibration", f"sampling {n} calibration sequences of {seqlen} tokens from {calib}"):
+            cal = sample_calibration(tok, calib, n=n, seqlen=seqlen, seed=seed)
+    with timer("compress", f"compressing with {recipe.name or recipe_name}"):
+        report = compress(model, recipe, calib=cal)
+    with timer("save", f"saving to {out}"):
+        save(model, out, tokenizer=tok, overwrite=overwrite)
+    return recipe, report
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+
+
+@app.command("compress-and-eval")
+def compress_and_eval(
+    model: str = typer.Argument(DEFAULT_MODEL, help="built-in name, Hugging Face directory or .gguf file"),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="built-in recipe name or YAML file"),
+    out: Path = typer.Option(Path("out/compressed"), "--out", "-o", help="checkpoint directory to write"),
+    calib: str = typer.Option("wiki", help="calibration text: wiki, a .txt/.jsonl file, or a local HF dataset"),
+    eval_data: str = typer.Option("wiki", "--eval-data", help="evaluation text (its eval split)"),
+    n: int = typer.Option(128, "--n", help="calibration sequences"),
+    seqlen: int = typer.Option(512, help="tokens per calibration sequence and per perplexity window"),
+    seed: int = typer.Option(0, help="calibration sampling seed"),
+    windows: Optional[int] = typer.Option(64, help="perplexity windows (default 64; 0 = all)"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out directory"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Load, calibrate, compress, save, reload the packed artifact, and evaluate base vs compressed."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from lmpress.calibration.data import load_text
+        from lmpress.compress import inspect, load
+        from lmpress.eval.ppl import perplexity
+
+        from lmpress.compress import Recipe
+
+        Recipe.load(recipe)  # fail on a bad recipe before any long work
+        _check_out(out, overwrite)
+        timer = _Timer()
+        text = load_text(eval_data, split="eval")
+        win = windows or None
+        mdl, tok = _load(model, timer)
+        with timer("eval_base", "perplexity of the base model"):
+            base_ppl = perplexity(mdl, tok, text, seqlen=seqlen, windows=win, progress=True)
+        # compression changes the model in place: the base was measured first
+        rec, report = _run_compress(mdl, tok, recipe, out, calib, n, seqlen, seed, overwrite, timer)
+        del mdl
+        with timer("reload", f"reloading the packed checkpoint from {out}"):
+            packed = load(out)
+        with timer("eval_compressed", "perplexity of the packed model"):
+            comp_ppl = perplexity(packed, tok, text, seqlen=seqlen, windows=win, progress=True)
+        info = inspect(out)
+        result = {
+            "model": model,
+            "recipe": rec.name or recipe,
+            "eval": {"data": eval_data, "split": "eval", "seqlen": seqlen, "windows": base_ppl.windows},
+            "base": {"ppl": base_ppl.ppl},
+            "compressed": {"ppl": comp_ppl.ppl},
+            "ppl_ratio": comp_ppl.ppl / base_ppl.ppl,
+            "bits_per_weight": info["quantized_bits_per_weight"],
+            "checkpoint_bytes": info["file_bytes"],
+            "times_s": dict(timer),
+            "compression": report.to_dict(),
+            "calibration": getattr(packed, "lmpress_meta", {}).get("manifest", {}).get("calibration"),
+            "versions": _versions(),
+        }
+        _write_json_atomic(Path(out) / "report.json", result)
+    rows = [
+        ("perplexity (base)", f"{base_ppl.ppl:.3f}"),
+        ("perplexity (compressed)", f"{comp_ppl.ppl:.3f}"),
+        ("ratio", f"{result['ppl_ratio']:.4f}"),
+        ("bits per weight (quantized linears)", f"{info['quantized_bits_per_weight']}"),
+        ("checkpoint size", f"{info['file_bytes'] / 2**20:.1f} MiB"),
+        *((f"time: {k}", f"{v:.1f} s") for k, v in timer.items()),
+    ]
+    typer.echo(f"\n{model} · {result['recipe']} · {eval_data} eval split, {base_ppl.windows} windows × {seqlen} tokens")
+    _print_table(("", "value"), rows)
+    typer.echo(f"report: {Path(out) / 'report.json'}")
+
+
+@app.command("compress")
+def compress_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="built-in name, Hugging Face directory or .gguf file"),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", "-r"),
+    out: Path = typer.Option(Path("out/compressed"), "--out", "-o"),
+    calib: str = typer.Option("wiki"),
+    n: int = typer.Option(128, "--n"),
+    seqlen: int = typer.Option(512),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Compress a model with a recipe and write the packed checkpoint."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from lmpress.compress import Recipe
+
+        Recipe.load(recipe)
+        _check_out(out, overwrite)
+        timer = _Timer()
+        mdl, tok = _load(model, timer)
+        _, report = _run_compress(mdl, tok, recipe, out, calib, n, seqlen, seed, overwrite, timer)
+    s = report.summary()
+    typer.echo(f"wrote {out}: {s['quantized_modules']} quantized modules, mean SQNR {s['mean_sqnr_db']} dB, {s['total_seconds']} s")
+
+
+@app.command("eval")
+def eval_cmd(
+    path: str = typer.Argument(..., help="a packed checkpoint directory, or a model (built-in name, HF dir, .gguf)"),
+    data: str = typer.Option("wiki", help="evaluation text (its eval split)"),
+    seqlen: int = typer.Option(512),
+    windows: Optional[int] = typer.Option(64, help="perplexity windows (0 = all)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Perplexity of a checkpoint or a model on the eval split."""
+    _setup_logging(verbose)
+    with _user_errors():
+        from lmpress.calibration.data import load_text
+        from lmpress.compress import load
+        from lmpress.compress.models import load_model
+        from lmpress.eval.ppl import perplexity
+
+        p = Path(path)
+        if (p / "config.json").is_file() and "lmpress" in (p / "config.json").read_text():
+            from transformers import AutoTokenizer
+
+            model, tok = load(p), AutoTokenizer.from_pretrained(p)
+        else:
+            model, tok = load_model(path)
+        res = perplexity(model, tok, load_text(data, split="eval"), seqlen=seqlen, windows=windows or None, progress=True)
+    typer.echo(f"perplexity {res.ppl:.4f} ({data} eval split, {res.windows} windows × {seqlen} tokens)")
+
+
+@app.command("inspect")
+def inspect_cmd(path: Path = typer.Argument(..., help="a packed checkpoint directory"), as_json: bool = typer.Option(False, "--json")):
+    """Modules, schemes, bytes and compression ratio of a packed checkpoint."""
+    with _user_errors():
+        from lmpress.compress import inspect
+
+        info = inspect(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    rows = [(name, r["scheme"], "×".join(map(str, r["shape"])), f"{r['bytes']:,}", f"{r['bits_per_weight']}", f"{r['ratio_vs_fp16']}×")
+            for name, r in info["modules"].items()]
+    _print_table(("module", "scheme", "shape", "bytes", "bits/w", "vs fp16"), rows)
+    typer.echo(f"recipe {info['recipe']} · format v{info['format_version']} · {len(rows)} quantized modules · "
+               f"{info['quantized_bits_per_weight']} bits/weight · file {info['file_bytes'] / 2**20:.1f} MiB"
+               + (f" · KV cache {info['kv_cache']}" if info["kv_cache"] else ""))
+
+
+@app.command("recipes")
+def recipes_cmd():
+    """List the built-in recipes."""
+    from lmpress.compress.recipe import builtin_recipes
+
+    _print_table(("recipe", "description"), list(builtin_recipes().items()))
+
+
+@app.command("models")
+def models_cmd():
+    """List the built-in model names."""
+    from lmpress.compress.models import BUILTIN_MODELS
+
+    _print_table(("model", "description"), list(BUILTIN_MODELS.items()))
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple]) -> None:
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    typer.echo("  ".join("-" * w for w in widths))
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,258 @@
+"""Packed checkpoints: `save(model, out_dir)`, `load(out_dir)`, `inspect(out_dir)`.
+
+```
+out_dir/ model.safetensors  config.json  recipe.yaml  report.json  tokenizer files
+```
+Quantized linears are stored under compressed-tensors `pack-quantized` names
+(`<m>.weight_packed`, `<m>.weight_scale`, `<m>.weight_zero_point`, `<m>.weight_shape`); the
+manifest lives in `config.json` under `quantization_config` (`quant_method: lmpress`): format
+version, scheme per module, recipe, calibration provenance, library version, tied tensors and
+the sha256 of every tensor file. A save is written to a temporary sibling directory and renamed
+into place, so an interrupted save leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmpress.kernels.linear import PackedLinear
+from lmpress.quant.scheme import QuantScheme
+from lmpress.quant.sim import SimQuantLinear
+
+from .surgery import set_module
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lmpress-packed"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message says what is wrong and what to do."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmpress")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+    """(tensors to write, {module: scheme dict}, {alias tensor: tensor it shares storage with})."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, Any] = {}
+    quantized: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SimQuantLinear) and mod.scheme.weights is None:
+            quantized[name] = mod  # activation-only: float weight, the scheme says what to quantize at run time
+        elif isinstance(mod, SimQuantLinear):
+            if not mod.quantized:
+                raise ValueError(f"{name} has weight scheme {mod.scheme.name} but was never quantized; run a quantization stage (rtn, gptq) first")
+            quantized[name] = PackedLinear.from_sim(mod)
+        elif isinstance(mod, PackedLinear):
+            quantized[name] = mod
+    for name, mod in quantized.items():
+        modules[name] = mod.scheme.to_dict()
+        for key, t in mod.state_dict().items():
+            tensors[f"{name}.{key}"] = t
+    seen: dict[tuple[int, int, tuple], str] = {}
+    aliases: dict[str, str] = {}
+    for key, t in model.state_dict(keep_vars=False).items():
+        if key.rpartition(".")[0] in quantized:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident in seen:  # tied weights (e.g. lm_head = embeddings): store once
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t
+    return {k: v.detach().contiguous() for k, v in tensors.items()}, modules, aliases
+
+
+def save(
+    model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False, extra_report: dict | None = None
+) -> Path:
+    """Write `model` (simulated or runtime form) as a packed checkpoint; returns the directory."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise FileExistsError(f"{out} already exists and is not empty; choose another directory or pass overwrite=True (--overwrite)")
+    meta = getattr(model, "lmpress_meta", None) or {}
+    tensors, modules, aliases = _packed_state(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        recipe = meta.get("recipe")
+        kv = meta.get("kv_cache")
+        manifest = {
+            "quant_method": "lmpress",
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "lmpress_version": _version(),
+            "modules": modules,
+            "kv_cache": kv.to_dict() if kv is not None else None,
+            "tied": aliases,
+            "recipe": recipe.to_dict() if recipe is not None else None,
+            "calibration": meta.get("calibration"),
+            "files": {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)},
+        }
+        config = model.config.to_dict()
+        config["quantization_config"] = manifest
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if recipe is not None:
+            recipe.save(tmp / "recipe.yaml")
+        report = meta.get("report")
+        report_dict = report.to_dict() if report is not None else {}
+        report_dict.update(extra_report or {})
+        (tmp / "report.json").write_text(json.dumps(report_dict, indent=2, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %d tensors (%d quantized modules) to %s", len(tensors), len(modules), out)
+    return out
+
+
+def read_manifest(out_dir: str | Path, verify: bool = True) -> tuple[dict, dict]:
+    """(config dict without the manifest, manifest); checks format version and checksums."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise CheckpointError(f"{out} is not a directory; pass the directory that `lmpress compress` wrote")
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{out} has no config.json: it is not an lmpress checkpoint (or the save was interrupted); re-run the compression")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupted, re-run the compression") from None
+    manifest = config.pop("quantization_config", None)
+    if not isinstance(manifest, dict) or manifest.get("quant_method") != "lmpress":
+        raise CheckpointError(f"{cfg_path} has no lmpress manifest (quantization_config.quant_method != 'lmpress'); load it with transformers instead")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{out} uses checkpoint format version {version!r}; this lmpress ({_version()}) reads versions up to {FORMAT_VERSION}: upgrade lmpress"
+        )
+    for fname, digest in manifest.get("files", {}).items():
+        path = out / fname
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, re-run the compression")
+        if verify and sha256_file(path) != digest:
+            raise CheckpointError(f"{path} does not match its recorded sha256: the file is corrupted, truncated or was modified; re-run the compression")
+    return config, manifest
+
+
+def load(out_dir: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """Rebuild the runtime model: skeleton without weights, PackedLinear swapped in, tensors assigned."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = Path(out_dir)
+    config_dict, manifest = read_manifest(out, verify=verify)
+    config = AutoConfig.for_model(**config_dict)
+    with init_empty_weights():  # parameters on meta; buffers such as RoPE's inv_freq stay real
+        model = AutoModelForCausalLM.from_config(config)
+    for fqn, scheme_dict in manifest["modules"].items():
+        old = model.get_submodule(fqn)
+        scheme = QuantScheme.from_dict(scheme_dict)
+        if scheme.weights is None:  # activation-only: float weight in a SimQuantLinear
+            set_module(model, fqn, SimQuantLinear(old, scheme))
+            continue
+        new = PackedLinear(old.in_features, old.out_features, scheme, bias=old.bias is not None, dtype=old.weight.dtype, device="meta")
+        set_module(model, fqn, new)
+    try:
+        state = load_file(str(out / WEIGHTS_FILE), device=str(device))
+    except Exception as e:  # a header that does not parse
+        raise CheckpointError(f"cannot read {out / WEIGHTS_FILE} ({e}); the file is corrupted, re-run the compression") from None
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    aliases = manifest.get("tied", {})
+    missing = [k for k in missing if k not in aliases]
+    if missing or unexpected:
+        raise CheckpointError(f"{out}: tensors do not match the model skeleton (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for alias, source in aliases.items():
+        owner, _, attr = alias.rpartition(".")
+        src_owner, _, src_attr = source.rpartition(".")
+        setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(src_owner), src_attr))
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{out}: no tensors for {still_meta[:5]}; the checkpoint is incomplete")
+    model.to(device).eval()
+    model.lmpress_meta = {"manifest": manifest, "path": str(out)}
+    return model
+
+
+def inspect(out_dir: str | Path) -> dict[str, Any]:
+    """Per-module storage without loading tensors: scheme, shape, bytes, ratio to fp16."""
+    out = Path(out_dir)
+    _, manifest = read_manifest(out, verify=False)
+    rows: dict[str, dict[str, Any]] = {}
+    total = 0
+    with safe_open(str(out / WEIGHTS_FILE), framework="pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            numel = 1
+            for d in sl.get_shape():
+                numel *= d
+            nbytes = numel * _DTYPE_BYTES[sl.get_dtype()]
+            total += nbytes
+            owner = key.rpartition(".")[0]
+            if owner in manifest["modules"]:
+                row = rows.setdefault(owner, {"scheme": QuantScheme.from_dict(manifest["modules"][owner]).name, "bytes": 0})
+                row["bytes"] += nbytes
+                if key.endswith(".weight_shape"):
+                    row["shape"] = [int(v) for v in f.get_tensor(key).tolist()]
+    q_params = q_bytes = 0
+    for row in rows.values():
+        n = row["shape"][0] * row["shape"][1]
+        row["bits_per_weight"] = round(8 * row["bytes"] / n, 3)
+        row["ratio_vs_fp16"] = round(2 * n / row["bytes"], 3)
+        q_params += n
+        q_bytes += row["bytes"]
+    return {
+        "path": str(out),
+        "format_version": manifest["format_version"],
+        "modules": rows,
+        "quantized_params": q_params,
+        "quantized_bits_per_weight": round(8 * q_bytes / q_params, 3) if q_params else None,
+        "total_bytes": total,
+        "file_bytes": (out / WEIGHTS_FILE).stat().st_size,
+        "kv_cache": manifest.get("kv_cache"),
+        "recipe": (manifest.get("recipe") or {}).get("name"),
+    }
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

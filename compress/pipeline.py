@@ -1,0 +1,68 @@
+"""`compress(model, recipe, calib)`: resolve the per-module plan, run the stages in order."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import arch_for
+from .recipe import Recipe, RecipeError
+from .report import Report
+from .stage import Context
+from .surgery import linear_names, untie_embeddings
+
+log = logging.getLogger(__name__)
+
+
+def build_plan(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
+    """fqn -> QuantScheme for every linear the recipe's scheme map assigns a scheme."""
+    names = linear_names(model)
+    plan = {fqn: s for fqn in names if (s := recipe.scheme_for(fqn)) is not None}
+    if not plan:
+        raise RecipeError(
+            f"the recipe's schemes {[k for k, _ in recipe.schemes]} match no linear layer of this model; "
+            f"its linears are named like {names[:3]}"
+        )
+    return plan
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe | str,
+    calib: Any = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+) -> Report:
+    """Compress `model` in place with `recipe` (a Recipe, a built-in name or a YAML path).
+
+    `calib` is a `CalibrationSet` (required when a stage needs calibration data). The model is
+    left in its simulated form (SimQuantLinear modules), ready to evaluate or `save()`.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = Recipe.load(recipe)
+    arch = arch_for(model)
+    if recipe.needs_calibration and calib is None:
+        names = [s.name for s in recipe.stages if s.needs_calibration]
+        raise ValueError(f"stage(s) {names} need calibration data: pass calib=sample_calibration(tokenizer, ...)")
+    plan = build_plan(model, recipe)
+    if arch.lm_head in plan and untie_embeddings(model, arch):
+        log.info("untied lm_head from the embeddings so it can be quantized")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    report = Report()
+    ctx = Context(arch=arch, plan=plan, calib=calib, kv_cache=recipe.kv_args, device=device, report=report, batch_size=batch_size)
+    model.eval()
+    with torch.no_grad():
+        for stage in recipe.stages:
+            log.info("stage %s", stage.name)
+            with report.timed(stage.name):
+                stage.apply(model, ctx)
+    model.lmpress_meta = {
+        "recipe": recipe,
+        "plan": ctx.plan,
+        "kv_cache": ctx.kv_cache,
+        "calibration": calib.provenance() if calib is not None else None,
+        "report": report,
+    }
+    return report

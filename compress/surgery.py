@@ -1,0 +1,50 @@
+"""Module swaps: find linears, replace them by name, wrap them in their simulated form."""
+from __future__ import annotations
+
+from torch import nn
+
+from lmpress.quant.scheme import QuantScheme
+from lmpress.quant.sim import SimQuantLinear
+
+
+def get_module(model: nn.Module, fqn: str) -> nn.Module:
+    return model.get_submodule(fqn)
+
+
+def set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Every nn.Linear (or already-simulated linear) in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, SimQuantLinear))]
+
+
+def to_sim(model: nn.Module, fqn: str, scheme: QuantScheme) -> SimQuantLinear:
+    """The module at `fqn` as a SimQuantLinear with `scheme` (wrapping it on first use)."""
+    mod = get_module(model, fqn)
+    if isinstance(mod, SimQuantLinear):
+        if mod.scheme != scheme:
+            raise ValueError(f"{fqn} is already quantized with {mod.scheme.name}; cannot re-quantize as {scheme.name}")
+        return mod
+    if not isinstance(mod, nn.Linear):
+        raise TypeError(f"{fqn} is a {type(mod).__name__}, not a linear layer")
+    sim = SimQuantLinear(mod, scheme)
+    set_module(model, fqn, sim)
+    return sim
+
+
+def untie_embeddings(model: nn.Module, arch) -> bool:
+    """Give lm_head its own weight when it shares the embedding's (needed to quantize the head
+    or rotate the residual stream). Returns True if it was tied."""
+    head = model.get_submodule(arch.lm_head)
+    embed = model.get_submodule(arch.embed)
+    if isinstance(head, nn.Linear) and head.weight is embed.weight:
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model, "_tied_weights_keys"):
+            model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+        return True
+    return False
