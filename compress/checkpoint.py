@@ -7,7 +7,19 @@ Quantized linears are stored under compressed-tensors `pack-quantized` names
 (`<m>.weight_packed`, `<m>.weight_scale`, `<m>.weight_zero_point`, `<m>.weight_shape`); the
 manifest lives in `config.json` under `quantization_config` (`quant_method: lmpress`): format
 version, scheme per module, recipe, calibration provenance, library version, tied tensors and
-the sha256 of every tensor file. A save is written to a temporary sibling directory and renamed
+the sha256 of every tensor file. What compressed-tensors cannot express sits in the
+namespaced `lmpress` block of the manifest (format version 2; version-1 manifests have none):
+
+```
+"lmpress": {"online_transforms": [{"where": "model.layers.0.mlp.down_proj", "apply": "input",
+                                   "kind": "hadamard", "size": 1536, "seed": 123}, ...
+                                  {"where": "model.layers.0.self_attn", "apply": "qk", ...}],
+            "attention": {"implementation": "lmpress",
+                          "kv_cache": {"model.layers.0.self_attn": {KVCacheArgs fields}, ...}}}
+```
+Online transforms are rebuilt from (kind, size, seed), never stored as matrices; `load` wraps
+the recorded linears in `RotatedInput` (the linear moves to `<where>.linear`), attaches the
+attention settings and selects the "lmpress" attention function. A save is written to a temporary sibling directory and renamed
 into place, so an interrupted save leaves nothing half-written.
 """
 from __future__ import annotations
@@ -36,7 +48,9 @@ from .surgery import set_module
 log = logging.getLogger(__name__)
 
 FORMAT = "lmpress-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written when the model needs nothing beyond per-module schemes
+FORMAT_VERSION_ONLINE = 2  # written when the manifest has an `lmpress` block (online transforms, attention)
+READ_VERSION = FORMAT_VERSION_ONLINE  # the newest format this lmpress reads
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -93,6 +107,51 @@ def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return {k: v.detach().contiguous() for k, v in tensors.items()}, modules, aliases
 
 
+def _lmpress_block(model: nn.Module) -> dict[str, Any] | None:
+    """What compressed-tensors cannot express, rebuilt at load: online transforms by
+    (kind, size, seed, where, apply) and the per-attention-module settings (Q/K transform, KV
+    fake-quant args) of the "lmpress" attention function. None when the model has neither."""
+    from lmpress.quant.attention import ATTN_IMPLEMENTATION, attention_specs
+    from lmpress.quant.rotate import online_specs
+
+    online = online_specs(model)
+    attention = attention_specs(model)
+    if not online and not attention:
+        return None
+    for where, spec in attention.items():
+        if spec.get("qk") is not None:
+            online.append({"where": where, "apply": "qk", **spec["qk"]})
+    return {
+        "online_transforms": online,
+        "attention": {
+            "implementation": ATTN_IMPLEMENTATION,
+            "kv_cache": {where: spec["kv_cache"] for where, spec in attention.items() if spec.get("kv_cache") is not None},
+        },
+    }
+
+
+def _restore_lmpress_block(model: nn.Module, block: dict[str, Any] | None) -> None:
+    """Rebuild online transforms and attention settings on a fresh skeleton (before the
+    quantized modules are swapped in, since wrapping moves a linear to `<fqn>.linear`)."""
+    if not block:
+        return
+    from lmpress.quant.attention import restore_attention
+    from lmpress.quant.rotate import restore_online
+
+    online = list(block.get("online_transforms") or [])
+    unknown = sorted({o.get("apply") for o in online} - {"input", "qk"}, key=str)
+    if unknown:
+        raise CheckpointError(f"online transforms applied as {unknown} are not known to this lmpress ({_version()}): upgrade lmpress")
+    restore_online(model, [o for o in online if o.get("apply") == "input"])
+    attention: dict[str, dict[str, Any]] = {}
+    for o in online:
+        if o.get("apply") == "qk":
+            attention.setdefault(o["where"], {})["qk"] = {k: o[k] for k in ("kind", "size", "seed")}
+    for where, kv in ((block.get("attention") or {}).get("kv_cache") or {}).items():
+        attention.setdefault(where, {})["kv_cache"] = kv
+    restore_attention(model, attention)
+
+
 def save(
     model: nn.Module, out_dir: str | Path, tokenizer=None, overwrite: bool = False, extra_report: dict | None = None
 ) -> Path:
@@ -108,10 +167,11 @@ def save(
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         recipe = meta.get("recipe")
         kv = meta.get("kv_cache")
+        block = _lmpress_block(model)
         manifest = {
             "quant_method": "lmpress",
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if block is None else FORMAT_VERSION_ONLINE,
             "lmpress_version": _version(),
             "modules": modules,
             "kv_cache": kv.to_dict() if kv is not None else None,
@@ -120,6 +180,8 @@ def save(
             "calibration": meta.get("calibration"),
             "files": {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)},
         }
+        if block is not None:
+            manifest["lmpress"] = block
         config = model.config.to_dict()
         config["quantization_config"] = manifest
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
@@ -163,9 +225,9 @@ def read_manifest(out_dir: str | Path, verify: bool = True) -> tuple[dict, dict]
     if not isinstance(manifest, dict) or manifest.get("quant_method") != "lmpress":
         raise CheckpointError(f"{cfg_path} has no lmpress manifest (quantization_config.quant_method != 'lmpress'); load it with transformers instead")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > READ_VERSION:
         raise CheckpointError(
-            f"{out} uses checkpoint format version {version!r}; this lmpress ({_version()}) reads versions up to {FORMAT_VERSION}: upgrade lmpress"
+            f"{out} uses checkpoint format version {version!r}; this lmpress ({_version()}) reads versions up to {READ_VERSION}: upgrade lmpress"
         )
     for fname, digest in manifest.get("files", {}).items():
         path = out / fname
@@ -186,6 +248,7 @@ def load(out_dir: str | Path, device: str | torch.device = "cpu", verify: bool =
     config = AutoConfig.for_model(**config_dict)
     with init_empty_weights():  # parameters on meta; buffers such as RoPE's inv_freq stay real
         model = AutoModelForCausalLM.from_config(config)
+    _restore_lmpress_block(model, manifest.get("lmpress"))
     for fqn, scheme_dict in manifest["modules"].items():
         old = model.get_submodule(fqn)
         scheme = QuantScheme.from_dict(scheme_dict)
@@ -251,6 +314,7 @@ def inspect(out_dir: str | Path) -> dict[str, Any]:
         "total_bytes": total,
         "file_bytes": (out / WEIGHTS_FILE).stat().st_size,
         "kv_cache": manifest.get("kv_cache"),
+        "online_transforms": len((manifest.get("lmpress") or {}).get("online_transforms") or []),
         "recipe": (manifest.get("recipe") or {}).get("name"),
     }
 

@@ -21,6 +21,8 @@ Zero columns are allowed and round-trip: (rows, 0) <-> (rows, 0).
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -117,3 +119,58 @@ def _unpack_aligned(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     for k in range(per):  # arithmetic shifts smear sign bits only above the field; the mask drops them
         u[:, :, k] = ((packed >> (k * bits)) & mask) - (1 << (bits - 1))
     return u.view(rows, words * per)[:, :cols]  # (rows, cols)
+
+
+# ---- kernel layouts (repacked at load; the on-disk layout above stays the only stored one) ----
+# "kn" layout: the same int32 words, transposed. On disk a row of the weight (one output
+# channel n) is a run of words along the input dimension k: packed[n, w] holds elements
+# k = w*(32//b) + j at shift j*b. A GPU kernel that walks k in its inner loop and spreads n over
+# threads reads adjacent n from adjacent addresses if the words are stored [words, out]:
+# kn[w, n] == packed[n, w], bit for bit (no element changes word or shift). Widths that divide
+# 32 only (2, 4, 8): a 3-bit word holds no whole number of elements, so it cannot be tiled.
+def to_kn_layout(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """On-disk words (out, words) -> kernel "kn" words (words, out), contiguous; inverse: `from_kn_layout`."""
+    _check_bits(bits)
+    if _WORD % bits:
+        raise ValueError(f"the kn layout needs a width that divides 32 (2, 4, 8); {bits}-bit elements straddle words")
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise ValueError(f"to_kn_layout expects int32 words (out, words), got {packed.dtype} {tuple(packed.shape)}")
+    return packed.t().contiguous()
+
+
+def from_kn_layout(kn: torch.Tensor, bits: int) -> torch.Tensor:
+    """Kernel "kn" words (words, out) -> on-disk words (out, words); exact inverse of `to_kn_layout`."""
+    _check_bits(bits)
+    if kn.dtype != torch.int32 or kn.dim() != 2:
+        raise ValueError(f"from_kn_layout expects int32 words (words, out), got {kn.dtype} {tuple(kn.shape)}")
+    return kn.t().contiguous()
+
+
+def unsigned_codes(packed: torch.Tensor, bits: int, cols: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """On-disk words (rows, words) -> the stored unsigned fields u = q + 2^(b-1) as `dtype` (rows, cols).
+
+    For b = 4 this is the input torch's `_convert_weight_to_int4pack_for_cpu` expects (values in
+    [0, 16), int32); its own tiled layout is torch's business, not ours. Inverse:
+    ``pack((u - 2^(b-1)).to(torch.int8), bits)``.
+
+    Fast path for b in {2, 4, 8} on a little-endian host: the int32 words of a row, read as
+    bytes in memory order, are the row's bitstream bytes in order (word w's byte j holds
+    stream bits [32w + 8j, 32w + 8j + 8)), so element i sits in byte (i*b) // 8 at shift
+    (i*b) % 8 and never crosses a byte: byte-wide shifts and masks, no int64 detour.
+    """
+    _check_bits(bits)
+    if _WORD % bits or sys.byteorder != "little":
+        return (unpack(packed, bits, cols).to(torch.int32) + (1 << (bits - 1))).to(dtype)
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise ValueError(f"unsigned_codes expects int32 words (rows, words), got {packed.dtype} {tuple(packed.shape)}")
+    words = packed_cols(cols, bits)
+    if packed.shape[1] != words:
+        raise ValueError(f"{cols} columns of {bits} bits need {words} int32 words a row, got {packed.shape[1]}")
+    rows = packed.shape[0]
+    b = packed.contiguous().view(torch.uint8)  # (rows, 4*words): the bitstream's bytes in order
+    per, mask = 8 // bits, (1 << bits) - 1
+    if per == 1:
+        u = b
+    else:
+        u = torch.stack([(b >> (j * bits)) & mask for j in range(per)], dim=-1).view(rows, -1)  # (rows, 4*words*per)
+    return u[:, :cols].to(dtype)

@@ -3,10 +3,23 @@
 Buffer names follow compressed-tensors `pack-quantized`: `weight_packed` (int32
 [out, packed_cols(in, bits)]), `weight_scale` / `weight_zero_point` (float32 (out|1, n_groups);
 no zero point for symmetric schemes), `weight_shape` (int64 [2] = (out, in)), and `bias`.
-The forward is the reference path (unpack + dequantize + F.linear). By default it keeps the
-dequantized weight after the first forward (keyed on the buffers' identity and version, so a
-reload invalidates it): speed of fp32 at the memory cost of fp32. `cache_weight = False`
-dequantizes on every call instead. Triton GEMMs plug in later behind the same buffers.
+
+The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
+
+- CUDA -> Triton: weight-only schemes through `w4a16_gemm` (2/4/8-bit, any group size);
+  per-token activation schemes with per-channel/per-tensor symmetric 4/8-bit weights through
+  `act_quant` + the integer GEMM (`w4a4_gemm`: W4A4, W4A8, W8A8); other activation schemes
+  through `act_quant` (fake-quant) + `w4a16_gemm`; 3-bit weights through the reference.
+- CPU -> `lmpress.kernels.cpu` (torch's int4/int8 weight-only ops in bfloat16 on a repacked
+  copy for up to `cpu.SMALL_M` rows; on-the-fly dequantization + F.linear above), for layers of
+  at least `cpu.MIN_FAST_WEIGHTS` weights under ``auto``; smaller ones, and what the CPU ops
+  cannot serve, take the reference.
+- the reference (``LMPRESS_KERNELS=ref``, and every fallback): unpack + dequantize + F.linear,
+  bit-identical to SimQuantLinear. By default it keeps the dequantized weight after the first
+  forward (keyed on the buffers' identity and version, so a reload invalidates it): speed of
+  fp32 at the memory cost of fp32. `cache_weight = False` dequantizes on every call instead.
+
+`kernel_path` records what the last forward ran and, for a fallback, why.
 """
 from __future__ import annotations
 
@@ -18,6 +31,8 @@ from lmpress.quant.primitives import dequantize, fake_quantize, n_groups
 from lmpress.quant.scheme import QuantScheme
 from lmpress.quant.sim import SimQuantLinear
 
+from . import cpu
+from .dispatch import Path, requested_backend
 from .formats import pack, packed_cols, unpack
 
 
@@ -53,7 +68,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.cache_weight = True
-        self._cached: tuple | None = None
+        self._cached: tuple | None = None  # (key, dequantized weight): reference path only
+        self._fast: tuple | None = None  # (key, cpu.Int4Pack | cpu.Int8Pack): CPU fast path only
+        self.kernel_path: Path | None = None
 
     @classmethod
     def from_sim(cls, sim: SimQuantLinear) -> "PackedLinear":
@@ -81,15 +98,125 @@ class PackedLinear(nn.Module):
         return dequantize(q, self.weight_scale, zero, args, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = requested_backend()
+        if backend == "auto":
+            if x.is_cuda:
+                backend = "triton"
+            elif x.device.type == "cpu" and self.out_features * self.in_features >= cpu.MIN_FAST_WEIGHTS:
+                backend = "cpu"
+            else:
+                return self._forward_ref(x, "small layer: the cached fp32 weight is cheap and faster" if x.device.type == "cpu" else "")
+        if x.requires_grad and torch.is_grad_enabled():
+            return self._forward_ref(x, "autograd: only the reference is differentiable")
+        if backend == "triton":
+            return self._forward_triton(x)
+        if backend == "cpu":
+            return self._forward_cpu(x)
+        return self._forward_ref(x, "")
+
+    def _note(self, kind: str, reason: str = "") -> None:
+        p = self.kernel_path
+        if p is None or p.kind != kind or p.reason != reason:
+            self.kernel_path = Path(kind, reason)
+
+    # ---- reference: the oracle -------------------------------------------------------------
+    def _forward_ref(self, x: torch.Tensor, reason: str) -> torch.Tensor:
+        self._note("ref", reason)
         if self.scheme.inputs is not None:
             x = fake_quantize(x, self.scheme.inputs)
         return F.linear(x, self._weight_for(x.dtype), self.bias)
 
+    # ---- CPU fast path -------------------------------------------------------------------
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return self._forward_ref(x, f"the CPU path needs CPU tensors, got {x.device}")
+        kind, why = cpu.plan(self.scheme.weights, x.dtype)
+        if kind is None:
+            return self._forward_ref(x, why)
+        inputs = self.scheme.inputs
+        if inputs is not None and not (inputs.granularity == "token" and inputs.symmetric and inputs.bits in (4, 8)):
+            return self._forward_ref(x, f"activation scheme {inputs.granularity}/{'sym' if inputs.symmetric else 'asym'}: the CPU path takes per-token symmetric codes")
+        K, N = self.in_features, self.out_features
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
+        if M > cpu.SMALL_M:  # prefill: exact, nothing kept
+            self._note("cpu-dequant", f"{M} rows > {cpu.SMALL_M}")
+            xin = fake_quantize(x, inputs) if inputs is not None else x
+            w = cpu.dequantize_fast(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                    self.scheme.weights, K, x.dtype)
+            return F.linear(xin, w, self.bias)
+        self._note("cpu-" + kind)
+        prep = self._cpu_prep(kind)
+        if inputs is not None:
+            from .act_quant import act_quant_ref
+
+            codes, row_scale = act_quant_ref(x2, inputs.bits, inputs.clip_ratio)
+            y = cpu.linear_small_m(codes, prep, row_scale, self.bias, x.dtype)
+        else:
+            y = cpu.linear_small_m(x2, prep, None, self.bias, x.dtype)
+        return y.reshape(*x.shape[:-1], N)
+
+    def _buffers_key(self) -> tuple:
+        b = self._buffers  # direct: nn.Module.__getattr__ costs microseconds, ~200 calls a token
+        return tuple((t.data_ptr(), t._version, t.device) for t in
+                     (b["weight_packed"], b["weight_scale"], b["weight_zero_point"]) if t is not None)
+
+    def _cpu_prep(self, kind: str):
+        key = (kind,) + self._buffers_key()
+        if self._fast is None or self._fast[0] != key:
+            args = self.scheme.weights
+            if kind == "int4pack":
+                prep = cpu.prepare_int4(self.weight_packed, self.weight_scale, self.weight_zero_point, args, self.in_features)
+            else:
+                prep = cpu.prepare_int8(self.weight_packed, self.weight_scale, args, self.in_features)
+            self._fast = (key, prep)
+        return self._fast[1]
+
+    # ---- Triton ----------------------------------------------------------------------------
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        from .act_quant import act_dequant, act_quant
+        from .w4a4_gemm import int_gemm
+        from .w4a16_gemm import KERNEL_BITS, w4a16_gemm
+
+        w, a = self.scheme.weights, self.scheme.inputs
+        if w.bits not in KERNEL_BITS:
+            return self._forward_ref(x, f"{w.bits}-bit fields straddle int32 words; no Triton kernel")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return self._forward_ref(x, f"{x.dtype} activations")
+        gs = w.group_size if w.granularity == "group" else None
+        kw = dict(in_features=self.in_features, group_size=gs, bits=w.bits, bias=self.bias)
+        if a is None:
+            self._note(f"triton-w{w.bits}a16")
+            return w4a16_gemm(x, self.weight_packed, self.weight_scale, self.weight_zero_point, **kw)
+        if a.granularity == "token" and a.symmetric and a.bits in (4, 8):
+            codes, _, sx = act_quant(x, a.bits, a.clip_ratio)
+            if w.symmetric and w.granularity in ("channel", "tensor") and w.bits in (4, 8):
+                self._note(f"triton-w{w.bits}a{a.bits}")
+                return int_gemm(codes, sx, self.weight_packed, self.weight_scale, in_features=self.in_features,
+                                w_bits=w.bits, bias=self.bias, out_dtype=x.dtype)
+            xq = act_dequant(codes, sx, a.bits, x.dtype)
+            self._note("triton-actquant+w4a16", "group-wise or asymmetric weights do not factor out of the integer sum")
+        else:
+            xq = fake_quantize(x, a)
+            self._note("triton-w4a16", f"activation scheme {a.granularity}/{'sym' if a.symmetric else 'asym'} fake-quantized in torch")
+        return w4a16_gemm(xq, self.weight_packed, self.weight_scale, self.weight_zero_point, **kw)
+
+    # ---- memory --------------------------------------------------------------------------
+    def weight_nbytes(self) -> int:
+        """Bytes this module holds for its weight: packed words, qparams, and whatever runtime
+        copy a path keeps (the reference's dequantized weight, the CPU path's repacked one)."""
+        n = sum(t.numel() * t.element_size() for name, t in self.named_buffers(recurse=False)
+                if t is not None and name != "bias")
+        if self._cached is not None:
+            n += self._cached[1].numel() * self._cached[1].element_size()
+        if self._fast is not None:
+            n += self._fast[1].nbytes()
+        return n
+
     def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
         if not self.cache_weight:
             return self.dequantized_weight(dtype)
-        bufs = (self.weight_packed, self.weight_scale, self.weight_zero_point)
-        key = (dtype,) + tuple((b.data_ptr(), b._version, b.device) for b in bufs if b is not None)
+        key = (dtype,) + self._buffers_key()
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, self.dequantized_weight(dtype))
         return self._cached[1]

@@ -1,0 +1,238 @@
+"""Stage `gptq`: GPTQ weights, layer by layer on the calibration set.
+
+Every module of the plan is first swapped for its `SimQuantLinear` (so the activation fake-quant
+of modules not yet reached is already in place). Then the decoder layers are walked with the
+`LayerwiseRunner` (each layer sees the outputs of the already-quantized layers before it).
+Inside a layer the linears go in `arch.sequential_groups` order:
+
+- `true_sequential: true` (default): for each group (q/k/v, o, gate/up, down), run the layer on
+  the calibration batches with hooks on the group's modules, then quantize the group, so later
+  groups see the quantized earlier ones. The modules of later groups are replaced by zero stubs
+  during these collection passes: their outputs cannot reach the hooked inputs, so computing
+  them would be wasted time (the runner's own pass afterwards uses the real modules);
+- `true_sequential: false`: one pass collects every Hessian of the layer, then all its modules
+  are quantized.
+
+The Hessian is collected on the input a module really computes with: for a scheme with input
+quantization, the fake-quantized input. Modules that read the same input with the same input
+scheme share one Hessian, and are solved together when their weight schemes agree (GPTQ treats
+rows independently, so this gives the same codes in one pass).
+
+`act_order: true` uses static groups (qparams per natural-order group fixed up front: no g_idx
+in the packed format); `act_order: false` computes each group's qparams when GPTQ reaches it,
+from the error-compensated weights (the classic GPTQ).
+
+Modules of the plan outside the decoder layers' known linears (e.g. `lm_head` when a recipe
+quantizes it) have no layer inputs to calibrate on here: they fall back to RTN, with a log note.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from lmpress.calibration.layerwise import LayerwiseRunner
+from lmpress.calibration.stats import capture_input_stats
+from lmpress.quant.gptq import gptq_quantize_shared, layer_objective, single_thread
+from lmpress.quant.primitives import dequantize, fake_quantize, quant_error
+from lmpress.quant.rtn import rtn_quantize
+from lmpress.quant.sim import SimQuantLinear
+
+from ..stage import register_stage
+from ..surgery import get_module, set_module, to_sim
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(name: str, value, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        hint = " or null (use the pipeline's batch size)" if allow_none else ""
+        raise ValueError(f"gptq: option {name}={value!r} must be a positive integer{hint}")
+
+
+class _Zero(nn.Module):
+    """Stands in for a linear whose output cannot influence the inputs being collected."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+@contextmanager
+def _stubbed(layer: nn.Module, rels: list[str]):
+    """Temporarily replace the linears at `rels` (paths inside `layer`) by zero stubs."""
+    saved = []
+    try:
+        for rel in rels:
+            mod = layer.get_submodule(rel)
+            out = getattr(mod, "out_features", None)
+            if out is None:
+                continue  # not a linear we understand: leave it running
+            saved.append((rel, mod))
+            set_module(layer, rel, _Zero(out))
+        yield
+    finally:
+        for rel, mod in saved:
+            set_module(layer, rel, mod)
+
+
+@register_stage("gptq", needs_calibration=True)
+@dataclass(frozen=True)
+class GPTQ:
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    true_sequential: bool = True
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("block_size", self.block_size)
+        _positive_int("batch_size", self.batch_size, allow_none=True)
+        d = self.damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d <= 1):
+            raise ValueError(f"gptq: option damp={d!r} must be a number in (0, 1] (a fraction of the mean Hessian diagonal, e.g. 0.01)")
+        for name in ("act_order", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"gptq: option {name}={getattr(self, name)!r} must be true or false")
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, model: nn.Module, ctx) -> None:
+        if ctx.calib is None:
+            raise ValueError("stage 'gptq' needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
+        arch = ctx.arch
+        n_layers = len(arch.decoder_layers(model))
+        known = set(arch.linears)
+        todo: dict[int, dict[str, tuple[str, object]]] = {}  # layer -> {rel path: (fqn, scheme)}
+        fallback: list[tuple[str, object]] = []
+        for fqn, scheme in ctx.plan.items():
+            sim = to_sim(model, fqn, scheme)  # every plan module, so activation fake-quant is in place
+            if scheme.weights is None:
+                continue
+            if sim.quantized:
+                log.info("gptq: %s is already quantized by an earlier stage; leaving it", fqn)
+                continue
+            idx, rel = self._locate(fqn, arch.layers, n_layers)
+            if idx is None or rel not in known:
+                fallback.append((fqn, scheme))
+            else:
+                todo.setdefault(idx, {})[rel] = (fqn, scheme)
+
+        if todo:
+            self._walk(model, ctx, todo, n_layers)
+        for fqn, scheme in fallback:
+            log.info("gptq: %s is not a known linear of a decoder layer (no layer inputs to calibrate on); "
+                     "quantizing it with RTN", fqn)
+            self._rtn(model, ctx, fqn, scheme)
+
+    @staticmethod
+    def _locate(fqn: str, layers: str, n_layers: int) -> tuple[int | None, str]:
+        prefix = layers + "."
+        if not fqn.startswith(prefix):
+            return None, fqn
+        idx, _, rel = fqn[len(prefix):].partition(".")
+        if not idx.isdigit() or int(idx) >= n_layers:
+            return None, fqn
+        return int(idx), rel
+
+    def _walk(self, model: nn.Module, ctx, todo: dict, n_layers: int) -> None:
+        groups = ctx.arch.sequential_groups
+        runner = LayerwiseRunner(model, ctx.arch, ctx.calib.tokens, batch_size=self.batch_size or ctx.batch_size,
+                                 device=ctx.device)
+        log.info("gptq: %d layers, %d calibration sequences x %d tokens, act_order=%s, true_sequential=%s",
+                 n_layers, ctx.calib.tokens.shape[0], ctx.calib.tokens.shape[1], self.act_order, self.true_sequential)
+        t_all = time.perf_counter()
+        for step in runner:
+            mine = todo.get(step.index)
+            if not mine:
+                continue
+            t0 = time.perf_counter()
+            figures = []
+            if self.true_sequential:
+                for gi, group in enumerate(groups):
+                    targets = [rel for rel in group if rel in mine]
+                    if not targets:
+                        continue
+                    later = [rel for g in groups[gi + 1:] for rel in g]
+                    figures += self._collect_and_quantize(step, ctx, mine, targets, later)
+            else:
+                targets = [rel for group in groups for rel in group if rel in mine]
+                figures += self._collect_and_quantize(step, ctx, mine, targets, [])
+            g = sum(f["gptq_loss"] for f in figures)
+            r = sum(f["rtn_loss"] for f in figures)
+            log.info("gptq: layer %d/%d: %d modules in %.1fs, layer objective gptq/rtn = %.3f",
+                     step.index + 1, n_layers, len(figures), time.perf_counter() - t0, g / r if r > 0 else float("nan"))
+        log.info("gptq: done in %.1fs", time.perf_counter() - t_all)
+
+    def _collect_and_quantize(self, step, ctx, mine: dict, targets: list[str], later: list[str]) -> list[dict]:
+        layer = step.layer
+        sims: dict[str, SimQuantLinear] = {rel: layer.get_submodule(rel) for rel in targets}
+        # one Hessian per distinct input: the modules of a sequential group read the same tensor, and
+        # those with the same input quantization see the same values
+        group_of = {rel: gi for gi, group in enumerate(ctx.arch.sequential_groups) for rel in group}
+        by_input: dict[tuple, list[str]] = {}
+        for rel in targets:
+            by_input.setdefault((group_of[rel], sims[rel].scheme.inputs), []).append(rel)
+        hooked = {rels[0]: sims[rels[0]] for rels in by_input.values()}
+        transforms = {rels[0]: partial(fake_quantize, args=inp) for (_, inp), rels in by_input.items() if inp is not None}
+        t0 = time.perf_counter()
+        with _stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
+            step.forward()
+        log.debug("gptq: %s: collected %s in %.1fs", step.name, list(hooked), time.perf_counter() - t0)
+
+        figures = []
+        for rels in by_input.values():
+            H = stats[rels[0]].hessian
+            # modules with the same weight scheme are solved together
+            by_args: dict[object, list[str]] = {}
+            for rel in rels:
+                by_args.setdefault(sims[rel].scheme.weights, []).append(rel)
+            for args, same in by_args.items():
+                t1 = time.perf_counter()
+                Ws = [sims[rel].weight.detach().float() for rel in same]
+                results = gptq_quantize_shared(Ws, H, args, block_size=self.block_size, damp=self.damp,
+                                               act_order=self.act_order, static_groups=self.act_order)
+                seconds = (time.perf_counter() - t1) / len(same)
+                for rel, W, (q, scale, zero, st) in zip(same, Ws, results):
+                    figures.append(self._install(ctx, sims[rel], mine[rel][0], W, H, q, scale, zero, st, seconds))
+            stats[rels[0]].release()
+        return figures
+
+    def _install(self, ctx, sim: SimQuantLinear, fqn: str, W, H, q, scale, zero, st: dict, seconds: float) -> dict:
+        args = sim.scheme.weights
+        dev = sim.weight.device
+        sim.set_quantized(q.to(dev), scale.to(dev), zero.to(dev))
+        with single_thread(H.device):  # RTN on the same H, for the report
+            rq, rs, rz = rtn_quantize(W.to(H.device), args)
+            rtn_loss = layer_objective(W, dequantize(rq, rs, rz, args), H)
+        fig = {"gptq_loss": st["loss"], "rtn_loss": rtn_loss}
+        extra = {"damp": st["damp"]} if st["damp"] != self.damp else {}  # raised after a failed Cholesky
+        if st["dead"]:
+            extra["dead_inputs"] = st["dead"]
+        if ctx.report is not None:
+            ctx.report.record_module(fqn, scheme=sim.scheme.name, method="gptq", **quant_error(W, sim.weight),
+                                     **fig, seconds=round(seconds, 4), **extra)
+        log.debug("gptq: %s: loss %.4g (rtn %.4g), %.2fs", fqn, st["loss"], rtn_loss, seconds)
+        return fig
+
+    @staticmethod
+    def _rtn(model: nn.Module, ctx, fqn: str, scheme) -> None:
+        sim = get_module(model, fqn)
+        W = sim.weight.detach().clone()
+        t0 = time.perf_counter()
+        q, scale, zero = rtn_quantize(W.float(), scheme.weights)
+        sim.set_quantized(q, scale, zero)
+        if ctx.report is not None:
+            ctx.report.record_module(fqn, scheme=scheme.name, method="rtn", **quant_error(W, sim.weight),
+                                     seconds=round(time.perf_counter() - t0, 4),
+                                     note="outside the decoder layers: RTN fallback of stage gptq")

@@ -1,0 +1,79 @@
+"""Stage `rotate`: QuaRot-style rotations (R1 residual, R2 per head, online R3 on Q/K and R4
+on down_proj's input), fused offline in float64; see `lmpress.quant.rotate`.
+
+```yaml
+- fuse_norms: {}
+- rotate: {kind: hadamard, seed: 0, online: [down_proj, qk], r2: true}
+```
+`kind`: "hadamard" (seeded randomized Hadamard; a seeded random orthogonal matrix for orders
+with no construction) or "random" (seeded Haar-random orthogonal) for R1 and R2; the online
+transforms are always (seeded, randomized) Hadamards, rebuilt from their seed at load time.
+The rotation needs fused norms: when the model's norms are not fused yet the stage fuses them
+first (and says so in the log). It must run before any quantization stage.
+
+A `down_proj` online transform wraps the linear in a `RotatedInput`, so the linear itself moves
+to `<fqn>.linear`; the stage renames the plan entries and points `ctx.arch.down_proj` there,
+so later stages (rtn, gptq) find and quantize it with the rotated input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from lmpress.kernels.linear import PackedLinear
+from lmpress.quant.rotate import KINDS, ONLINE, norms_fused, rotate_model
+
+from lmpress.quant.sim import SimQuantLinear
+
+from ..stage import register_stage
+from .fuse_norms import fuse_model_norms
+
+log = logging.getLogger(__name__)
+
+
+@register_stage("rotate")
+@dataclass(frozen=True)
+class Rotate:
+    kind: str = "hadamard"
+    seed: int = 0
+    online: tuple[str, ...] = ONLINE
+    r2: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"rotate.kind={self.kind!r}: use one of {list(KINDS)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"rotate.seed={self.seed!r} must be a non-negative integer")
+        online = self.online
+        if online is None:
+            online = ()
+        if isinstance(online, str) or not isinstance(online, (list, tuple)):
+            raise ValueError(f"rotate.online={online!r} must be a list drawn from {list(ONLINE)} (e.g. [down_proj, qk]) or []")
+        bad = [o for o in online if o not in ONLINE]
+        if bad:
+            raise ValueError(f"rotate.online: unknown entr(y/ies) {bad}; allowed: {list(ONLINE)}")
+        if len(set(online)) != len(online):
+            raise ValueError(f"rotate.online={list(online)} lists an entry twice")
+        object.__setattr__(self, "online", tuple(online))
+        if not isinstance(self.r2, bool):
+            raise ValueError(f"rotate.r2={self.r2!r} must be true or false")
+
+    def apply(self, model, ctx) -> None:
+        quantized = [n for n, m in model.named_modules() if isinstance(m, (SimQuantLinear, PackedLinear))]
+        if quantized:
+            raise ValueError(
+                f"rotate must run before quantization: {quantized[0]} is already a {type(model.get_submodule(quantized[0])).__name__}; "
+                "put `- rotate: {...}` before rtn/gptq in the recipe's stages"
+            )
+        if not norms_fused(model, ctx.arch):
+            log.info("rotate: norms not fused yet; running fuse_norms first")
+            fuse_model_norms(model, ctx)
+        summary = rotate_model(model, ctx.arch, kind=self.kind, seed=self.seed, online=self.online, r2=self.r2)
+        wrapped = set(summary["wrapped"])
+        if wrapped:
+            ctx.plan = {(f"{k}.linear" if k in wrapped else k): v for k, v in ctx.plan.items()}
+            ctx.arch = dataclasses.replace(ctx.arch, down_proj=f"{ctx.arch.down_proj}.linear")
+        if ctx.report is not None:
+            ctx.report.extra["rotation"] = {k: v for k, v in summary.items() if k != "wrapped"}
+        log.info("rotate: R1 %s(%d), R2 %s, online %s", self.kind, summary["r1"]["size"], bool(self.r2), list(self.online))

@@ -1,0 +1,125 @@
+"""Online transforms: rotations applied to activations at run time (QuaRot's R3 and R4).
+
+An online transform is rebuilt from its spec `(kind, size, seed)`, never stored as a matrix:
+`OnlineHadamard(size, seed)` computes ``x @ Q`` over the last dimension with
+``Q = diag(s) · H_n / sqrt(n)`` (s = seeded random signs, or all ones when `seed is None`),
+through the fast transform (`hadamard_transform`: a Walsh–Hadamard transform of the 2^k factor
+times a small dense factor, e.g. 1536 = 12 · 128). When no Hadamard of order n is known here it
+falls back to a seeded random orthogonal matrix (still rebuilt from the seed; a plain dense
+matmul). `matrix()` returns the same Q in float64, for fusing its inverse offline.
+
+`RotatedInput(transform, linear)` applies a transform to a linear's input, so that a quantized
+linear's own input fake-quant (SimQuantLinear / PackedLinear) sees the rotated activation; the
+inverse of the transform must already be fused into the linear's weight (W · Q).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from lmpress.quant.hadamard import (
+    hadamard_factors, hadamard_matrix, hadamard_transform, has_hadamard, random_hadamard, random_orthogonal, random_signs,
+)
+
+KINDS = ("hadamard",)
+
+
+class OnlineHadamard(nn.Module):
+    """y = x @ Q over the last dim, Q = diag(s) H_n / sqrt(n), orthogonal (Qᵀ = Q⁻¹).
+
+    Buffers are non-persistent (nothing reaches a state dict): the checkpoint records
+    `spec()` = {"kind", "size", "seed"} and `from_spec` rebuilds the identical transform.
+    """
+
+    kind = "hadamard"
+
+    def __init__(self, size: int, seed: int | None = None):
+        super().__init__()
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"OnlineHadamard: size must be a positive integer, got {size!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"OnlineHadamard: seed must be an integer or None, got {seed!r}")
+        self.size, self.seed = size, seed
+        self.fast = has_hadamard(size)
+        if self.fast:
+            Hm, p = hadamard_factors(size)
+            self.p = p
+            self.register_buffer("Hm", Hm.to(torch.float64), persistent=False)  # (m, m) ±1
+            signs = random_signs(size, seed) if seed is not None else None
+            self.register_buffer("signs", signs, persistent=False)  # (n,) ±1 or None
+            self.register_buffer("dense", None, persistent=False)
+        else:  # no construction of this order: a seeded random orthogonal matrix
+            self.p = None
+            self.register_buffer("Hm", None, persistent=False)
+            self.register_buffer("signs", None, persistent=False)
+            self.register_buffer("dense", random_orthogonal(size, 0 if seed is None else seed), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            raise ValueError(f"OnlineHadamard of size {self.size} got an input whose last dim is {x.shape[-1]}")
+        if self.dense is not None:
+            return torch.matmul(x, self.dense.to(x.dtype))
+        if self.signs is not None:
+            x = x * self.signs.to(x.dtype)
+        return hadamard_transform(x, self.Hm, self.p)  # fwht over 2^k, a small matmul for H_m
+
+    @torch.no_grad()
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The (n, n) orthogonal Q with forward(x) == x @ Q (for fusing offline: W ← W Q).
+        Equal to `random_hadamard(size, seed)` when seeded."""
+        if self.dense is not None:
+            return self.dense.to(dtype=dtype, copy=True)
+        if self.seed is not None:
+            Q = random_hadamard(self.size, self.seed)
+        else:
+            Q = hadamard_matrix(self.size).to(torch.float64) / math.sqrt(self.size)
+        return Q.to(device=self._device(), dtype=dtype)
+
+    def _device(self) -> torch.device:
+        for b in (self.Hm, self.dense):
+            if b is not None:
+                return b.device
+        return torch.device("cpu")
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size": self.size, "seed": self.seed}
+
+    def extra_repr(self) -> str:
+        how = f"fast {self.size // self.p}x{self.p}" if self.fast else "dense random orthogonal"
+        return f"size={self.size}, seed={self.seed}, {how}"
+
+
+def transform_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    """Rebuild an online transform from its recorded spec {"kind", "size", "seed"}."""
+    kind = spec.get("kind")
+    if kind == "hadamard":
+        seed = spec.get("seed")
+        return OnlineHadamard(int(spec["size"]), None if seed is None else int(seed))
+    raise ValueError(f"unknown online transform kind {kind!r}; known kinds: {list(KINDS)}")
+
+
+class RotatedInput(nn.Module):
+    """y = linear(transform(x)). The transform runs before the linear's own input fake-quant,
+    so a W4A4 linear quantizes the rotated activation. Exposes the linear's shape."""
+
+    def __init__(self, transform: nn.Module, linear: nn.Module):
+        super().__init__()
+        self.transform = transform
+        self.linear = linear
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.transform(x))
+
+
+__all__ = ["KINDS", "OnlineHadamard", "RotatedInput", "transform_from_spec"]

@@ -1,0 +1,304 @@
+"""Computational-invariance rotations (QuaRot / SpinQuant style), fused offline in float64.
+
+Notation: activations are row vectors, a linear is y = x Wᵀ + b with W (out, in), every
+rotation Q is orthogonal (Q Qᵀ = I).
+
+- Norm fusion (`fuse_norms`): RMSNorm y = w ⊙ x / rms(x) feeds linears W; W ← W diag(w) and
+  w ← 1. With unit gains the norm commutes with any orthogonal Q: rms(x Q) = rms(x).
+- R1 (residual stream, size hidden): the residual becomes h Q1. Embedding E ← E Q1; every
+  reader of the residual (q/k/v, gate/up, lm_head) W ← W Q1; every writer (o_proj, down_proj)
+  W ← Q1ᵀ W, b ← b Q1.
+- R2 (per head, size head_dim; one seeded rotation per KV head of each layer): values become
+  v R2_h for KV head h: v_proj rows of KV head h, W_h ← R2_hᵀ W_h, b_h ← b_h R2_h; o_proj
+  columns of query head j, W_j ← W_j R2_h with h = j's KV head (GQA: query head j reads KV
+  head j // (n_heads / n_kv_heads)).
+- R3 (online, head_dim): Q and K are multiplied by the same Hadamard after RoPE (in the
+  "lmpress" attention function), so Q Kᵀ is unchanged and the K cache is quantized rotated.
+- R4 (online, intermediate size): down_proj's input x becomes x H (a fast Hadamard, module
+  `OnlineHadamard`), and W_down ← W_down H, so that W4A4 quantizes the rotated activation.
+
+Every fusion converts the weights to float64, fuses, and casts back to the model's dtype.
+`rotation_matrix(n, kind, seed)` gives R1/R2: "hadamard" = seeded randomized Hadamard (a seeded
+random orthogonal matrix when no Hadamard of order n is constructible), "random" = seeded
+Haar-random orthogonal.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from lmpress.kernels.online import OnlineHadamard, RotatedInput
+
+from .hadamard import random_hadamard, random_orthogonal
+
+KINDS = ("hadamard", "random")
+ONLINE = ("down_proj", "qk")
+
+
+def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> torch.Tensor:
+    """An (n, n) float64 orthogonal matrix: randomized Hadamard or Haar-random orthogonal."""
+    if kind == "hadamard":
+        return random_hadamard(n, seed)
+    if kind == "random":
+        return random_orthogonal(n, seed)
+    raise ValueError(f"rotation kind {kind!r} is not known; use one of {list(KINDS)}")
+
+
+class Rotation:
+    """An offline rotation Q = `rotation_matrix(n, kind, seed)` (float64, dense: fusing it is one
+    GEMM per weight, faster on CPU than the row-wise fast transform at these sizes)."""
+
+    def __init__(self, n: int, kind: str = "hadamard", seed: int = 0, device=None):
+        self.n, self.kind, self.seed = n, kind, seed
+        self.Q = rotation_matrix(n, kind, seed).to(device)
+
+    def right(self, W: torch.Tensor) -> torch.Tensor:
+        """W @ Q (a reader of this space: W ← W Q)."""
+        return W @ self.Q
+
+    def left_t(self, W: torch.Tensor) -> torch.Tensor:
+        """Qᵀ @ W (a writer into this space: W ← Qᵀ W)."""
+        return self.Q.T @ W
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size": self.n, "seed": self.seed}
+
+
+def sub_seed(seed: int, tag: str, *index: int) -> int:
+    """A stable per-use seed (e.g. R4 of layer i, R2 of layer i's KV head h) derived from the
+    recipe's seed."""
+    digest = hashlib.sha256(f"lmpress/{seed}/{tag}/{'/'.join(map(str, index))}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _plain_linear(module: nn.Module, where: str) -> nn.Linear:
+    if not isinstance(module, nn.Linear):
+        raise TypeError(
+            f"{where} is a {type(module).__name__}; norm fusion and rotations act on plain nn.Linear layers, so they "
+            "must come before any quantization stage (rtn, gptq) and before the model is rotated twice"
+        )
+    return module
+
+
+class _Fused:
+    """float64 working copies of some weights; `commit()` casts them back in place."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def get(self, t: torch.Tensor) -> torch.Tensor:
+        for orig, work in self._items:
+            if orig is t:
+                return work
+        work = t.detach().to(torch.float64, copy=True)
+        self._items.append((t, work))
+        return work
+
+    def set(self, t: torch.Tensor, value: torch.Tensor) -> None:
+        for k, (orig, _) in enumerate(self._items):
+            if orig is t:
+                self._items[k] = (orig, value)
+                return
+        self._items.append((t, value))
+
+    def commit(self) -> None:
+        with torch.no_grad():
+            for orig, work in self._items:
+                orig.copy_(work.to(orig.dtype))
+        self._items.clear()
+
+
+def _is_tied(model: nn.Module, arch) -> bool:
+    head = model.get_submodule(arch.lm_head)
+    embed = model.get_submodule(arch.embed)
+    return getattr(head, "weight", None) is embed.weight
+
+
+def _norm_weight(norm: nn.Module, where: str) -> torch.Tensor:
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1:
+        raise TypeError(f"{where} ({type(norm).__name__}) has no 1-D gain to fuse")
+    if getattr(norm, "bias", None) is not None:
+        raise NotImplementedError(f"{where} has a bias (LayerNorm); only RMSNorm-style norms are fused")
+    return w
+
+
+# --------------------------------------------------------------------------- norm fusion
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, arch) -> list[str]:
+    """Fold every RMSNorm gain into the linears that read it (`arch.norm_readers` per layer,
+    the final norm into lm_head) and set the gains to 1. Returns the names of the norms that
+    were folded (norms already at unit gain are skipped). The embeddings must be untied first."""
+    if _is_tied(model, arch):
+        raise ValueError(
+            "lm_head shares its weight with the embeddings; untie them first "
+            "(lmpress.compress.surgery.untie_embeddings) so folding the final norm does not change the embeddings"
+        )
+    groups: list[tuple[str, nn.Module, list[tuple[str, nn.Linear]]]] = []
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        prefix = f"{arch.layers}.{i}"
+        for norm_path, readers in arch.norm_readers.items():
+            lins = [(f"{prefix}.{r}", _plain_linear(layer.get_submodule(r), f"{prefix}.{r}")) for r in readers]
+            groups.append((f"{prefix}.{norm_path}", layer.get_submodule(norm_path), lins))
+    head = _plain_linear(model.get_submodule(arch.lm_head), arch.lm_head)
+    groups.append((arch.final_norm, model.get_submodule(arch.final_norm), [(arch.lm_head, head)]))
+    folded = []
+    for name, norm, lins in groups:
+        w = _norm_weight(norm, name)
+        if bool((w == 1).all()):
+            continue
+        w64 = w.detach().to(torch.float64)
+        for _, lin in lins:
+            lin.weight.copy_((lin.weight.detach().to(torch.float64) * w64[None, :]).to(lin.weight.dtype))
+        w.fill_(1.0)
+        folded.append(name)
+    return folded
+
+
+def norms_fused(model: nn.Module, arch) -> bool:
+    """True when every norm that `fuse_norms` handles has unit gain and the head is untied."""
+    if _is_tied(model, arch):
+        return False
+    norms = [model.get_submodule(arch.final_norm)]
+    for layer in arch.decoder_layers(model):
+        norms += [layer.get_submodule(p) for p in arch.norm_readers]
+    return all(bool((n.weight == 1).all()) for n in norms)
+
+
+# --------------------------------------------------------------------------- rotations
+
+
+@torch.no_grad()
+def rotate_model(
+    model: nn.Module,
+    arch,
+    kind: str = "hadamard",
+    seed: int = 0,
+    online: Iterable[str] = ONLINE,
+    r2: bool = True,
+) -> dict[str, Any]:
+    """Apply R1 (+ R2, + online R3/R4 as asked) to a model whose norms are fused. In place.
+
+    Returns a summary: {"r1": spec, "r2": spec | None, "online": [{"where", "apply", spec...}],
+    "wrapped": [fqn of every linear moved into a RotatedInput, now at fqn + ".linear"]}.
+    """
+    online = tuple(online)
+    bad = sorted(set(online) - set(ONLINE))
+    if bad:
+        raise ValueError(f"online transform(s) {bad} are not known; use a subset of {list(ONLINE)}")
+    if kind not in KINDS:
+        raise ValueError(f"rotation kind {kind!r} is not known; use one of {list(KINDS)}")
+    if not norms_fused(model, arch):
+        raise ValueError("rotate_model needs fused norms (unit RMSNorm gains, untied lm_head): run fuse_norms first")
+    from .attention import attach_attention  # registers the "lmpress" attention function
+
+    cfg = model.config
+    hidden = cfg.hidden_size
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    embed = model.get_submodule(arch.embed)
+    head = _plain_linear(model.get_submodule(arch.lm_head), arch.lm_head)
+    device = embed.weight.device
+    R1 = Rotation(hidden, kind, seed, device=device)
+
+    work = _Fused()
+    work.set(embed.weight, R1.right(work.get(embed.weight)))  # rows of E are residual vectors
+    work.set(head.weight, R1.right(work.get(head.weight)))
+    work.commit()
+
+    summary: dict[str, Any] = {
+        "r1": R1.spec(),
+        "r2": None,
+        "online": [],
+        "wrapped": [],
+    }
+    qk_transforms: dict[int, OnlineHadamard] = {}
+    r2_seeds: list[list[int]] = []
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        prefix = f"{arch.layers}.{i}"
+
+        def lin(path: str) -> nn.Linear:
+            return _plain_linear(layer.get_submodule(path), f"{prefix}.{path}")
+
+        readers = [lin(p) for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.gate_proj, arch.up_proj)]
+        o, down, v = lin(arch.o_proj), lin(arch.down_proj), lin(arch.v_proj)
+        for r in readers:
+            work.set(r.weight, R1.right(work.get(r.weight)))
+        for w in (o, down):
+            work.set(w.weight, R1.left_t(work.get(w.weight)))
+            if w.bias is not None:
+                work.set(w.bias, R1.right(work.get(w.bias)))
+
+        attn = layer.get_submodule(arch.q_proj.rpartition(".")[0])
+        head_dim = getattr(attn, "head_dim", None) or hidden // n_heads
+        if r2:
+            seeds = [sub_seed(seed, "r2", i, h) for h in range(n_kv)]
+            R2s = torch.stack([rotation_matrix(head_dim, kind, s2) for s2 in seeds]).to(device)  # (kv heads, d, d)
+            Wv = work.get(v.weight).reshape(n_kv, head_dim, -1)  # (kv heads, d, hidden)
+            work.set(v.weight, torch.matmul(R2s.transpose(1, 2), Wv).reshape(n_kv * head_dim, -1))
+            if v.bias is not None:
+                bv = work.get(v.bias).reshape(n_kv, 1, head_dim)
+                work.set(v.bias, torch.matmul(bv, R2s).reshape(-1))
+            groups = n_heads // n_kv
+            R2q = R2s.repeat_interleave(groups, dim=0)  # (heads, d, d): query head j uses KV head j // groups
+            Wo = work.get(o.weight).reshape(-1, n_heads, head_dim).transpose(0, 1)  # (heads, hidden, d)
+            work.set(o.weight, torch.matmul(Wo, R2q).transpose(0, 1).reshape(-1, n_heads * head_dim))
+            r2_seeds.append(seeds)
+        if "down_proj" in online:
+            T = OnlineHadamard(down.in_features, sub_seed(seed, "r4", i)).to(device)
+            work.set(down.weight, work.get(down.weight) @ T.matrix())  # W ← W H
+            summary["online"].append({"where": f"{prefix}.{arch.down_proj}", "apply": "input", **T.spec()})
+        work.commit()
+        if "down_proj" in online:
+            parent_path, _, child = arch.down_proj.rpartition(".")
+            parent = layer.get_submodule(parent_path) if parent_path else layer
+            setattr(parent, child, RotatedInput(T, down))
+            summary["wrapped"].append(f"{prefix}.{arch.down_proj}")
+        if "qk" in online:
+            qk_transforms[i] = OnlineHadamard(head_dim, sub_seed(seed, "r3", i)).to(device)
+            summary["online"].append({"where": f"{prefix}.{arch.q_proj.rpartition('.')[0]}", "apply": "qk", **qk_transforms[i].spec()})
+    if r2_seeds:
+        summary["r2"] = {"kind": kind, "size": head_dim, "seeds": r2_seeds}
+    if qk_transforms:
+        attach_attention(model, arch, qk=qk_transforms)
+    return summary
+
+
+# --------------------------------------------------------------------------- restoring
+
+
+def online_specs(model: nn.Module) -> list[dict[str, Any]]:
+    """{"where": fqn, "apply": "input", kind, size, seed} of every RotatedInput in the model."""
+    return [
+        {"where": name, "apply": "input", **mod.transform.spec()}
+        for name, mod in model.named_modules()
+        if isinstance(mod, RotatedInput)
+    ]
+
+
+def restore_online(model: nn.Module, specs: Iterable[dict[str, Any]]) -> list[str]:
+    """Re-wrap the recorded linears in RotatedInput with their rebuilt transforms (at load
+    time, before the quantized modules are swapped in). Returns the wrapped fqns."""
+    from lmpress.kernels.online import transform_from_spec
+
+    wrapped = []
+    for spec in specs:
+        if spec.get("apply") != "input":
+            raise ValueError(f"online transform {spec!r}: only 'input' transforms are rebuilt here")
+        where = spec["where"]
+        parent_path, _, child = where.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        inner = getattr(parent, child)
+        if isinstance(inner, RotatedInput):
+            raise ValueError(f"{where} is already wrapped in a RotatedInput")
+        setattr(parent, child, RotatedInput(transform_from_spec(spec), inner))
+        wrapped.append(where)
+    return wrapped
