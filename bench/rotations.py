@@ -178,7 +178,8 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     if args.only:
-        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"[{args.only}] %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
         print("ROW " + json.dumps(run_one(args.only, args)), flush=True)
         return
 
@@ -192,10 +193,10 @@ def main(argv=None) -> None:
                "--seqlen", str(args.seqlen), "--n", str(args.n), "--calib-seqlen", str(args.calib_seqlen),
                "--seed", str(args.seed), "--threads", str(args.threads)]
         print(f"[{time.strftime('%H:%M:%S')}] {c} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the child's log goes to our stderr
         found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
         if proc.returncode != 0 or not found:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            tail = f"exit status {proc.returncode} (see the log above)"
             rows.append({"config": c, "error": tail})
             print(f"  failed: {tail}", file=sys.stderr, flush=True)
             continue

@@ -139,6 +139,8 @@ class PackedLinear(nn.Module):
         K, N = self.in_features, self.out_features
         x2 = x.reshape(-1, K)
         M = x2.shape[0]
+        if M == 0:
+            return self._forward_ref(x, "no rows")
         if M > cpu.SMALL_M:  # prefill: exact, nothing kept
             self._note("cpu-dequant", f"{M} rows > {cpu.SMALL_M}")
             xin = fake_quantize(x, inputs) if inputs is not None else x

@@ -31,7 +31,7 @@ class OnlineHadamard(nn.Module):
     """y = x @ Q over the last dim, Q = diag(s) H_n / sqrt(n), orthogonal (Qᵀ = Q⁻¹).
 
     Buffers are non-persistent (nothing reaches a state dict): the checkpoint records
-    `spec()` = {"kind", "size", "seed"} and `from_spec` rebuilds the identical transform.
+    `spec()` = {"kind", "size", "seed"} and `transform_from_spec` rebuilds the identical transform.
     """
 
     kind = "hadamard"

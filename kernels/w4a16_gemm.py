@@ -2,8 +2,9 @@
 
 - `w4a16_gemm_ref`: the torch oracle (unpack + `lmpress.quant.primitives.dequantize` + F.linear).
 - `_w4a16_gemm_kernel`: Triton. Each program owns a BLOCK_M x BLOCK_N output tile and walks
-  its share of K: it loads the int32 words that hold a BLOCK_K x BLOCK_N slab of codes, shifts
-  and masks the fields out in registers, dequantizes them exactly as the reference does,
+  its share of K: it loads the BLOCK_K / (32 / bits) x BLOCK_N int32 words that hold a slab
+  of codes (each once), shifts and masks the fields out in registers (a broadcast shift over a
+  (words, 32 / bits, N) view reshaped to (BLOCK_K, BLOCK_N)), dequantizes them exactly as the reference does,
   ``(q - zero) * scale`` in fp32, casts to the activation dtype and feeds `tl.dot` (fp32
   accumulator; IEEE fp32 products for fp32 activations, no TF32).
 - `w4a16_gemm`: checks, allocates, chooses split-K, launches.
@@ -131,30 +132,46 @@ if triton is not None:
                 mask=m_mask[:, None] & k_mask[None, :], other=0.0,
             )  # (BM, BK), zero past K: the k-tail of the weight tile then contributes nothing
             w_mask = k_mask[:, None] & n_mask[None, :]
+            offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)  # the words holding this slab's k
             words = tl.load(
-                w_ptr + offs_n[None, :] * stride_wn + (offs_k // PER)[:, None] * stride_ww,
-                mask=w_mask, other=0,
-            )  # (BK, BN) int32: each word read PER times, from cache
-            u = (words >> ((offs_k % PER) * BITS)[:, None]) & FIELD  # stored field, q + OFFSET
-            q = (u - OFFSET).to(tl.float32)
-            if GROUP_SIZE == 0:
-                s = s_row[None, :]
+                w_ptr + offs_n[None, :] * stride_wn + offs_w[:, None] * stride_ww,
+                mask=(offs_w * PER < k_hi)[:, None] & n_mask[None, :], other=0,
+            )  # (BK / PER, BN) int32, each word loaded once
+            fields = (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & FIELD  # (BK/PER, PER, BN)
+            u = tl.reshape(fields, (BLOCK_K, BLOCK_N))  # row w * PER + j = element k0 + w * PER + j: q + OFFSET
+            q = (u - OFFSET).to(tl.float32)  # past K: garbage, multiplied by the zero activations
+            # dequantize: (q - zero) * scale in fp32, the reference's operations, per group layout
+            if GROUP_SIZE == 0:  # one group per row
                 if HAS_ZERO:
-                    z = z_row[None, :]
+                    w = (q - z_row[None, :]) * s_row[None, :]
+                else:
+                    w = q * s_row[None, :]
             elif GROUP_SIZE % BLOCK_K == 0:  # the whole slab lies in one group (k0 is BLOCK_K-aligned)
                 g = k0 // GROUP_SIZE
                 s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)[None, :]
                 if HAS_ZERO:
                     z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0.0)[None, :]
-            else:  # groups change inside the slab (small or ragged groups): gather per element
+                    w = (q - z) * s
+                else:
+                    w = q * s
+            elif BLOCK_K % GROUP_SIZE == 0:  # whole groups: one scale row per group, broadcast over it
+                g = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)  # (BK / G,)
+                g_mask = (g < (K + GROUP_SIZE - 1) // GROUP_SIZE)[:, None] & n_mask[None, :]
+                s3 = tl.load(s_ptr + offs_n[None, :] * stride_sn + g[:, None] * stride_sg, mask=g_mask, other=0.0)
+                q3 = tl.reshape(q, (BLOCK_K // GROUP_SIZE, GROUP_SIZE, BLOCK_N))
+                if HAS_ZERO:
+                    z3 = tl.load(z_ptr + offs_n[None, :] * stride_zn + g[:, None] * stride_zg, mask=g_mask, other=0.0)
+                    w = tl.reshape((q3 - z3[:, None, :]) * s3[:, None, :], (BLOCK_K, BLOCK_N))
+                else:
+                    w = tl.reshape(q3 * s3[:, None, :], (BLOCK_K, BLOCK_N))
+            else:  # ragged groups (neither size divides the other): gather per element
                 g = offs_k // GROUP_SIZE
                 s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g[:, None] * stride_sg, mask=w_mask, other=0.0)
                 if HAS_ZERO:
                     z = tl.load(z_ptr + offs_n[None, :] * stride_zn + g[:, None] * stride_zg, mask=w_mask, other=0.0)
-            if HAS_ZERO:
-                w = (q - z) * s  # the reference's dequantize, same fp32 operations
-            else:
-                w = q * s
+                    w = (q - z) * s
+                else:
+                    w = q * s
             w = w.to(x_ptr.dtype.element_ty)
             if DOT_FP32:
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
@@ -177,7 +194,7 @@ if triton is not None:
         for bm, bn, bk, warps, stages in [
             # decode (M <= 16): narrow N tiles, deep K, many programs (with split-K)
             (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
-            (16, 32, 256, 4, 3), (16, 128, 64, 4, 4),
+            (16, 32, 256, 4, 3), (16, 128, 64, 4, 4), (16, 64, 64, 4, 4), (16, 32, 64, 4, 4),
             # small batch
             (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
             # prefill

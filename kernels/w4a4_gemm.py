@@ -115,15 +115,20 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             a_mask = m_mask[:, None] & k_mask[None, :]
-            if A_PACKED:
-                aw = tl.load(a_ptr + offs_m[:, None] * stride_am + (offs_k // 8)[None, :] * stride_ak, mask=a_mask, other=0)
-                qa = ((aw >> ((offs_k % 8) * 4)[None, :]) & 15) - 8
-                a = tl.where(a_mask, qa, 0).to(tl.int8)  # (BM, BK), zero past K
+            if A_PACKED:  # (BM, BK / 8) words -> (BM, BK / 8, 8) fields -> (BM, BK) codes
+                offs_aw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                aw = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_aw[None, :] * stride_ak,
+                             mask=m_mask[:, None] & (offs_aw * 8 < K)[None, :], other=0)
+                qa = tl.reshape(((aw[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15) - 8, (BLOCK_M, BLOCK_K))
+                a = tl.where(a_mask, qa, 0).to(tl.int8)  # zero past K
             else:
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
             w_mask = k_mask[:, None] & n_mask[None, :]
-            ww = tl.load(w_ptr + offs_n[None, :] * stride_wn + (offs_k // W_PER)[:, None] * stride_ww, mask=w_mask, other=0)
-            qw = ((ww >> ((offs_k % W_PER) * W_BITS)[:, None]) & W_FIELD) - W_OFF
+            offs_ww = k0 // W_PER + tl.arange(0, BLOCK_K // W_PER)  # (BK / W_PER, BN) words, each loaded once
+            ww = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_ww[:, None] * stride_ww,
+                         mask=(offs_ww * W_PER < K)[:, None] & n_mask[None, :], other=0)
+            fields = (ww[:, None, :] >> (tl.arange(0, W_PER) * W_BITS)[None, :, None]) & W_FIELD
+            qw = tl.reshape(fields, (BLOCK_K, BLOCK_N)) - W_OFF
             w = tl.where(w_mask, qw, 0).to(tl.int8)  # (BK, BN)
             acc += tl.dot(a, w, out_dtype=tl.int32)
 

@@ -16,6 +16,10 @@ rotation Q is orthogonal (Q Qᵀ = I).
   "lmpress" attention function), so Q Kᵀ is unchanged and the K cache is quantized rotated.
 - R4 (online, intermediate size): down_proj's input x becomes x H (a fast Hadamard, module
   `OnlineHadamard`), and W_down ← W_down H, so that W4A4 quantizes the rotated activation.
+- optional online Hadamard on o_proj's input (size n_heads · head_dim), W_o ← W_o H: R2 only
+  mixes within a head, so the attention output's per-head scales stay unequal; QuaRot mixes
+  across heads with an online H_heads ⊗ H_head_dim, which does not exist for 9 heads
+  (SmolLM2); a full Hadamard of 576 = 36 · 16 does the same job.
 
 Every fusion converts the weights to float64, fuses, and casts back to the model's dtype.
 `rotation_matrix(n, kind, seed)` gives R1/R2: "hadamard" = seeded randomized Hadamard (a seeded
@@ -35,7 +39,8 @@ from lmpress.kernels.online import OnlineHadamard, RotatedInput
 from .hadamard import random_hadamard, random_orthogonal
 
 KINDS = ("hadamard", "random")
-ONLINE = ("down_proj", "qk")
+ONLINE = ("down_proj", "qk", "o_proj")  # every online transform the rotate stage knows
+DEFAULT_ONLINE = ("down_proj", "qk")  # QuaRot's R4 and R3
 
 
 def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> torch.Tensor:
@@ -182,7 +187,7 @@ def rotate_model(
     arch,
     kind: str = "hadamard",
     seed: int = 0,
-    online: Iterable[str] = ONLINE,
+    online: Iterable[str] = DEFAULT_ONLINE,
     r2: bool = True,
 ) -> dict[str, Any]:
     """Apply R1 (+ R2, + online R3/R4 as asked) to a model whose norms are fused. In place.
@@ -252,16 +257,19 @@ def rotate_model(
             Wo = work.get(o.weight).reshape(-1, n_heads, head_dim).transpose(0, 1)  # (heads, hidden, d)
             work.set(o.weight, torch.matmul(Wo, R2q).transpose(0, 1).reshape(-1, n_heads * head_dim))
             r2_seeds.append(seeds)
-        if "down_proj" in online:
-            T = OnlineHadamard(down.in_features, sub_seed(seed, "r4", i)).to(device)
-            work.set(down.weight, work.get(down.weight) @ T.matrix())  # W ← W H
-            summary["online"].append({"where": f"{prefix}.{arch.down_proj}", "apply": "input", **T.spec()})
+        wrap: list[tuple[str, nn.Linear, OnlineHadamard]] = []
+        for key, path, mod, tag in (("down_proj", arch.down_proj, down, "r4"), ("o_proj", arch.o_proj, o, "ro")):
+            if key in online:
+                T = OnlineHadamard(mod.in_features, sub_seed(seed, tag, i)).to(device)
+                work.set(mod.weight, work.get(mod.weight) @ T.matrix())  # W ← W H: the input arrives as x H
+                summary["online"].append({"where": f"{prefix}.{path}", "apply": "input", **T.spec()})
+                wrap.append((path, mod, T))
         work.commit()
-        if "down_proj" in online:
-            parent_path, _, child = arch.down_proj.rpartition(".")
+        for path, mod, T in wrap:
+            parent_path, _, child = path.rpartition(".")
             parent = layer.get_submodule(parent_path) if parent_path else layer
-            setattr(parent, child, RotatedInput(T, down))
-            summary["wrapped"].append(f"{prefix}.{arch.down_proj}")
+            setattr(parent, child, RotatedInput(T, mod))
+            summary["wrapped"].append(f"{prefix}.{path}")
         if "qk" in online:
             qk_transforms[i] = OnlineHadamard(head_dim, sub_seed(seed, "r3", i)).to(device)
             summary["online"].append({"where": f"{prefix}.{arch.q_proj.rpartition('.')[0]}", "apply": "qk", **qk_transforms[i].spec()})

@@ -139,7 +139,7 @@ def test_cpu_path_matches_reference(name, dtype, monkeypatch):
         assert packed.kernel_path.kind in ("cpu-int4pack", "cpu-int8pack"), packed.kernel_path
         assert y1.dtype == dtype
         assert _rel(y1, sim(x1)) < 1e-2  # bfloat16 arithmetic (one output rounding, bf16 qparams)
-        x2 = _x(2, 7, 200, dtype=dtype)  # 14 rows > SMALL_M: on-the-fly dequantization, exact
+        x2 = _x(2, 9, 200, dtype=dtype)  # 18 rows > SMALL_M: on-the-fly dequantization, exact
         y2 = packed(x2)
         assert packed.kernel_path.kind == "cpu-dequant"
         assert torch.equal(y2, sim(x2))
@@ -241,6 +241,8 @@ W4A16_CASES = [
     (17, 24, 130, _w(8, 32, sym=False), torch.float32, None, "kn", None),  # 8-bit, kn layout, odd K
     (2, 16, 77, _w(2, 16, sym=False), torch.float32, None, "nk", {"BLOCK_K": 32}),  # 2-bit, groups inside a block
     (4, 20, 160, _w(4, 64), torch.float32, 3, "nk", {"BLOCK_K": 32}),  # group-aligned blocks, 3 splits
+    (3, 24, 100, _w(4, 48, sym=False), torch.float32, None, "nk", {"BLOCK_K": 32}),  # ragged: per-element gather
+    (2, 24, 150, _w(4, 32, sym=False), torch.float32, None, "nk", {"BLOCK_K": 128}),  # 4 groups a block, partial
     (3, 24, 64, _w(4, gran="tensor", sym=False), torch.float32, None, "nk", None),  # per tensor
     (4, 24, 200, _w(4, 64, sym=False), torch.bfloat16, None, "nk", None),
     (4, 24, 200, _w(4, 64, sym=False), torch.float16, 2, "kn", None),

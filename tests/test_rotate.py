@@ -42,6 +42,14 @@ def _apply(model, *stages):
     return ctx
 
 
+def _quarot_rtn(mse_clip: bool = False) -> Recipe:
+    """The built-in w4a4kv4-quarot-rtn, by default without its MSE clipping search (slow on a
+    loaded CPU and beside the point of these tests)."""
+    data = Recipe.load("w4a4kv4-quarot-rtn").to_dict()
+    data["schemes"]["re:.*"]["weights"]["mse_clip"] = mse_clip
+    return Recipe.from_dict(data)
+
+
 def _logits(model, tokens):
     with torch.no_grad():
         return model(tokens).logits
@@ -67,6 +75,7 @@ def test_fuse_norms_keeps_logits_float64(f64_rmsnorm, tokens):
     [
         ({"kind": "hadamard", "online": ["down_proj", "qk"], "r2": True}, {}),
         ({"kind": "random", "online": ["down_proj", "qk"], "r2": True}, {}),
+        ({"kind": "hadamard", "online": ["down_proj", "qk", "o_proj"], "r2": True}, {}),
         ({"kind": "hadamard", "online": [], "r2": False}, {}),
         ({"kind": "hadamard", "online": ["qk"], "r2": True, "seed": 7}, {"attention_bias": True, "mlp_bias": True}),
         ({"kind": "hadamard", "online": ["down_proj"], "r2": True}, {"num_key_value_heads": 3, "intermediate_size": 192}),
@@ -180,7 +189,7 @@ def test_rotated_input_quantizes_the_rotated_activation():
     "opts, match",
     [
         ({"kind": "givens"}, "rotate.kind"),
-        ({"online": ["down_proj", "o_proj"]}, "unknown entr"),
+        ({"online": ["down_proj", "v_proj"]}, "unknown entr"),
         ({"online": "qk"}, "must be a list"),
         ({"online": ["qk", "qk"]}, "twice"),
         ({"r2": "yes"}, "rotate.r2"),
@@ -205,7 +214,14 @@ def test_builtin_recipes_round_trip(name):
     r = Recipe.load(name)
     assert Recipe.from_yaml(r.to_yaml()) == r
     assert r.name == name
-    assert r.scheme_for("lm_head") is None and r.scheme_for("model.layers.0.mlp.down_proj") == W4A4
+    assert r.scheme_for("lm_head") is None
+    s = r.scheme_for("model.layers.0.mlp.down_proj")
+    assert (s.weights.bits, s.weights.granularity, s.weights.symmetric) == (4, "channel", True)
+    assert (s.inputs.bits, s.inputs.granularity, s.inputs.dynamic) == (4, "token", True)
+    if "kv4" in name:
+        assert s.weights.mse_clip and s.inputs.clip_ratio == 0.9  # QuaRot's weight and activation clipping
+    else:
+        assert s == W4A4
     if "kv4" in name:
         kv = r.kv_args
         assert kv.bits == 4 and kv.key_granularity == "token" and kv.residual == 0
@@ -228,7 +244,7 @@ def _gptq_registered() -> bool:
 
 def test_quarot_rtn_quantizes_every_linear_with_rotated_inputs(tiny, tokens):
     model, _ = tiny
-    report = compress(model, "w4a4kv4-quarot-rtn")
+    report = compress(model, _quarot_rtn())
     plan = model.lmpress_meta["plan"]
     assert len(plan) == 14 and all(k.endswith("down_proj.linear") for k in plan if "down_proj" in k)
     for i in range(2):
@@ -241,7 +257,7 @@ def test_quarot_rtn_quantizes_every_linear_with_rotated_inputs(tiny, tokens):
 
 def test_save_load_with_online_transforms_reproduces_logits(tiny, tokens, tmp_path):
     model, tok = tiny
-    compress(model, "w4a4kv4-quarot-rtn")
+    compress(model, _quarot_rtn())
     sim = _logits(model, tokens)
     out = save(model, tmp_path / "q", tokenizer=tok)
     manifest = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -258,11 +274,17 @@ def test_save_load_with_online_transforms_reproduces_logits(tiny, tokens, tmp_pa
     down = loaded.model.layers[0].mlp.down_proj
     assert isinstance(down, RotatedInput) and isinstance(down.linear, PackedLinear)
     assert (_logits(loaded, tokens) - sim).abs().max().item() <= 1e-4
-    # the unquantized rotated float model (rotation only) round-trips too
+    # an online transform on o_proj's input too, and a float (unquantized) wrapped o_proj
     model2, _ = tiny_llama(seed=0)
-    compress(model2, Recipe.from_dict({"schemes": {"lm_head": None, "re:.*": "W4A4"}, "stages": ["rotate", "rtn"]}))
+    recipe = {"schemes": {"lm_head": None, "o_proj": None, "re:.*": "W4A4"},
+              "stages": [{"rotate": {"online": ["down_proj", "o_proj"]}}, "rtn"]}
+    compress(model2, Recipe.from_dict(recipe))
+    assert isinstance(model2.model.layers[1].self_attn.o_proj, RotatedInput)
+    assert isinstance(model2.model.layers[1].self_attn.o_proj.linear, nn.Linear)
     out2 = save(model2, tmp_path / "r")
-    assert (_logits(load(out2), tokens) - _logits(model2, tokens)).abs().max().item() <= 1e-4
+    loaded2 = load(out2)
+    assert isinstance(loaded2.model.layers[1].self_attn.o_proj, RotatedInput)
+    assert (_logits(loaded2, tokens) - _logits(model2, tokens)).abs().max().item() <= 1e-4
 
 
 def test_version_1_manifest_without_lmpress_block_still_loads(tiny, tokens, tmp_path):

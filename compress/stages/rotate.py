@@ -11,9 +11,14 @@ transforms are always (seeded, randomized) Hadamards, rebuilt from their seed at
 The rotation needs fused norms: when the model's norms are not fused yet the stage fuses them
 first (and says so in the log). It must run before any quantization stage.
 
-A `down_proj` online transform wraps the linear in a `RotatedInput`, so the linear itself moves
-to `<fqn>.linear`; the stage renames the plan entries and points `ctx.arch.down_proj` there,
-so later stages (rtn, gptq) find and quantize it with the rotated input.
+`online` may also name `o_proj`: an online Hadamard of o_proj's input (size hidden), mixing
+the heads that R2 leaves apart (QuaRot's H_heads ⊗ H_head_dim, for head counts with no
+Hadamard such as SmolLM2's 9).
+
+An input transform (`down_proj`, `o_proj`) wraps the linear in a `RotatedInput`, so the linear
+itself moves to `<fqn>.linear`; the stage renames the plan entries and points
+`ctx.arch.down_proj` / `ctx.arch.o_proj` there, so later stages (rtn, gptq) find and quantize
+it with the rotated input.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import logging
 from dataclasses import dataclass
 
 from lmpress.kernels.linear import PackedLinear
-from lmpress.quant.rotate import KINDS, ONLINE, norms_fused, rotate_model
+from lmpress.quant.rotate import DEFAULT_ONLINE, KINDS, ONLINE, norms_fused, rotate_model
 
 from lmpress.quant.sim import SimQuantLinear
 
@@ -37,7 +42,7 @@ log = logging.getLogger(__name__)
 class Rotate:
     kind: str = "hadamard"
     seed: int = 0
-    online: tuple[str, ...] = ONLINE
+    online: tuple[str, ...] = DEFAULT_ONLINE
     r2: bool = True
 
     def __post_init__(self) -> None:
@@ -73,7 +78,8 @@ class Rotate:
         wrapped = set(summary["wrapped"])
         if wrapped:
             ctx.plan = {(f"{k}.linear" if k in wrapped else k): v for k, v in ctx.plan.items()}
-            ctx.arch = dataclasses.replace(ctx.arch, down_proj=f"{ctx.arch.down_proj}.linear")
+            moved = {f: f"{getattr(ctx.arch, f)}.linear" for f in ("down_proj", "o_proj") if f in self.online}
+            ctx.arch = dataclasses.replace(ctx.arch, **moved)
         if ctx.report is not None:
             ctx.report.extra["rotation"] = {k: v for k, v in summary.items() if k != "wrapped"}
         log.info("rotate: R1 %s(%d), R2 %s, online %s", self.kind, summary["r1"]["size"], bool(self.r2), list(self.online))
