@@ -21,7 +21,9 @@ small table (unknown devices print n/a).
 CPU (median of wall-clock repeats, `PackedLinear` with LMPRESS_KERNELS=cpu: torch's bf16 int4
 op up to 16 rows (`cpu.SMALL_M`), on-the-fly dequantization + fp32 matmul above): against fp32 and bf16
 `torch.matmul` with the same activations; ratio = matmul time / CPU-path time (> 1: the CPU
-path is faster). Calls above `--max-gflop` are skipped (bf16 matmul is not vectorized for
+path is faster). "warm" times one weight over and over (it sits in cache: flattering for fp32);
+"cold" (M <= 16) rotates over copies of the layer that together exceed the caches, as a decode
+step does when it walks 30 layers (`--cold-mib`). Calls above `--max-gflop` are skipped (bf16 matmul is not vectorized for
 large shapes on AVX2 and a 2048-row LLaMA call takes minutes). The thread count and the load
 average are printed: other processes on the same cores change everything.
 """
@@ -64,7 +66,7 @@ def _packed_weight(N: int, K: int, args, device):
     return pack(q, args.bits), s, (None if args.symmetric else z)
 
 
-def _wall(fn, budget_s: float = 0.5, max_reps: int = 50) -> float:
+def _wall(fn, budget_s: float = 0.5, max_reps: int = 200) -> float:
     fn()
     t0 = time.perf_counter()
     fn()
@@ -78,11 +80,14 @@ def _wall(fn, budget_s: float = 0.5, max_reps: int = 50) -> float:
     return statistics.median(ts) * 1e3  # ms
 
 
-def bench_cpu(models, ms, max_gflop: float) -> None:
+def bench_cpu(models, ms, max_gflop: float, cold_bytes: int) -> None:
+    import copy
+
     import torch
     from torch import nn
 
     from lmpress.kernels.linear import PackedLinear
+    from lmpress.quant.rtn import rtn_quantize
     from lmpress.quant.scheme import QuantScheme
     from lmpress.quant.sim import SimQuantLinear
 
@@ -90,8 +95,10 @@ def bench_cpu(models, ms, max_gflop: float) -> None:
     la = os.getloadavg()
     print(f"CPU: torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} on {os.cpu_count()} cpus")
-    print(f"{'model':10s} {'layer':8s} {'N':>6s} {'K':>6s} {'M':>5s} {'path':14s} {'cpu ms':>9s} {'fp32 ms':>9s} {'bf16 ms':>9s} "
-          f"{'vs fp32':>8s} {'vs bf16':>8s}")
+    print("warm: one weight, resident in cache after the first call; cold (M <= 16): calls rotate over copies "
+          f"holding {cold_bytes / 2**20:.0f} MiB of fp32 weight, so every call streams its weight from memory (decode)")
+    print(f"{'model':10s} {'layer':8s} {'N':>6s} {'K':>6s} {'M':>5s} {'regime':6s} {'path':14s} {'cpu ms':>9s} {'fp32 ms':>9s} "
+          f"{'bf16 ms':>9s} {'vs fp32':>8s} {'vs bf16':>8s}")
     for model in models:
         for layer, N, K in SHAPES[model]:
             args = _weight_args(model, 4)
@@ -100,26 +107,38 @@ def bench_cpu(models, ms, max_gflop: float) -> None:
             with torch.no_grad():
                 lin.weight.normal_(0, 0.02)
             sim = SimQuantLinear(lin, scheme)
-            from lmpress.quant.rtn import rtn_quantize
-
             sim.set_quantized(*rtn_quantize(lin.weight.detach(), args))
             packed = PackedLinear.from_sim(sim)
-            w32 = sim.weight.detach()
-            wbf = w32.bfloat16()
+            w32 = sim.weight.detach().clone()
             del sim, lin
+            copies = max(1, min(64, cold_bytes // (N * K * 4))) if cold_bytes else 0
             for M in ms:
                 if 2 * M * N * K / 1e9 > max_gflop:
                     print(f"{model:10s} {layer:8s} {N:6d} {K:6d} {M:5d} skipped: {2 * M * N * K / 1e9:.0f} GFLOP > --max-gflop {max_gflop:g}")
                     continue
                 x = torch.randn(M, K)
                 xb = x.bfloat16()
-                with torch.no_grad():
-                    t_cpu = _wall(lambda: packed(x))
-                    path = packed.kernel_path.kind
-                    t32 = _wall(lambda: torch.matmul(x, w32.t()))
-                    tbf = _wall(lambda: torch.matmul(xb, wbf.t()))
-                print(f"{model:10s} {layer:8s} {N:6d} {K:6d} {M:5d} {path:14s} {t_cpu:9.3f} {t32:9.3f} {tbf:9.3f} "
-                      f"{t32 / t_cpu:7.2f}x {tbf / t_cpu:7.2f}x", flush=True)
+                regimes = [("warm", [packed], [w32])]
+                if copies and M <= 16:
+                    regimes.append(("cold", [copy.deepcopy(packed) for _ in range(copies)], [w32.clone() for _ in range(copies)]))
+                for regime, mods, ws in regimes:
+                    wbs = [w.bfloat16() for w in ws]
+                    it = {"i": 0}
+
+                    def nxt(seq):
+                        it["i"] = (it["i"] + 1) % len(seq)
+                        return seq[it["i"]]
+
+                    with torch.no_grad():
+                        for m in mods:  # repack every copy before timing
+                            m(x)
+                        t_cpu = _wall(lambda: nxt(mods)(x))
+                        path = next(m.kernel_path.kind for m in mods if m.kernel_path is not None)
+                        t32 = _wall(lambda: torch.matmul(x, nxt(ws).t()))
+                        tbf = _wall(lambda: torch.matmul(xb, nxt(wbs).t()))
+                    print(f"{model:10s} {layer:8s} {N:6d} {K:6d} {M:5d} {regime:6s} {path:14s} {t_cpu:9.3f} {t32:9.3f} {tbf:9.3f} "
+                          f"{t32 / t_cpu:7.2f}x {tbf / t_cpu:7.2f}x", flush=True)
+                    del mods, ws, wbs
     la = os.getloadavg()
     print(f"load average at the end: {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}")
 
@@ -194,6 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--m", default="1,16,128,2048", help="comma-separated row counts")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-gflop", type=float, default=10.0, help="CPU: skip calls above this many GFLOP")
+    ap.add_argument("--cold-mib", type=int, default=128, help="CPU, M <= 16: also time rotating over this much fp32 weight (0: off)")
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     args = ap.parse_args(argv)
     import torch
@@ -209,7 +229,7 @@ def main(argv=None) -> int:
     if device == "cuda":
         bench_cuda(models, ms)
     else:
-        bench_cpu(models, ms, args.max_gflop)
+        bench_cpu(models, ms, args.max_gflop, args.cold_mib << 20)
     return 0
 
 

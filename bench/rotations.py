@@ -20,7 +20,9 @@ Configurations (`--configs`, comma-separated):
   w4a4-rtn      recipe w4a4-rtn: W4A4 (int4 per-channel sym weights, int4 per-token activations), no rotation
   quarot-rtn    recipe w4a4kv4-quarot-rtn: fuse_norms + Hadamard R1/R2 + online R3 (Q/K) and R4 (down_proj), RTN, KV4
   quarot-gptq   recipe w4a4kv4-quarot-gptq: the same with GPTQ (act-order, block 128, damp 0.01)
-  quarot-gptq-nokv  the quarot-gptq recipe without KV-cache quantization (the setting of the peer figure)
+suffixes (any order of the built-in recipe, e.g. quarot-gptq-g64, quarot-gptq-g64-nokv):
+  -g64          weights in groups of 64 (symmetric) instead of per channel (the peer figure's weights)
+  -nokv         no KV-cache quantization (the peer figure's setting)
 lm_head stays in high precision in every configuration.
 """
 from __future__ import annotations
@@ -40,14 +42,17 @@ CONFIGS = {
     "w4a4-rtn": "w4a4-rtn",
     "quarot-rtn": "w4a4kv4-quarot-rtn",
     "quarot-gptq": "w4a4kv4-quarot-gptq",
-    "quarot-gptq-nokv": "w4a4kv4-quarot-gptq",
 }
 LABELS = {
     "base": "base (fp32)",
     "w4a4-rtn": "W4A4 RTN, no rotation",
     "quarot-rtn": "QuaRot-RTN W4A4KV4",
     "quarot-gptq": "QuaRot-GPTQ W4A4KV4",
-    "quarot-gptq-nokv": "QuaRot-GPTQ W4A4 (KV16)",
+}
+# modifiers, appended to a configuration: quarot-gptq-g64-nokv is the peer figure's setting
+MODIFIERS = {
+    "g64": "weights in groups of 64 (symmetric) instead of per channel",
+    "nokv": "no KV-cache quantization",
 }
 DEFAULT_CONFIGS = "base,w4a4-rtn,quarot-rtn,quarot-gptq"
 PEERS = [
@@ -57,26 +62,56 @@ PEERS = [
 ]
 
 
+def parse_config(config: str) -> tuple[str, list[str]]:
+    base, mods = config, []
+    while True:
+        head, _, tail = base.rpartition("-")
+        if head and tail in MODIFIERS:
+            mods.insert(0, tail)
+            base = head
+        else:
+            break
+    if base not in CONFIGS or (base == "base" and mods):
+        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}, with optional suffixes "
+                         f"{', '.join('-' + m for m in MODIFIERS)}")
+    return base, mods
+
+
+def label(config: str) -> str:
+    base, mods = parse_config(config)
+    text = LABELS[base]
+    if "nokv" in mods:
+        text = text.replace("KV4", "") + " (KV16)"
+    if "g64" in mods:
+        text += ", weights g64"
+    return text
+
+
 def recipe_for(config: str):
     from lmpress.compress import Recipe
     from lmpress.compress.stage import STAGES, _load_builtin_stages
 
-    if config not in CONFIGS:
-        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
-    name = CONFIGS[config]
+    base, mods = parse_config(config)
+    name = CONFIGS[base]
     if name is None:
         return None
     _load_builtin_stages()
     if "gptq" in name and "gptq" not in STAGES:
         raise SystemExit(f"{config}: the gptq stage is not registered in this checkout")
     recipe = Recipe.load(name)
-    if config.endswith("-nokv"):
-        data = recipe.to_dict()
-        data["name"] = f"{name}-nokv"
+    if not mods:
+        return recipe
+    data = recipe.to_dict()
+    data["name"] = "-".join([name] + mods)
+    if "nokv" in mods:
         data["kv_cache"] = None
         data["stages"] = [s for s in data["stages"] if "kv_cache" not in s]
-        recipe = Recipe.from_dict(data)
-    return recipe
+    if "g64" in mods:
+        spec = data["schemes"]["re:.*"]
+        spec = {"preset": spec} if isinstance(spec, str) else dict(spec)
+        spec["weights"] = {**(spec.get("weights") or {}), "granularity": "group", "group_size": 64}
+        data["schemes"]["re:.*"] = spec
+    return Recipe.from_dict(data)
 
 
 class _RssSampler:
@@ -148,11 +183,11 @@ def markdown(rows: list[dict], args) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {LABELS.get(r['config'], r['config'])} | {CONFIGS.get(r['config']) or '-'} | error: {r['error']} | | | | |")
+            lines.append(f"| {label(r['config'])} | - | error: {r['error']} | | | | |")
             continue
         peak_c = f"{r['peak_compress_mib']:.0f}" if "peak_compress_mib" in r else "-"
         lines.append(
-            f"| {LABELS.get(r['config'], r['config'])} | {r['recipe'] or '-'} | {r['ppl']:.2f} | {r['compress_s']:.1f} | "
+            f"| {label(r['config'])} | {r['recipe'] or '-'} | {r['ppl']:.2f} | {r['compress_s']:.1f} | "
             f"{r['peak_rss_mib']:.0f} | {peak_c} | {r['eval_s']:.0f} |"
         )
     lines += ["", "Peer figures (same model and windows, from the issue):", ""]
@@ -162,7 +197,8 @@ def markdown(rows: list[dict], args) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated, from: {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help=f"comma-separated, from: {', '.join(CONFIGS)}; suffixes: " + ", ".join(f"-{k} ({v})" for k, v in MODIFIERS.items()))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--windows", type=int, default=64, help="eval windows (default 64)")
     p.add_argument("--seqlen", type=int, default=512, help="eval window length (default 512)")
@@ -185,8 +221,7 @@ def main(argv=None) -> None:
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:
-        if c not in CONFIGS:
-            raise SystemExit(f"unknown configuration {c!r}; known: {', '.join(CONFIGS)}")
+        parse_config(c)
     rows = []
     for c in configs:
         cmd = [sys.executable, os.path.abspath(__file__), "--only", c, "--model", args.model, "--windows", str(args.windows),

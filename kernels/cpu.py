@@ -9,32 +9,35 @@ What torch 2.13 provides, and what it asks for (checked numerically in tests/tes
   {32, 64, 128, 256}, K % G == 0, ``sz`` (K/G, N, 2) in x's dtype. Our ``(q - z) * s`` maps to
   scale ``s`` and zero ``-z * s`` (exact for symmetric weights, z = 0).
 - ``torch._weight_int8pack_mm(x, w, scales)``: x @ (w * scales[:, None])^T, w int8 (N, K);
-  it crashes (segfault) unless K % 8 == 0, so K is padded to a multiple of 16 here.
+  it crashes (segfault) unless K % 8 == 0, so K is padded to a multiple of 16 here. The real
+  per-channel scales are applied in fp32 after it (it gets unit bf16 scales).
 
 Both are vectorized (AVX2 / AVX512) for bfloat16 activations only; their float32 and float16
-variants are scalar loops, 15-50x slower than an fp32 matmul on this machine. So the fast path
-runs the op in bfloat16 for float32 and bfloat16 models (float16 activations use the
-reference):
+variants are scalar loops, 15-50x slower than an fp32 matmul on this machine. So, for up to
+`SMALL_M` rows (decode), weight-only schemes (W4A16, W8A16) run the op in bfloat16 for float32
+and bfloat16 models:
 
 - per-channel / per-tensor weights: the op gets unit scales (and the exact integer zero point
   ``-z``), so it returns ``bf16(sum_k x_k (q - z))``; the fp32 scale is applied afterwards.
 - group-wise weights: scale and ``-z * s`` rounded to bfloat16 (relative 2^-9).
-- quantized activations (W4A8, W4A4, W8A8): the per-token codes (from the torch reference
-  `act_quant_ref`, so identical to the simulation's) go in as bfloat16 (exact: |q| <= 128)
-  and the token scale is applied in fp32 afterwards. The only rounding then is the op's
-  bfloat16 output (relative 2^-9), plus the input's rounding to bf16 for weight-only schemes.
 
-This is bfloat16 arithmetic: close to the simulation, not bit-identical (SmolLM2-135M W4A16
-g64: one-token logits ~2e-2 relative after 30 layers; perplexity +0.13% on 16 x 512 wiki
-windows with the op forced on every row; tiny layers in tests ~1e-3). Above `SMALL_M` rows
-(prefill, perplexity) the op loses to an fp32 matmul, and there the path dequantizes the
-weight on the fly (`dequantize_fast`, bit-identical to `dequantize`) and runs F.linear, which
-is exact with respect to the simulation. Nothing dequantized is kept between calls: the
-module holds its packed buffers plus the repacked copy (int4: N*K/2 bytes; int8: N*K).
+That is bfloat16 arithmetic (x rounded to bf16, one bf16 output rounding): close to the
+simulation, not bit-identical. SmolLM2-135M W4A16 g64: one-token logits ~2e-2 relative after
+30 layers, perplexity +0.13% on 16 x 512 wiki windows with the op forced on every row.
 
-Not served (the caller falls back to the reference): 2- and 3-bit weights, group sizes that
-are not multiples of 32 (the op's groups must nest in ours), asymmetric or group-wise 8-bit
-weights, float16 activations.
+Everything else takes ``dequant``: the weight is dequantized on the fly (`dequantize_fast`,
+bit-identical to `dequantize`), activations are fake-quantized by the torch reference, and
+F.linear runs in the model's dtype, which reproduces the simulation exactly. That is the path
+above `SMALL_M` rows (prefill, perplexity: there the op loses to an fp32 matmul anyway) and,
+at every size, for schemes that quantize activations (W4A4, W4A8, W8A8): codes rounded from
+bf16-perturbed inputs differ from the simulation's, and a 4-bit code that flips is a large
+error (un-rotated SmolLM2 W4A4 RTN: +8.6% perplexity with the op, 0.00% with dequant); the
+integer alternative, ``torch._int_mm``, is exact but 8-35x slower than fp32 here. Also
+``dequant``: 2- and 3-bit weights, group sizes that are not multiples of 32 (the op's groups
+must nest in ours), asymmetric or group-wise 8-bit weights, float16 activations.
+
+Nothing dequantized is kept between calls: a module holds its packed buffers plus, on the op
+path, the repacked copy (int4: N*K/2 bytes; int8: N*K bytes).
 """
 from __future__ import annotations
 
@@ -43,36 +46,46 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmpress.quant.primitives import dequantize, expand_qparam
+from lmpress.quant.primitives import dequantize
 from lmpress.quant.scheme import QuantArgs
 
 from .formats import unsigned_codes
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
 SMALL_M = 16  # rows up to which the bf16 weight-only ops beat dequantize + fp32 matmul (measured: 1536x576, 576x1536)
-MIN_FAST_WEIGHTS = 1 << 16  # `auto` uses the fast path only for layers at least this big
+# `auto` sends smaller layers to the (cached fp32) reference: below this the int4 op's fixed cost
+# (~0.1 ms a call here) exceeds a streamed fp32 GEMV (SmolLM2's 192x576 k/v: 0.10 ms against 0.05 ms
+# cold at one row), and their fp32 copies are small (SmolLM2: 25 MiB of 405; the model stays < 40%)
+MIN_FAST_WEIGHTS = 1 << 17
 FAST_DTYPES = (torch.float32, torch.bfloat16)
+# the C binding skips torch.ops' Python overload resolution (~5-10 us a call, ~200 calls a token)
+_INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def plan(weights: QuantArgs, x_dtype: torch.dtype) -> tuple[str | None, str]:
-    """(kind, why): kind ``int4pack`` / ``int8pack``, or None with the reason it does not fit."""
+def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> tuple[str, str]:
+    """(kind, why) for up to `SMALL_M` rows: ``int4pack`` / ``int8pack`` (torch's bf16 weight-only
+    ops), or ``dequant`` (exact: on-the-fly dequantization + F.linear) with the reason the ops
+    do not fit. Above `SMALL_M` rows every layer takes ``dequant``."""
+    if inputs is not None:
+        return "dequant", ("quantized activations: the bf16 op's output rounding would move the next layer's "
+                           "activation codes; exact fake-quant + fp32 GEMM instead")
     if x_dtype not in FAST_DTYPES:
-        return None, f"{x_dtype} activations: torch's CPU int4/int8 kernels are vectorized for bfloat16 only"
+        return "dequant", f"{x_dtype} activations: torch's CPU int4/int8 kernels are vectorized for bfloat16 only"
     if weights.bits == 4:
         if weights.granularity == "group" and not any(weights.group_size % g == 0 for g in INT4_GROUPS):
-            return None, f"group size {weights.group_size} is not a multiple of 32 (the int4 op's groups are 32/64/128/256)"
+            return "dequant", f"group size {weights.group_size} is not a multiple of 32 (the int4 op's groups are 32/64/128/256)"
         return "int4pack", ""
     if weights.bits == 8:
         if weights.granularity == "group":
-            return None, "group-wise 8-bit weights: the int8 op takes one scale per output channel"
+            return "dequant", "group-wise 8-bit weights: the int8 op takes one scale per output channel"
         if not weights.symmetric:
-            return None, "asymmetric 8-bit weights: the int8 op has no zero point"
+            return "dequant", "asymmetric 8-bit weights: the int8 op has no zero point"
         return "int8pack", ""
-    return None, f"{weights.bits}-bit weights: no torch CPU kernel (only 4 and 8 bits)"
+    return "dequant", f"{weights.bits}-bit weights: no torch CPU kernel (only 4 and 8 bits)"
 
 
 @dataclass
@@ -154,28 +167,26 @@ def _pad_k(x2: torch.Tensor, k_pad: int) -> torch.Tensor:
     return x2 if x2.shape[1] == k_pad else F.pad(x2, (0, k_pad - x2.shape[1]))
 
 
-def linear_small_m(x2: torch.Tensor, prep: Int4Pack | Int8Pack, row_scale: torch.Tensor | None,
-                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """(M, K) float activations (or integer codes, with their fp32 `row_scale` (M,)) -> (M, N).
+def linear_small_m(x2: torch.Tensor, prep: Int4Pack | Int8Pack, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """(M, K) float activations -> (M, N) through the bf16 op.
 
     Decode calls this ~200 times a token, so it issues as few torch ops as it can: cast in,
-    the op, cast out (plus the fp32 scale / bias multiplies where the scheme has them)."""
+    the op, cast out (plus the fp32 per-channel scale and bias where the layer has them)."""
     xb = x2.to(torch.bfloat16)
     if xb.shape[1] != prep.k_padded:
         xb = F.pad(xb, (0, prep.k_padded - xb.shape[1]))
     if isinstance(prep, Int4Pack):
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, prep.weight, prep.group, prep.scale_zero)
+        y = _INT4_MM(xb, prep.weight, prep.group, prep.scale_zero)
         if y.shape[1] != prep.out_features:
             y = y[:, : prep.out_features]
     else:
         y = torch._weight_int8pack_mm(xb, prep.weight, prep.ones)
-    if prep.col_scale is None and row_scale is None and bias is None:
+    if prep.col_scale is None and bias is None:
         return y.to(out_dtype)
     y = y.float()
     if prep.col_scale is not None:
         y = y * prep.col_scale
-    if row_scale is not None:
-        y = y * row_scale.reshape(-1, 1)
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
@@ -207,6 +218,35 @@ def dequantize_fast(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     else:
         w.sub_(zo).mul_(s)  # (N|1, 1) broadcast
     return w if dtype == torch.float32 else w.to(dtype)
+
+
+CHUNK_BYTES = 1 << 21  # fp32 bytes of weight dequantized at a time on the dequant path
+
+
+def linear_dequant(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                   args: QuantArgs, in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, dequantize(W), bias) with W dequantized on the fly and dropped afterwards.
+
+    Layers up to ~CHUNK_BYTES of fp32 weight: one `dequantize_fast` and the very F.linear the
+    simulation runs (bit-identical to it). Larger ones: blocks of output channels, so the
+    dequantized block stays in cache and no layer-sized buffer is faulted in per call
+    (LLaMA-7B 4096x4096 at 128 rows: 147 ms against 232 ms whole and 130 ms for the bare fp32
+    matmul); equal to the simulation within fp32 summation order.
+    """
+    K, N = int(in_features), packed.shape[0]
+    rows = max(64, CHUNK_BYTES // (4 * max(K, 1)))
+    if N <= rows:
+        return F.linear(x, dequantize_fast(packed, scale, zero, args, K, x.dtype), bias)
+    x2 = x.reshape(-1, K)
+    y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
+    per_row = scale.shape[0] != 1
+    for n0 in range(0, N, rows):
+        sl = slice(n0, min(N, n0 + rows))
+        s = scale[sl] if per_row else scale
+        z = zero[sl] if zero is not None and per_row else zero
+        w = dequantize_fast(packed[sl], s, z, args, K, x.dtype)
+        y[:, sl] = F.linear(x2, w, None if bias is None else bias[sl])
+    return y.view(*x.shape[:-1], N)
 
 
 def reference_weight(packed, scale, zero, args, in_features, dtype):

@@ -6,13 +6,15 @@ Backends (`LMPRESS_KERNELS`, read on every call so tests can flip it):
   to profit (see `lmpress.kernels.cpu.MIN_FAST_WEIGHTS`), else ``ref``.
 - ``ref``: the torch reference (unpack + dequantize + F.linear), the oracle every path is tested
   against; bit-identical to the simulated model.
-- ``cpu``: the CPU fast path (torch's int4/int8 weight-only GEMMs on repacked weights), for every
-  layer it supports, whatever its size.
+- ``cpu``: the CPU path (`lmpress.kernels.cpu`: torch's bf16 int4/int8 weight-only GEMMs on
+  repacked weights for decode-sized calls, exact on-the-fly dequantization otherwise), for every
+  layer whatever its size; it keeps no dequantized copy.
 - ``triton``: the Triton kernels; on CPU tensors they run through Triton's interpreter (slow:
   tests only).
 
-A module that a backend cannot serve falls back (triton -> ref, cpu -> ref) and records why in
-its ``kernel_path`` attribute; `describe(model)` collects those.
+What a Triton kernel cannot serve (3-bit weights) takes the reference; what torch's CPU ops
+cannot serve takes the CPU path's dequantization. Each module records what it ran, and why
+when it is a fallback, in its ``kernel_path`` attribute; `describe(model)` collects those.
 
 Triton on CPU: `@triton.jit` decides at decoration time whether it makes a compiled
 (`JITFunction`) or an interpreted function, from ``TRITON_INTERPRET``, and so does every
@@ -24,6 +26,7 @@ refuse CPU tensors with that instruction otherwise (tests re-run themselves in a
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -52,6 +55,7 @@ class Path:
         return self.kind + (f" ({self.reason})" if self.reason else "")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

@@ -10,11 +10,13 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
   per-token activation schemes with per-channel/per-tensor symmetric 4/8-bit weights through
   `act_quant` + the integer GEMM (`w4a4_gemm`: W4A4, W4A8, W8A8); other activation schemes
   through `act_quant` (fake-quant) + `w4a16_gemm`; 3-bit weights through the reference.
-- CPU -> `lmpress.kernels.cpu` (torch's int4/int8 weight-only ops in bfloat16 on a repacked
-  copy for up to `cpu.SMALL_M` rows; on-the-fly dequantization + F.linear above), for layers of
-  at least `cpu.MIN_FAST_WEIGHTS` weights under ``auto``; smaller ones, and what the CPU ops
-  cannot serve, take the reference.
-- the reference (``LMPRESS_KERNELS=ref``, and every fallback): unpack + dequantize + F.linear,
+- CPU -> `lmpress.kernels.cpu`, for layers of at least `cpu.MIN_FAST_WEIGHTS` weights under
+  ``auto`` (smaller ones take the cached reference): weight-only 4/8-bit schemes run torch's
+  int4/int8 ops in bfloat16 on a repacked copy for up to `cpu.SMALL_M` rows (decode); larger
+  calls, activation-quantized schemes and whatever the ops cannot serve dequantize on the fly
+  and run F.linear (exact, nothing kept).
+- the reference (``LMPRESS_KERNELS=ref``, small layers under ``auto``, autograd, and Triton's
+  fallbacks): unpack + dequantize + F.linear,
   bit-identical to SimQuantLinear. By default it keeps the dequantized weight after the first
   forward (keyed on the buffers' identity and version, so a reload invalidates it): speed of
   fp32 at the memory cost of fp32. `cache_weight = False` dequantizes on every call instead.
@@ -32,7 +34,7 @@ from lmpress.quant.scheme import QuantScheme
 from lmpress.quant.sim import SimQuantLinear
 
 from . import cpu
-from .dispatch import Path, requested_backend
+from .dispatch import Path, requested_backend, triton_available
 from .formats import pack, packed_cols, unpack
 
 
@@ -101,6 +103,8 @@ class PackedLinear(nn.Module):
         backend = requested_backend()
         if backend == "auto":
             if x.is_cuda:
+                if not triton_available():
+                    return self._forward_ref(x, "triton is not installed")
                 backend = "triton"
             elif x.device.type == "cpu" and self.out_features * self.in_features >= cpu.MIN_FAST_WEIGHTS:
                 backend = "cpu"
@@ -130,33 +134,21 @@ class PackedLinear(nn.Module):
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return self._forward_ref(x, f"the CPU path needs CPU tensors, got {x.device}")
-        kind, why = cpu.plan(self.scheme.weights, x.dtype)
-        if kind is None:
-            return self._forward_ref(x, why)
-        inputs = self.scheme.inputs
-        if inputs is not None and not (inputs.granularity == "token" and inputs.symmetric and inputs.bits in (4, 8)):
-            return self._forward_ref(x, f"activation scheme {inputs.granularity}/{'sym' if inputs.symmetric else 'asym'}: the CPU path takes per-token symmetric codes")
         K, N = self.in_features, self.out_features
-        x2 = x.reshape(-1, K)
+        x2 = x.view(-1, K) if x.is_contiguous() else x.reshape(-1, K)
         M = x2.shape[0]
         if M == 0:
             return self._forward_ref(x, "no rows")
-        if M > cpu.SMALL_M:  # prefill: exact, nothing kept
-            self._note("cpu-dequant", f"{M} rows > {cpu.SMALL_M}")
+        inputs = self.scheme.inputs
+        kind, why = cpu.plan(self.scheme.weights, inputs, x.dtype)
+        if kind == "dequant" or M > cpu.SMALL_M:  # exact: the simulation's operations, nothing kept
+            self._note("cpu-dequant", why or f"{M} rows > {cpu.SMALL_M}")
             xin = fake_quantize(x, inputs) if inputs is not None else x
-            w = cpu.dequantize_fast(self.weight_packed, self.weight_scale, self.weight_zero_point,
-                                    self.scheme.weights, K, x.dtype)
-            return F.linear(xin, w, self.bias)
+            return cpu.linear_dequant(xin, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                      self.scheme.weights, K, self.bias)
         self._note("cpu-" + kind)
-        prep = self._cpu_prep(kind)
-        if inputs is not None:
-            from .act_quant import act_quant_ref
-
-            codes, row_scale = act_quant_ref(x2, inputs.bits, inputs.clip_ratio)
-            y = cpu.linear_small_m(codes, prep, row_scale, self.bias, x.dtype)
-        else:
-            y = cpu.linear_small_m(x2, prep, None, self.bias, x.dtype)
-        return y.reshape(*x.shape[:-1], N)
+        y = cpu.linear_small_m(x2, self._cpu_prep(kind), self.bias, x.dtype)
+        return y.view(*x.shape[:-1], N)
 
     def _buffers_key(self) -> tuple:
         b = self._buffers  # direct: nn.Module.__getattr__ costs microseconds, ~200 calls a token

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmpress.kernels import cpu
@@ -92,6 +93,17 @@ def test_dequantize_fast_is_bit_identical(args, K):
         assert torch.equal(cpu.dequantize_fast(p, s, z, args, K, dtype), cpu.reference_weight(p, s, z, args, K, dtype))
 
 
+@pytest.mark.parametrize("args,bias", [(_w(4, 64, sym=False), True), (_w(8), False), (_w(4, gran="tensor", sym=False), True)])
+def test_linear_dequant_in_blocks_matches(args, bias, monkeypatch):
+    p, s, z = _quantized(200, 96, args)
+    b = _x(200, seed=3) if bias else None
+    x = _x(2, 20, 96)
+    whole = F.linear(x, cpu.reference_weight(p, s, z, args, 96, torch.float32), b)
+    assert torch.equal(cpu.linear_dequant(x, p, s, z, args, 96, b), whole)  # one block: the same F.linear
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 64 * 96 * 4)  # blocks of 64 output channels
+    assert _rel(cpu.linear_dequant(x, p, s, z, args, 96, b), whole) < 1e-6
+
+
 @pytest.mark.parametrize("args,N,K", [
     (_w(4, 64, sym=False), 48, 256),  # exact fit
     (_w(4, 128), 40, 200),  # N and K padded, partial last group
@@ -116,29 +128,33 @@ def test_int4pack_conversion_matches_our_dequantize(args, N, K):
         assert (w_op - ours).abs().max().item() <= 4 * torch.finfo(torch.float32).eps * ours.abs().max().item()
 
 
-CPU_SCHEMES = {
-    "W4A16-g64-asym": QuantScheme(weights=_w(4, 64, sym=False)),
-    "W4A16-g128-partial": W4A16,
-    "W4A8": W4A8,
-    "W4A4-clip": QuantScheme(weights=_w(4), inputs=A4_CLIP),
-    "W4-asym-g32-A8": QuantScheme(weights=_w(4, 32, sym=False), inputs=A8),
-    "W8A8": W8A8,
-    "W8A16": QuantScheme(weights=_w(8)),
+CPU_SCHEMES = {  # name: (scheme, path for a few rows)
+    "W4A16-g64-asym": (QuantScheme(weights=_w(4, 64, sym=False)), "cpu-int4pack"),
+    "W4A16-g128-partial": (W4A16, "cpu-int4pack"),  # N and K padded for the op
+    "W4-channel-asym": (QuantScheme(weights=_w(4, sym=False)), "cpu-int4pack"),
+    "W8A16": (QuantScheme(weights=_w(8)), "cpu-int8pack"),
+    "W4A8": (W4A8, "cpu-dequant"),
+    "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-dequant"),
+    "W8A8": (W8A8, "cpu-dequant"),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(CPU_SCHEMES))
 def test_cpu_path_matches_reference(name, dtype, monkeypatch):
-    sim = _sim(CPU_SCHEMES[name], 200, 40, dtype=dtype)
+    scheme, kind = CPU_SCHEMES[name]
+    sim = _sim(scheme, 200, 40, dtype=dtype)
     packed = PackedLinear.from_sim(sim)
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
     with torch.no_grad():
-        x1 = _x(3, 200, dtype=dtype)  # decode regime: torch's bf16 int4/int8 op
+        x1 = _x(3, 200, dtype=dtype)  # decode regime
         y1 = packed(x1)
-        assert packed.kernel_path.kind in ("cpu-int4pack", "cpu-int8pack"), packed.kernel_path
+        assert packed.kernel_path.kind == kind, packed.kernel_path
         assert y1.dtype == dtype
-        assert _rel(y1, sim(x1)) < 1e-2  # bfloat16 arithmetic (one output rounding, bf16 qparams)
+        if kind == "cpu-dequant":
+            assert torch.equal(y1, sim(x1))  # activation-quantized: exactly the simulation
+        else:
+            assert _rel(y1, sim(x1)) < 1e-2  # bfloat16 arithmetic (input and output rounding, bf16 qparams)
         x2 = _x(2, 9, 200, dtype=dtype)  # 18 rows > SMALL_M: on-the-fly dequantization, exact
         y2 = packed(x2)
         assert packed.kernel_path.kind == "cpu-dequant"
@@ -151,22 +167,27 @@ def test_cpu_path_matches_reference(name, dtype, monkeypatch):
     (QuantScheme(weights=_w(2, 64, sym=False)), "2-bit"),
     (QuantScheme(weights=_w(4, 16, sym=False)), "multiple of 32"),
     (QuantScheme(weights=_w(8, sym=False)), "asymmetric 8-bit"),
+    (QuantScheme(weights=_w(8, 32)), "group-wise 8-bit"),
 ])
-def test_cpu_path_falls_back_with_a_reason(scheme, why, monkeypatch):
+def test_cpu_path_dequantizes_what_the_ops_do_not_fit(scheme, why, monkeypatch):
     sim = _sim(scheme, 128, 32)
     packed = PackedLinear.from_sim(sim)
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
     x = _x(1, 128)
-    assert torch.equal(packed(x), sim(x))
-    assert packed.kernel_path.kind == "ref" and why in packed.kernel_path.reason
+    with torch.no_grad():
+        assert torch.equal(packed(x), sim(x))
+    assert packed.kernel_path.kind == "cpu-dequant" and why in packed.kernel_path.reason
+    assert packed._cached is None and packed._fast is None
 
 
-def test_cpu_path_float16_falls_back(monkeypatch):
+def test_cpu_path_float16_dequantizes(monkeypatch):
     sim = _sim(W4A16, 128, 32, dtype=torch.float16)
     packed = PackedLinear.from_sim(sim)
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
     x = _x(1, 128, dtype=torch.float16)
-    assert torch.equal(packed(x), sim(x)) and "bfloat16 only" in packed.kernel_path.reason
+    with torch.no_grad():
+        assert torch.equal(packed(x), sim(x))
+    assert "bfloat16 only" in packed.kernel_path.reason
 
 
 def test_cpu_path_holds_no_fp32_copy(monkeypatch):
