@@ -72,6 +72,16 @@ class Rotation:
         return {"kind": self.kind, "size": self.n, "seed": self.seed}
 
 
+class Given(Rotation):
+    """An offline rotation from a given orthogonal matrix (e.g. a learned R1)."""
+
+    def __init__(self, Q: torch.Tensor, device=None):
+        if Q.dim() != 2 or Q.shape[0] != Q.shape[1]:
+            raise ValueError(f"a rotation must be a square matrix, got shape {tuple(Q.shape)}")
+        self.n, self.kind, self.seed = Q.shape[0], "given", None
+        self.Q = Q.detach().to(device=device, dtype=torch.float64)
+
+
 def sub_seed(seed: int, tag: str, *index: int) -> int:
     """A stable per-use seed (e.g. R4 of layer i, R2 of layer i's KV head h) derived from the
     recipe's seed."""
@@ -189,8 +199,14 @@ def rotate_model(
     seed: int = 0,
     online: Iterable[str] = DEFAULT_ONLINE,
     r2: bool = True,
+    r1_matrix: torch.Tensor | None = None,
+    r2_matrices: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Apply R1 (+ R2, + online R3/R4 as asked) to a model whose norms are fused. In place.
+
+    `r1_matrix` (hidden, hidden) and `r2_matrices` (one (head_dim, head_dim) per layer, shared
+    by its KV heads) replace the seeded R1/R2 with given orthogonal matrices (learned ones,
+    `lmpress.quant.spinquant`); the online transforms still come from `seed`.
 
     Returns a summary: {"r1": spec, "r2": spec | None, "online": [{"where", "apply", spec...}],
     "wrapped": [fqn of every linear moved into a RotatedInput, now at fqn + ".linear"]}.
@@ -213,6 +229,10 @@ def rotate_model(
     head = _plain_linear(model.get_submodule(arch.lm_head), arch.lm_head)
     device = embed.weight.device
     R1 = Rotation(hidden, kind, seed, device=device)
+    if r1_matrix is not None:
+        R1 = Given(r1_matrix, device)
+    if r2_matrices is not None and (not r2 or len(r2_matrices) != len(arch.decoder_layers(model))):
+        raise ValueError(f"r2_matrices: one matrix per decoder layer is needed ({len(arch.decoder_layers(model))}), and r2=True")
 
     work = _Fused()
     work.set(embed.weight, R1.right(work.get(embed.weight)))  # rows of E are residual vectors
@@ -246,7 +266,10 @@ def rotate_model(
         head_dim = getattr(attn, "head_dim", None) or hidden // n_heads
         if r2:
             seeds = [sub_seed(seed, "r2", i, h) for h in range(n_kv)]
-            R2s = torch.stack([rotation_matrix(head_dim, kind, s2) for s2 in seeds]).to(device)  # (kv heads, d, d)
+            if r2_matrices is not None:
+                R2s = r2_matrices[i].detach().to(device, torch.float64).expand(n_kv, head_dim, head_dim)  # (kv heads, d, d)
+            else:
+                R2s = torch.stack([rotation_matrix(head_dim, kind, s2) for s2 in seeds]).to(device)  # (kv heads, d, d)
             Wv = work.get(v.weight).reshape(n_kv, head_dim, -1)  # (kv heads, d, hidden)
             work.set(v.weight, torch.matmul(R2s.transpose(1, 2), Wv).reshape(n_kv * head_dim, -1))
             if v.bias is not None:
@@ -274,7 +297,8 @@ def rotate_model(
             qk_transforms[i] = OnlineHadamard(head_dim, sub_seed(seed, "r3", i)).to(device)
             summary["online"].append({"where": f"{prefix}.{arch.q_proj.rpartition('.')[0]}", "apply": "qk", **qk_transforms[i].spec()})
     if r2_seeds:
-        summary["r2"] = {"kind": kind, "size": head_dim, "seeds": r2_seeds}
+        summary["r2"] = ({"kind": "given", "size": head_dim} if r2_matrices is not None
+                         else {"kind": kind, "size": head_dim, "seeds": r2_seeds})
     if qk_transforms:
         attach_attention(model, arch, qk=qk_transforms)
     return summary

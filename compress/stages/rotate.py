@@ -50,36 +50,53 @@ class Rotate:
             raise ValueError(f"rotate.kind={self.kind!r}: use one of {list(KINDS)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"rotate.seed={self.seed!r} must be a non-negative integer")
-        online = self.online
-        if online is None:
-            online = ()
-        if isinstance(online, str) or not isinstance(online, (list, tuple)):
-            raise ValueError(f"rotate.online={online!r} must be a list drawn from {list(ONLINE)} (e.g. [down_proj, qk]) or []")
-        bad = [o for o in online if o not in ONLINE]
-        if bad:
-            raise ValueError(f"rotate.online: unknown entr(y/ies) {bad}; allowed: {list(ONLINE)}")
-        if len(set(online)) != len(online):
-            raise ValueError(f"rotate.online={list(online)} lists an entry twice")
-        object.__setattr__(self, "online", tuple(online))
+        object.__setattr__(self, "online", check_online("rotate", self.online, ONLINE))
         if not isinstance(self.r2, bool):
             raise ValueError(f"rotate.r2={self.r2!r} must be true or false")
 
     def apply(self, model, ctx) -> None:
-        quantized = [n for n, m in model.named_modules() if isinstance(m, (SimQuantLinear, PackedLinear))]
-        if quantized:
-            raise ValueError(
-                f"rotate must run before quantization: {quantized[0]} is already a {type(model.get_submodule(quantized[0])).__name__}; "
-                "put `- rotate: {...}` before rtn/gptq in the recipe's stages"
-            )
-        if not norms_fused(model, ctx.arch):
-            log.info("rotate: norms not fused yet; running fuse_norms first")
-            fuse_model_norms(model, ctx)
+        check_unquantized(model, "rotate")
+        prepare_norms(model, ctx, "rotate")
         summary = rotate_model(model, ctx.arch, kind=self.kind, seed=self.seed, online=self.online, r2=self.r2)
-        wrapped = set(summary["wrapped"])
-        if wrapped:
-            ctx.plan = {(f"{k}.linear" if k in wrapped else k): v for k, v in ctx.plan.items()}
-            moved = {f: f"{getattr(ctx.arch, f)}.linear" for f in ("down_proj", "o_proj") if f in self.online}
-            ctx.arch = dataclasses.replace(ctx.arch, **moved)
-        if ctx.report is not None:
-            ctx.report.extra["rotation"] = {k: v for k, v in summary.items() if k != "wrapped"}
+        record_rotation(ctx, summary, self.online)
         log.info("rotate: R1 %s(%d), R2 %s, online %s", self.kind, summary["r1"]["size"], bool(self.r2), list(self.online))
+
+
+def check_online(stage: str, online, allowed) -> tuple[str, ...]:
+    if online is None:
+        online = ()
+    if isinstance(online, str) or not isinstance(online, (list, tuple)):
+        raise ValueError(f"{stage}.online={online!r} must be a list drawn from {list(allowed)} (e.g. [down_proj, qk]) or []")
+    bad = [o for o in online if o not in allowed]
+    if bad:
+        raise ValueError(f"{stage}.online: unknown entr(y/ies) {bad}; allowed: {list(allowed)}")
+    if len(set(online)) != len(online):
+        raise ValueError(f"{stage}.online={list(online)} lists an entry twice")
+    return tuple(online)
+
+
+def check_unquantized(model, stage: str) -> None:
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (SimQuantLinear, PackedLinear))]
+    if quantized:
+        raise ValueError(
+            f"{stage} must run before quantization: {quantized[0]} is already a {type(model.get_submodule(quantized[0])).__name__}; "
+            f"put `- {stage}: {{...}}` before rtn/gptq in the recipe's stages"
+        )
+
+
+def prepare_norms(model, ctx, stage: str) -> None:
+    if not norms_fused(model, ctx.arch):
+        log.info("%s: norms not fused yet; running fuse_norms first", stage)
+        fuse_model_norms(model, ctx)
+
+
+def record_rotation(ctx, summary: dict, online) -> None:
+    """Point the plan and ctx.arch at the linears that moved into RotatedInput wrappers, and
+    record the rotation in the report."""
+    wrapped = set(summary["wrapped"])
+    if wrapped:
+        ctx.plan = {(f"{k}.linear" if k in wrapped else k): v for k, v in ctx.plan.items()}
+        moved = {f: f"{getattr(ctx.arch, f)}.linear" for f in ("down_proj", "o_proj") if f in online}
+        ctx.arch = dataclasses.replace(ctx.arch, **moved)
+    if ctx.report is not None:
+        ctx.report.extra["rotation"] = {k: v for k, v in summary.items() if k != "wrapped"}

@@ -1,0 +1,73 @@
+"""Stage `learn_rotation`: SpinQuant-style learned R1 (residual) and per-layer R2 (per head),
+trained with Cayley SGD on the calibration data under the recipe's own weight and activation
+fake-quant, then fused offline exactly like `rotate` (with the same online R3/R4 Hadamards);
+see `lmpress.quant.spinquant`.
+
+```yaml
+- learn_rotation: {steps: 100, lr: 1.5, momentum: 0.9, batch_size: 1, samples: null,
+                   loss: ce, r2: true, init: hadamard, seed: 0, online: [down_proj, qk]}
+```
+`samples`: calibration sequences used (null: all of them, cycled over the steps); `loss`: `ce`
+(next-token cross entropy) or `kl` (to the float model's logits); `init`: the seeded starting
+point (a randomized Hadamard, as in SpinQuant, or a random orthogonal matrix). It takes the
+place of `rotate` in a recipe: before `kv_cache` and the quantization stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from lmpress.quant.rotate import DEFAULT_ONLINE, rotate_model
+from lmpress.quant.spinquant import LearnArgs, learn_rotations, orthogonality_error
+
+from ..stage import register_stage
+from .rotate import check_online, check_unquantized, prepare_norms, record_rotation
+
+log = logging.getLogger(__name__)
+
+LEARN_ONLINE = ("down_proj", "qk")
+
+
+@register_stage("learn_rotation", needs_calibration=True)
+@dataclass(frozen=True)
+class LearnRotation:
+    steps: int = 100
+    lr: float = 1.5
+    momentum: float = 0.9
+    batch_size: int = 1
+    samples: int | None = None
+    loss: str = "ce"
+    r2: bool = True
+    init: str = "hadamard"
+    seed: int = 0
+    online: tuple[str, ...] = DEFAULT_ONLINE
+
+    def __post_init__(self) -> None:
+        self.args()  # validates
+        object.__setattr__(self, "online", check_online("learn_rotation", self.online, LEARN_ONLINE))
+
+    def args(self) -> LearnArgs:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LearnArgs)}
+        return LearnArgs(**fields)
+
+    def apply(self, model, ctx) -> None:
+        check_unquantized(model, "learn_rotation")
+        if ctx.calib is None:
+            raise ValueError("learn_rotation needs calibration data (pass calib=sample_calibration(...))")
+        prepare_norms(model, ctx, "learn_rotation")
+        learned = learn_rotations(model, ctx.arch, ctx.plan, ctx.calib.tokens, self.args(),
+                                  online_down="down_proj" in self.online)
+        err = max([orthogonality_error(learned["r1"])] + [orthogonality_error(r) for r in learned["r2"] or []])
+        summary = rotate_model(model, ctx.arch, kind=self.init, seed=self.seed, online=self.online, r2=self.r2,
+                               r1_matrix=learned["r1"], r2_matrices=learned["r2"])
+        summary["r1"] = {"kind": "learned", "size": summary["r1"]["size"], "init": self.init, "seed": self.seed}
+        record_rotation(ctx, summary, self.online)
+        if ctx.report is not None:
+            ctx.report.extra["learn_rotation"] = {
+                "steps": self.steps, "seconds": round(learned["seconds"], 1), "init_loss": learned["init_loss"],
+                "final_loss": learned["final_loss"], "orthogonality_error": err,
+                "losses": [round(x, 4) for x in learned["losses"]],
+            }
+        log.info("learn_rotation: loss %.4f -> %.4f in %d steps (%.0f s), max |R Rt - I| %.1e",
+                 learned["init_loss"], learned["final_loss"], self.steps, learned["seconds"], err)
