@@ -20,6 +20,7 @@ Configurations (`--configs`, comma-separated):
   w4a4-rtn      recipe w4a4-rtn: W4A4 (int4 per-channel sym weights, int4 per-token activations), no rotation
   quarot-rtn    recipe w4a4kv4-quarot-rtn: fuse_norms + Hadamard R1/R2 + online R3 (Q/K) and R4 (down_proj), RTN, KV4
   quarot-gptq   recipe w4a4kv4-quarot-gptq: the same with GPTQ (act-order, block 128, damp 0.01)
+  spinquant-gptq  recipe w4a4kv4-spinquant-gptq: R1 / per-layer R2 learned by Cayley SGD (`--learn-steps`), then GPTQ
 suffixes (any order of the built-in recipe, e.g. quarot-gptq-g64, quarot-gptq-g64-nokv):
   -g64          weights in groups of 64 (symmetric) instead of per channel (the peer figure's weights)
   -nokv         no KV-cache quantization (the peer figure's setting)
@@ -42,24 +43,29 @@ CONFIGS = {
     "w4a4-rtn": "w4a4-rtn",
     "quarot-rtn": "w4a4kv4-quarot-rtn",
     "quarot-gptq": "w4a4kv4-quarot-gptq",
+    "spinquant-gptq": "w4a4kv4-spinquant-gptq",
 }
 LABELS = {
     "base": "base (fp32)",
     "w4a4-rtn": "W4A4 RTN, no rotation",
     "quarot-rtn": "QuaRot-RTN W4A4KV4",
     "quarot-gptq": "QuaRot-GPTQ W4A4KV4",
+    "spinquant-gptq": "learned rotation (SpinQuant-style) + GPTQ W4A4KV4",
 }
 # modifiers, appended to a configuration: quarot-gptq-g64-nokv is the peer figure's setting
 MODIFIERS = {
     "g64": "weights in groups of 64 (symmetric) instead of per channel",
     "nokv": "no KV-cache quantization",
 }
-DEFAULT_CONFIGS = "base,w4a4-rtn,quarot-rtn,quarot-gptq"
+DEFAULT_CONFIGS = "base,w4a4-rtn,quarot-rtn,quarot-gptq,spinquant-gptq"
 PEERS = [
     ("llm-compressor 0.13: base", 16.5),
     ("llm-compressor 0.13: W4A4 GPTQ g64, no rotation (32 calib seqs)", 10326),
     ("llm-compressor 0.13: SpinQuant-style random-Hadamard R1/R2/R4 + GPTQ W4A4 g64, no KV quant", 36.7),
 ]
+
+
+args_global = None  # the parsed command line (recipe_for reads --learn-steps)
 
 
 def parse_config(config: str) -> tuple[str, list[str]]:
@@ -99,9 +105,13 @@ def recipe_for(config: str):
     if "gptq" in name and "gptq" not in STAGES:
         raise SystemExit(f"{config}: the gptq stage is not registered in this checkout")
     recipe = Recipe.load(name)
-    if not mods:
-        return recipe
     data = recipe.to_dict()
+    if getattr(args_global, "learn_steps", None):
+        for st in data["stages"]:
+            if isinstance(st, dict) and "learn_rotation" in st:
+                st["learn_rotation"]["steps"] = args_global.learn_steps
+    if not mods:
+        return Recipe.from_dict(data)
     data["name"] = "-".join([name] + mods)
     if "nokv" in mods:
         data["kv_cache"] = None
@@ -167,6 +177,8 @@ def run_one(config: str, args) -> dict:
         row["calib_s"] = t1 - t0
         row["peak_compress_mib"] = sampler.peak / 2**20
         row["stages"] = {s["stage"]: s["seconds"] for s in report.stages}
+        if "learn_rotation" in report.extra:
+            row["learn_rotation"] = {k: v for k, v in report.extra["learn_rotation"].items() if k != "losses"}
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     res = perplexity(model, tok, load_text("wiki", "eval"), seqlen=args.seqlen, windows=args.windows)
@@ -205,10 +217,13 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--calib-seqlen", type=int, default=512, help="calibration sequence length (default 512)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learn-steps", type=int, help="override learn_rotation.steps of the spinquant recipe")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count())
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one configuration, print its row as JSON
     args = p.parse_args(argv)
+    global args_global
+    args_global = args
 
     import torch
 
@@ -227,6 +242,8 @@ def main(argv=None) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--only", c, "--model", args.model, "--windows", str(args.windows),
                "--seqlen", str(args.seqlen), "--n", str(args.n), "--calib-seqlen", str(args.calib_seqlen),
                "--seed", str(args.seed), "--threads", str(args.threads)]
+        if args.learn_steps:
+            cmd += ["--learn-steps", str(args.learn_steps)]
         print(f"[{time.strftime('%H:%M:%S')}] {c} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the child's log goes to our stderr
         found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]

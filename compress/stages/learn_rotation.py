@@ -14,7 +14,6 @@ place of `rotate` in a recipe: before `kv_cache` and the quantization stages.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -31,32 +30,21 @@ LEARN_ONLINE = ("down_proj", "qk")
 
 @register_stage("learn_rotation", needs_calibration=True)
 @dataclass(frozen=True)
-class LearnRotation:
-    steps: int = 100
-    lr: float = 1.5
-    momentum: float = 0.9
-    batch_size: int = 1
-    samples: int | None = None
-    loss: str = "ce"
-    r2: bool = True
-    init: str = "hadamard"
-    seed: int = 0
+class LearnRotation(LearnArgs):
+    """The learning options are `LearnArgs`' fields (validated there), plus the online transforms."""
+
     online: tuple[str, ...] = DEFAULT_ONLINE
 
     def __post_init__(self) -> None:
-        self.args()  # validates
+        super().__post_init__()
         object.__setattr__(self, "online", check_online("learn_rotation", self.online, LEARN_ONLINE))
-
-    def args(self) -> LearnArgs:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LearnArgs)}
-        return LearnArgs(**fields)
 
     def apply(self, model, ctx) -> None:
         check_unquantized(model, "learn_rotation")
         if ctx.calib is None:
             raise ValueError("learn_rotation needs calibration data (pass calib=sample_calibration(...))")
         prepare_norms(model, ctx, "learn_rotation")
-        learned = learn_rotations(model, ctx.arch, ctx.plan, ctx.calib.tokens, self.args(),
+        learned = learn_rotations(model, ctx.arch, ctx.plan, ctx.calib.tokens, self,
                                   online_down="down_proj" in self.online)
         err = max([orthogonality_error(learned["r1"])] + [orthogonality_error(r) for r in learned["r2"] or []])
         summary = rotate_model(model, ctx.arch, kind=self.init, seed=self.seed, online=self.online, r2=self.r2,
