@@ -55,6 +55,7 @@ class LearnArgs:
     momentum: float = 0.9
     batch_size: int = 1
     samples: int | None = None  # calibration sequences used (None: all), cycled over the steps
+    seqlen: int | None = None  # tokens of each sequence used (None: all): a step's cost is linear in it
     loss: str = "ce"
     r2: bool = True
     init: str = "hadamard"  # R1 / R2 initialisation: "hadamard" | "random" (seeded)
@@ -65,8 +66,10 @@ class LearnArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"learn_rotation.{name}={v!r} must be a positive integer")
-        if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
-            raise ValueError(f"learn_rotation.samples={self.samples!r} must be a positive integer or null (all)")
+        for name in ("samples", "seqlen"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 2):
+                raise ValueError(f"learn_rotation.{name}={v!r} must be an integer >= 2 or null (all)")
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise ValueError(f"learn_rotation.lr={self.lr!r} must be a positive number (SpinQuant uses 1.5)")
         if not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
@@ -279,6 +282,7 @@ def learn_rotations(model: nn.Module, arch, plan: dict[str, QuantScheme], tokens
     params = [R1] + (R2 or [])
     opt = CayleySGD(params, args.lr, args.momentum)
     tokens = tokens[: args.samples] if args.samples else tokens
+    tokens = tokens[:, : args.seqlen] if args.seqlen else tokens  # (n, seqlen)
     n = tokens.shape[0]
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

@@ -4,10 +4,12 @@ fake-quant, then fused offline exactly like `rotate` (with the same online R3/R4
 see `lmpress.quant.spinquant`.
 
 ```yaml
-- learn_rotation: {steps: 100, lr: 1.5, momentum: 0.9, batch_size: 1, samples: null,
+- learn_rotation: {steps: 100, lr: 1.5, momentum: 0.9, batch_size: 1, samples: null, seqlen: null,
                    loss: ce, r2: true, init: hadamard, seed: 0, online: [down_proj, qk]}
 ```
-`samples`: calibration sequences used (null: all of them, cycled over the steps); `loss`: `ce`
+`samples`: calibration sequences used (null: all of them, cycled over the steps); `seqlen`: the
+first tokens of each sequence used (null: all; a step costs about one forward and backward of
+`batch_size x seqlen` tokens plus the rotation of every weight); `loss`: `ce`
 (next-token cross entropy) or `kl` (to the float model's logits); `init`: the seeded starting
 point (a randomized Hadamard, as in SpinQuant, or a random orthogonal matrix). It takes the
 place of `rotate` in a recipe: before `kv_cache` and the quantization stages.
