@@ -20,6 +20,7 @@ Configurations (`--configs`, comma-separated):
   w4a4-rtn      recipe w4a4-rtn: W4A4 (int4 per-channel sym weights, int4 per-token activations), no rotation
   quarot-rtn    recipe w4a4kv4-quarot-rtn: fuse_norms + Hadamard R1/R2 + online R3 (Q/K) and R4 (down_proj), RTN, KV4
   quarot-gptq   recipe w4a4kv4-quarot-gptq: the same with GPTQ (act-order, block 128, damp 0.01)
+  spinquant-rtn   recipe w4a4kv4-spinquant-rtn: the learned rotation with RTN weights (compare with quarot-rtn)
   spinquant-gptq  recipe w4a4kv4-spinquant-gptq: R1 / per-layer R2 learned by Cayley SGD (`--learn-steps`), then GPTQ
 suffixes (any order of the built-in recipe, e.g. quarot-gptq-g64, quarot-gptq-g64-nokv):
   -g64          weights in groups of 64 (symmetric) instead of per channel (the peer figure's weights)
@@ -44,6 +45,7 @@ CONFIGS = {
     "quarot-rtn": "w4a4kv4-quarot-rtn",
     "quarot-gptq": "w4a4kv4-quarot-gptq",
     "spinquant-gptq": "w4a4kv4-spinquant-gptq",
+    "spinquant-rtn": "w4a4kv4-spinquant-rtn",
 }
 LABELS = {
     "base": "base (fp32)",
@@ -51,6 +53,7 @@ LABELS = {
     "quarot-rtn": "QuaRot-RTN W4A4KV4",
     "quarot-gptq": "QuaRot-GPTQ W4A4KV4",
     "spinquant-gptq": "learned rotation (SpinQuant-style) + GPTQ W4A4KV4",
+    "spinquant-rtn": "learned rotation (SpinQuant-style) + RTN W4A4KV4",
 }
 # modifiers, appended to a configuration: quarot-gptq-g64-nokv is the peer figure's setting
 MODIFIERS = {

@@ -133,15 +133,16 @@ def test_learn_rotation_refuses_a_quantized_model(tiny, tokens):
 @pytest.mark.parametrize(
     "opts, match",
     [({"loss": "mse"}, "loss"), ({"lr": 0}, "lr"), ({"steps": 0}, "steps"), ({"online": ["o_proj"]}, "online"),
-     ({"momentum": 1.0}, "momentum"), ({"init": "identity"}, "init"), ({"samples": 0}, "samples")],
+     ({"momentum": 1.0}, "momentum"), ({"init": "identity"}, "init"), ({"samples": 0}, "samples"), ({"seqlen": 1}, "seqlen")],
 )
 def test_learn_rotation_options_are_validated(opts, match):
     with pytest.raises(RecipeError, match=match):
         Recipe.from_dict({"schemes": {"re:.*": "W4A4"}, "stages": [{"learn_rotation": opts}]})
 
 
-def test_spinquant_recipe_round_trips():
-    r = Recipe.load("w4a4kv4-spinquant-gptq")
+@pytest.mark.parametrize("name, last", [("w4a4kv4-spinquant-gptq", "gptq"), ("w4a4kv4-spinquant-rtn", "rtn")])
+def test_spinquant_recipes_round_trip(name, last):
+    r = Recipe.load(name)
     assert Recipe.from_yaml(r.to_yaml()) == r
-    assert [s.name for s in r.stages] == ["fuse_norms", "learn_rotation", "kv_cache", "gptq"]
+    assert [s.name for s in r.stages] == ["fuse_norms", "learn_rotation", "kv_cache", last]
     assert r.needs_calibration and r.kv_args.bits == 4 and r.scheme_for("lm_head") is None
