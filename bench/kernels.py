@@ -13,7 +13,12 @@ symmetric for LLaMA (the usual GPTQ setting); W4A4 / W8A8 per-channel symmetric.
 
 CUDA (`triton.testing.do_bench`, median ms): `w4a16_gemm` (on-disk and kn layouts),
 `act_quant` + `w4a4_gemm` (W4A4), `act_quant` + `w8a8_gemm` (W8A8), each against
-`torch.matmul` in fp16 on the same shape; TFLOP/s = 2MNK / t, GB/s = (weight + activation +
+`torch.matmul` in fp16 on the same shape; and the online Hadamard of the input (QuaRot's R4,
+`OnlineHadamard(K, 0)`) fused into the int4 quantization (`online_act_quant`: the
+`transform_act_quant` kernel where the Kronecker factors fit one tile, else torch transform +
+`act_quant`), then "rot overhead" = (fused - act_quant alone) / (act_quant + w4a4 GEMM), the
+cost of the transform relative to the W4A4 layer without it (FlatQuant reports 0.07x for its
+Kronecker transform); TFLOP/s = 2MNK / t, GB/s = (weight + activation +
 output bytes) / t, and the roofline fraction = achieved / min(peak ops, intensity x bandwidth)
 with the device's dense fp16 (int8 for the integer GEMMs) peak and memory bandwidth from a
 small table (unknown devices print n/a).
@@ -149,6 +154,8 @@ def bench_cuda(models, ms) -> None:
 
     from lmpress.kernels.act_quant import act_quant
     from lmpress.kernels.formats import to_kn_layout
+    from lmpress.kernels.online import OnlineHadamard
+    from lmpress.kernels.transform_act_quant import online_act_quant
     from lmpress.kernels.w4a4_gemm import w4a4_gemm, w8a8_gemm
     from lmpress.kernels.w4a16_gemm import w4a16_gemm
 
@@ -182,6 +189,7 @@ def bench_cuda(models, ms) -> None:
             pc4, sc4, _ = _packed_weight(N, K, QuantArgs(bits=4), dev)
             p8, s8, _ = _packed_weight(N, K, _weight_args(model, 8), dev)
             w16 = torch.randn(N, K, device=dev, dtype=torch.float16)
+            rot = OnlineHadamard(K, 0).to(dev)
             for M in ms:
                 x = torch.randn(M, K, device=dev, dtype=torch.float16)
                 ref = triton.testing.do_bench(lambda: torch.matmul(x, w16.t()))
@@ -199,6 +207,20 @@ def bench_cuda(models, ms) -> None:
                     return w4a4_gemm(q, sx, pc4, sc4, in_features=K, out_dtype=torch.float16)
 
                 report(model, layer, N, K, M, "w4a4 (+quant)", triton.testing.do_bench(w4a4), N * K // 2 + N * 4, ref, True)
+                t_aq = triton.testing.do_bench(lambda: act_quant(x, 4))
+                q0, _, sx0 = act_quant(x, 4)
+                t_gemm = triton.testing.do_bench(lambda: w4a4_gemm(q0, sx0, pc4, sc4, in_features=K, out_dtype=torch.float16))
+                t_rot = triton.testing.do_bench(lambda: online_act_quant(x, rot, 4))
+                why = online_act_quant(x, rot, 4)[3]
+                report(model, layer, N, K, M, "had+quant int4", t_rot, 0, ref, False)
+
+                def rot_w4a4():
+                    q, _, sx, _ = online_act_quant(x, rot, 4)
+                    return w4a4_gemm(q, sx, pc4, sc4, in_features=K, out_dtype=torch.float16)
+
+                report(model, layer, N, K, M, "w4a4 (+had+quant)", triton.testing.do_bench(rot_w4a4), N * K // 2 + N * 4, ref, True)
+                print(f"{'':10s} rot overhead {(t_rot - t_aq) / (t_aq + t_gemm):.3f}x (act_quant {t_aq:.4f} ms, had+quant {t_rot:.4f} ms, "
+                      f"w4a4 GEMM {t_gemm:.4f} ms; {('torch transform: ' + why) if why else 'fused kernel'})", flush=True)
 
                 def w8a8():
                     q, _, sx = act_quant(x, 8)

@@ -17,6 +17,8 @@ log = logging.getLogger("lmpress")
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_RECIPE = "w8a8-rtn"
+_EVAL_TASKS = ("lmpress_wiki_ppl", "lmpress_wiki_cloze", "lmpress_wiki_mc")  # lmpress.eval.tasks.BUILTIN_TASKS
+_EVAL_TASK_LIMIT = 40  # documents per task: keeps `make demo` within minutes on 2 CPU cores
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -106,60 +108,109 @@ def compress_and_eval(
     seqlen: int = typer.Option(512, help="tokens per calibration sequence and per perplexity window"),
     seed: int = typer.Option(0, help="calibration sampling seed"),
     windows: Optional[int] = typer.Option(64, help="perplexity windows (default 64; 0 = all)"),
+    ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="token perplexity (the papers' protocol) of base and compressed"),
+    tasks: str = typer.Option(",".join(_EVAL_TASKS), "--tasks", help="comma-separated lm-eval tasks (bundled, from --task-dir, or cached lm-eval tasks); 'none' to skip"),
+    task_limit: int = typer.Option(_EVAL_TASK_LIMIT, "--task-limit", help="documents per lm-eval task (0 = all)"),
+    task_dir: list[Path] = typer.Option([], "--task-dir", help="extra folder of lm-eval task YAMLs (repeatable)"),
+    latency: bool = typer.Option(True, "--latency/--no-latency", help="prefill/decode tokens/s, time to first token, peak memory"),
+    latency_repeats: int = typer.Option(3, "--latency-repeats", help="alternating repeats per model (medians reported)"),
+    prompt_len: int = typer.Option(128, "--prompt-len", help="latency prompt length (tokens)"),
+    min_recovery: Optional[float] = typer.Option(None, "--min-recovery", help="fail (exit 1, after writing the report) if any quality metric recovers less, e.g. 0.95"),
+    thresholds: Optional[Path] = typer.Option(None, "--thresholds", help="YAML of per-metric/per-task minimum recoveries (see lmpress.eval.recovery)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out directory"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Load, calibrate, compress, save, reload the packed artifact, and evaluate base vs compressed."""
+    """Load, calibrate, compress, save, reload the packed artifact; evaluate base vs compressed
+    (perplexity, lm-eval tasks, latency); write report.json, report.md and plots; gate on thresholds."""
     _setup_logging(verbose)
     with _user_errors():
         from lmpress.calibration.data import load_text
-        from lmpress.compress import inspect, load
-        from lmpress.eval.ppl import perplexity
+        from lmpress.compress import Recipe, inspect, load
+        from lmpress.eval import report as rpt
+        from lmpress.eval.latency import LatencyConfig, measure_latency
+        from lmpress.eval.recovery import Thresholds
+        from lmpress.eval.suite import EvalPlan, compare, evaluate
 
-        from lmpress.compress import Recipe
-
-        Recipe.load(recipe)  # fail on a bad recipe before any long work
+        recipe_obj = Recipe.load(recipe)  # fail on a bad recipe before any long work
         _check_out(out, overwrite)
+        gate = Thresholds.load(thresholds, min_recovery) if thresholds else Thresholds(min_recovery=min_recovery)
+        task_list = () if tasks.strip().lower() in ("", "none") else tuple(t.strip() for t in tasks.split(",") if t.strip())
+        plan = EvalPlan(ppl=ppl, data=eval_data, seqlen=seqlen, windows=windows or None, tasks=task_list,
+                        task_limit=task_limit or None, task_dirs=tuple(str(d) for d in task_dir),
+                        latency=LatencyConfig(prompt_len=prompt_len, repeats=latency_repeats) if latency else None)
+        if task_list:
+            from lmpress.eval.harness import task_manager
+
+            task_manager(task_list, plan.task_dirs)  # unknown task names fail here, not after compressing
         timer = _Timer()
-        text = load_text(eval_data, split="eval")
-        win = windows or None
+        text = load_text(eval_data, split="eval") if ppl else None
         mdl, tok = _load(model, timer)
-        with timer("eval_base", "perplexity of the base model"):
-            base_ppl = perplexity(mdl, tok, text, seqlen=seqlen, windows=win, progress=True)
+        base_bits = next(mdl.parameters()).element_size() * 8
+        with timer("eval_base", "evaluating the base model"):
+            base_res = evaluate(mdl, tok, plan, text=text, progress=True)
         # compression changes the model in place: the base was measured first
         rec, report = _run_compress(mdl, tok, recipe, out, calib, n, seqlen, seed, overwrite, timer)
         del mdl
         with timer("reload", f"reloading the packed checkpoint from {out}"):
             packed = load(out)
-        with timer("eval_compressed", "perplexity of the packed model"):
-            comp_ppl = perplexity(packed, tok, text, seqlen=seqlen, windows=win, progress=True)
+        with timer("eval_compressed", "evaluating the packed model"):
+            comp_res = evaluate(packed, tok, plan, text=text, progress=True)
+        lat = None
+        if plan.latency is not None:
+            from lmpress.compress.models import load_model
+
+            with timer("reload_base", "reloading the base model for latency"):  # beside the packed one, alternating
+                base_mdl, _ = load_model(model)
+            with timer("latency", "latency and memory: base and compressed, alternating"):
+                lat = measure_latency({"base": base_mdl, "compressed": packed}, plan.latency)
+            del base_mdl
         info = inspect(out)
+        part = compare(base_res, comp_res, lat, gate)
+        bp, cp = base_res.get("ppl"), comp_res.get("ppl")
         result = {
             "model": model,
             "recipe": rec.name or recipe,
-            "eval": {"data": eval_data, "split": "eval", "seqlen": seqlen, "windows": base_ppl.windows},
-            "base": {"ppl": base_ppl.ppl},
-            "compressed": {"ppl": comp_ppl.ppl},
-            "ppl_ratio": comp_ppl.ppl / base_ppl.ppl,
+            "recipe_spec": recipe_obj.to_dict(),
+            "eval": {**plan.describe(), "windows": (base_res.get("ppl_detail") or {}).get("windows")},
+            **part,
+            "ppl_ratio": cp / bp if bp and cp else None,
             "bits_per_weight": info["quantized_bits_per_weight"],
+            "base_bits": base_bits,
             "checkpoint_bytes": info["file_bytes"],
             "times_s": dict(timer),
             "compression": report.to_dict(),
             "calibration": getattr(packed, "lmpress_meta", {}).get("manifest", {}).get("calibration"),
-            "versions": _versions(),
+            "versions": {**_versions(), **rpt.versions()},
+            "machine": rpt.machine(),
         }
-        _write_json_atomic(Path(out) / "report.json", result)
-    rows = [
-        ("perplexity (base)", f"{base_ppl.ppl:.3f}"),
-        ("perplexity (compressed)", f"{comp_ppl.ppl:.3f}"),
-        ("ratio", f"{result['ppl_ratio']:.4f}"),
+        md = rpt.write_report(out, result)
+    m, hib, recov = result["metrics"], result["metrics"]["higher_is_better"], result["recovery"]
+    rows = [(k + (" ↑" if hib.get(k) else " ↓"), f"{m['base'][k]:.4g}", f"{m['compressed'][k]:.4g}",
+             "–" if recov.get(k) is None else f"{recov[k]:.4f}") for k in m["base"] if k in m["compressed"]]
+    summary = [
+        *((("perplexity (base)", f"{bp:.3f}"), ("perplexity (compressed)", f"{cp:.3f}"),
+           ("ratio", f"{result['ppl_ratio']:.4f}")) if bp and cp else ()),
         ("bits per weight (quantized linears)", f"{info['quantized_bits_per_weight']}"),
         ("checkpoint size", f"{info['file_bytes'] / 2**20:.1f} MiB"),
         *((f"time: {k}", f"{v:.1f} s") for k, v in timer.items()),
     ]
-    typer.echo(f"\n{model} · {result['recipe']} · {eval_data} eval split, {base_ppl.windows} windows × {seqlen} tokens")
-    _print_table(("", "value"), rows)
-    typer.echo(f"report: {Path(out) / 'report.json'}")
+    typer.echo(f"\n{model} · {result['recipe']} · {eval_data} eval split"
+               + (f", {result['eval']['windows']} windows × {seqlen} tokens" if ppl else "")
+               + (f" · lm-eval {task_limit or 'all'} docs/task" if task_list else ""))
+    _print_table(("", "value"), summary)
+    if rows:
+        typer.echo("")
+        _print_table(("metric (↑/↓ = higher/lower is better)", "base", "compressed", "recovery"), rows)
+    typer.echo(f"report: {Path(out) / 'report.json'}, {md}")
+    verdict = result["thresholds"]
+    if verdict is not None:
+        failed = [c for c in verdict["checks"] if not c["passed"]]
+        if failed:
+            typer.echo("thresholds FAILED: " + "; ".join(
+                f"{c['metric']} recovery {'–' if c['recovery'] is None else format(c['recovery'], '.4f')} < {c['min']}"
+                + (f" ({c['note']})" if c["note"] else "") for c in failed), err=True)
+            raise typer.Exit(1)
+        typer.echo(f"thresholds passed ({len(verdict['checks'])} checks)")
 
 
 @app.command("compress")
@@ -231,6 +282,45 @@ def inspect_cmd(path: Path = typer.Argument(..., help="a packed checkpoint direc
     typer.echo(f"recipe {info['recipe']} · format v{info['format_version']} · {len(rows)} quantized modules · "
                f"{info['quantized_bits_per_weight']} bits/weight · file {info['file_bytes'] / 2**20:.1f} MiB"
                + (f" · KV cache {info['kv_cache']}" if info["kv_cache"] else ""))
+    for runtime, how in (info.get("runtimes") or {}).items():
+        typer.echo(f"{runtime}: {how}")
+
+
+@app.command("export")
+def export_cmd(
+    path: Path = typer.Argument(..., help="a packed checkpoint directory"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to write"),
+    fmt: str = typer.Option("gptq", "--format", help="gptq (GPTQ v2 layout) or gptq-v1 (zero points stored minus one)"),
+    dtype: str = typer.Option("float16", help="dtype of scales and unquantized tensors: float16, bfloat16 or float32"),
+    overwrite: bool = typer.Option(False),
+):
+    """Write a weight-only checkpoint in another tool's layout (GPTQ: qweight, qzeros, scales, g_idx)."""
+    with _user_errors():
+        import torch
+
+        from lmpress.compress.export import export_gptq
+
+        formats = {"gptq": "gptq_v2", "gptq-v2": "gptq_v2", "gptq-v1": "gptq"}
+        if fmt not in formats:
+            raise ValueError(f"--format {fmt!r}: use one of {list(formats)}")
+        if dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"--dtype {dtype!r}: use float16, bfloat16 or float32")
+        done = export_gptq(path, out, checkpoint_format=formats[fmt], dtype=getattr(torch, dtype), overwrite=overwrite)
+    typer.echo(f"wrote {done} ({formats[fmt]}, {dtype})")
+
+
+@app.command("report")
+def report_cmd(
+    paths: list[Path] = typer.Argument(..., help="artifact directories written by compress-and-eval (each holds report.json)"),
+    out: Path = typer.Option(Path("out/comparison"), "--out", "-o", help="folder for comparison.md/.json and ppl_vs_bits.png"),
+):
+    """Compare several compress-and-eval artifacts: one table, one perplexity-vs-bits plot."""
+    with _user_errors():
+        from lmpress.eval.report import compare
+
+        md, header, rows = compare(paths, out)
+    _print_table(tuple(header), [tuple("–" if c is None else (f"{c:.4g}" if isinstance(c, float) else c) for c in r) for r in rows])
+    typer.echo(f"wrote {md}")
 
 
 @app.command("recipes")

@@ -16,6 +16,10 @@ from .recipe import Recipe, RecipeError, builtin_recipes
 from .report import Report
 from .stage import STAGES, Context, Stage, register_stage
 
+from . import hf_quantizer as _hf_quantizer
+
+_hf_quantizer.register()  # AutoModelForCausalLM.from_pretrained reads quant_method: lmpress artifacts
+
 __all__ = [
     "ArchMap", "arch_for", "CheckpointError", "inspect", "load", "save", "build_plan", "compress",
     "Recipe", "RecipeError", "builtin_recipes", "Report", "STAGES", "Context", "Stage", "register_stage",

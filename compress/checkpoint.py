@@ -17,6 +17,13 @@ namespaced `lmpress` block of the manifest (format version 2; version-1 manifest
             "attention": {"implementation": "lmpress",
                           "kv_cache": {"model.layers.0.self_attn": {KVCacheArgs fields}, ...}}}
 ```
+When compressed-tensors can describe the whole artifact (`ct_format.why_not` says when), the
+`quantization_config` is written in that form instead (`quant_method: compressed-tensors`,
+`format: pack-quantized | int-quantized`, `config_groups`, `ignore`, `version`) and the tensors
+follow its layout (packed int8 zero points, int8 `weight` for W8A8), so stock transformers +
+compressed-tensors and vLLM load it; the lmpress manifest keys ride along in the same dict
+(`lmpress_format` marks it) and `load` converts the tensors back. Everything else stays
+`quant_method: lmpress`, which `lmpress.compress.hf_quantizer` teaches `from_pretrained`.
 Online transforms are rebuilt from (kind, size, seed), never stored as matrices; `load` wraps
 the recorded linears in `RotatedInput` (the linear moves to `<where>.linear`), attaches the
 attention settings and selects the "lmpress" attention function. A save is written to a temporary sibling directory and renamed
@@ -39,10 +46,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmpress.kernels.linear import PackedLinear
+from lmpress.kernels.linear import PackedLinear, Sparse24Linear
 from lmpress.quant.scheme import QuantScheme
 from lmpress.quant.sim import SimQuantLinear
 
+from . import ct_format
 from .surgery import set_module
 
 log = logging.getLogger(__name__)
@@ -81,13 +89,15 @@ def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     modules: dict[str, Any] = {}
     quantized: dict[str, nn.Module] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, SimQuantLinear) and mod.scheme.weights is None:
+        if isinstance(mod, SimQuantLinear) and mod.scheme.sparsity == "2:4":
+            quantized[name] = Sparse24Linear.from_sim(mod)  # kept values + 2-bit positions
+        elif isinstance(mod, SimQuantLinear) and mod.scheme.weights is None:
             quantized[name] = mod  # activation-only: float weight, the scheme says what to quantize at run time
         elif isinstance(mod, SimQuantLinear):
             if not mod.quantized:
                 raise ValueError(f"{name} has weight scheme {mod.scheme.name} but was never quantized; run a quantization stage (rtn, gptq) first")
             quantized[name] = PackedLinear.from_sim(mod)
-        elif isinstance(mod, PackedLinear):
+        elif isinstance(mod, (PackedLinear, Sparse24Linear)):
             quantized[name] = mod
     for name, mod in quantized.items():
         modules[name] = mod.scheme.to_dict()
@@ -130,6 +140,16 @@ def _lmpress_block(model: nn.Module) -> dict[str, Any] | None:
     }
 
 
+def _with_sparsity(block: dict[str, Any] | None, modules: dict[str, Any]) -> dict[str, Any] | None:
+    """Record the 2:4-packed modules in the `lmpress` block: tensors `<m>.weight_sparse24_values`
+    (kept entries, 2 of every 4 input columns; packed codes when quantized) and
+    `<m>.weight_sparse24_meta` (2-bit positions), layout `kernels.formats.sparse24_compress`."""
+    sparse = sorted(n for n, d in modules.items() if d.get("sparsity") == "2:4")
+    if not sparse:
+        return block
+    return {**(block or {}), "sparsity": {"format": "sparse24", "layout_version": 1, "modules": sparse}}
+
+
 def _restore_lmpress_block(model: nn.Module, block: dict[str, Any] | None) -> None:
     """Rebuild online transforms and attention settings on a fresh skeleton (before the
     quantized modules are swapped in, since wrapping moves a linear to `<fqn>.linear`)."""
@@ -162,12 +182,16 @@ def save(
     meta = getattr(model, "lmpress_meta", None) or {}
     tensors, modules, aliases = _packed_state(model)
     out.parent.mkdir(parents=True, exist_ok=True)
+    kv = meta.get("kv_cache")
+    block = _lmpress_block(model)
+    ct, _ = ct_format.ct_form(model, _schemes(modules), block, kv)  # None: lmpress-only artifact
+    block = _with_sparsity(block, modules)
+    if ct is not None:
+        tensors = ct_format.to_disk(tensors, _schemes(modules), ct.format)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         recipe = meta.get("recipe")
-        kv = meta.get("kv_cache")
-        block = _lmpress_block(model)
         manifest = {
             "quant_method": "lmpress",
             "format": FORMAT,
@@ -182,6 +206,8 @@ def save(
         }
         if block is not None:
             manifest["lmpress"] = block
+        if ct is not None:  # compressed-tensors keys win; ours ride along (its readers ignore unknown keys)
+            manifest.update(ct.config, lmpress_format=FORMAT)
         config = model.config.to_dict()
         config["quantization_config"] = manifest
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
@@ -209,6 +235,31 @@ def save(
     return out
 
 
+def _schemes(modules: dict[str, Any]) -> dict[str, QuantScheme]:
+    return {fqn: QuantScheme.from_dict(d) for fqn, d in modules.items()}
+
+
+def is_lmpress_manifest(qc: Any) -> bool:
+    """A config.json `quantization_config` lmpress wrote: its own form, or compressed-tensors with ours inside."""
+    return isinstance(qc, dict) and (qc.get("quant_method") == "lmpress" or (
+        qc.get("quant_method") == ct_format.QUANT_METHOD and qc.get("lmpress_format") == FORMAT))
+
+
+def runtimes(manifest: dict, in_features: dict[str, int] | None = None) -> dict[str, str]:
+    """Which runtimes load the artifact, and why (for `inspect`)."""
+    out = {"lmpress": "yes: lmpress.compress.load(dir)"}
+    if manifest.get("quant_method") == ct_format.QUANT_METHOD:
+        fmt, bits = manifest["format"], {s.weights.bits for s in _schemes(manifest["modules"]).values()}
+        out["transformers"] = f"yes, without lmpress (compressed-tensors {fmt}; needs `pip install compressed-tensors`)"
+        out["vLLM"] = (f"yes (compressed-tensors {fmt})" if bits <= {4, 8} else
+                       f"no kernel for {sorted(bits)}-bit weights (vLLM's compressed-tensors WNA16 path takes 4 and 8 bits)")
+        return out
+    reason = ct_format.why_not(_schemes(manifest["modules"]), in_features or {}, manifest.get("lmpress"), manifest.get("kv_cache"))
+    out["transformers"] = "with `import lmpress.compress` (quant_method lmpress: PackedLinear kernels, online transforms, lmpress attention)"
+    out["vLLM"] = f"no: {reason or 'written before compressed-tensors export'}; not expressible in compressed-tensors"
+    return out
+
+
 def read_manifest(out_dir: str | Path, verify: bool = True) -> tuple[dict, dict]:
     """(config dict without the manifest, manifest); checks format version and checksums."""
     out = Path(out_dir)
@@ -222,8 +273,8 @@ def read_manifest(out_dir: str | Path, verify: bool = True) -> tuple[dict, dict]
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupted, re-run the compression") from None
     manifest = config.pop("quantization_config", None)
-    if not isinstance(manifest, dict) or manifest.get("quant_method") != "lmpress":
-        raise CheckpointError(f"{cfg_path} has no lmpress manifest (quantization_config.quant_method != 'lmpress'); load it with transformers instead")
+    if not isinstance(manifest, dict) or not is_lmpress_manifest(manifest):
+        raise CheckpointError(f"{cfg_path} has no lmpress manifest (quantization_config written by another tool); load it with transformers instead")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > READ_VERSION:
         raise CheckpointError(
@@ -238,6 +289,25 @@ def read_manifest(out_dir: str | Path, verify: bool = True) -> tuple[dict, dict]
     return config, manifest
 
 
+def prepare_skeleton(model: nn.Module, manifest: dict) -> None:
+    """Turn a weightless model (parameters on meta) into the runtime form the manifest describes:
+    online transforms and attention settings rebuilt, runtime modules on meta (to be assigned)
+    in place of each quantized linear. Shared by `load` and the transformers quantizer."""
+    _restore_lmpress_block(model, manifest.get("lmpress"))
+    for fqn, scheme_dict in manifest["modules"].items():
+        old = model.get_submodule(fqn)
+        scheme = QuantScheme.from_dict(scheme_dict)
+        if scheme.sparsity == "2:4":
+            set_module(model, fqn, Sparse24Linear(old.in_features, old.out_features, scheme, bias=old.bias is not None,
+                                                  dtype=old.weight.dtype, device="meta"))
+            continue
+        if scheme.weights is None:  # activation-only: float weight in a SimQuantLinear
+            set_module(model, fqn, SimQuantLinear(old, scheme))
+            continue
+        new = PackedLinear(old.in_features, old.out_features, scheme, bias=old.bias is not None, dtype=old.weight.dtype, device="meta")
+        set_module(model, fqn, new)
+
+
 def load(out_dir: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
     """Rebuild the runtime model: skeleton without weights, PackedLinear swapped in, tensors assigned."""
     from accelerate import init_empty_weights
@@ -248,19 +318,13 @@ def load(out_dir: str | Path, device: str | torch.device = "cpu", verify: bool =
     config = AutoConfig.for_model(**config_dict)
     with init_empty_weights():  # parameters on meta; buffers such as RoPE's inv_freq stay real
         model = AutoModelForCausalLM.from_config(config)
-    _restore_lmpress_block(model, manifest.get("lmpress"))
-    for fqn, scheme_dict in manifest["modules"].items():
-        old = model.get_submodule(fqn)
-        scheme = QuantScheme.from_dict(scheme_dict)
-        if scheme.weights is None:  # activation-only: float weight in a SimQuantLinear
-            set_module(model, fqn, SimQuantLinear(old, scheme))
-            continue
-        new = PackedLinear(old.in_features, old.out_features, scheme, bias=old.bias is not None, dtype=old.weight.dtype, device="meta")
-        set_module(model, fqn, new)
+    prepare_skeleton(model, manifest)
     try:
         state = load_file(str(out / WEIGHTS_FILE), device=str(device))
     except Exception as e:  # a header that does not parse
         raise CheckpointError(f"cannot read {out / WEIGHTS_FILE} ({e}); the file is corrupted, re-run the compression") from None
+    if manifest.get("quant_method") == ct_format.QUANT_METHOD:
+        state = ct_format.from_disk(state, _schemes(manifest["modules"]), manifest["format"])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     aliases = manifest.get("tied", {})
     missing = [k for k in missing if k not in aliases]
@@ -298,6 +362,8 @@ def inspect(out_dir: str | Path) -> dict[str, Any]:
                 row["bytes"] += nbytes
                 if key.endswith(".weight_shape"):
                     row["shape"] = [int(v) for v in f.get_tensor(key).tolist()]
+                elif key.endswith(".weight"):  # compressed-tensors int-quantized: int8 codes, no weight_shape
+                    row["shape"] = [int(v) for v in sl.get_shape()]
     q_params = q_bytes = 0
     for row in rows.values():
         n = row["shape"][0] * row["shape"][1]
@@ -316,6 +382,7 @@ def inspect(out_dir: str | Path) -> dict[str, Any]:
         "kv_cache": manifest.get("kv_cache"),
         "online_transforms": len((manifest.get("lmpress") or {}).get("online_transforms") or []),
         "recipe": (manifest.get("recipe") or {}).get("name"),
+        "runtimes": runtimes(manifest, {n: r["shape"][1] for n, r in rows.items()}),
     }
 
 

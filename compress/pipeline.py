@@ -20,7 +20,7 @@ def build_plan(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
     """fqn -> QuantScheme for every linear the recipe's scheme map assigns a scheme."""
     names = linear_names(model)
     plan = {fqn: s for fqn in names if (s := recipe.scheme_for(fqn)) is not None}
-    if not plan:
+    if not plan and recipe.schemes:  # `schemes: {}`: no weight quantization (e.g. a KV-cache-only recipe)
         raise RecipeError(
             f"the recipe's schemes {[k for k, _ in recipe.schemes]} match no linear layer of this model; "
             f"its linears are named like {names[:3]}"

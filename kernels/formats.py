@@ -174,3 +174,105 @@ def unsigned_codes(packed: torch.Tensor, bits: int, cols: int, dtype: torch.dtyp
     else:
         u = torch.stack([(b >> (j * bits)) & mask for j in range(per)], dim=-1).view(rows, -1)  # (rows, 4*words*per)
     return u[:, :cols].to(dtype)
+
+
+# ---- 2:4 sparsity: kept values + 2-bit positions (lmpress's own layout) -----------------------
+# A row of `cols` columns is cut into ceil(cols/4) groups of 4 (the last one zero-padded); each
+# group stores exactly 2 entries: their values (in the group's order of position) and their
+# positions p in [0, 4), 2 bits each. The positions of a row form one 2-bit bitstream packed as
+# `pack` does with u = p (i.e. pack((p - 2).to(int8), 2)): slot s of the row at bits [2s, 2s+2).
+# A group with fewer than 2 nonzeros is completed with its lowest-index zero positions (padding
+# columns past `cols` included), positions ascending: so the choice is canonical and
+# `sparse24_compress(sparse24_decompress(v, m, cols), sparse24_mask(m, cols))` gives (v, m) back.
+# Kept int4 codes are packed separately with `pack(codes, 4)` (2 bits a weight, + 1 bit of position).
+SPARSE24 = (2, 4)
+
+
+def sparse24_slots(cols: int) -> int:
+    """Stored entries per row: 2 per group of 4 columns, the last group padded."""
+    if cols < 0:
+        raise ValueError(f"cols={cols} must be non-negative")
+    return 2 * (-(-cols // 4))
+
+
+def sparse24_compress(x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) -> (values (rows, sparse24_slots(cols)) in x.dtype, meta int32 (rows, packed_cols(slots, 2))).
+
+    `keep` (bool, like x) names the entries to store, at most 2 per group of 4; default: x != 0.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"sparse24_compress expects a 2-D tensor (rows, cols), got shape {tuple(x.shape)}")
+    keep = (x != 0) if keep is None else keep
+    if keep.shape != x.shape or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a bool tensor of shape {tuple(x.shape)}, got {keep.dtype} {tuple(keep.shape)}")
+    rows, cols = x.shape
+    pad = (-cols) % 4
+    xp = torch.cat([x, x.new_zeros(rows, pad)], 1) if pad else x  # (rows, 4G)
+    kp = torch.cat([keep, keep.new_zeros(rows, pad)], 1) if pad else keep
+    g = xp.shape[1] // 4
+    k4 = kp.reshape(rows, g, 4)  # (rows, G, 4)
+    counts = k4.sum(-1)
+    if bool((counts > 2).any()):
+        r, c = (counts > 2).nonzero()[0].tolist()
+        raise ValueError(f"not 2:4 sparse: row {r}, columns {4 * c}..{4 * c + 3} keep {int(counts[r, c])} entries (at most 2)")
+    key = (~k4).to(torch.int64) * 4 + torch.arange(4, device=x.device)  # kept first, then by position
+    pos = torch.sort(torch.sort(key, dim=-1).indices[..., :2], dim=-1).values  # (rows, G, 2) ascending
+    values = xp.reshape(rows, g, 4).gather(-1, pos).reshape(rows, 2 * g)
+    meta = pack((pos.reshape(rows, 2 * g) - 2).to(torch.int8), 2)
+    return values.contiguous(), meta
+
+
+def sparse24_positions(meta: torch.Tensor, cols: int) -> torch.Tensor:
+    """Column index of every stored slot, (rows, sparse24_slots(cols)) int64 (padding slots may be >= cols)."""
+    slots = sparse24_slots(cols)
+    p = unpack(meta, 2, slots).to(torch.int64) + 2  # (rows, slots) in [0, 4)
+    return p + 4 * (torch.arange(slots, device=meta.device) // 2)
+
+
+def sparse24_decompress(values: torch.Tensor, meta: torch.Tensor, cols: int,
+                        fill: torch.Tensor | float = 0) -> torch.Tensor:
+    """Exact inverse of `sparse24_compress`: (rows, cols) with the values at their positions and
+    `fill` elsewhere (a scalar, or a (rows, cols) tensor, e.g. the zero-point codes)."""
+    rows, slots = values.shape
+    if slots != sparse24_slots(cols):
+        raise ValueError(f"{cols} columns need {sparse24_slots(cols)} stored slots a row, got {slots}")
+    pos = sparse24_positions(meta, cols)  # (rows, slots)
+    width = 2 * slots
+    if isinstance(fill, torch.Tensor):
+        if fill.shape != (rows, cols):
+            raise ValueError(f"fill must be a scalar or ({rows}, {cols}), got {tuple(fill.shape)}")
+        dense = torch.cat([fill.to(values.dtype), values.new_zeros(rows, width - cols)], 1)
+    else:
+        dense = torch.full((rows, width), fill, dtype=values.dtype, device=values.device)
+    dense.scatter_(1, pos, values)
+    return dense[:, :cols]
+
+
+def sparse24_mask(meta: torch.Tensor, cols: int) -> torch.Tensor:
+    """The stored positions as a bool (rows, cols) mask."""
+    pos = sparse24_positions(meta, cols)
+    mask = torch.zeros(pos.shape[0], 2 * pos.shape[1], dtype=torch.bool, device=meta.device)
+    return mask.scatter_(1, pos, True)[:, :cols]
+
+
+# ---- KV-cache layout (kernels/kv_quant.py, kernels/kv_cache.py) ----------------------------
+# A quantized KV group is G unsigned codes u in [0, 2^b) (asymmetric min-max: x ≈ u*scale + min)
+# stored with the same bitstream rule as weights: u of element i at bits [i*b, (i+1)*b) of its
+# row, rows cut into int32 words. Keys are quantized per channel over G consecutive tokens, so a
+# row is one channel of one group of tokens, (batch, kv_heads, head_dim, G) -> words along the
+# tokens; values per token over G consecutive head_dim channels, (batch, kv_heads, tokens, D/G, G)
+# -> words along head_dim. The field values are those `pack` stores for q = u - 2^(b-1).
+def pack_unsigned(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (..., cols) in [0, 2^bits) -> int32 words (..., packed_cols(cols, bits)); inverse: `unpack_unsigned`."""
+    _check_bits(bits)
+    lead, cols = u.shape[:-1], u.shape[-1]
+    q = (u.reshape(-1, cols).to(torch.int16) - (1 << (bits - 1))).to(torch.int8)  # (rows, cols) signed
+    return pack(q, bits).reshape(*lead, packed_cols(cols, bits))
+
+
+def unpack_unsigned(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """int32 words (..., packed_cols(cols, bits)) -> unsigned codes (..., cols) as uint8; exact inverse of `pack_unsigned`."""
+    _check_bits(bits)
+    lead = packed.shape[:-1]
+    q = unpack(packed.reshape(-1, packed.shape[-1]), bits, cols)  # (rows, cols) signed int8
+    return (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8).reshape(*lead, cols)

@@ -10,6 +10,8 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
   per-token activation schemes with per-channel/per-tensor symmetric 4/8-bit weights through
   `act_quant` + the integer GEMM (`w4a4_gemm`: W4A4, W4A8, W8A8); other activation schemes
   through `act_quant` (fake-quant) + `w4a16_gemm`; 3-bit weights through the reference.
+  Inside a RotatedInput, an online Hadamard before a per-token activation quantization is fused
+  into it (`transform_act_quant`; path kinds ``triton-rot+...``).
 - CPU -> `lmpress.kernels.cpu`, for layers of at least `cpu.MIN_FAST_WEIGHTS` weights under
   ``auto`` (smaller ones take the cached reference): weight-only 4/8-bit schemes run torch's
   int4/int8 ops in bfloat16 on a repacked copy for up to `cpu.SMALL_M` rows (decode); larger
@@ -99,7 +101,25 @@ class PackedLinear(nn.Module):
         zero = self.weight_zero_point if self.weight_zero_point is not None else torch.zeros_like(self.weight_scale)
         return dequantize(q, self.weight_scale, zero, args, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    fuses_online_transform = True  # RotatedInput passes its transform to forward
+
+    def forward(self, x: torch.Tensor, transform: nn.Module | None = None) -> torch.Tensor:
+        """`transform`: an online transform of the input (RotatedInput's). The Triton path fuses it
+        into the per-token activation quantization when it can (`transform_act_quant`); every other
+        path applies it first and runs as without one."""
+        if transform is not None:
+            if self._runs_triton(x):
+                return self._forward_triton(x, transform)
+            x = transform(x)
+        return self._dispatch(x)
+
+    def _runs_triton(self, x: torch.Tensor) -> bool:  # the choice _dispatch makes
+        if x.requires_grad and torch.is_grad_enabled():
+            return False
+        backend = requested_backend()
+        return backend == "triton" or (backend == "auto" and x.is_cuda and triton_available())
+
+    def _dispatch(self, x: torch.Tensor) -> torch.Tensor:
         backend = requested_backend()
         if backend == "auto":
             if x.is_cuda:
@@ -167,12 +187,17 @@ class PackedLinear(nn.Module):
         return self._fast[1]
 
     # ---- Triton ----------------------------------------------------------------------------
-    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_triton(self, x: torch.Tensor, transform: nn.Module | None = None) -> torch.Tensor:
         from .act_quant import act_dequant, act_quant
+        from .transform_act_quant import online_act_quant
         from .w4a4_gemm import int_gemm
         from .w4a16_gemm import KERNEL_BITS, w4a16_gemm
 
         w, a = self.scheme.weights, self.scheme.inputs
+        token = a is not None and a.granularity == "token" and a.symmetric and a.bits in (4, 8)
+        if transform is not None and not (token and w.bits in KERNEL_BITS and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+            x, transform = transform(x), None  # nothing to fuse it into
+        rot, why = "", ""
         if w.bits not in KERNEL_BITS:
             return self._forward_ref(x, f"{w.bits}-bit fields straddle int32 words; no Triton kernel")
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -182,14 +207,19 @@ class PackedLinear(nn.Module):
         if a is None:
             self._note(f"triton-w{w.bits}a16")
             return w4a16_gemm(x, self.weight_packed, self.weight_scale, self.weight_zero_point, **kw)
-        if a.granularity == "token" and a.symmetric and a.bits in (4, 8):
-            codes, _, sx = act_quant(x, a.bits, a.clip_ratio)
+        if token:
+            if transform is not None:  # "rot+": the online transform fused into act_quant, else `why` not
+                codes, _, sx, why = online_act_quant(x, transform, a.bits, a.clip_ratio)
+                rot, why = ("", "online transform in torch: " + why) if why else ("rot+", "")
+            else:
+                codes, _, sx = act_quant(x, a.bits, a.clip_ratio)
             if w.symmetric and w.granularity in ("channel", "tensor") and w.bits in (4, 8):
-                self._note(f"triton-w{w.bits}a{a.bits}")
+                self._note(f"triton-{rot}w{w.bits}a{a.bits}", why)
                 return int_gemm(codes, sx, self.weight_packed, self.weight_scale, in_features=self.in_features,
                                 w_bits=w.bits, bias=self.bias, out_dtype=x.dtype)
             xq = act_dequant(codes, sx, a.bits, x.dtype)
-            self._note("triton-actquant+w4a16", "group-wise or asymmetric weights do not factor out of the integer sum")
+            self._note(f"triton-{rot}actquant+w4a16", "; ".join(
+                r for r in ("group-wise or asymmetric weights do not factor out of the integer sum", why) if r))
         else:
             xq = fake_quantize(x, a)
             self._note("triton-w4a16", f"activation scheme {a.granularity}/{'sym' if a.symmetric else 'asym'} fake-quantized in torch")
@@ -214,6 +244,110 @@ class PackedLinear(nn.Module):
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, self.dequantized_weight(dtype))
         return self._cached[1]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+class Sparse24Linear(nn.Module):
+    """The runtime form of a 2:4-sparse linear (scheme `sparsity: "2:4"`), weights quantized or not.
+
+    Buffers (lmpress's own names; compressed-tensors has no 2:4 + pack-quantized layout):
+    `weight_sparse24_values` (the 2 kept entries of every 4 input columns: int32 words of packed
+    codes, `formats.pack` order, when the scheme quantizes weights; else floats (out, slots)),
+    `weight_sparse24_meta` (int32, their 2-bit positions, `formats.sparse24_compress`),
+    `weight_scale` / `weight_zero_point` (quantized only, as PackedLinear), `weight_shape`, `bias`.
+    The forward runs `sparse24_gemm` (Triton) on CUDA, else the reference (dense weight cached,
+    bit-identical to the SimQuantLinear it came from); `kernel_path` records which.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        from .formats import sparse24_slots
+
+        if scheme.sparsity != "2:4":
+            raise ValueError(f"Sparse24Linear stores 2:4 sparsity; scheme {scheme.name} has sparsity {scheme.sparsity!r}")
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        args = scheme.weights
+        slots = sparse24_slots(in_features)
+        if args is not None:
+            qshape = (1 if args.granularity == "tensor" else out_features, n_groups(in_features, args))
+            values = torch.zeros(out_features, packed_cols(slots, args.bits), dtype=torch.int32, device=device)
+            self.register_buffer("weight_scale", torch.ones(qshape, dtype=torch.float32, device=device))
+            zero = None if args.symmetric else torch.zeros(qshape, dtype=torch.float32, device=device)
+            self.register_buffer("weight_zero_point", zero)
+        else:
+            values = torch.zeros(out_features, slots, dtype=dtype, device=device)
+        self.register_buffer("weight_sparse24_values", values)
+        self.register_buffer("weight_sparse24_meta", torch.zeros(out_features, packed_cols(slots, 2), dtype=torch.int32, device=device))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._cached: tuple | None = None
+        self.kernel_path: Path | None = None
+
+    @classmethod
+    def from_sim(cls, sim: SimQuantLinear) -> "Sparse24Linear":
+        """Compress a pruned SimQuantLinear (at most 2 nonzeros in every 4 input columns)."""
+        from .formats import sparse24_compress
+
+        args = sim.scheme.weights
+        out = cls(sim.in_features, sim.out_features, sim.scheme, sim.bias is not None, dtype=sim.weight.dtype, device=sim.weight.device)
+        keep = sim.weight.detach() != 0
+        if args is not None:
+            if not sim.quantized:
+                raise ValueError("from_sim needs a quantized SimQuantLinear for a scheme that quantizes weights")
+            # every zero weight has code == zero point, so the codes stored at filler positions dequantize to 0
+            vals, meta = sparse24_compress(sim.weight_codes.float(), keep)
+            out.weight_sparse24_values = pack(vals.to(torch.int8), args.bits)
+            out.weight_scale = sim.weight_scale.detach().float().clone()
+            if not args.symmetric:
+                out.weight_zero_point = sim.weight_zero_point.detach().float().clone()
+        else:
+            vals, meta = sparse24_compress(sim.weight.detach(), keep)
+            out.weight_sparse24_values = vals
+        out.weight_sparse24_meta = meta
+        if sim.bias is not None:
+            out.bias = sim.bias.detach().clone()
+        return out
+
+    def _gemm_args(self) -> dict:
+        w = self.scheme.weights
+        return dict(in_features=self.in_features, bits=w.bits if w is not None else None,
+                    group_size=w.group_size if w is not None and w.granularity == "group" else None)
+
+    def _qparams(self) -> tuple:
+        if self.scheme.weights is None:
+            return None, None
+        return self.weight_scale, self.weight_zero_point
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out, in) weight in `dtype`, zeros where pruned."""
+        from .sparse24_gemm import sparse24_dense_weight
+
+        return sparse24_dense_weight(self.weight_sparse24_values, self.weight_sparse24_meta, *self._qparams(),
+                                     dtype=dtype, **self._gemm_args())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme.inputs is not None:
+            x = fake_quantize(x, self.scheme.inputs)
+        backend = requested_backend()
+        w = self.scheme.weights
+        triton_ok = (x.is_cuda and triton_available() and backend in ("auto", "triton") and not (x.requires_grad and torch.is_grad_enabled())
+                     and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                     and (w is None or (w.bits in (2, 4, 8) and (w.granularity != "group" or w.group_size % 4 == 0))))
+        if triton_ok:
+            from .sparse24_gemm import sparse24_gemm
+
+            self.kernel_path = Path("triton-sparse24")
+            return sparse24_gemm(x, self.weight_sparse24_values, self.weight_sparse24_meta, *self._qparams(),
+                                 bias=self.bias, **self._gemm_args())
+        self.kernel_path = Path("ref", "" if not x.is_cuda else "no Triton kernel for this scheme")
+        key = (x.dtype, self.weight_sparse24_values.data_ptr(), self.weight_sparse24_values._version,
+               self.weight_sparse24_meta.data_ptr(), self.weight_sparse24_meta._version, x.device)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self.dense_weight(x.dtype))
+        return F.linear(x, self._cached[1], self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"

@@ -11,6 +11,8 @@ matmul). `matrix()` returns the same Q in float64, for fusing its inverse offlin
 `RotatedInput(transform, linear)` applies a transform to a linear's input, so that a quantized
 linear's own input fake-quant (SimQuantLinear / PackedLinear) sees the rotated activation; the
 inverse of the transform must already be fused into the linear's weight (W · Q).
+A PackedLinear receives the untransformed input and the transform (`linear(x, transform=T)`):
+its Triton path fuses T into the activation quantization (`kron_factors()`), other paths apply T first.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class OnlineHadamard(nn.Module):
             raise ValueError(f"OnlineHadamard: seed must be an integer or None, got {seed!r}")
         self.size, self.seed = size, seed
         self.fast = has_hadamard(size)
+        self._kron: dict = {}  # device -> kron_factors(), built on first use
         if self.fast:
             Hm, p = hadamard_factors(size)
             self.p = p
@@ -77,6 +80,27 @@ class OnlineHadamard(nn.Module):
         else:
             Q = hadamard_matrix(self.size).to(torch.float64) / math.sqrt(self.size)
         return Q.to(device=self._device(), dtype=dtype)
+
+    @torch.no_grad()
+    def kron_factors(self, device: torch.device | str | None = None):
+        """(A, B, signs, norm) in float32 with forward(x) == ((x ∘ signs)(A ⊗ B)) / norm, for the
+        fused transform + quantization kernel (`kernels.transform_act_quant`); None for the dense
+        fallback. H_n = H_m ⊗ H_p = (H_m ⊗ H_{p/b}) ⊗ H_b, since Sylvester's H_p = H_{p/b} ⊗ H_b;
+        b is the power of two dividing p that makes A (m·p/b) and B (b) closest in size, so the
+        kernel's (m·p/b, b) tile and both factors stay small (576: 36 x 16, 1536: 48 x 32, 4096: 64 x 64).
+        Cached per device."""
+        if not self.fast:
+            return None
+        dev = torch.device(device) if device is not None else self._device()
+        cache = self._kron
+        if dev not in cache:
+            m, p = self.Hm.shape[0], self.p
+            b = min((1 << j for j in range(p.bit_length())), key=lambda b: (abs(math.log(m * p / (b * b))), b))
+            A = torch.kron(self.Hm.cpu(), hadamard_matrix(p // b).to(torch.float64))  # (m p/b, m p/b) ±1
+            B = hadamard_matrix(b)  # (b, b) ±1
+            signs = self.signs.to(dev, torch.float32) if self.signs is not None else None
+            cache[dev] = (A.to(dev, torch.float32), B.to(dev, torch.float32), signs, math.sqrt(self.size))
+        return cache[dev]
 
     def _device(self) -> torch.device:
         for b in (self.Hm, self.dense):
@@ -119,6 +143,8 @@ class RotatedInput(nn.Module):
         return self.linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.linear, "fuses_online_transform", False):  # PackedLinear: fused into its activation quantization on Triton
+            return self.linear(x, transform=self.transform)
         return self.linear(self.transform(x))
 
 

@@ -9,10 +9,20 @@ builder under the same name), so no model file is forked. The function reads the
 - ``qk``: an online transform of head_dim (R3, a Hadamard) applied to Q and K after RoPE.
   Q·Kᵀ is unchanged (the transform is orthogonal), and the keys are quantized in the rotated
   basis, where their outliers are spread across channels;
-- ``kv``: `KVCacheArgs`; K and V (B, kv_heads, T, head_dim) are fake-quantized per head, per
-  token, in groups along head_dim (`lmpress.quant.kv_cache.fake_quantize_kv`),
+- ``kv``: `KVCacheArgs`. The per-token form (QuaRot: key_granularity token, residual 0) fake-
+  quantizes K and V (B, kv_heads, T, head_dim) per head, per token, in groups along head_dim
+  (`lmpress.quant.kv_cache.fake_quantize_kv`), then calls the stock sdpa implementation. Any
+  other setting is KIVI: per-channel keys, per-token values, a full-precision window of recent
+  tokens and sinks, simulated decode-exactly (every query sees the cache as it is when that
+  query is decoded; `lmpress.quant.kv_cache.kv_mixed_attention`);
+- ``key_rotation``: RotateKV's pre-RoPE key transform (`KeyRotation`): with KIVI, keys are
+  quantized after undoing RoPE (positions from ``position_ids``) and rotating; the dequantized
+  keys are rotated back and RoPE re-applied (online).
 
-then calls the stock sdpa implementation. Modules without settings pass straight through.
+The runtime cache `lmpress.kernels.kv_cache.QuantizedKVCache` returns keys/values whose first
+tokens are already quantized (it tags the key tensor with how many, `RUNTIME_PREFIX_ATTR`); the
+function quantizes only the rest, so simulation and runtime give the same attention.
+Modules without settings pass straight through.
 
     attach_attention(model, arch, qk={0: OnlineHadamard(64, seed)}, kv=KVCacheArgs(...))
 """
@@ -25,20 +35,28 @@ from torch import nn
 
 from lmpress.kernels.online import transform_from_spec
 
-from .kv_cache import check_kv_args, fake_quantize_kv
+from .kv_cache import (
+    KeyRotation, apply_rope, check_kv_args, fake_quantize_kv, invert_rope, key_positions, kv_mixed_attention,
+    quantized_copy,
+)
 from .scheme import KVCacheArgs
 
 ATTN_IMPLEMENTATION = "lmpress"
 SETTINGS_ATTR = "lmpress_attn"
+RUNTIME_PREFIX_ATTR = "_lmpress_quantized_prefix"  # (keys, values) already quantized, set by QuantizedKVCache
 
 
 class LmpressAttention(nn.Module):
     """Settings of one attention module: optional online Q/K transform and KV fake-quant args."""
 
-    def __init__(self, qk: nn.Module | None = None, kv: KVCacheArgs | None = None):
+    def __init__(self, qk: nn.Module | None = None, kv: KVCacheArgs | None = None,
+                 key_rotation: KeyRotation | None = None):
         super().__init__()
         self.qk = qk
         self.kv = kv
+        self.key_rotation = key_rotation
+        self._rope: list = []  # [the model's rotary embedding]: a reference, not a submodule
+        self._qk_inv = None
         if kv is not None:
             check_kv_args(kv)
 
@@ -47,27 +65,71 @@ class LmpressAttention(nn.Module):
             check_kv_args(kv)
         self.kv = kv
 
+    def set_rope(self, rotary: nn.Module | None) -> None:
+        self._rope = [rotary] if rotary is not None else []
+
+    @property
+    def kivi(self) -> bool:
+        return self.kv is not None and not self.kv.per_token_only
+
+    def key_basis(self, positions: torch.Tensor | None, like: torch.Tensor):
+        """(to_basis, from_basis) mapping post-RoPE keys of positions `sl` (slices of `positions`,
+        (B|1, T)) into the basis keys are quantized in and back, or (None, None)."""
+        if self.key_rotation is not None:
+            if not self._rope:
+                raise RuntimeError("key_rotation needs the model's rotary embedding; attach it with attach_attention/restore_attention")
+            pos = positions.to(like.device)
+            cos, sin = self._rope[0](torch.empty(0, device=like.device, dtype=torch.float32), pos)  # (B|1, T, D)
+            cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, T, D)
+            kr = self.key_rotation
+
+            def to_basis(k, sl):
+                return kr(invert_rope(k.float(), cos[:, :, sl], sin[:, :, sl]))
+
+            def from_basis(kb, sl):
+                return apply_rope(kr.inverse(kb.float()), cos[:, :, sl], sin[:, :, sl]).to(like.dtype)
+
+            return to_basis, from_basis
+        if self.qk is not None:
+            if self._qk_inv is None or self._qk_inv.device != like.device:
+                self._qk_inv = self.qk.matrix(torch.float32).T.contiguous().to(like.device)
+            qk, inv = self.qk, self._qk_inv
+            return (lambda k, sl: qk(k)), (lambda kb, sl: torch.matmul(kb, inv.to(kb.dtype)))
+        return None, None
+
+    def kivi_attention(self, query, key, value, attention_mask, position_ids=None, scaling=None):
+        """Decode-exact KIVI attention (see the module doc); returns (B, q_len, heads, D)."""
+        prefix = getattr(key, RUNTIME_PREFIX_ATTR, (0, 0))
+        positions = key_positions(key.shape[2], position_ids, device=key.device) if self.key_rotation is not None else None
+        to_b, from_b = self.key_basis(positions, key)
+        kq, vq = quantized_copy(key, value, self.kv, prefix, to_b, from_b)
+        if self.qk is not None:
+            query, key, kq = self.qk(query), self.qk(key), self.qk(kq)
+        return kv_mixed_attention(query, key, value, kq, vq, self.kv, attention_mask, scaling)
+
     @property
     def active(self) -> bool:
-        return self.qk is not None or self.kv is not None
+        return self.qk is not None or self.kv is not None or self.key_rotation is not None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         if self.qk is not None:
             query, key = self.qk(query), self.qk(key)
-        if self.kv is not None:
+        if self.kv is not None and self.kv.per_token_only:
             kv = self.kv
             key = fake_quantize_kv(key, kv.bits, kv.group_size, symmetric=kv.symmetric)
             value = fake_quantize_kv(value, kv.bits, kv.group_size, symmetric=kv.symmetric)
         return query, key, value
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "qk": self.qk.spec() if self.qk is not None else None,
-            "kv_cache": self.kv.to_dict() if self.kv is not None else None,
-        }
+        kv = self.kv.to_dict() if self.kv is not None else None
+        if kv is not None and self.key_rotation is not None:
+            kv["key_rotation"] = self.key_rotation.spec()
+        return {"qk": self.qk.spec() if self.qk is not None else None, "kv_cache": kv}
 
     def extra_repr(self) -> str:
         kv = "none" if self.kv is None else f"KV{self.kv.bits} g{self.kv.group_size} {'sym' if self.kv.symmetric else 'asym'}"
+        if self.kivi:
+            kv += f" KIVI residual {self.kv.residual} sinks {self.kv.sink_tokens}"
         return f"kv={kv}"
 
 
@@ -76,6 +138,9 @@ def lmpress_attention_forward(module: nn.Module, query, key, value, attention_ma
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     settings = getattr(module, SETTINGS_ATTR, None)
+    if settings is not None and settings.kivi:
+        out = settings.kivi_attention(query, key, value, attention_mask, kwargs.get("position_ids"), kwargs.get("scaling"))
+        return out, None
     if settings is not None:
         query, key, value = settings(query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -134,25 +199,40 @@ def use_lmpress_attention(model: nn.Module) -> None:
         model.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
+def find_rotary(model: nn.Module) -> nn.Module | None:
+    """The model's shared rotary embedding module (transformers' *RotaryEmbedding), if any."""
+    for _, m in model.named_modules():
+        if type(m).__name__.endswith("RotaryEmbedding"):
+            return m
+    return None
+
+
 def attach_attention(
     model: nn.Module,
     arch,
     qk: Mapping[int, nn.Module] | None = None,
     kv: KVCacheArgs | None = None,
+    key_rotation: Mapping[int, KeyRotation] | None = None,
 ) -> None:
     """Attach settings to every layer's attention: `qk` maps layer index -> online Q/K transform
-    (layers not in it keep theirs), `kv` (if given) sets the KV fake-quant args of every layer."""
-    if kv is not None:
-        check_kv_args(kv)
+    (layers not in it keep theirs), `kv` (if given) sets the KV fake-quant args of every layer,
+    `key_rotation` maps layer index -> RotateKV pre-RoPE key transform."""
+    rotary = find_rotary(model) if key_rotation else None
+    if key_rotation and rotary is None:
+        raise ValueError("key_rotation (pre-RoPE) needs a model with a rotary embedding module")
     for i, (_, attn) in enumerate(attention_modules(model, arch)):
         s = settings_of(attn, create=True)
+        head_dim = getattr(attn, "head_dim", None)
         if qk is not None and i in qk:
-            head_dim = getattr(attn, "head_dim", None)
             if head_dim is not None and qk[i].size != head_dim:
                 raise ValueError(f"layer {i}: Q/K transform of size {qk[i].size} does not match head_dim {head_dim}")
             s.qk = qk[i]
         if kv is not None:
+            check_kv_args(kv, head_dim)
             s.set_kv(kv)
+        if key_rotation is not None and i in key_rotation:
+            s.key_rotation = key_rotation[i]
+            s.set_rope(rotary)
     use_lmpress_attention(model)
 
 
@@ -170,15 +250,21 @@ def restore_attention(model: nn.Module, specs: Mapping[str, Mapping[str, Any]]) 
     """Rebuild the settings recorded by `attention_specs` (at load time)."""
     if not specs:
         return
+    rotary = find_rotary(model)
     for fqn, spec in specs.items():
         attn = model.get_submodule(fqn)
         s = settings_of(attn, create=True)
         s.qk = transform_from_spec(spec["qk"]) if spec.get("qk") else None
-        s.set_kv(KVCacheArgs.from_dict(spec["kv_cache"]) if spec.get("kv_cache") else None)
+        kv = dict(spec["kv_cache"]) if spec.get("kv_cache") else None
+        rot = kv.pop("key_rotation", None) if kv is not None else None
+        s.set_kv(KVCacheArgs.from_dict(kv) if kv is not None else None)
+        s.key_rotation = KeyRotation.from_spec(rot) if rot else None
+        if rot:
+            s.set_rope(rotary)
     use_lmpress_attention(model)
 
 
 __all__ = [
-    "ATTN_IMPLEMENTATION", "LmpressAttention", "lmpress_attention_forward", "register", "attention_modules",
+    "ATTN_IMPLEMENTATION", "RUNTIME_PREFIX_ATTR", "LmpressAttention", "find_rotary", "lmpress_attention_forward", "register", "attention_modules",
     "attach_attention", "attention_specs", "restore_attention", "use_lmpress_attention", "settings_of",
 ]

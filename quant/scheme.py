@@ -145,13 +145,22 @@ class QuantScheme:
 class KVCacheArgs:
     """KV-cache quantization: keys per channel, values per token, `group_size` elements a group
     (along the sequence for keys, along head_dim for values), asymmetric min-max by default, the
-    most recent `residual` tokens kept in full precision."""
+    most recent `residual` tokens kept in full precision.
+
+    KIVI semantics (`lmpress.quant.kv_cache`) apply unless the settings are the plain per-token
+    form QuaRot evaluates (key_granularity token, residual 0, no sinks, no clipping options):
+    `sink_tokens` first tokens are never quantized (attention sinks); `clip_ratio` shrinks each
+    group's [min, max] about its midpoint; `clip_search` picks per group the ratio in
+    `KV_CLIP_GRID` with the least squared error."""
 
     bits: int = 4
     group_size: int = 64
     symmetric: bool = False
     residual: int = 0
     key_granularity: str = "channel"
+    sink_tokens: int = 0
+    clip_ratio: float = 1.0
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in KV_BITS:
@@ -164,6 +173,25 @@ class KVCacheArgs:
             )
         if self.key_granularity not in ("channel", "token"):
             raise ValueError(f"KVCacheArgs.key_granularity={self.key_granularity!r}: use 'channel' (KIVI) or 'token'")
+        if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
+            raise ValueError(f"KVCacheArgs.sink_tokens={self.sink_tokens!r} must be a non-negative integer (e.g. 0 or 4)")
+        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) or not (0.5 <= float(self.clip_ratio) <= 1.0):
+            raise ValueError(f"KVCacheArgs.clip_ratio={self.clip_ratio!r} must lie in [0.5, 1]")
+        if not isinstance(self.clip_search, bool):
+            raise ValueError(f"KVCacheArgs.clip_search={self.clip_search!r} must be true or false")
+        if self.clip_search and float(self.clip_ratio) != 1.0:
+            raise ValueError("KVCacheArgs: clip_search chooses the ratio per group; leave clip_ratio at 1.0")
+        if self.symmetric and not self.per_token_only:
+            raise ValueError(
+                "KVCacheArgs.symmetric: true is only supported for the plain per-token form "
+                "(key_granularity: token, residual: 0, sink_tokens: 0, no clipping); KIVI uses asymmetric min-max"
+            )
+
+    @property
+    def per_token_only(self) -> bool:
+        """True for the plain per-token form (QuaRot): every token quantized as it arrives."""
+        return (self.key_granularity == "token" and self.residual == 0 and self.sink_tokens == 0
+                and float(self.clip_ratio) == 1.0 and not self.clip_search)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,6 +204,9 @@ class KVCacheArgs:
         data = dict(data)
         base = kv_preset(data.pop("preset")) if "preset" in data else cls()
         return replace(base, **data)
+
+
+KV_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
 # ---- presets ---------------------------------------------------------------------------

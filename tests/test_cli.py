@@ -22,7 +22,8 @@ def test_recipes_and_models_list():
 def test_compress_and_eval_inspect_eval(tmp_path, text_file):
     out = tmp_path / "art"
     res = run("compress-and-eval", "tiny-llama", "--recipe", "w4a16-rtn", "--out", out,
-              "--eval-data", text_file, "--calib", text_file, "--seqlen", 32, "--windows", 2)
+              "--eval-data", text_file, "--calib", text_file, "--seqlen", 32, "--windows", 2,
+              "--tasks", "none", "--no-latency")
     assert res.exit_code == 0, res.output
     assert "perplexity (base)" in res.output and "perplexity (compressed)" in res.output
     report = json.loads((out / "report.json").read_text())

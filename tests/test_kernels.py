@@ -385,6 +385,206 @@ def test_tiny_model_end_to_end_through_triton(recipe, tiny, tokens, tmp_path, mo
     assert torch.equal(y.argmax(-1), r.argmax(-1))
 
 
+# ============================================================ online transform fused with act_quant
+def _int_factors(m, p, seed, kind):
+    """(A, B, signs, norm) with small-integer entries: every partial sum of the transform is exact
+    in fp32 whatever the order, so the fused kernel and the oracle see bit-identical values."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "hadamard":  # OnlineHadamard-like: ±1 factors, random signs, norm sqrt(n)
+        from lmpress.quant.hadamard import hadamard_matrix
+
+        A, B = hadamard_matrix(m).float(), hadamard_matrix(p).float()
+        signs = (torch.randint(0, 2, (m * p,), generator=g) * 2 - 1).float()
+        return A, B, signs, float(m * p) ** 0.5
+    # FlatQuant-like: two dense Kronecker factors (integers in [-2, 2] here), no signs, norm 1 or 3
+    A = torch.randint(-2, 3, (m, m), generator=g).float()
+    B = torch.randint(-2, 3, (p, p), generator=g).float()
+    return A, B, None, (3.0 if seed % 2 else 1.0)
+
+
+@pytest.mark.parametrize("size,seed,tile", [(576, 0, (36, 16)), (1536, 5, (48, 32)), (160, None, (20, 8)),
+                                            (64, 1, (8, 8)), (4096, 2, (64, 64)), (10, 2, None)])
+def test_online_hadamard_kron_factors(size, seed, tile):
+    from lmpress.kernels.online import OnlineHadamard
+    from lmpress.kernels.transform_act_quant import fused_fits, kron_transform_ref
+    from lmpress.quant.hadamard import hadamard_matrix
+
+    h = OnlineHadamard(size, seed)
+    kron = h.kron_factors()
+    if tile is None:  # no Hadamard of order 10: the dense fallback has no factors
+        assert kron is None
+        return
+    A, B, signs, norm = kron
+    assert (A.shape[0], B.shape[0]) == tile and fused_fits(*tile) is None and norm == size ** 0.5
+    s = signs if signs is not None else torch.ones(size)
+    # diag(s) (A ⊗ B) is, entry for entry, diag(s) H_n: the matrix the transform was defined by
+    assert torch.equal(s[:, None] * torch.kron(A, B), s[:, None] * hadamard_matrix(size).float())
+    x = torch.randint(-8, 9, (3, size), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(kron_transform_ref(x, A, B, signs, norm), h(x))  # integer sums: bit-identical
+    assert h.kron_factors() is kron  # cached
+
+
+def test_fused_fits_limits():
+    from lmpress.kernels.transform_act_quant import MAX_BLOCK, fused_fits
+
+    assert fused_fits(112, 128) is None  # 14336 = (28·4) x 128
+    assert "5504 x 2" in fused_fits(5504, 2)  # LLaMA-2's 11008: a dense 5504 factor, never fused
+    assert fused_fits(MAX_BLOCK + 1, 16) is not None
+
+
+@pytest.mark.parametrize("name", ["W4A4", "W8A8"])
+@pytest.mark.parametrize("backend", ["ref", "cpu"])
+def test_rotated_packed_linear_other_paths_apply_the_transform_first(name, backend, monkeypatch):
+    from lmpress.kernels.online import OnlineHadamard, RotatedInput
+
+    scheme = {"W4A4": W4A4, "W8A8": W8A8}[name]
+    sim = _sim(scheme, 160, 24)
+    T = OnlineHadamard(160, 3)
+    mod = RotatedInput(T, PackedLinear.from_sim(sim))
+    monkeypatch.setenv("LMPRESS_KERNELS", backend)
+    x = _x(2, 5, 160)
+    with torch.no_grad():
+        assert torch.equal(mod(x), sim(T(x)))
+    assert mod.linear.kernel_path.kind == ("ref" if backend == "ref" else "cpu-dequant")
+
+
+TQ_CASES = [  # M, m, p, kind, bits, packed, clip, dtype
+    (1, 9, 16, "flat", 4, True, 1.0, torch.float32),  # one token, odd m padded to 16
+    (5, 12, 32, "hadamard", 4, True, 0.9, torch.float32),
+    (3, 20, 64, "flat", 8, False, 1.0, torch.float16),
+    (4, 36, 16, "hadamard", 8, False, 0.85, torch.bfloat16),
+    (2, 9, 128, "flat", 4, True, 0.9, torch.bfloat16),  # p = 128: the largest tile side
+    (3, 12, 4, "hadamard", 4, True, 1.0, torch.float32),  # p % 8 != 0: codes packed in torch
+]
+
+
+@pytest.mark.triton
+@in_interpreter
+@pytest.mark.parametrize("case", TQ_CASES, ids=lambda c: f"M{c[0]}-{c[1]}x{c[2]}-{c[3]}-a{c[4]}{'p' if c[5] else ''}-clip{c[6]}-{str(c[7])[6:]}")
+def test_transform_act_quant_exact_on_integer_inputs(case):
+    """Small-integer activations and factors (exact in fp16/bf16 too): every partial sum is exact,
+    so the transformed values are bit-identical and codes, packed words and scales must be equal."""
+    from lmpress.kernels.transform_act_quant import transform_act_quant, transform_act_quant_ref
+
+    M, m, p, kind, bits, packed, clip, dtype = case
+    A, B, signs, norm = _int_factors(m, p, M, kind)
+    x = torch.randint(-8, 9, (M, m * p), generator=torch.Generator().manual_seed(1)).to(dtype)
+    if M > 1:
+        x[1] = 0  # an all-zero token: scale 1, codes 0
+    q, words, s = transform_act_quant(x, A, B, signs, bits, clip, norm=norm, packed=packed)
+    qr, sr = transform_act_quant_ref(x, A, B, signs, bits, clip, norm=norm)
+    assert q.shape == x.shape and q.dtype == torch.int8 and s.shape == (M,)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+    if packed:
+        assert torch.equal(words, transform_act_quant_ref(x, A, B, signs, bits, clip, packed=True, norm=norm)[0])
+    if M > 1:
+        assert s[1].item() == 1.0 and not q[1].any()
+
+
+@pytest.mark.triton
+@in_interpreter
+@pytest.mark.parametrize("m,p,bits", [(12, 32, 8), (20, 16, 4), (36, 64, 8)])
+def test_transform_act_quant_real_valued_flatquant(m, p, bits):
+    """Real-valued activations and FlatQuant-like factors (near-orthogonal plus noise): the kernel
+    sums in another order than the oracle, so a code may be one off where a value sits within an
+    ulp or two of a rounding boundary; scales agree to fp32 rounding."""
+    from lmpress.kernels.transform_act_quant import transform_act_quant, transform_act_quant_ref
+
+    g = torch.Generator().manual_seed(m + p)
+    A = torch.linalg.qr(torch.randn(m, m, generator=g))[0] + 0.1 * torch.randn(m, m, generator=g)
+    B = torch.linalg.qr(torch.randn(p, p, generator=g))[0] + 0.1 * torch.randn(p, p, generator=g)
+    x = _x(3, 7, m * p) * 2
+    q, _, s = transform_act_quant(x, A, B, None, bits, 0.9)
+    qr, sr = transform_act_quant_ref(x, A, B, None, bits, 0.9)
+    assert q.shape == x.shape
+    assert ((s - sr).abs() / sr).max().item() <= 1e-5
+    diff = (q.int() - qr.int()).abs()
+    assert diff.max().item() <= 1 and diff.float().mean().item() <= 1e-3
+
+
+@pytest.mark.triton
+@in_interpreter
+def test_transform_act_quant_checks_and_fallback():
+    from lmpress.kernels.act_quant import act_quant_ref
+    from lmpress.kernels.online import OnlineHadamard
+    from lmpress.kernels.transform_act_quant import online_act_quant, transform_act_quant
+
+    A, B = torch.eye(12), torch.eye(16)
+    with pytest.raises(ValueError, match="must equal m·p"):
+        transform_act_quant(torch.zeros(2, 100), A, B)
+    with pytest.raises(ValueError, match="at most 128 a side"):
+        transform_act_quant(torch.zeros(1, 12 * 256), A, torch.eye(256))
+    with pytest.raises(ValueError, match="signs must have shape"):
+        transform_act_quant(torch.zeros(1, 192), A, B, torch.ones(5))
+    x = _x(3, 10)
+    T = OnlineHadamard(10, 2)  # no Hadamard of order 10: dense, transformed in torch
+    q, _, s, why = online_act_quant(x, T, 8)
+    assert "dense" in why
+    qr, sr = act_quant_ref(T(x), 8)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
+
+
+ROT_SCHEMES = {  # name: (scheme, fused kind)
+    "W4A4": (W4A4, "triton-rot+w4a4"),
+    "W8A8": (W8A8, "triton-rot+w8a8"),
+    "W4-asym-g32-A8": (QuantScheme(weights=_w(4, 32, sym=False), inputs=A8), "triton-rot+actquant+w4a16"),
+    "W4A16-g128-partial": (W4A16, "triton-w4a16"),  # no activation quantization: nothing to fuse into
+}
+
+
+@pytest.mark.triton
+@in_interpreter
+@pytest.mark.parametrize("name", sorted(ROT_SCHEMES))
+def test_rotated_packed_linear_fuses_online_hadamard(name, monkeypatch):
+    """RotatedInput(OnlineHadamard, PackedLinear) on the Triton path = the unfused reference
+    (transform in torch, then the simulation). Integer-valued inputs: the transformed values are
+    bit-identical, so are the codes; output differences are the GEMMs' summation order only.
+    Real-valued inputs: a code may be one off at a rounding boundary (see the kernel's notes)."""
+    from lmpress.kernels.act_quant import act_quant_ref
+    from lmpress.kernels.online import OnlineHadamard, RotatedInput
+    from lmpress.kernels.transform_act_quant import online_act_quant
+
+    scheme, kind = ROT_SCHEMES[name]
+    sim = _sim(scheme, 160, 24)
+    T = OnlineHadamard(160, 3)  # 160 = 20 · 8: a 20 x 8 tile
+    mod = RotatedInput(T, PackedLinear.from_sim(sim))
+    xi = torch.randint(-8, 9, (2, 5, 160), generator=torch.Generator().manual_seed(4)).float()
+    monkeypatch.setenv("LMPRESS_KERNELS", "triton")
+    with torch.no_grad():
+        y = mod(xi)
+        assert mod.linear.kernel_path.kind == kind, mod.linear.kernel_path
+        assert _rel(y, sim(T(xi))) <= 1e-5
+        if scheme.inputs is not None:
+            q, _, s, why = online_act_quant(xi, T, scheme.inputs.bits)
+            qr, sr = act_quant_ref(T(xi), scheme.inputs.bits)
+            assert why == "" and torch.equal(q, qr) and torch.equal(s, sr)
+            xr = _x(4, 160) * 3
+            q, _, s, _ = online_act_quant(xr, T, scheme.inputs.bits)
+            qr, sr = act_quant_ref(T(xr), scheme.inputs.bits)
+            assert (q.int() - qr.int()).abs().max().item() <= 1 and ((s - sr).abs() / sr).max().item() <= 1e-5
+
+
+@pytest.mark.triton
+@in_interpreter
+def test_tiny_model_with_online_hadamard_through_triton(tiny, tokens, tmp_path, monkeypatch):
+    from lmpress.compress import Recipe, compress, load, save
+
+    model, _ = tiny
+    recipe = {"schemes": {"lm_head": None, "re:.*": "W8A8"}, "stages": [{"rotate": {"online": ["down_proj"]}}, "rtn"]}
+    compress(model, Recipe.from_dict(recipe))
+    save(model, tmp_path / "ckpt")
+    runtime = load(tmp_path / "ckpt")
+    monkeypatch.setenv("LMPRESS_KERNELS", "triton")
+    ids = tokens[:2, :12]
+    with torch.no_grad():
+        y, r = runtime(ids).logits, model(ids).logits
+    kinds = {n.removesuffix(".linear").rsplit(".", 1)[-1]: m.kernel_path.kind
+             for n, m in runtime.named_modules() if isinstance(m, PackedLinear)}
+    assert kinds["down_proj"] == "triton-rot+w8a8" and kinds["up_proj"] == "triton-w8a8"
+    assert _rel(y, r) <= 1e-4
+    assert torch.equal(y.argmax(-1), r.argmax(-1))
+
+
 # ============================================================ the interpreter subprocess
 @pytest.mark.triton
 @pytest.mark.skipif(INTERP, reason="already running under TRITON_INTERPRET=1: the triton tests ran in-process")

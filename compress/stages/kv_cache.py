@@ -1,7 +1,9 @@
-"""Stage `kv_cache`: simulated KV-cache quantization with the recipe's top-level `kv_cache`
+"""Stages `kv_cache` and `rotate_kv`. `kv_cache`: simulated KV-cache quantization with the recipe's top-level `kv_cache`
 settings. It attaches them to every attention module and switches the model to the "lmpress"
 attention function (`lmpress.quant.attention`), which fake-quantizes K and V per head, per
-token, in groups along head_dim (after the online Q/K rotation when `rotate` asked for one).
+token, in groups along head_dim (after the online Q/K rotation when `rotate` asked for one), or,
+for KIVI settings (per-channel keys, residual window, sinks), simulates the quantized cache
+decode-exactly; `lmpress.kernels.kv_cache.QuantizedKVCache` is the runtime cache for them.
 Place it before the weight quantization stages so calibration sees the quantized cache. No
 options; the settings come from the recipe:
 
@@ -31,3 +33,103 @@ class KVCache:
         attach_attention(model, ctx.arch, kv=ctx.kv_cache)
         if ctx.report is not None:
             ctx.report.extra["kv_cache"] = ctx.kv_cache.to_dict()
+
+
+@register_stage("rotate_kv", needs_calibration=True)
+@dataclass(frozen=True)
+class RotateKV:
+    """RotateKV's rotations (Su et al. 2025, arXiv:2501.16383) for the KIVI cache:
+
+    - keys: pre-RoPE, the channels of each group of `group_heads` KV heads (0 = all) are
+      reordered by their calibration abs-max (`zigzag_order`: large channels dealt evenly over
+      the Hadamard blocks; `reorder: false` keeps the identity) and multiplied by a Hadamard of
+      blocks of `block` channels (0 = the whole group); applied online around the cache
+      (`KeyRotation`, in the "lmpress" attention function and `QuantizedKVCache`);
+    - values (`values: true`): a per-layer Hadamard of head_dim folded into v_proj and o_proj
+      (the cache holds v·Q; QuaRot's R2 does the same, so leave it off after `rotate`).
+
+    `samples` calibration sequences feed the channel statistics. Must run before weight
+    quantization when `values` is true.
+
+    ```yaml
+    - rotate_kv: {group_heads: 0, block: 64, reorder: true, values: true, seed: 0, samples: 16}
+    ```
+    """
+
+    group_heads: int = 0
+    block: int = 0
+    reorder: bool = True
+    values: bool = True
+    seed: int = 0
+    samples: int = 16
+
+    def __post_init__(self) -> None:
+        for key in ("group_heads", "block", "seed"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"rotate_kv.{key}={v!r} must be a non-negative integer")
+        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 1:
+            raise ValueError(f"rotate_kv.samples={self.samples!r} must be a positive integer")
+        for key in ("reorder", "values"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"rotate_kv.{key}={getattr(self, key)!r} must be true or false")
+
+    def apply(self, model, ctx) -> None:
+        import torch
+
+        from lmpress.quant.kv_cache import KeyRotation, fold_value_rotation, zigzag_order
+        from lmpress.quant.rotate import rotation_matrix, sub_seed
+
+        cfg = model.config
+        n_heads = cfg.num_attention_heads
+        n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+        layers = ctx.arch.decoder_layers(model)
+        head_dim = getattr(layers[0].get_submodule(ctx.arch.q_proj.rpartition(".")[0]), "head_dim", None) or cfg.hidden_size // n_heads
+        gh = self.group_heads or n_kv
+        if n_kv % gh:
+            raise ValueError(f"rotate_kv.group_heads={self.group_heads} must divide the {n_kv} KV heads")
+        block = self.block or gh * head_dim
+        if (gh * head_dim) % block:
+            raise ValueError(f"rotate_kv.block={self.block} must divide group_heads*head_dim={gh * head_dim}")
+        stats = _key_absmax(model, ctx, self.samples) if self.reorder else None
+        rotations = {}
+        for i, layer in enumerate(layers):
+            perm = None
+            if stats is not None:
+                mag = stats[i].reshape(n_kv // gh, gh * head_dim)  # (groups, size): pre-RoPE key channel abs-max
+                perm = [zigzag_order(m, block).tolist() for m in mag]
+            rotations[i] = KeyRotation(n_kv, head_dim, gh, block, sub_seed(self.seed, "rotatekv-k", i), perm)
+            if self.values:
+                v = layer.get_submodule(ctx.arch.v_proj)
+                o = layer.get_submodule(ctx.arch.o_proj)
+                o = getattr(o, "linear", o)  # a RotatedInput wrapper keeps the linear inside
+                if not (isinstance(v, torch.nn.Linear) and isinstance(o, torch.nn.Linear)):
+                    raise ValueError("rotate_kv with values: true must run before weight quantization (rtn/gptq)")
+                Q = rotation_matrix(head_dim, "hadamard", sub_seed(self.seed, "rotatekv-v", i))
+                fold_value_rotation(v, o, n_heads, n_kv, Q)
+        attach_attention(model, ctx.arch, key_rotation=rotations)
+        if ctx.report is not None:
+            ctx.report.extra["rotate_kv"] = {"group_heads": gh, "block": block, "reorder": self.reorder,
+                                             "values": self.values, "seed": self.seed}
+
+
+def _key_absmax(model, ctx, samples: int):
+    """Per layer, the abs-max over calibration tokens of every pre-RoPE key channel (k_proj's output), (n_kv*head_dim,)."""
+    import torch
+
+    tokens = ctx.calib.tokens[:samples]
+    stats: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(ctx.arch.decoder_layers(model)):
+        def hook(_m, _inp, out, i=i):
+            a = out.detach().abs().reshape(-1, out.shape[-1]).amax(0).float().cpu()
+            stats[i] = a if i not in stats else torch.maximum(stats[i], a)
+        hooks.append(layer.get_submodule(ctx.arch.k_proj).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for b in range(0, tokens.shape[0], max(1, ctx.batch_size)):
+                model(tokens[b:b + ctx.batch_size].to(ctx.device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats

@@ -1,0 +1,274 @@
+"""`QuantizedKVCache`: a `transformers.Cache` holding KIVI-quantized keys and values, packed.
+
+Per layer (`QuantizedKVLayer`) it stores, for the settings attached to that layer's attention
+by `lmpress.quant.attention` (KIVI `KVCacheArgs`, optional Q/K transform or RotateKV key
+rotation):
+
+- the first `sink_tokens` tokens in full precision;
+- quantized keys: per channel over groups of G tokens (words (B, H, D, groups·W) int32, scale and
+  min (B, H, D, groups) fp16), in the basis the settings quantize keys in (post-RoPE after the Q/K
+  Hadamard, or pre-RoPE rotated for RotateKV); per-token keys as values when key_granularity is
+  "token";
+- quantized values: per token over groups of g = min(G, D) channels (words (B, H, n, D/g, W),
+  scale and min (B, H, n, D/g) fp16);
+- the full-precision residual: every token not yet flushed (at least the R most recent).
+
+Bit layout: `lmpress.kernels.formats.pack_unsigned`; quantize-and-pack and unpack-and-dequantize:
+`lmpress.kernels.kv_quant` (Triton on CUDA, torch reference on CPU). The flush rule is
+`lmpress.quant.kv_cache.quantized_keys / quantized_values`.
+
+`update()` appends the new tokens, returns keys/values with the tokens quantized before this
+call dequantized and every other token in full precision, tags the key tensor with how many
+were quantized (`RUNTIME_PREFIX_ATTR`), then flushes per the rule. The "lmpress" attention
+function quantizes the just-flushed tokens the same way for the queries that must see them
+quantized, so the runtime attention is the simulated one. Works with `model.generate(...,
+past_key_values=QuantizedKVCache(model))`, batch > 1 with left padding included: positions for
+RoPE (RotateKV) come from the model's `position_ids` (a forward pre-hook records them).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from lmpress.quant.attention import RUNTIME_PREFIX_ATTR, attention_modules, settings_of
+from lmpress.quant.kv_cache import key_rows, quantized_keys, quantized_values, rows_to_keys
+
+from .formats import packed_cols
+from .kv_quant import kv_pack, kv_unpack
+
+_HOOK_ATTR = "_lmpress_kv_positions_hook"
+
+
+class _Shared:
+    """State shared by the layers of one cache: per-row position offset (pos = index - offset)."""
+
+    def __init__(self) -> None:
+        self.offset: torch.Tensor | None = None  # (B|1, 1) long
+
+    def positions(self, n: int, device) -> torch.Tensor:
+        idx = torch.arange(n, device=device)[None, :]  # (1, n)
+        if self.offset is None:
+            return idx
+        return (idx - self.offset.to(device)).clamp(min=0)  # (B|1, n)
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One layer's KIVI cache (see the module doc)."""
+
+    is_croppable = False
+
+    def __init__(self, settings, shared: _Shared):
+        super().__init__()
+        if settings is None or not settings.kivi:
+            raise ValueError(
+                "QuantizedKVCache stores KIVI settings (per-channel keys or a residual window); this attention has "
+                f"{'none' if settings is None or settings.kv is None else 'the per-token form, simulated by the attention function: use DynamicCache'}"
+            )
+        self.settings, self.args, self.shared = settings, settings.kv, shared
+        self.n = 0  # tokens held
+        self.nk = self.nv = 0  # tokens quantized (from position sink_tokens on)
+        self.sink_k = self.sink_v = None
+        self.kw = self.ks = self.km = None  # key words, scales, mins
+        self.vw = self.vs = self.vm = None
+
+    # ---- transformers' layer API ------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        B, H, _, D = key_states.shape
+        self.sink_k = key_states[:, :, :0]
+        self.sink_v = value_states[:, :, :0]
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+        self.head_dim = D
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        a, S = self.args, self.args.sink_tokens
+        L = key_states.shape[2]
+        take = min(L, S - self.sink_k.shape[2])
+        if take > 0:
+            self.sink_k = torch.cat([self.sink_k, key_states[:, :, :take]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, value_states[:, :, :take]], dim=2)
+        self.keys = torch.cat([self.keys, key_states[:, :, max(take, 0):]], dim=2)
+        self.values = torch.cat([self.values, value_states[:, :, max(take, 0):]], dim=2)
+        self.n += L
+        positions = self.shared.positions(self.n, self.device) if self.settings.key_rotation is not None else None
+        to_b, from_b = self.settings.key_basis(positions, key_states)
+        keys = torch.cat([self.sink_k, self._stored_keys(from_b), self.keys], dim=2)
+        values = torch.cat([self.sink_v, self._stored_values(), self.values], dim=2)
+        setattr(keys, RUNTIME_PREFIX_ATTR, (self.nk, self.nv))
+        self._flush(quantized_keys(self.n, a), quantized_values(self.n, a), to_b)
+        return keys, values
+
+    # ---- storage ----------------------------------------------------------------------------
+    def _stored_keys(self, from_b) -> torch.Tensor:
+        if self.nk == 0:
+            return self.keys[:, :, :0]
+        a = self.args
+        if a.key_granularity == "token":
+            kb = self._unpack_tokens(self.kw, self.ks, self.km)
+        else:
+            B, H, D, ng = self.ks.shape
+            G = a.group_size
+            flat = kv_unpack(self.kw.reshape(-1, packed_cols(G, a.bits)), self.ks.reshape(-1), self.km.reshape(-1), a.bits, G, self.dtype)
+            kb = rows_to_keys(flat.reshape(B, H, D, ng, G))  # (B, H, nk, D)
+        S = a.sink_tokens
+        return kb if from_b is None else from_b(kb, slice(S, S + self.nk)).to(self.dtype)
+
+    def _stored_values(self) -> torch.Tensor:
+        if self.nv == 0:
+            return self.values[:, :, :0]
+        return self._unpack_tokens(self.vw, self.vs, self.vm)
+
+    def _unpack_tokens(self, w, s, m) -> torch.Tensor:
+        a = self.args
+        B, H, n, ng = s.shape
+        g = self.head_dim // ng
+        flat = kv_unpack(w.reshape(-1, packed_cols(g, a.bits)), s.reshape(-1), m.reshape(-1), a.bits, g, self.dtype)
+        return flat.reshape(B, H, n, ng * g)
+
+    def _pack_tokens(self, x: torch.Tensor):
+        a = self.args
+        B, H, n, D = x.shape
+        g = min(a.group_size, D)
+        w, s, m = kv_pack(x.reshape(-1, g), a.bits, a.clip_ratio, a.clip_search)  # rows (B*H*n*D/g, g)
+        return w.reshape(B, H, n, D // g, -1), s.reshape(B, H, n, D // g), m.reshape(B, H, n, D // g)
+
+    @staticmethod
+    def _cat(old, new, dim):
+        return new if old is None else torch.cat([old, new], dim=dim)
+
+    def _flush(self, nk: int, nv: int, to_b) -> None:
+        a, S = self.args, self.args.sink_tokens
+        dk, dv = nk - self.nk, nv - self.nv
+        if dk > 0:
+            kb = self.keys[:, :, :dk]
+            if to_b is not None:
+                kb = to_b(kb, slice(S + self.nk, S + nk))
+            if a.key_granularity == "token":
+                w, s, m = self._pack_tokens(kb)
+                self.kw, self.ks, self.km = (self._cat(o, t, 2) for o, t in zip((self.kw, self.ks, self.km), (w, s, m)))
+            else:
+                rows = key_rows(kb, a.group_size)  # (B, H, D, dk/G, G)
+                B, H, D, ng, G = rows.shape
+                w, s, m = kv_pack(rows.reshape(-1, G), a.bits, a.clip_ratio, a.clip_search)
+                self.kw = self._cat(self.kw, w.reshape(B, H, D, ng * w.shape[-1]), 3)
+                self.ks = self._cat(self.ks, s.reshape(B, H, D, ng), 3)
+                self.km = self._cat(self.km, m.reshape(B, H, D, ng), 3)
+            self.keys = self.keys[:, :, dk:].contiguous()
+            self.nk = nk
+        if dv > 0:
+            w, s, m = self._pack_tokens(self.values[:, :, :dv])
+            self.vw, self.vs, self.vm = (self._cat(o, t, 2) for o, t in zip((self.vw, self.vs, self.vm), (w, s, m)))
+            self.values = self.values[:, :, dv:].contiguous()
+            self.nv = nv
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.sink_k, self.sink_v, self.keys, self.values, self.kw, self.ks, self.km,
+                            self.vw, self.vs, self.vm) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    # ---- batch operations ---------------------------------------------------------------------
+    def _map(self, fn) -> None:
+        for name in ("sink_k", "sink_v", "keys", "values", "kw", "ks", "km", "vw", "vs", "vm"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        self.n = self.nk = self.nv = 0
+        self.sink_k = self.sink_v = self.kw = self.ks = self.km = self.vw = self.vs = self.vm = None
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("QuantizedKVCache cannot be cropped (quantized groups cannot be partially removed)")
+
+
+class QuantizedKVCache(Cache):
+    """KIVI-quantized KV cache for a model whose attention modules carry lmpress KV settings.
+
+        cache = QuantizedKVCache(model)
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=128)
+        cache.nbytes()  # bytes held
+    """
+
+    def __init__(self, model: nn.Module, arch=None):
+        from lmpress.compress.arch import arch_for
+
+        arch = arch or arch_for(model)
+        self.shared = _Shared()
+        layers = [QuantizedKVLayer(settings_of(attn), self.shared) for _, attn in attention_modules(model, arch)]
+        super().__init__(layers=layers)
+        _install_positions_hook(model)
+
+    def note_positions(self, position_ids: torch.Tensor | None, q_len: int | None) -> None:
+        """Record the per-row position offset of the coming forward (called by the model pre-hook)."""
+        if position_ids is None or q_len is None:
+            if self.get_seq_length() == 0:
+                self.shared.offset = None
+            return
+        last = self.get_seq_length() + q_len - 1
+        self.shared.offset = last - position_ids[:, -1:].long()  # (B|1, 1)
+
+    def nbytes(self) -> int:
+        """Bytes held by every stored tensor (packed codes, scales, mins, full-precision tokens, offsets)."""
+        extra = 0 if self.shared.offset is None else self.shared.offset.numel() * self.shared.offset.element_size()
+        return sum(layer.nbytes() for layer in self.layers) + extra
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.shared.offset is not None and self.shared.offset.shape[0] > 1:
+            self.shared.offset = self.shared.offset.index_select(0, beam_idx.to(self.shared.offset.device))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.shared.offset is not None and self.shared.offset.shape[0] > 1:
+            self.shared.offset = self.shared.offset[indices]
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.shared.offset is not None and self.shared.offset.shape[0] > 1:
+            self.shared.offset = self.shared.offset.repeat_interleave(repeats, dim=0)
+
+
+def _positions_pre_hook(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, QuantizedKVCache):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        q_len = ids.shape[1] if ids is not None else (emb.shape[1] if emb is not None else None)
+        cache.note_positions(kwargs.get("position_ids"), q_len)
+    return None
+
+
+def _install_positions_hook(model: nn.Module) -> None:
+    if getattr(model, _HOOK_ATTR, None) is None:
+        setattr(model, _HOOK_ATTR, model.register_forward_pre_hook(_positions_pre_hook, with_kwargs=True))
+
+
+def dynamic_cache_nbytes(cache) -> int:
+    """Bytes held by a transformers DynamicCache's key/value tensors."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+__all__ = ["QuantizedKVCache", "QuantizedKVLayer", "dynamic_cache_nbytes"]

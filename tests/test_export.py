@@ -1,0 +1,269 @@
+"""Artifacts other runtimes load: compressed-tensors form, GPTQ export, `from_pretrained` via lmpress.
+
+The stock-transformers checks run in a subprocess that never imports lmpress."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmpress.cli.main import app
+from lmpress.compress import Recipe, compress, inspect, load, save
+from lmpress.compress.export import export_gptq, load_gptq, read_gptq, to_gptq
+from lmpress.kernels.linear import PackedLinear
+from lmpress.quant.scheme import QuantArgs
+
+SCHEMES = {  # tiny model: input widths 96 and 160, so groups of 32 divide every layer
+    "w4a16-g32-asym": "{preset: W4A16, weights: {group_size: 32, symmetric: false}}",
+    "w4a16-channel": "{preset: W4A16, weights: {granularity: channel}}",
+    "w8a8": "W8A8",
+    "w3a16-g32": "{preset: W3A16, weights: {group_size: 32, symmetric: false}}",  # 3-bit fields straddle words
+    "w8a16-channel": "W8A16",
+}
+
+
+def _recipe(scheme: str) -> Recipe:
+    return Recipe.from_yaml(f'version: 1\nname: t\nschemes: {{lm_head: null, "re:.*": {scheme}}}\nstages: [rtn]\n')
+
+
+def _artifact(tiny, tmp_path, name: str, recipe) -> tuple:
+    model, tok = tiny
+    compress(model, _recipe(SCHEMES[name]) if name in SCHEMES else recipe)
+    return model, save(model, tmp_path / name, tokenizer=tok)
+
+
+def _qc(path) -> dict:
+    return json.loads((path / "config.json").read_text())["quantization_config"]
+
+
+STOCK = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    tokens = torch.load(sys.argv[1])
+    out = {}
+    for path in sys.argv[3:]:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.no_grad():
+            out[path] = model(tokens).logits
+    leaked = sorted(m for m in sys.modules if m == "lmpress" or m.startswith("lmpress."))
+    assert not leaked, leaked
+    torch.save(out, sys.argv[2])
+""")
+
+
+def _stock_logits(paths, tokens, tmp_path) -> dict:
+    torch.save(tokens, tmp_path / "tokens.pt")
+    res = subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt"), *map(str, paths)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(tmp_path / "logits.pt")
+
+
+def _ct_rule_fake_quantize(x, args, scale=None, zero=None):
+    """compressed-tensors' reference dynamic activation quantizer (calculate_qparams, symmetric):
+    scale = absmax / ((q_max - q_min) / 2), codes clamped to [q_min, q_max]."""
+    assert scale is None and args.symmetric and args.granularity == "token"
+    absmax = x.abs().amax(dim=-1, keepdim=True)
+    s = absmax / ((args.qmax - args.qmin) / 2)
+    s = torch.where(s == 0, torch.full_like(s, torch.finfo(s.dtype).eps), s)
+    return torch.clamp(torch.round(x / s), args.qmin, args.qmax) * s
+
+
+def test_compressed_tensors_artifacts_load_in_stock_transformers(tmp_path, tokens, monkeypatch):
+    pytest.importorskip("compressed_tensors")
+    from lmpress.compress.models import tiny_llama
+
+    paths, ours = {}, {}
+    for name in SCHEMES:
+        _, path = _artifact(tiny_llama(seed=0), tmp_path, name, None)
+        qc = _qc(path)
+        assert qc["quant_method"] == "compressed-tensors" and qc["ignore"] == ["lm_head"]
+        assert qc["format"] == ("int-quantized" if name == "w8a8" else "pack-quantized")
+        assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]
+        paths[name] = path
+        with torch.no_grad():
+            ours[name] = load(path)(tokens).logits
+    stock = _stock_logits(paths.values(), tokens, tmp_path)
+    for name in ("w4a16-g32-asym", "w4a16-channel", "w3a16-g32", "w8a16-channel"):  # weight-only: same weights, same logits
+        diff = (stock[str(paths[name])] - ours[name]).abs().max().item()
+        assert diff <= 1e-4, (name, diff)
+    # W8A8: identical int8 weights; the activation quantizer is the runtime's own, and
+    # compressed-tensors' reference takes absmax/127.5 where lmpress (and vLLM) take absmax/127
+    w8 = stock[str(paths["w8a8"])]
+    monkeypatch.setattr("lmpress.kernels.linear.fake_quantize", _ct_rule_fake_quantize)
+    with torch.no_grad():
+        ct_rule = load(paths["w8a8"])(tokens).logits
+    assert (w8 - ct_rule).abs().max().item() <= 1e-4
+
+
+def test_compressed_tensors_tensor_layout(tiny, tmp_path):
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    from safetensors.torch import load_file
+
+    model, path = _artifact(tiny, tmp_path, "w4a16-g32-asym", None)
+    sim = model.model.layers[0].mlp.down_proj  # 96 x 160, 5 groups
+    state = load_file(str(path / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj"
+    assert state[f"{key}.weight_packed"].dtype == torch.int32 and state[f"{key}.weight_packed"].shape == (96, 20)
+    assert state[f"{key}.weight_zero_point"].dtype == torch.int32 and state[f"{key}.weight_zero_point"].shape == (12, 5)
+    assert state[f"{key}.weight_shape"].tolist() == [96, 160]
+    codes = ct.unpack_from_int32(state[f"{key}.weight_packed"], 4, torch.Size([96, 160]))
+    assert torch.equal(codes, sim.weight_codes)
+    zp = ct.unpack_from_int32(state[f"{key}.weight_zero_point"], 4, torch.Size([96, 5]), packed_dim=0)
+    assert torch.equal(zp.float(), sim.weight_zero_point.float())
+    assert torch.equal(state[f"{key}.weight_scale"], sim.weight_scale.float())
+
+    model, path = _artifact(tiny_llama_fresh(), tmp_path, "w8a8", None)
+    state = load_file(str(path / "model.safetensors"))
+    assert state[f"{key}.weight"].dtype == torch.int8 and f"{key}.weight_shape" not in state
+    assert torch.equal(state[f"{key}.weight"], model.model.layers[0].mlp.down_proj.weight_codes)
+
+
+def tiny_llama_fresh():
+    from lmpress.compress.models import tiny_llama
+
+    return tiny_llama(seed=0)
+
+
+MIXED = ('version: 1\nname: mixed\nschemes: {lm_head: null, down_proj: W8A16, '
+         '"re:.*": {preset: W4A16, weights: {group_size: 32}}}\nstages: [rtn]\n')
+
+
+@pytest.mark.parametrize("recipe,reason", [
+    ("w4a16-rtn", "group size 64 does not divide"),  # 96 and 160 are not multiples of 64
+    ("w4a4kv4-quarot-rtn", "online transforms"),
+    ("w4a4-rtn", "activations"),
+    (MIXED, "mixed precision"),
+])
+def test_what_compressed_tensors_cannot_describe_stays_lmpress(tiny, tokens, tmp_path, recipe, reason):
+    model, tok = tiny
+    compress(model, Recipe.from_yaml(recipe) if "\n" in recipe else Recipe.load(recipe))
+    path = save(model, tmp_path / "a", tokenizer=tok)
+    assert _qc(path)["quant_method"] == "lmpress"
+    rt = inspect(path)["runtimes"]
+    assert reason in rt["vLLM"] and "import lmpress" in rt["transformers"]
+
+
+def test_inspect_and_load_of_a_compressed_tensors_artifact(tiny, tokens, tmp_path):
+    model, path = _artifact(tiny, tmp_path, "w8a8", None)
+    info = inspect(path)
+    assert info["runtimes"]["vLLM"].startswith("yes") and "without lmpress" in info["runtimes"]["transformers"]
+    assert info["modules"]["model.layers.0.mlp.down_proj"]["shape"] == [96, 160]
+    res = CliRunner().invoke(app, ["inspect", str(path)])
+    assert res.exit_code == 0 and "vLLM: yes (compressed-tensors int-quantized)" in res.output
+    with torch.no_grad():
+        assert (load(path)(tokens).logits - model(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_lmpress_artifact_loads_with_from_pretrained(tiny, tokens, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lmpress.kernels.online import RotatedInput
+
+    model, tok = tiny
+    compress(model, "w4a4kv4-quarot-rtn")
+    path = save(model, tmp_path / "q", tokenizer=tok)
+    hf = AutoModelForCausalLM.from_pretrained(path)  # lmpress.compress is imported: quant_method lmpress is known
+    assert isinstance(hf.model.layers[0].mlp.down_proj, RotatedInput)
+    assert isinstance(hf.model.layers[0].mlp.down_proj.linear, PackedLinear)
+    assert hf.config._attn_implementation == "lmpress"
+    with torch.no_grad():
+        diff = (hf(tokens).logits - load(path)(tokens).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def _gptq_reference_pack(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """AutoGPTQ's QuantLinear.pack loop, written out: u (in, out) unsigned -> (in*bits/32, out)."""
+    per = 32 // bits
+    rows = []
+    for r in range(u.shape[0] // per):
+        word = torch.zeros(u.shape[1], dtype=torch.int64)
+        for j in range(per):
+            word |= u[r * per + j].to(torch.int64) << (bits * j)
+        rows.append(word)
+    w = torch.stack(rows)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+@pytest.mark.parametrize("name", ["w4a16-g32-asym", "w4a16-channel"])
+@pytest.mark.parametrize("fmt", ["gptq_v2", "gptq"])
+def test_gptq_export_round_trips(tiny, tokens, tmp_path, name, fmt):
+    _, path = _artifact(tiny, tmp_path, name, None)
+    ours = load(path)
+    out = export_gptq(path, tmp_path / f"{name}-{fmt}", checkpoint_format=fmt, dtype=torch.float32)
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["checkpoint_format"] == fmt and qc["group_size"] == (32 if "g32" in name else -1) and qc["desc_act"] is False
+    _, modules, _ = read_gptq(out)
+    assert set(modules) == {n for n, m in ours.named_modules() if isinstance(m, PackedLinear)}
+    for fqn, m in modules.items():
+        pl = ours.get_submodule(fqn)
+        assert torch.equal(m["weight_packed"], pl.weight_packed) and torch.equal(m["weight_scale"], pl.weight_scale)
+        if pl.weight_zero_point is None:
+            assert m["weight_zero_point"] is None
+        else:
+            assert torch.equal(m["weight_zero_point"], pl.weight_zero_point)
+    # the layout, against AutoGPTQ's packing loop and GPTQ's dequantization (g_idx, z + 1 in v1)
+    from safetensors.torch import load_file
+
+    st = load_file(str(out / "model.safetensors"))
+    pl, key = ours.model.layers[1].mlp.down_proj, "model.layers.1.mlp.down_proj"
+    q = pl.dequantized_weight()  # (96, 160)
+    codes = torch.round(q / pl.weight_scale.repeat_interleave(32 if "g32" in name else 160, 1)[:, :160])
+    zero = pl.weight_zero_point if pl.weight_zero_point is not None else torch.zeros_like(pl.weight_scale)
+    u = (codes + zero.repeat_interleave(32 if "g32" in name else 160, 1)[:, :160] + 8).to(torch.int64)  # unsigned codes
+    assert torch.equal(st[f"{key}.qweight"], _gptq_reference_pack(u.t(), 4))
+    zu = (zero + 8).to(torch.int64) - (1 if fmt == "gptq" else 0)  # (96, n_groups)
+    assert torch.equal(st[f"{key}.qzeros"], _gptq_reference_pack(zu, 4).t().contiguous())  # packed along out
+    shifts = torch.arange(8) * 4
+    uu = ((st[f"{key}.qweight"].unsqueeze(1).to(torch.int64) >> shifts.view(1, 8, 1)) & 15).reshape(160, 96)  # (in, out)
+    zz = ((st[f"{key}.qzeros"].unsqueeze(2).to(torch.int64) >> shifts.view(1, 1, 8)) & 15).reshape(-1, 96)  # (groups, out)
+    zz = zz + (1 if fmt == "gptq" else 0)
+    g = st[f"{key}.g_idx"].long()
+    w = (st[f"{key}.scales"][g] * (uu - zz[g])).t()  # (out, in), GPTQ's formula
+    assert torch.equal(w, pl.dequantized_weight())
+    with torch.no_grad():
+        assert (load_gptq(out)(tokens).logits - ours(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_gptq_export_float16_and_refusals(tiny, tmp_path):
+    _, path = _artifact(tiny, tmp_path, "w4a16-g32-asym", None)
+    ours = load(path)
+    out = export_gptq(path, tmp_path / "fp16")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    _, modules, rest = read_gptq(out)
+    m, pl = modules["model.layers.0.self_attn.q_proj"], ours.model.layers[0].self_attn.q_proj
+    assert torch.equal(m["weight_packed"], pl.weight_packed)
+    assert torch.equal(m["weight_scale"], pl.weight_scale.half().float())
+    assert rest["model.embed_tokens.weight"].dtype == torch.float16
+    # v1 stores z - 1: an unsigned zero point of 0 has no encoding
+    args = QuantArgs(bits=4, granularity="channel", symmetric=False)
+    zero = torch.full((8, 1), -8.0)
+    with pytest.raises(ValueError, match="gptq_v2"):
+        to_gptq(torch.zeros(8, 1, dtype=torch.int32), torch.ones(8, 1), zero, args, 8, checkpoint_format="gptq")
+    assert to_gptq(torch.zeros(8, 1, dtype=torch.int32), torch.ones(8, 1), zero, args, 8)["qzeros"].tolist() == [[0]]
+    # what GPTQ cannot describe is refused with the reason, from the CLI too
+    model, tok = tiny_llama_fresh()
+    compress(model, "w4a4kv4-quarot-rtn")
+    q = save(model, tmp_path / "q")
+    res = CliRunner().invoke(app, ["export", str(q), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "cannot be exported as GPTQ" in res.output and "online transforms" in res.output
+    res = CliRunner().invoke(app, ["export", str(path), "--out", str(tmp_path / "y"), "--format", "gptq-v1", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "y" / "quantize_config.json").read_text())["checkpoint_format"] == "gptq"
+
+
+def test_lm_eval_hf_model_loads_an_lmpress_artifact(tiny, tokens, tmp_path):
+    from lm_eval.models.huggingface import HFLM
+
+    from lmpress.kernels.online import RotatedInput
+
+    model, tok = tiny
+    compress(model, "w4a4kv4-quarot-rtn")
+    path = save(model, tmp_path / "q", tokenizer=tok)
+    lm = HFLM(pretrained=str(path), device="cpu", batch_size=1)  # lm-eval's `--model hf --model_args pretrained=DIR`
+    assert isinstance(lm.model.model.layers[1].mlp.down_proj, RotatedInput)
+    with torch.no_grad():
+        assert (lm.model(tokens).logits - load(path)(tokens).logits).abs().max().item() <= 1e-4
