@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lmpress compress-and-eval smollm2-135m --recipe w8a8-smoothquant-rtn --n 32 --windows 32 --task-limit 20 --latency-repeats 1 --out out/smollm2-w8a8 --overwrite
+	$(VENV)/bin/lmpress compress-and-eval smollm2-135m --recipe w8a8-smoothquant-rtn --n 32 --windows 32 --task-limit 10 --latency-repeats 1 --out out/smollm2-w8a8 --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
