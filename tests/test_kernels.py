@@ -9,9 +9,6 @@ started with it. Shapes are small and blocks big: the interpreter costs ~ms per 
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,6 +23,7 @@ from lmpress.quant.primitives import dequantize, fake_quantize
 from lmpress.quant.rtn import rtn_quantize
 from lmpress.quant.scheme import W4A4, W4A8, W4A16, W8A8, QuantArgs, QuantScheme
 from lmpress.quant.sim import SimQuantLinear
+from _interpreter import run_triton_tests_in_interpreter
 
 INTERP = interpreter_ready()
 in_interpreter = pytest.mark.skipif(not INTERP, reason="needs TRITON_INTERPRET=1 at start-up; run by test_triton_suite_in_interpreter")
@@ -589,10 +587,4 @@ def test_tiny_model_with_online_hadamard_through_triton(tiny, tokens, tmp_path, 
 @pytest.mark.triton
 @pytest.mark.skipif(INTERP, reason="already running under TRITON_INTERPRET=1: the triton tests ran in-process")
 def test_triton_suite_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "LMPRESS_KERNELS": "auto"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-m", "triton", "-q", "-p", "no:cacheprovider", "-x"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-    assert proc.returncode == 0, f"triton tests failed under TRITON_INTERPRET=1:\n{tail}"
-    assert " passed" in tail and " failed" not in tail, tail
+    run_triton_tests_in_interpreter(__file__, LMPRESS_KERNELS="auto")

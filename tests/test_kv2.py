@@ -1,9 +1,6 @@
 """KV2: KIVI quantizer, flush rule, decode-exact simulation, RotateKV, runtime QuantizedKVCache, Triton kernels."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ from lmpress.quant.kv_cache import (
     quantized_values, zigzag_order,
 )
 from lmpress.quant.scheme import KV2, KVCacheArgs
+from _interpreter import run_triton_tests_in_interpreter
 
 INTERP = interpreter_ready()
 in_interpreter = pytest.mark.skipif(not INTERP, reason="needs TRITON_INTERPRET=1 at start-up; run by test_kv_triton_in_interpreter")
@@ -285,13 +283,7 @@ def test_runtime_cache_on_triton_kernels_matches_reference(monkeypatch):
 @pytest.mark.triton
 @pytest.mark.skipif(INTERP, reason="already running under TRITON_INTERPRET=1: the triton tests ran in-process")
 def test_kv_triton_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-m", "triton", "-q", "-p", "no:cacheprovider", "-x"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-    assert proc.returncode == 0, f"triton KV tests failed under TRITON_INTERPRET=1:\n{tail}"
-    assert " passed" in tail and " failed" not in tail, tail
+    run_triton_tests_in_interpreter(__file__)
 
 
 def test_w4a4kv2_recipe_compresses_and_runtime_matches_simulation(text_file):

@@ -3,9 +3,6 @@ sparse24_gemm Triton kernel against its reference (interpreter, in a subprocess 
 tests/test_kernels.py: TRITON_INTERPRET=1 must be set before triton is first imported)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +17,7 @@ from lmpress.prune.masks import check_nm, nm_mask
 from lmpress.quant.rtn import rtn_quantize
 from lmpress.quant.scheme import QuantArgs, QuantScheme
 from lmpress.quant.sim import SimQuantLinear
+from _interpreter import run_triton_tests_in_interpreter
 
 INTERP = interpreter_ready()
 in_interpreter = pytest.mark.skipif(not INTERP, reason="needs TRITON_INTERPRET=1 at start-up; run by test_sparse24_triton_in_interpreter")
@@ -193,13 +191,7 @@ def test_sparse24_gemm_shape_errors_say_what_to_do():
 @pytest.mark.triton
 @pytest.mark.skipif(INTERP, reason="already running under TRITON_INTERPRET=1")
 def test_sparse24_triton_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-m", "triton", "-q", "-p", "no:cacheprovider", "-x"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-    assert proc.returncode == 0, f"triton tests failed under TRITON_INTERPRET=1:\n{tail}"
-    assert " passed" in tail and " failed" not in tail, tail
+    run_triton_tests_in_interpreter(__file__)
 
 
 def test_pack_of_positions_is_the_2_bit_bitstream():
