@@ -363,20 +363,25 @@ def test_packed_linear_triton_matches_sim(name, monkeypatch):
         assert _rel(y, sim(x)) <= 1e-5
 
 
-@pytest.mark.triton
-@in_interpreter
-@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8-rtn"])
-def test_tiny_model_end_to_end_through_triton(recipe, tiny, tokens, tmp_path, monkeypatch):
+def _compress_reload_run_triton(model, recipe, tokens, tmp_path, monkeypatch):
+    """Compress, save, load, then run the packed model through Triton: (runtime, its logits, the
+    simulated model's logits) on two 12-token rows."""
     from lmpress.compress import compress, load, save
 
-    model, _ = tiny
     compress(model, recipe)
     save(model, tmp_path / "ckpt")
     runtime = load(tmp_path / "ckpt")
     monkeypatch.setenv("LMPRESS_KERNELS", "triton")
     ids = tokens[:2, :12]
     with torch.no_grad():
-        y, r = runtime(ids).logits, model(ids).logits
+        return runtime, runtime(ids).logits, model(ids).logits
+
+
+@pytest.mark.triton
+@in_interpreter
+@pytest.mark.parametrize("recipe", ["w4a16-rtn", "w8a8-rtn"])
+def test_tiny_model_end_to_end_through_triton(recipe, tiny, tokens, tmp_path, monkeypatch):
+    runtime, y, r = _compress_reload_run_triton(tiny[0], recipe, tokens, tmp_path, monkeypatch)
     kinds = {m.kernel_path.kind for m in runtime.modules() if isinstance(m, PackedLinear)}
     assert kinds == {"triton-w4a16" if recipe == "w4a16-rtn" else "triton-w8a8"}
     assert _rel(y, r) <= 1e-4
@@ -565,17 +570,10 @@ def test_rotated_packed_linear_fuses_online_hadamard(name, monkeypatch):
 @pytest.mark.triton
 @in_interpreter
 def test_tiny_model_with_online_hadamard_through_triton(tiny, tokens, tmp_path, monkeypatch):
-    from lmpress.compress import Recipe, compress, load, save
+    from lmpress.compress import Recipe
 
-    model, _ = tiny
     recipe = {"schemes": {"lm_head": None, "re:.*": "W8A8"}, "stages": [{"rotate": {"online": ["down_proj"]}}, "rtn"]}
-    compress(model, Recipe.from_dict(recipe))
-    save(model, tmp_path / "ckpt")
-    runtime = load(tmp_path / "ckpt")
-    monkeypatch.setenv("LMPRESS_KERNELS", "triton")
-    ids = tokens[:2, :12]
-    with torch.no_grad():
-        y, r = runtime(ids).logits, model(ids).logits
+    runtime, y, r = _compress_reload_run_triton(tiny[0], Recipe.from_dict(recipe), tokens, tmp_path, monkeypatch)
     kinds = {n.removesuffix(".linear").rsplit(".", 1)[-1]: m.kernel_path.kind
              for n, m in runtime.named_modules() if isinstance(m, PackedLinear)}
     assert kinds["down_proj"] == "triton-rot+w8a8" and kinds["up_proj"] == "triton-w8a8"
