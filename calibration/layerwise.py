@@ -56,6 +56,9 @@ class _Batch:
     kwargs: dict  # the decoder layer's keyword arguments for this batch, tensors on CPU
 
 
+Batch = _Batch  # public name: one batch of a decoder layer's inputs (hidden states + keyword arguments)
+
+
 @dataclass
 class LayerStep:
     """One decoder layer and the inputs it sees, handed to a stage by `LayerwiseRunner`."""
@@ -135,6 +138,17 @@ class LayerwiseRunner:
             out = out[0] if isinstance(out, (tuple, list)) else out  # older transformers: a tuple
             outs.append(out.to("cpu"))
         return outs
+
+    # public entry points for drivers that own the layer loop (the lazy path, `compress.lazy`)
+
+    def capture(self) -> list[_Batch]:
+        """Layer 0's inputs and keyword arguments, one `Batch` per batch of `batch_size` sequences.
+        Only the modules before layer 0 run (the layers themselves may be on the meta device)."""
+        return self._capture()
+
+    def run_layer(self, layer: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]:
+        """`layer` applied to every batch (no_grad, on the runner's device); outputs on CPU."""
+        return self._run_layer(layer, batches)
 
     def __len__(self) -> int:
         return len(self.layers)

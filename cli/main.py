@@ -223,10 +223,20 @@ def compress_cmd(
     seqlen: int = typer.Option(512),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (cuda when available)"),
+    lazy: bool = typer.Option(False, "--lazy", help="larger than memory: read, quantize, write and free one decoder layer at a time"),
+    offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="--lazy: folder for the per-layer progress and spilled activations (implies --lazy; default <out>.partial)"),
+    resume: bool = typer.Option(False, "--resume", help="--lazy: continue an interrupted run from its last finished layer"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Compress a model with a recipe and write the packed checkpoint."""
     _setup_logging(verbose)
+    if device not in ("cpu", "cuda", "auto"):
+        _fail(f"--device {device!r}: use cpu, cuda or auto")
+    if lazy or offload_dir is not None or resume:
+        with _user_errors():
+            _compress_lazy_cmd(model, recipe, out, calib, n, seqlen, seed, overwrite, device, offload_dir, resume)
+        return
     with _user_errors():
         from lmpress.compress import Recipe
 
@@ -234,9 +244,47 @@ def compress_cmd(
         _check_out(out, overwrite)
         timer = _Timer()
         mdl, tok = _load(model, timer)
+        if device != "cpu":
+            mdl = mdl.to(_resolve_device(device))
         _, report = _run_compress(mdl, tok, recipe, out, calib, n, seqlen, seed, overwrite, timer)
     s = report.summary()
     typer.echo(f"wrote {out}: {s['quantized_modules']} quantized modules, mean SQNR {s['mean_sqnr_db']} dB, {s['total_seconds']} s")
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    return "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+
+
+def _compress_lazy_cmd(model, recipe, out, calib, n, seqlen, seed, overwrite, device, offload_dir, resume) -> None:
+    """`compress --lazy`: the model directory's shards are read one layer at a time; several
+    processes (torchrun) share the work."""
+    from transformers import AutoTokenizer
+
+    from lmpress.calibration.data import sample_calibration
+    from lmpress.compress import Recipe
+    from lmpress.compress.distributed import from_env
+    from lmpress.compress.lazy import check_recipe, compress_lazy
+    from lmpress.compress.models import resolve_model
+
+    rec = Recipe.load(recipe)
+    check_recipe(rec)  # refuse whole-model stages before any long work
+    src = resolve_model(model)
+    if src.suffix.lower() == ".gguf":
+        raise ValueError(f"--lazy reads safetensors shards; {src} is a GGUF file: convert it to a Hugging Face directory first")
+    if not resume:
+        _check_out(out, overwrite)
+    dist = from_env(device)
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    cal = sample_calibration(tok, calib, n=n, seqlen=seqlen, seed=seed) if rec.needs_calibration else None
+    report = compress_lazy(src, rec, cal, out, tokenizer=tok, device=_resolve_device(device), work_dir=offload_dir,
+                           resume=resume, overwrite=overwrite or resume, dist=dist)
+    if dist is None or dist.is_writer:
+        s = report.summary()
+        typer.echo(f"wrote {out} layer by layer: {s['quantized_modules']} quantized modules, mean SQNR {s['mean_sqnr_db']} dB")
 
 
 @app.command("eval")
@@ -284,6 +332,18 @@ def inspect_cmd(path: Path = typer.Argument(..., help="a packed checkpoint direc
                + (f" · KV cache {info['kv_cache']}" if info["kv_cache"] else ""))
     for runtime, how in (info.get("runtimes") or {}).items():
         typer.echo(f"{runtime}: {how}")
+    mp = info.get("mixed_precision")
+    if mp:  # the plan per decoder layer: one scheme label per linear
+        import re
+
+        typer.echo(f"mixed precision ({mp.get('sensitivity')} sensitivities, budget {mp.get('budget')}): "
+                   f"avg {mp['avg_weight_bits']:.4f} weight bits, avg {mp['avg_act_bits']:.3f} input bits")
+        layers: dict[str, list[str]] = {}
+        for fqn, p in mp["plan"].items():
+            hit = re.search(r"layers\.(\d+)\.", fqn)
+            layers.setdefault(hit.group(1) if hit else fqn, []).append(f"{fqn.split('.')[-2 if fqn.endswith('.linear') else -1]}={p['scheme']}")
+        order = sorted(layers, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+        _print_table(("layer", "plan"), [(k, " ".join(sorted(layers[k]))) for k in order])
 
 
 @app.command("export")

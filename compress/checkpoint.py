@@ -24,7 +24,11 @@ follow its layout (packed int8 zero points, int8 `weight` for W8A8), so stock tr
 compressed-tensors and vLLM load it; the lmpress manifest keys ride along in the same dict
 (`lmpress_format` marks it) and `load` converts the tensors back. Everything else stays
 `quant_method: lmpress`, which `lmpress.compress.hf_quantizer` teaches `from_pretrained`.
-Online transforms are rebuilt from (kind, size, seed), never stored as matrices; `load` wraps
+Hadamard transforms are rebuilt from (kind, size, seed), never stored as matrices; learned
+Kronecker transforms (FlatQuant, `kind: kron`, `factors: [m, p]`) keep their tensors in the
+safetensors file under `<transform>.kron_left|kron_right|kron_scale` (listed in the spec's
+`tensors`), and `apply: output` wraps a module (a norm) in `TransformedOutput` (it moves to
+`<where>.module`). `load` wraps
 the recorded linears in `RotatedInput` (the linear moves to `<where>.linear`), attaches the
 attention settings and selects the "lmpress" attention function. A save is written to a temporary sibling directory and renamed
 into place, so an interrupted save leaves nothing half-written.
@@ -121,10 +125,11 @@ def _lmpress_block(model: nn.Module) -> dict[str, Any] | None:
     """What compressed-tensors cannot express, rebuilt at load: online transforms by
     (kind, size, seed, where, apply) and the per-attention-module settings (Q/K transform, KV
     fake-quant args) of the "lmpress" attention function. None when the model has neither."""
+    from lmpress.kernels.online import output_transform_specs
     from lmpress.quant.attention import ATTN_IMPLEMENTATION, attention_specs
     from lmpress.quant.rotate import online_specs
 
-    online = online_specs(model)
+    online = online_specs(model) + output_transform_specs(model)  # "output": FlatQuant's transform of a norm's output
     attention = attention_specs(model)
     if not online and not attention:
         return None
@@ -150,19 +155,30 @@ def _with_sparsity(block: dict[str, Any] | None, modules: dict[str, Any]) -> dic
     return {**(block or {}), "sparsity": {"format": "sparse24", "layout_version": 1, "modules": sparse}}
 
 
+def _with_mixed(block: dict[str, Any] | None, meta: dict) -> dict[str, Any] | None:
+    """Record the mixed-precision plan (budget, totals, per-module scheme, how it was found) in the
+    `lmpress` block; the per-module schemes themselves are the manifest's `modules`."""
+    from .stages.mixed_precision import manifest_block
+
+    mixed = manifest_block(meta)
+    return block if mixed is None else {**(block or {}), "mixed_precision": mixed}
+
+
 def _restore_lmpress_block(model: nn.Module, block: dict[str, Any] | None) -> None:
     """Rebuild online transforms and attention settings on a fresh skeleton (before the
     quantized modules are swapped in, since wrapping moves a linear to `<fqn>.linear`)."""
     if not block:
         return
+    from lmpress.kernels.online import restore_output_transforms
     from lmpress.quant.attention import restore_attention
     from lmpress.quant.rotate import restore_online
 
     online = list(block.get("online_transforms") or [])
-    unknown = sorted({o.get("apply") for o in online} - {"input", "qk"}, key=str)
+    unknown = sorted({o.get("apply") for o in online} - {"input", "output", "qk"}, key=str)
     if unknown:
         raise CheckpointError(f"online transforms applied as {unknown} are not known to this lmpress ({_version()}): upgrade lmpress")
     restore_online(model, [o for o in online if o.get("apply") == "input"])
+    restore_output_transforms(model, [o for o in online if o.get("apply") == "output"])
     attention: dict[str, dict[str, Any]] = {}
     for o in online:
         if o.get("apply") == "qk":
@@ -186,53 +202,70 @@ def save(
     block = _lmpress_block(model)
     ct, _ = ct_format.ct_form(model, _schemes(modules), block, kv)  # None: lmpress-only artifact
     block = _with_sparsity(block, modules)
+    block = _with_mixed(block, meta)
     if ct is not None:
         tensors = ct_format.to_disk(tensors, _schemes(modules), ct.format)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        recipe = meta.get("recipe")
-        manifest = {
-            "quant_method": "lmpress",
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION if block is None else FORMAT_VERSION_ONLINE,
-            "lmpress_version": _version(),
-            "modules": modules,
-            "kv_cache": kv.to_dict() if kv is not None else None,
-            "tied": aliases,
-            "recipe": recipe.to_dict() if recipe is not None else None,
-            "calibration": meta.get("calibration"),
-            "files": {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)},
-        }
-        if block is not None:
-            manifest["lmpress"] = block
-        if ct is not None:  # compressed-tensors keys win; ours ride along (its readers ignore unknown keys)
-            manifest.update(ct.config, lmpress_format=FORMAT)
-        config = model.config.to_dict()
-        config["quantization_config"] = manifest
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if recipe is not None:
-            recipe.save(tmp / "recipe.yaml")
-        report = meta.get("report")
-        report_dict = report.to_dict() if report is not None else {}
-        report_dict.update(extra_report or {})
-        (tmp / "report.json").write_text(json.dumps(report_dict, indent=2, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        write_metadata(tmp, model, modules, aliases, {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}, block, ct,
+                       tokenizer=tokenizer, extra_report=extra_report)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("saved %d tensors (%d quantized modules) to %s", len(tensors), len(modules), out)
     return out
+
+
+def write_metadata(tmp: Path, model: nn.Module, modules: dict[str, Any], aliases: dict[str, str], files: dict[str, str],
+                   block: dict[str, Any] | None, ct, tokenizer=None, extra_report: dict | None = None) -> None:
+    """config.json (with the manifest), generation config, recipe.yaml, report.json and the
+    tokenizer, written into `tmp` beside the tensor files `files` ({name: sha256}). Shared by
+    `save` and the streaming writer of the lazy path (`lmpress.compress.lazy`)."""
+    meta = getattr(model, "lmpress_meta", None) or {}
+    kv = meta.get("kv_cache")
+    recipe = meta.get("recipe")
+    manifest = {
+        "quant_method": "lmpress",
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION if block is None else FORMAT_VERSION_ONLINE,
+        "lmpress_version": _version(),
+        "modules": modules,
+        "kv_cache": kv.to_dict() if kv is not None else None,
+        "tied": aliases,
+        "recipe": recipe.to_dict() if recipe is not None else None,
+        "calibration": meta.get("calibration"),
+        "files": files,
+    }
+    if block is not None:
+        manifest["lmpress"] = block
+    if ct is not None:  # compressed-tensors keys win; ours ride along (its readers ignore unknown keys)
+        manifest.update(ct.config, lmpress_format=FORMAT)
+    config = model.config.to_dict()
+    config["quantization_config"] = manifest
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if recipe is not None:
+        recipe.save(tmp / "recipe.yaml")
+    report = meta.get("report")
+    report_dict = report.to_dict() if report is not None else {}
+    report_dict.update(extra_report or {})
+    (tmp / "report.json").write_text(json.dumps(report_dict, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished directory `tmp` to `out`, replacing an existing `out` (moved aside first)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def _schemes(modules: dict[str, Any]) -> dict[str, QuantScheme]:
@@ -319,10 +352,12 @@ def load(out_dir: str | Path, device: str | torch.device = "cpu", verify: bool =
     with init_empty_weights():  # parameters on meta; buffers such as RoPE's inv_freq stay real
         model = AutoModelForCausalLM.from_config(config)
     prepare_skeleton(model, manifest)
-    try:
-        state = load_file(str(out / WEIGHTS_FILE), device=str(device))
-    except Exception as e:  # a header that does not parse
-        raise CheckpointError(f"cannot read {out / WEIGHTS_FILE} ({e}); the file is corrupted, re-run the compression") from None
+    state = {}
+    for fname in weight_files(manifest):
+        try:
+            state.update(load_file(str(out / fname), device=str(device)))
+        except Exception as e:  # a header that does not parse
+            raise CheckpointError(f"cannot read {out / fname} ({e}); the file is corrupted, re-run the compression") from None
     if manifest.get("quant_method") == ct_format.QUANT_METHOD:
         state = ct_format.from_disk(state, _schemes(manifest["modules"]), manifest["format"])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -348,22 +383,21 @@ def inspect(out_dir: str | Path) -> dict[str, Any]:
     _, manifest = read_manifest(out, verify=False)
     rows: dict[str, dict[str, Any]] = {}
     total = 0
-    with safe_open(str(out / WEIGHTS_FILE), framework="pt") as f:
-        for key in f.keys():
-            sl = f.get_slice(key)
-            numel = 1
-            for d in sl.get_shape():
-                numel *= d
-            nbytes = numel * _DTYPE_BYTES[sl.get_dtype()]
-            total += nbytes
-            owner = key.rpartition(".")[0]
-            if owner in manifest["modules"]:
-                row = rows.setdefault(owner, {"scheme": QuantScheme.from_dict(manifest["modules"][owner]).name, "bytes": 0})
-                row["bytes"] += nbytes
-                if key.endswith(".weight_shape"):
-                    row["shape"] = [int(v) for v in f.get_tensor(key).tolist()]
-                elif key.endswith(".weight"):  # compressed-tensors int-quantized: int8 codes, no weight_shape
-                    row["shape"] = [int(v) for v in sl.get_shape()]
+    for key, f in _each_tensor(out, manifest):
+        sl = f.get_slice(key)
+        numel = 1
+        for d in sl.get_shape():
+            numel *= d
+        nbytes = numel * _DTYPE_BYTES[sl.get_dtype()]
+        total += nbytes
+        owner = key.rpartition(".")[0]
+        if owner in manifest["modules"]:
+            row = rows.setdefault(owner, {"scheme": QuantScheme.from_dict(manifest["modules"][owner]).name, "bytes": 0})
+            row["bytes"] += nbytes
+            if key.endswith(".weight_shape"):
+                row["shape"] = [int(v) for v in f.get_tensor(key).tolist()]
+            elif key.endswith(".weight"):  # compressed-tensors int-quantized: int8 codes, no weight_shape
+                row["shape"] = [int(v) for v in sl.get_shape()]
     q_params = q_bytes = 0
     for row in rows.values():
         n = row["shape"][0] * row["shape"][1]
@@ -378,12 +412,28 @@ def inspect(out_dir: str | Path) -> dict[str, Any]:
         "quantized_params": q_params,
         "quantized_bits_per_weight": round(8 * q_bytes / q_params, 3) if q_params else None,
         "total_bytes": total,
-        "file_bytes": (out / WEIGHTS_FILE).stat().st_size,
+        "file_bytes": sum((out / n).stat().st_size for n in weight_files(manifest)),
         "kv_cache": manifest.get("kv_cache"),
         "online_transforms": len((manifest.get("lmpress") or {}).get("online_transforms") or []),
         "recipe": (manifest.get("recipe") or {}).get("name"),
+        "mixed_precision": (manifest.get("lmpress") or {}).get("mixed_precision"),
         "runtimes": runtimes(manifest, {n: r["shape"][1] for n, r in rows.items()}),
     }
+
+
+def weight_files(manifest: dict) -> list[str]:
+    """The tensor files of an artifact: `model.safetensors`, or the shards the lazy path streams
+    (`model-00001-of-000NN.safetensors`, listed with their sha256 under the manifest's `files`)."""
+    names = sorted(n for n in manifest.get("files", {}) if n.endswith(".safetensors"))
+    return names or [WEIGHTS_FILE]
+
+
+def _each_tensor(out: Path, manifest: dict):
+    """(key, open safetensors handle) for every tensor of every tensor file, without loading it."""
+    for fname in weight_files(manifest):
+        with safe_open(str(out / fname), framework="pt") as f:
+            for key in f.keys():
+                yield key, f
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -107,6 +107,45 @@ def plot_layer_error(modules: dict[str, dict], path: Path) -> Path | None:
     return path
 
 
+def plot_bit_map(plan: dict[str, dict], path: Path) -> Path | None:
+    """A mixed-precision plan as a grid: decoder layer × projection, colour = weight bits, the
+    cell text = weight/input bits (`plan`: {fqn: {"weights": bits, "inputs": bits}}, 16 = unquantized)."""
+    cells: dict[tuple[int, str], dict] = {}
+    for fqn, p in plan.items():
+        hit = _LAYER.search(fqn)
+        if hit:
+            parts = fqn.split(".")
+            cells[(int(hit.group(1)), parts[-2] if parts[-1] == "linear" else parts[-1])] = p
+    if not cells:
+        return None
+    import numpy as np
+
+    layers = sorted({k[0] for k in cells})
+    kinds = list(dict.fromkeys(kind for _, kind in cells))  # module order of the plan
+    grid = np.full((len(kinds), len(layers)), np.nan)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(layers) + 2), 0.45 * len(kinds) + 1.6))
+    for (layer, kind), p in cells.items():
+        r, c = kinds.index(kind), layers.index(layer)
+        grid[r, c] = p.get("weights", 16)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    mid = (np.nanmin(grid) + np.nanmax(grid)) / 2
+    a_min = min(p.get("inputs", 16) for p in cells.values())
+    for (layer, kind), p in cells.items():  # bold: inputs above the plan's lowest input bits (e.g. the A8 ones)
+        r, c = kinds.index(kind), layers.index(layer)
+        ax.text(c, r, f"{p.get('weights', 16)}/{p.get('inputs', 16)}", ha="center", va="center", fontsize=5.5,
+                color="white" if grid[r, c] <= mid else "black", fontweight="bold" if p.get("inputs", 16) > a_min else "normal")
+    ax.set_xticks(range(len(layers)), [str(v) for v in layers], fontsize=6)
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+    ax.set_xlabel("decoder layer")
+    ax.set_title("mixed-precision plan (cell: weight bits / input bits)")
+    fig.colorbar(im, ax=ax, label="weight bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_ppl_vs_bits(points: Sequence[tuple[str, float, float]], path: Path, title: str = "perplexity vs bits") -> Path | None:
     """`points`: (label, bits per weight, perplexity)."""
     points = [p for p in points if p[1] is not None and p[2] is not None]
@@ -249,6 +288,10 @@ def write_report(out_dir: str | Path, report: dict) -> Path:
     made = plot_layer_error((report.get("compression") or {}).get("modules") or {}, out / PLOTS_DIR / "layer_error.png")
     if made:
         plots["per-layer quantization error"] = f"{PLOTS_DIR}/{made.name}"
+    mixed = ((report.get("compression") or {}).get("mixed_precision") or {}).get("plan")
+    made = plot_bit_map(mixed, out / PLOTS_DIR / "bit_map.png") if mixed else None
+    if made:
+        plots["mixed-precision bit map"] = f"{PLOTS_DIR}/{made.name}"
     pts = []
     if (report.get("base") or {}).get("ppl") is not None:
         pts.append((f"base ({report.get('base_bits', 16)}-bit)", report.get("base_bits", 16), report["base"]["ppl"]))

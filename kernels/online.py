@@ -13,6 +13,10 @@ linear's own input fake-quant (SimQuantLinear / PackedLinear) sees the rotated a
 inverse of the transform must already be fused into the linear's weight (W · Q).
 A PackedLinear receives the untransformed input and the transform (`linear(x, transform=T)`):
 its Triton path fuses T into the activation quantization (`kron_factors()`), other paths apply T first.
+
+`KronTransform` is FlatQuant's learned online transform (x ∘ c)(A ⊗ B): its factors are stored
+tensors, not rebuilt from a seed. `TransformedOutput(module, transform)` applies a transform to a
+module's output (a norm feeding q/k/v or gate/up: one transform for all its readers).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from lmpress.quant.hadamard import (
     hadamard_factors, hadamard_matrix, hadamard_transform, has_hadamard, random_hadamard, random_orthogonal, random_signs,
 )
 
-KINDS = ("hadamard",)
+KINDS = ("hadamard", "kron")
 
 
 class OnlineHadamard(nn.Module):
@@ -116,12 +120,83 @@ class OnlineHadamard(nn.Module):
         return f"size={self.size}, seed={self.seed}, {how}"
 
 
+class KronTransform(nn.Module):
+    """y = (x ∘ c) (A ⊗ B) over the last dim (FlatQuant's online transform: two learned
+    Kronecker factors A (m, m), B (p, p) and a per-channel scale c (n,), n = m·p; not orthogonal:
+    its inverse was folded into the reading linears offline). A row x viewed as X (m, p)
+    row-major gives x (A ⊗ B) = Aᵀ X B.
+
+    Unlike OnlineHadamard the factors are learned, so they are persistent buffers
+    (`kron_left`, `kron_right`, `kron_scale`: the state dict, hence the checkpoint, holds them);
+    `spec()` records only the shapes, and `transform_from_spec` builds an identity of those shapes
+    for the checkpoint's tensors to be assigned into."""
+
+    kind = "kron"
+    TENSORS = ("kron_left", "kron_right", "kron_scale")
+
+    def __init__(self, m: int, p: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (m, p)):
+            raise ValueError(f"KronTransform: factor sizes must be positive integers, got {m!r}, {p!r}")
+        self.m, self.p, self.size = m, p, m * p
+        self.register_buffer("kron_left", torch.eye(m, dtype=dtype))  # A (m, m)
+        self.register_buffer("kron_right", torch.eye(p, dtype=dtype))  # B (p, p)
+        self.register_buffer("kron_scale", torch.ones(m * p, dtype=dtype))  # c (n,)
+
+    @classmethod
+    def from_factors(cls, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> "KronTransform":
+        T = cls(A.shape[0], B.shape[0], dtype)
+        if tuple(A.shape) != (T.m, T.m) or tuple(B.shape) != (T.p, T.p):
+            raise ValueError(f"KronTransform: factors must be square, got {tuple(A.shape)} and {tuple(B.shape)}")
+        T.kron_left = A.detach().to(dtype).clone()
+        T.kron_right = B.detach().to(dtype).clone()
+        if scale is not None:
+            if tuple(scale.shape) != (T.size,):
+                raise ValueError(f"KronTransform: scale must have shape ({T.size},), got {tuple(scale.shape)}")
+            T.kron_scale = scale.detach().to(dtype).clone()
+        return T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            raise ValueError(f"KronTransform of size {self.size} got an input whose last dim is {x.shape[-1]}")
+        X = (x * self.kron_scale.to(x.dtype)).reshape(*x.shape[:-1], self.m, self.p)  # (..., m, p)
+        Z = torch.matmul(self.kron_left.to(x.dtype).t(), torch.matmul(X, self.kron_right.to(x.dtype)))  # Aᵀ X B
+        return Z.reshape(x.shape)
+
+    @torch.no_grad()
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense (n, n) diag(c) (A ⊗ B) with forward(x) == x @ matrix()."""
+        K = torch.kron(self.kron_left.to(dtype), self.kron_right.to(dtype))
+        return self.kron_scale.to(dtype)[:, None] * K
+
+    @torch.no_grad()
+    def kron_factors(self, device: torch.device | str | None = None):
+        """(A, B, c, 1.0) in float32 for `kernels.transform_act_quant`, whose per-channel
+        multiplier (`signs`) takes c."""
+        dev = torch.device(device) if device is not None else self.kron_left.device
+        return (self.kron_left.to(dev, torch.float32), self.kron_right.to(dev, torch.float32),
+                self.kron_scale.to(dev, torch.float32), 1.0)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size": self.size, "factors": [self.m, self.p], "tensors": list(self.TENSORS)}
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, factors={self.m}x{self.p}"
+
+
 def transform_from_spec(spec: Mapping[str, Any]) -> nn.Module:
-    """Rebuild an online transform from its recorded spec {"kind", "size", "seed"}."""
+    """Rebuild an online transform from its recorded spec: {"kind": "hadamard", "size", "seed"},
+    or {"kind": "kron", "size", "factors": [m, p]} (an identity whose tensors the checkpoint assigns)."""
     kind = spec.get("kind")
     if kind == "hadamard":
         seed = spec.get("seed")
         return OnlineHadamard(int(spec["size"]), None if seed is None else int(seed))
+    if kind == "kron":
+        m, p = (int(v) for v in spec["factors"])
+        if m * p != int(spec["size"]):
+            raise ValueError(f"kron transform spec {dict(spec)!r}: factors do not multiply to size")
+        return KronTransform(m, p)
     raise ValueError(f"unknown online transform kind {kind!r}; known kinds: {list(KINDS)}")
 
 
@@ -148,4 +223,41 @@ class RotatedInput(nn.Module):
         return self.linear(self.transform(x))
 
 
-__all__ = ["KINDS", "OnlineHadamard", "RotatedInput", "transform_from_spec"]
+class TransformedOutput(nn.Module):
+    """y = transform(module(x)): an online transform of a module's output, e.g. FlatQuant's
+    transform of an RMSNorm's output, computed once for all the linears that read it (q/k/v,
+    gate/up), whose weights hold its inverse. The module moves to `<fqn>.module`."""
+
+    def __init__(self, module: nn.Module, transform: nn.Module):
+        super().__init__()
+        self.module = module
+        self.transform = transform
+
+    def forward(self, *args, **kwargs):
+        return self.transform(self.module(*args, **kwargs))
+
+
+def output_transform_specs(model: nn.Module) -> list[dict[str, Any]]:
+    """{"where": fqn, "apply": "output", **spec} of every TransformedOutput in the model."""
+    return [{"where": name, "apply": "output", **mod.transform.spec()}
+            for name, mod in model.named_modules() if isinstance(mod, TransformedOutput)]
+
+
+def restore_output_transforms(model: nn.Module, specs) -> list[str]:
+    """Wrap each recorded module in a TransformedOutput with a transform rebuilt from its spec
+    (at load time, before the tensors are assigned). Returns the wrapped fqns."""
+    wrapped = []
+    for spec in specs:
+        where = spec["where"]
+        parent_path, _, child = where.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        inner = getattr(parent, child)
+        if isinstance(inner, TransformedOutput):
+            raise ValueError(f"{where} is already wrapped in a TransformedOutput")
+        setattr(parent, child, TransformedOutput(inner, transform_from_spec(spec)))
+        wrapped.append(where)
+    return wrapped
+
+
+__all__ = ["KINDS", "KronTransform", "OnlineHadamard", "RotatedInput", "TransformedOutput", "output_transform_specs",
+           "restore_output_transforms", "transform_from_spec"]

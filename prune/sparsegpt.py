@@ -98,17 +98,13 @@ def _sweep(W, H, nm, sparsity, quant, block_size, damp) -> dict:
     dev = H.device
     rows, cols = W.shape
     W0 = W.detach().to(dev, torch.float32)
-    H64 = H.detach().to(torch.float64).clone()  # (in, in)
-    diag = H64.diagonal()
+    H = H.detach()
+    diag = H.diagonal()
     dead = diag <= 0
     n_dead = int(dead.sum())
-    live_mean = float(diag[~dead].mean()) if n_dead < cols else 1.0
-    H64[dead, :] = 0.0
-    H64[:, dead] = 0.0
-    H64.diagonal()[dead] = 1.0
-    U, damp_used = _inverse_cholesky(H64, damp, live_mean)
-    U = U.to(torch.float32)  # (in, in) upper factor of H⁻¹
-    del H64
+    live_mean = float(diag[~dead].double().mean()) if n_dead < cols else 1.0
+    rev = torch.arange(cols - 1, -1, -1, device=dev)  # natural column order, reversed (see _inverse_cholesky)
+    U, damp_used = _inverse_cholesky(H, rev, dead[rev], damp, live_mean)  # (in, in) upper factor of H⁻¹, float32
     Wk = W0.clone()
     Wk[:, dead] = 0.0
     d2 = U.diagonal().pow(2)  # (in,) the saliency denominators

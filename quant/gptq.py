@@ -81,20 +81,34 @@ def _qparams(W: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tens
     return mse_clip_qparams(W, args) if args.mse_clip else compute_qparams(W, args)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, live_mean: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (float64), λ = damp · live_mean; retries with more damp."""
+def _inverse_cholesky(H: torch.Tensor, rev: torch.Tensor, dead_rev: torch.Tensor, damp: float,
+                      live_mean: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U (float32, processing order) of (H_p + λI)⁻¹, where H_p is H with rows
+    and columns in processing order p = rev.flip(0), λ = damp · live_mean; retries with more damp.
+
+    With J the order reversal, J·H_p·J = L·Lᵀ gives H_p⁻¹ = (J·L⁻¹·J)ᵀ(J·L⁻¹·J): U = J·L⁻¹·J is the
+    upper Cholesky factor of H_p⁻¹, from one factorization and one triangular solve. J·H_p·J is
+    H gathered in the reversed order `rev` (one copy), and the solve runs in place on its
+    right-hand side, so at most two (in, in) float64 matrices live besides H (for a 8192-wide
+    down_proj: 1 GiB, where copies for the damping, the flips and the solve took 2.5 GiB)."""
     d = damp
     for attempt in range(DAMP_RETRIES + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(d * live_mean)
-        # With J the order reversal, J·H·J = L·Lᵀ gives H⁻¹ = (J·L⁻¹·J)ᵀ(J·L⁻¹·J): U = J·L⁻¹·J is the
-        # upper Cholesky factor of H⁻¹, from one factorization and one triangular solve.
-        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+        Hr = H[rev[:, None], rev[None, :]].to(torch.float64)  # (in, in) = J·H_p·J, a fresh copy
+        Hr[dead_rev, :] = 0.0
+        Hr[:, dead_rev] = 0.0
+        Hr.diagonal()[dead_rev] = 1.0  # an identity block for dead inputs: their error propagates nowhere
+        Hr.diagonal().add_(d * live_mean)
+        L, info = torch.linalg.cholesky_ex(Hr)
+        del Hr
         if int(info) == 0:
-            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
-            if bool(torch.isfinite(U).all()) and bool((U.diagonal() > 0).all()):
-                return U, d
+            Linv = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+            torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)  # L⁻¹, in place
+            del L
+            if bool(torch.isfinite(Linv).all()) and bool((Linv.diagonal() > 0).all()):
+                return Linv.to(torch.float32).flip(0, 1), d
+            del Linv
+        else:
+            del L
         if attempt < DAMP_RETRIES:
             log.warning("gptq: Cholesky failed with damp=%g (relative to mean diag %.3g); retrying with damp=%g",
                         d, live_mean, d * 10)
@@ -181,15 +195,12 @@ def _solve(W, H, args, block_size, damp, act_order, static_groups, objective):
     dev = H.device
     rows, cols = W.shape
     W0 = W.detach().to(dev, torch.float32)  # (out, in) original
-    H64 = H.detach().to(torch.float64).clone()  # (in, in)
+    H = H.detach().to(dev)
 
-    diag = H64.diagonal()
+    diag = H.diagonal()
     dead = diag <= 0  # (in,)
     n_dead = int(dead.sum())
-    live_mean = float(diag[~dead].mean()) if n_dead < cols else 1.0
-    H64[dead, :] = 0.0
-    H64[:, dead] = 0.0
-    H64.diagonal()[dead] = 1.0  # an identity block for dead inputs: their error propagates nowhere
+    live_mean = float(diag[~dead].double().mean()) if n_dead < cols else 1.0
 
     grouped = args.granularity == "group"
     gs = args.group_size if grouped else cols
@@ -201,13 +212,10 @@ def _solve(W, H, args, block_size, damp, act_order, static_groups, objective):
     else:
         scale, zero = _qparams(W0, args)  # (out|1, n_groups) from the original weight
 
-    perm = torch.argsort(H.diagonal().to(dev), descending=True, stable=True) if act_order else None
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
     Wk = W0.clone() if perm is None else W0[:, perm].contiguous()  # working copy, processing order
-    if perm is not None:
-        H64 = H64[perm][:, perm]
-    U64, damp_used = _inverse_cholesky(H64, damp, live_mean)
-    U = U64.to(torch.float32)  # (in, in) upper
-    del H64, U64
+    rev = (perm if perm is not None else torch.arange(cols, device=dev)).flip(0)  # processing order, reversed
+    U, damp_used = _inverse_cholesky(H, rev, dead[rev], damp, live_mean)  # (in, in) upper, float32
 
     if not lazy:  # per-column qparams in processing order
         S = expand_qparam(scale.float(), rows, cols, args)  # (out, in)

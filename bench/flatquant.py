@@ -1,0 +1,184 @@
+"""W4A4KV4 with FlatQuant-style learned Kronecker transforms on SmolLM2-135M: perplexity,
+calibration time, peak memory, packed-checkpoint reload, and an epochs trade-off.
+
+    python bench/flatquant.py --threads 2                          # the default configurations
+    python bench/flatquant.py --configs flatquant,flatquant-e1     # a subset
+    python bench/flatquant.py --json /tmp/flat.json                # also write the rows as JSON
+
+Protocol: the same as `bench/rotations.py` (bundled `wiki` source; calibration =
+`sample_calibration(tok, "wiki", n, calib_seqlen, seed)` from the calib split; perplexity on the
+eval split, the first `windows` windows of `seqlen` tokens, no BOS, fp32 on CPU; each
+configuration in its own subprocess, `peak RSS` its resident-set maximum after compression,
+`peak compress` the largest RSS sampled during `compress()`). The flatquant stage uses the first
+`samples` (recipe: 32) of the `n` calibration sequences; GPTQ uses all `n`.
+
+Configurations (`--configs`, comma-separated):
+  base             the fp32 model
+  flatquant        recipe w4a4kv4-flatquant (RTN weights after flattening); also saved, reloaded
+                   packed (PackedLinear, KronTransform) and evaluated again (`ppl packed`; this
+                   configuration only, not its -e<N> variants)
+  flatquant-gptq   recipe w4a4kv4-flatquant-gptq (GPTQ weights after flattening)
+  suffix -e<N>     flatquant.epochs = N (e.g. flatquant-e1: the epochs trade-off)
+lm_head stays in high precision in every configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rotations import _RssSampler  # noqa: E402  (same sampler as the rotations bench)
+
+RECIPES = {"base": None, "flatquant": "w4a4kv4-flatquant", "flatquant-gptq": "w4a4kv4-flatquant-gptq"}
+DEFAULT_CONFIGS = "flatquant,flatquant-gptq,base,flatquant-e1"
+
+
+def parse_config(config: str) -> tuple[str, int | None]:
+    m = re.fullmatch(r"(.+?)(?:-e(\d+))?", config)
+    base, epochs = m.group(1), (int(m.group(2)) if m.group(2) else None)
+    if base not in RECIPES or (base == "base" and epochs is not None):
+        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(RECIPES)} (flatquant ones with an -e<N> suffix)")
+    return base, epochs
+
+
+def recipe_for(config: str):
+    from lmpress.compress import Recipe
+
+    base, epochs = parse_config(config)
+    if RECIPES[base] is None:
+        return None
+    data = Recipe.load(RECIPES[base]).to_dict()
+    if epochs is not None:
+        for st in data["stages"]:
+            if isinstance(st, dict) and "flatquant" in st:
+                st["flatquant"]["epochs"] = epochs
+        data["name"] = f"{data['name']}-e{epochs}"
+    return Recipe.from_dict(data)
+
+
+def run_one(config: str, args) -> dict:
+    import torch
+
+    from lmpress.calibration.data import load_text, sample_calibration
+    from lmpress.compress import compress, load, save
+    from lmpress.compress.models import load_model
+    from lmpress.eval.ppl import perplexity
+
+    torch.manual_seed(0)
+    recipe = recipe_for(config)
+    model, tok = load_model(args.model)
+    text = load_text("wiki", "eval")
+    row: dict = {"config": config, "recipe": recipe.name if recipe else None, "compress_s": 0.0}
+    if recipe is not None:
+        calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.calib_seqlen, seed=args.seed)
+        t1 = time.perf_counter()
+        with _RssSampler() as sampler:
+            report = compress(model, recipe, calib)
+        row["compress_s"] = time.perf_counter() - t1
+        row["peak_compress_mib"] = sampler.peak / 2**20
+        row["stages"] = {s["stage"]: s["seconds"] for s in report.stages}
+        fq = report.extra.get("flatquant", {})
+        row["flatquant"] = {k: fq.get(k) for k in ("samples", "seqlen", "seconds")}
+        row["flatquant"]["epochs"] = fq.get("options", {}).get("epochs")
+        layers = fq.get("layers") or []
+        row["flatquant"]["mse_first_batch"] = [[r["init_loss"], r["final_loss"]] for r in layers]
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    res = perplexity(model, tok, text, seqlen=args.seqlen, windows=args.windows)
+    row["eval_s"] = time.perf_counter() - t0
+    row.update(ppl=res.ppl, windows=res.windows, seqlen=res.seqlen)
+    print("PARTIAL " + json.dumps(row), flush=True)
+    if parse_config(config) == ("flatquant", None) and not args.no_packed:
+        with tempfile.TemporaryDirectory(prefix="lmpress-flat-") as d:
+            save(model, os.path.join(d, "ckpt"), tokenizer=tok)
+            del model
+            packed = load(os.path.join(d, "ckpt"))
+            res2 = perplexity(packed, tok, text, seqlen=args.seqlen, windows=args.windows)
+        row["ppl_packed"] = res2.ppl
+        row["packed_rel"] = res2.ppl / res.ppl - 1.0
+    return row
+
+
+def markdown(rows: list[dict], args) -> str:
+    head = (f"SmolLM2-135M, wiki eval split, {args.windows} windows x {args.seqlen} tokens; calibration {args.n} x "
+            f"{args.calib_seqlen} (flatquant uses the recipe's `samples` of them, GPTQ all); fp32, CPU, {args.threads} threads")
+    base = next((r["ppl"] for r in rows if r.get("config") == "base" and "ppl" in r), None)
+    lines = [head, "",
+             "| configuration | recipe | epochs | ppl | x base | ppl packed (rel) | flatquant (s) | compress (s) | peak RSS (MiB) | peak during compress (MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | - | | error: {r['error']} | | | | | | |")
+            continue
+        fq = r.get("flatquant") or {}
+        packed = f"{r['ppl_packed']:.3f} ({100 * r['packed_rel']:+.2f}%)" if "ppl_packed" in r else "-"
+        ratio = f"{r['ppl'] / base:.2f}" if base else "-"
+        lines.append(
+            f"| {r['config']} | {r['recipe'] or '-'} | {fq.get('epochs', '-')} | {r['ppl']:.3f} | {ratio} | {packed} | "
+            f"{fq.get('seconds') or '-'} | {r['compress_s']:.0f} | {r['peak_rss_mib']:.0f} | {r.get('peak_compress_mib', 0):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=DEFAULT_CONFIGS)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--n", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-packed", action="store_true", help="skip the save / reload / packed perplexity")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count())
+    p.add_argument("--json", help="also write the rows to this JSON file (as they finish)")
+    p.add_argument("--only", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.only:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"[{args.only}] %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        print("ROW " + json.dumps(run_one(args.only, args)), flush=True)
+        return
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        parse_config(c)
+    rows = []
+    for c in configs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--only", c, "--model", args.model, "--windows", str(args.windows),
+               "--seqlen", str(args.seqlen), "--n", str(args.n), "--calib-seqlen", str(args.calib_seqlen),
+               "--seed", str(args.seed), "--threads", str(args.threads)] + (["--no-packed"] if args.no_packed else [])
+        print(f"[{time.strftime('%H:%M:%S')}] {c} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        partial = [line[8:] for line in proc.stdout.splitlines() if line.startswith("PARTIAL ")]
+        if proc.returncode != 0 or not found:
+            row = json.loads(partial[-1]) if partial else {"config": c}
+            if not partial:
+                row["error"] = f"exit status {proc.returncode} (see the log above)"
+            row["note"] = f"exit status {proc.returncode} after the simulated eval"
+        else:
+            row = json.loads(found[-1])
+        rows.append(row)
+        if "ppl" in row:
+            print(f"  ppl {row['ppl']:.3f}" + (f", packed {row['ppl_packed']:.3f}" if "ppl_packed" in row else "")
+                  + f", compress {row['compress_s']:.0f}s", file=sys.stderr, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    print(markdown(rows, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Lazy (larger-than-memory) compression: the streamed artifact equals the in-memory one,
+one layer at a time, spilled activations, refusals."""
+import pytest
+import torch
+
+from _lazy_util import calib, tensors, write_tiny
+from lmpress.compress import compress, load, save
+from lmpress.compress import lazy
+from lmpress.compress.lazy import LazyError, compress_lazy
+from lmpress.compress.models import tiny_llama
+
+RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq"]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("src"), layers=3)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_lazy_artifact_equals_in_memory(src, tmp_path, recipe):
+    torch.manual_seed(0)
+    cal = calib()
+    model, _ = tiny_llama(seed=0, num_hidden_layers=3)
+    compress(model, recipe, calib=cal, batch_size=4)
+    ref = save(model, tmp_path / "mem")
+    out = tmp_path / "lazy"
+    compress_lazy(src, recipe, cal, out, batch_size=4)
+    a, b = tensors(ref), tensors(out)
+    assert set(a) == set(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bitwise
+    assert len(list(out.glob("model-*-of-00004.safetensors"))) == 4  # head/embeddings + one shard per layer
+    assert (out / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "lazy.partial").exists()  # the work directory is gone
+    x = torch.randint(0, 256, (1, 16))
+    assert torch.equal(load(ref)(x).logits, load(out)(x).logits)
+
+
+def test_one_layer_at_a_time_and_atomic_output(src, tmp_path, monkeypatch):
+    seen = {}
+    real_skeleton, real_materialize = lazy.skeleton, lazy.materialize
+    out = tmp_path / "out"
+
+    def skeleton(*a, **k):
+        seen["model"] = real_skeleton(*a, **k)
+        return seen["model"]
+
+    def materialize(module, prefix, *a, **k):
+        if prefix.startswith("model.layers."):
+            layers = seen["model"].model.layers
+            real = [i for i, layer in enumerate(layers) if any(not p.is_meta for p in layer.parameters())]
+            assert real == [], f"layers {real} still in memory when {prefix} is read"
+            assert seen["model"].model.embed_tokens.weight.is_meta  # embeddings freed after the capture
+            assert not out.exists()  # nothing at the output path before the final rename
+        return real_materialize(module, prefix, *a, **k)
+
+    monkeypatch.setattr(lazy, "skeleton", skeleton)
+    monkeypatch.setattr(lazy, "materialize", materialize)
+    compress_lazy(src, "w4a16-gptq", calib(), out, batch_size=4)
+    assert all(p.is_meta for p in seen["model"].model.layers.parameters())
+    assert out.is_dir()
+
+
+def test_spilled_activations_give_the_same_artifact(src, tmp_path):
+    cal = calib()
+    compress_lazy(src, "w4a16-gptq", cal, tmp_path / "mem", batch_size=2)
+    rep = compress_lazy(src, "w4a16-gptq", cal, tmp_path / "disk", batch_size=2, spill_bytes=0,
+                        work_dir=tmp_path / "offload")
+    assert rep.extra["lazy"]["spilled"] is True
+    a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "disk")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "offload").exists()
+
+
+def test_whole_model_stage_is_refused(src, tmp_path):
+    with pytest.raises(LazyError, match="learn_rotation.*needs the whole model.*without --lazy"):
+        compress_lazy(src, "w4a4kv4-spinquant-rtn", calib(), tmp_path / "out")
+    with pytest.raises(LazyError, match="smoothquant"):
+        compress_lazy(src, "w8a8-smoothquant-rtn", calib(), tmp_path / "out")
+
+
+def test_gptq_needs_calibration(src, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        compress_lazy(src, "w4a16-gptq", None, tmp_path / "out")
