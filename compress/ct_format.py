@@ -21,11 +21,13 @@ Tensors, as compressed-tensors 0.20 reads them (``compressors/pack_quantized/bas
 - ``int-quantized``: ``weight`` int8 [out, in] (the signed codes), ``weight_scale`` [out, 1]; no
   ``weight_shape``.
 
-Activation quantization at run time is the reader's own: vLLM's dynamic int8 kernel takes
-scale = absmax/127 per token, as lmpress does (``csrc/quantization/compressed_tensors/
-int8_quant_kernels.cu``); compressed-tensors' reference forward in transformers takes
-absmax/127.5 (``calculate_qparams``: (q_max - q_min)/2), so a W8A8 artifact's logits there
-differ slightly from lmpress's and vLLM's while the weights are identical.
+Activation quantization at run time is the reader's own: compressed-tensors' reference forward
+in transformers takes scale = absmax/127.5 per token (``calculate_qparams``: (q_max - q_min)/2),
+vLLM's dynamic int8 kernel absmax/127 (``csrc/quantization/compressed_tensors/
+int8_quant_kernels.cu``). lmpress's W8A8 preset sets ``full_range`` (absmax/127.5), so its
+artifacts give the same logits in stock transformers as in `load()`; a scheme without it
+(absmax/127) matches vLLM's rule instead. On SmolLM2-135M the two rules move logits by up to 5.9
+(session 3, bench/export_check.py), so the rule is part of the scheme, not a detail.
 
 lmpress's own runtime form keeps float zero points and always ``weight_packed``; `to_disk` and
 `from_disk` convert between the two, exactly (codes and zero points are integers).

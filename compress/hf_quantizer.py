@@ -34,8 +34,10 @@ QUANT_METHOD = "lmpress"
 
 
 def _rebuild_online(model: nn.Module) -> int:
-    """Replace every online transform by a fresh one built from its spec; returns how many."""
-    from lmpress.kernels.online import RotatedInput, transform_from_spec
+    """Replace every online transform built from (kind, size, seed) by a fresh one (its matrices are
+    not in the file); learned ones (`KronTransform`, FlatQuant) came with the weights and only
+    move to their linear's device. Returns how many were rebuilt."""
+    from lmpress.kernels.online import KronTransform, RotatedInput, transform_from_spec
     from lmpress.quant.attention import LmpressAttention
 
     def device_of(module: nn.Module):  # where its weights were loaded (device_map may spread layers)
@@ -44,7 +46,9 @@ def _rebuild_online(model: nn.Module) -> int:
 
     n = 0
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, RotatedInput):
+        if isinstance(mod, RotatedInput) and isinstance(mod.transform, KronTransform):
+            mod.transform = mod.transform.to(device_of(mod.linear))
+        elif isinstance(mod, RotatedInput):
             mod.transform = transform_from_spec(mod.transform.spec()).to(device_of(mod.linear))
             n += 1
         elif isinstance(mod, LmpressAttention) and mod.qk is not None:

@@ -4,7 +4,7 @@ Reproduces `lmpress.quant.primitives.fake_quantize(x, QuantArgs(bits, granularit
 dynamic=True, clip_ratio=c))` exactly, code for code:
 
     a     = max_k |x[m, k]|                       (fp32; = max(-min, max) with both clamped at 0)
-    scale = (a * c) / qmax,  scale = 1 where it is 0
+    scale = (a * c) / d,  scale = 1 where it is 0   (d = qmax, or qmax + 1/2 with `full_range`)
     q     = clamp(round_half_even(x / scale), qmin, qmax)
 
 - `act_quant_ref`: torch, through `compute_qparams` / `quantize` themselves.
@@ -39,16 +39,17 @@ except ImportError:  # pragma: no cover
 ACT_BITS = (4, 8)
 
 
-def token_args(bits: int, clip_ratio: float = 1.0) -> QuantArgs:
-    return QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True, clip_ratio=clip_ratio)
+def token_args(bits: int, clip_ratio: float = 1.0, full_range: bool = False) -> QuantArgs:
+    return QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True, clip_ratio=clip_ratio,
+                     full_range=full_range)
 
 
 def act_quant_ref(
-    x: torch.Tensor, bits: int, clip_ratio: float = 1.0, packed: bool = False
+    x: torch.Tensor, bits: int, clip_ratio: float = 1.0, packed: bool = False, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 (..., K) — or, with `packed`, int32 words (rows, ceil(K/8)) — , scales fp32 (rows,))."""
     _check_bits(bits, packed)
-    args = token_args(bits, clip_ratio)
+    args = token_args(bits, clip_ratio, full_range)
     scale, zero = compute_qparams(x, args)  # (rows, 1) each
     q = quantize(x, scale, zero, args)  # (..., K) int8
     if packed:
@@ -76,7 +77,7 @@ if triton is not None:
     def _act_quant_kernel(
         x_ptr, q_ptr, p_ptr, s_ptr,
         M, K, stride_xm, stride_xk, stride_qm, stride_pm,
-        clip,
+        clip, qdiv,
         QMAX: tl.constexpr,
         WRITE_CODES: tl.constexpr,
         WRITE_PACKED: tl.constexpr,
@@ -94,7 +95,7 @@ if triton is not None:
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
         a = tl.max(amax, axis=1)  # (BM,)
-        scale = tl.math.div_rn(a * clip, QMAX * 1.0)
+        scale = tl.math.div_rn(a * clip, qdiv)
         scale = tl.where(scale > 0.0, scale, 1.0)
         tl.store(s_ptr + rows, scale, mask=r_mask)
 
@@ -119,7 +120,7 @@ if triton is not None:
 
 def act_quant(
     x: torch.Tensor, bits: int, clip_ratio: float = 1.0, *, codes: bool = True, packed: bool = False,
-    block_k: int | None = None,
+    block_k: int | None = None, full_range: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Triton: (int8 codes (..., K) or None, packed int32 words (rows, ceil(K/8)) or None, scales fp32 (rows,))."""
     if triton is None:  # pragma: no cover
@@ -148,7 +149,7 @@ def act_quant(
         launchable(_act_quant_kernel, device)[(triton.cdiv(M, bm),)](
             x2, q if codes else dummy, p if packed else dummy, s,
             M, K, x2.stride(0), x2.stride(1), K if codes else 0, p.stride(0) if packed else 0,
-            float(torch.tensor(clip_ratio, dtype=torch.float32)),
+            float(torch.tensor(clip_ratio, dtype=torch.float32)), token_args(bits, full_range=full_range).sym_divisor,
             QMAX=(1 << (bits - 1)) - 1, WRITE_CODES=codes, WRITE_PACKED=packed, BLOCK_M=bm, BLOCK_K=bk,
         )
     elif M:

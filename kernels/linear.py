@@ -209,10 +209,10 @@ class PackedLinear(nn.Module):
             return w4a16_gemm(x, self.weight_packed, self.weight_scale, self.weight_zero_point, **kw)
         if token:
             if transform is not None:  # "rot+": the online transform fused into act_quant, else `why` not
-                codes, _, sx, why = online_act_quant(x, transform, a.bits, a.clip_ratio)
+                codes, _, sx, why = online_act_quant(x, transform, a.bits, a.clip_ratio, full_range=a.full_range)
                 rot, why = ("", "online transform in torch: " + why) if why else ("rot+", "")
             else:
-                codes, _, sx = act_quant(x, a.bits, a.clip_ratio)
+                codes, _, sx = act_quant(x, a.bits, a.clip_ratio, full_range=a.full_range)
             if w.symmetric and w.granularity in ("channel", "tensor") and w.bits in (4, 8):
                 self._note(f"triton-{rot}w{w.bits}a{a.bits}", why)
                 return int_gemm(codes, sx, self.weight_packed, self.weight_scale, in_features=self.in_features,

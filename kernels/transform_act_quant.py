@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .act_quant import _check_bits, act_quant, act_quant_ref
+from .act_quant import _check_bits, act_quant, act_quant_ref, token_args
 from .dispatch import check_same_device, launchable, next_pow2
 from .formats import pack, packed_cols
 
@@ -66,12 +66,12 @@ def kron_transform_ref(
 
 def transform_act_quant_ref(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, signs: torch.Tensor | None, bits: int,
-    clip_ratio: float = 1.0, packed: bool = False, norm: float = 1.0,
+    clip_ratio: float = 1.0, packed: bool = False, norm: float = 1.0, full_range: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch oracle: `kron_transform_ref` then `act_quant_ref` -> (int8 codes (..., n) or packed
     int32 words (rows, n/8), fp32 scales (rows,))."""
     _check_factors(x, A, B, signs)
-    return act_quant_ref(kron_transform_ref(x, A, B, signs, norm), bits, clip_ratio, packed)
+    return act_quant_ref(kron_transform_ref(x, A, B, signs, norm), bits, clip_ratio, packed, full_range)
 
 
 def fused_fits(m: int, p: int) -> str | None:
@@ -98,7 +98,7 @@ if triton is not None:
     def _transform_act_quant_kernel(
         x_ptr, a_ptr, b_ptr, sg_ptr, q_ptr, pk_ptr, s_ptr,
         m, p, stride_xm, stride_xk, stride_qm, stride_pm,
-        clip, norm,
+        clip, norm, qdiv,
         QMAX: tl.constexpr,
         HAS_SIGNS: tl.constexpr,
         HAS_NORM: tl.constexpr,
@@ -125,7 +125,7 @@ if triton is not None:
 
         # per-token quantization: the same operations as _act_quant_kernel (see act_quant.py)
         amax = tl.max(tl.max(tl.abs(z), axis=1), axis=0)
-        scale = tl.math.div_rn(amax * clip, QMAX * 1.0)
+        scale = tl.math.div_rn(amax * clip, qdiv)
         scale = tl.where(scale > 0.0, scale, 1.0)
         tl.store(s_ptr + row, scale)
         v = tl.math.div_rn(z, scale)
@@ -146,6 +146,7 @@ if triton is not None:
 def transform_act_quant(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, signs: torch.Tensor | None = None, bits: int = 4,
     clip_ratio: float = 1.0, *, norm: float = 1.0, codes: bool = True, packed: bool = False,
+    full_range: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Triton: quantize ((x ∘ signs)(A ⊗ B)) / norm per token -> (int8 codes (..., n) or None,
     packed int32 words (rows, ceil(n/8)) or None, fp32 scales (rows,)). A (m, m), B (p, p),
@@ -183,6 +184,7 @@ def transform_act_quant(
             x2, A32, B32, s32 if s32 is not None else s, q if want_codes else s, pk if in_kernel_pack else s, s,
             m, p, x2.stride(0), x2.stride(1), n if want_codes else 0, pk.stride(0) if in_kernel_pack else 0,
             float(torch.tensor(clip_ratio, dtype=torch.float32)), float(torch.tensor(norm, dtype=torch.float32)),
+            token_args(bits, full_range=full_range).sym_divisor,
             QMAX=(1 << (bits - 1)) - 1, HAS_SIGNS=s32 is not None, HAS_NORM=float(norm) != 1.0,
             WRITE_CODES=want_codes, WRITE_PACKED=in_kernel_pack, BLOCK_A=ba, BLOCK_B=bb,
             num_warps=max(4, min(16, ba * bb // 1024)),
@@ -194,7 +196,7 @@ def transform_act_quant(
 
 def online_act_quant(
     x: torch.Tensor, transform: torch.nn.Module, bits: int, clip_ratio: float = 1.0, *,
-    codes: bool = True, packed: bool = False,
+    codes: bool = True, packed: bool = False, full_range: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, str]:
     """act_quant(transform(x)) for a runtime online transform, fused when it exposes
     `kron_factors()` (-> (A, B, signs, norm) or None) and they fit one tile; otherwise the
@@ -202,7 +204,8 @@ def online_act_quant(
     kron = transform.kron_factors(x.device) if hasattr(transform, "kron_factors") else None
     why = "no Kronecker factors (dense transform)" if kron is None else fused_fits(kron[0].shape[0], kron[1].shape[0])
     if why:
-        q, pk, s = act_quant(transform(x), bits, clip_ratio, codes=codes, packed=packed)
+        q, pk, s = act_quant(transform(x), bits, clip_ratio, codes=codes, packed=packed, full_range=full_range)
         return q, pk, s, why
     A, B, signs, norm = kron
-    return (*transform_act_quant(x, A, B, signs, bits, clip_ratio, norm=norm, codes=codes, packed=packed), "")
+    return (*transform_act_quant(x, A, B, signs, bits, clip_ratio, norm=norm, codes=codes, packed=packed,
+                                 full_range=full_range), "")

@@ -34,7 +34,7 @@ def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tu
     lo = torch.clamp(lo, max=0.0) * args.clip_ratio
     hi = torch.clamp(hi, min=0.0) * args.clip_ratio
     if args.symmetric:
-        scale = torch.maximum(-lo, hi) / args.qmax
+        scale = torch.maximum(-lo, hi) / args.sym_divisor
         zero = torch.zeros_like(scale)
     else:
         scale = (hi - lo) / (args.qmax - args.qmin)

@@ -28,6 +28,11 @@ class QuantArgs:
     `dynamic` means qparams are computed at run time from the tensor itself (activations).
     `clip_ratio` shrinks the observed range before qparams are computed; `mse_clip` searches
     the ratio per row/group that minimizes the quantization error (weights only).
+    `full_range` (symmetric only) spreads absmax over the whole signed range, scale = absmax /
+    ((qmax - qmin) / 2) (int8: /127.5), as compressed-tensors' reference forward computes it, so a
+    W8A8 artifact runs identically in stock transformers; the default is absmax / qmax (int8:
+    /127, vLLM's kernels). The extreme value then rounds to qmax + 1 and is clamped: at most
+    half a step of clipping, on one element per token.
     """
 
     bits: int
@@ -37,6 +42,7 @@ class QuantArgs:
     dynamic: bool = False
     clip_ratio: float = 1.0
     mse_clip: bool = False
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
@@ -60,6 +66,10 @@ class QuantArgs:
             raise ValueError(f"QuantArgs.clip_ratio={self.clip_ratio!r} must lie in (0, 1]")
         if self.mse_clip and self.dynamic:
             raise ValueError("QuantArgs.mse_clip searches clipping offline; it cannot be combined with dynamic: true")
+        if not isinstance(self.full_range, bool):
+            raise ValueError(f"QuantArgs.full_range={self.full_range!r} must be true or false")
+        if self.full_range and not self.symmetric:
+            raise ValueError("QuantArgs.full_range sets the symmetric scale divisor; asymmetric schemes use the full range already")
 
     @property
     def qmin(self) -> int:
@@ -69,8 +79,14 @@ class QuantArgs:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
+    @property
+    def sym_divisor(self) -> float:
+        """absmax / scale of a symmetric scheme: qmax, or (qmax - qmin) / 2 with `full_range`."""
+        return (self.qmax - self.qmin) / 2 if self.full_range else float(self.qmax)
+
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        # `full_range` only when set, so manifests and recipes written before it existed stay identical
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "full_range" or self.full_range}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: "QuantArgs | None" = None) -> "QuantArgs":
@@ -214,12 +230,14 @@ def _w(bits: int, group: int | None = None, symmetric: bool = True) -> QuantArgs
     return QuantArgs(bits=bits, granularity="group" if group else "channel", group_size=group, symmetric=symmetric)
 
 
-def _a(bits: int) -> QuantArgs:
-    return QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True)
+def _a(bits: int, full_range: bool = False) -> QuantArgs:
+    return QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True, full_range=full_range)
 
 
 PRESETS: dict[str, QuantScheme] = {
-    "W8A8": QuantScheme(weights=_w(8), inputs=_a(8)),
+    # W8A8 takes compressed-tensors' activation rule (absmax/127.5): its artifacts are exported in
+    # that format and must run identically in stock transformers
+    "W8A8": QuantScheme(weights=_w(8), inputs=_a(8, full_range=True)),
     "W8A16": QuantScheme(weights=_w(8)),
     "W4A16": QuantScheme(weights=_w(4, 128)),
     "W4A8": QuantScheme(weights=_w(4), inputs=_a(8)),
