@@ -42,10 +42,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmpress.calibration.layerwise import Batch, LayerStep, LayerwiseRunner
-from lmpress.calibration.stats import capture_input_stats
 from lmpress.kernels.online import OnlineHadamard, RotatedInput
 from lmpress.quant.gptq import gptq_quantize_shared
-from lmpress.quant.primitives import fake_quantize, quant_error
+from lmpress.quant.primitives import quant_error
 from lmpress.quant.rotate import Rotation, _Fused, rotation_matrix, sub_seed
 from lmpress.quant.rtn import rtn_quantize
 
@@ -57,7 +56,7 @@ from .recipe import Recipe
 from .report import Report
 from .resume import RunState, fingerprint
 from .stage import Context
-from .stages.gptq import GPTQ, _stubbed
+from .stages.gptq import GPTQ, collect_hessians
 from .stages.kv_cache import KVCache
 from .stages.rotate import record_rotation
 from .stream_save import finalize, shard_name, write_shard
@@ -327,18 +326,7 @@ def _gptq_layer(stage: GPTQ, step: LayerStep, ctx, mine: dict, dist) -> None:
 def _collect_and_quantize(stage: GPTQ, step: LayerStep, ctx, mine: dict, targets: list[str], later: list[str], dist) -> None:
     """`GPTQ._collect_and_quantize`: one Hessian per distinct input, one solve per (input,
     weight scheme); solve u runs on rank `u % world` and is broadcast from there."""
-    from functools import partial
-
-    layer = step.layer
-    sims = {rel: layer.get_submodule(rel) for rel in targets}
-    group_of = {rel: gi for gi, group in enumerate(ctx.arch.sequential_groups) for rel in group}
-    by_input: dict[tuple, list[str]] = {}
-    for rel in targets:
-        by_input.setdefault((group_of[rel], sims[rel].scheme.inputs), []).append(rel)
-    hooked = {rels[0]: sims[rels[0]] for rels in by_input.values()}
-    transforms = {rels[0]: partial(fake_quantize, args=inp) for (_, inp), rels in by_input.items() if inp is not None}
-    with _stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
-        step.forward()
+    sims, by_input, stats = collect_hessians(step, ctx, targets, later)
     units = []  # (H, args, rels solved together)
     for rels in by_input.values():
         H = stats[rels[0]].hessian

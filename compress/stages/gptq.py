@@ -86,6 +86,24 @@ def _stubbed(layer: nn.Module, rels: list[str]):
             set_module(layer, rel, mod)
 
 
+def collect_hessians(step, ctx, targets: list[str], later: list[str]):
+    """Run the layer once with `later` stubbed and collect one Hessian per distinct input:
+    the modules of a sequential group read the same tensor, and those with the same input
+    quantization see the same values. Returns (sims {rel: module}, by_input {(group, input
+    args): [rel, ...]}, stats {first rel of each input: HessianAccumulator})."""
+    layer = step.layer
+    sims: dict[str, SimQuantLinear] = {rel: layer.get_submodule(rel) for rel in targets}
+    group_of = {rel: gi for gi, group in enumerate(ctx.arch.sequential_groups) for rel in group}
+    by_input: dict[tuple, list[str]] = {}
+    for rel in targets:
+        by_input.setdefault((group_of[rel], sims[rel].scheme.inputs), []).append(rel)
+    hooked = {rels[0]: sims[rels[0]] for rels in by_input.values()}
+    transforms = {rels[0]: partial(fake_quantize, args=inp) for (_, inp), rels in by_input.items() if inp is not None}
+    with _stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
+        step.forward()
+    return sims, by_input, stats
+
+
 @register_stage("gptq", needs_calibration=True)
 @dataclass(frozen=True)
 class GPTQ:
@@ -175,20 +193,9 @@ class GPTQ:
         log.info("gptq: done in %.1fs", time.perf_counter() - t_all)
 
     def _collect_and_quantize(self, step, ctx, mine: dict, targets: list[str], later: list[str]) -> list[dict]:
-        layer = step.layer
-        sims: dict[str, SimQuantLinear] = {rel: layer.get_submodule(rel) for rel in targets}
-        # one Hessian per distinct input: the modules of a sequential group read the same tensor, and
-        # those with the same input quantization see the same values
-        group_of = {rel: gi for gi, group in enumerate(ctx.arch.sequential_groups) for rel in group}
-        by_input: dict[tuple, list[str]] = {}
-        for rel in targets:
-            by_input.setdefault((group_of[rel], sims[rel].scheme.inputs), []).append(rel)
-        hooked = {rels[0]: sims[rels[0]] for rels in by_input.values()}
-        transforms = {rels[0]: partial(fake_quantize, args=inp) for (_, inp), rels in by_input.items() if inp is not None}
         t0 = time.perf_counter()
-        with _stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
-            step.forward()
-        log.debug("gptq: %s: collected %s in %.1fs", step.name, list(hooked), time.perf_counter() - t0)
+        sims, by_input, stats = collect_hessians(step, ctx, targets, later)
+        log.debug("gptq: %s: collected %s in %.1fs", step.name, list(stats), time.perf_counter() - t0)
 
         figures = []
         for rels in by_input.values():
