@@ -45,7 +45,7 @@ from lmpress.calibration.layerwise import Batch, LayerStep, LayerwiseRunner
 from lmpress.kernels.online import OnlineHadamard, RotatedInput
 from lmpress.quant.gptq import gptq_quantize_shared
 from lmpress.quant.primitives import quant_error
-from lmpress.quant.rotate import Rotation, _Fused, rotation_matrix, sub_seed
+from lmpress.quant.rotate import Rotation, _Fused, fuse_input_transform, rotation_matrix, sub_seed
 from lmpress.quant.rtn import rtn_quantize
 
 from . import ct_format
@@ -276,7 +276,7 @@ def rotate_layer(layer: nn.Module, i: int, arch, config, rot, R1: Rotation, devi
         wrapper = layer.get_submodule(path)
         if isinstance(wrapper, RotatedInput):  # W ← W H: the input arrives as x H
             mod = wrapper.linear
-            work.set(mod.weight, work.get(mod.weight) @ wrapper.transform.matrix().to(device))
+            work.set(mod.weight, fuse_input_transform(work.get(mod.weight), wrapper.transform))
     work.commit()
     return seeds
 

@@ -108,14 +108,45 @@ def mse_clip_qparams(
     sum |w - q(w)|^norm is smallest (the GPTQ reference's grid search, norm 2.4)."""
     w2 = w.reshape(-1, w.shape[-1]).float()  # (rows, cols)
     rows, cols = w2.shape
+    gs = args.group_size if args.granularity == "group" else cols
+    if args.granularity in ("channel", "group") and cols % gs == 0:
+        step = max(1, MSE_CLIP_BLOCK // cols)
+        parts = [_mse_clip_grouped(w2[r:r + step].reshape(-1, cols // gs, gs), args, grid, min_ratio, norm)
+                 for r in range(0, rows, step)]  # each block: (block rows, n_groups, gs)
+        return torch.cat([s for s, _ in parts], 0), torch.cat([z for _, z in parts], 0)
     best_s, best_z = compute_qparams(w2, args)
     best_err = torch.full_like(best_s, float("inf"))
-    for i in range(grid):
-        ratio = 1.0 - (1.0 - min_ratio) * i / max(grid - 1, 1)
+    for ratio in _clip_ratios(grid, min_ratio):
         trial = QuantArgs(**{**args.to_dict(), "clip_ratio": args.clip_ratio * ratio, "mse_clip": False})
         s, z = compute_qparams(w2, trial)
         err = (w2 - dequantize(quantize(w2, s, z, trial), s, z, trial)).abs().pow(norm)  # (rows, cols)
         err = torch.cat([b.sum(dim=1, keepdim=True) for b in _group_view(err, args)], 1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+MSE_CLIP_BLOCK = 1 << 18  # elements of a row block in `mse_clip_qparams` (its temporaries stay in cache)
+
+
+def _clip_ratios(grid: int, min_ratio: float) -> list[float]:
+    return [1.0 - (1.0 - min_ratio) * i / max(grid - 1, 1) for i in range(grid)]
+
+
+def _mse_clip_grouped(W3: torch.Tensor, args: QuantArgs, grid: int, min_ratio: float, norm: float):
+    """`mse_clip_qparams` on whole groups W3 (rows, n_groups, gs): the same trial qparams and codes
+    as `quantize`/`dequantize`, with qparams broadcast over each group instead of expanded."""
+    lo, hi = W3.amin(dim=2), W3.amax(dim=2)  # (rows, n_groups)
+    best_s, best_z = _range_to_qparams(lo, hi, args)
+    best_err = torch.full_like(best_s, float("inf"))
+    for ratio in _clip_ratios(grid, min_ratio):
+        trial = QuantArgs(**{**args.to_dict(), "clip_ratio": args.clip_ratio * ratio, "mse_clip": False})
+        s, z = _range_to_qparams(lo, hi, trial)
+        s3, z3 = s.unsqueeze(2), z.unsqueeze(2)  # (rows, n_groups, 1)
+        q = torch.clamp(torch.round(W3 / s3) + z3, args.qmin, args.qmax)
+        err = (W3 - (q - z3) * s3).abs_().pow_(norm).sum(dim=2)  # (rows, n_groups)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s = torch.where(better, s, best_s)
