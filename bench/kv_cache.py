@@ -4,7 +4,7 @@ transformers' `QuantizedCache`, simulated-vs-runtime agreement, memory and decod
     python bench/kv_cache.py ppl [--windows 64] [--configs fp,kivi4,kivi2,rotkv4,rotkv2]
     PYTHONPATH=/tmp/lmpress-bench-site python bench/kv_cache.py peer [--prompts 8 --new 128 --prompt-len 256]
     python bench/kv_cache.py agree [--prompts 8 --new 128 --config rotkv2]
-    python bench/kv_cache.py memory [--context 4096 --decode 16 --config rotkv2-s4] [--bytes-only]
+    python bench/kv_cache.py memory [--context 4096 --decode 16 --config rotkv2-s4] [--bytes-only] [--dtype float32]
 
 Run each through the heavy lock (`flock /tmp/lmpress-heavy.lock ...`), one at a time.
 
@@ -36,7 +36,8 @@ x `new` tokens, with the simulated hook (DynamicCache, the "lmpress" attention f
 `QuantizedKVCache`: fraction of equal tokens, max |logit difference| over the first 16 steps.
 
 `memory`: bytes held at `context` tokens (chunked prefill of 512 tokens) by an fp16 `DynamicCache`
-(bf16 model, 2 bytes an element as fp16) and by `QuantizedKVCache` (bf16 residual, fp16 scale/min,
+(bf16 model, 2 bytes an element as fp16; `--dtype float32` runs the model in fp32, much faster on
+CPUs without bf16 matmul units, and the DynamicCache then holds 4 bytes an element) and by `QuantizedKVCache` (bf16 residual, fp16 scale/min,
 packed codes), and decode tokens/s with each (batch 1, `decode` steps after the context, this CPU).
 """
 from __future__ import annotations
@@ -228,7 +229,7 @@ def cmd_memory(a) -> dict:
 
     from lmpress.kernels.kv_cache import QuantizedKVCache, dynamic_cache_nbytes
 
-    dtype = torch.bfloat16
+    dtype = getattr(torch, a.dtype)
     if a.bytes_only:
         return memory_bytes_only(a, dtype)
     fp, tok = build("fp", dtype)
@@ -240,9 +241,9 @@ def cmd_memory(a) -> dict:
     out = {"context": a.context, "config": a.config, "fp16_dynamic_bytes": fp_bytes, "quantized_bytes": q_bytes,
            "ratio": q_bytes / fp_bytes, "decode_tps_fp": fp_tps, "decode_tps_quantized": q_tps,
            "torch_threads": torch.get_num_threads()}
-    print(f"cache bytes at {a.context} tokens: fp16 DynamicCache {fp_bytes / 2**20:.2f} MiB, "
+    print(f"cache bytes at {a.context} tokens: {'fp16' if dtype == torch.bfloat16 else a.dtype} DynamicCache {fp_bytes / 2**20:.2f} MiB, "
           f"QuantizedKVCache ({a.config}) {q_bytes / 2**20:.2f} MiB = {q_bytes / fp_bytes:.3f}x")
-    print(f"decode (batch 1, {a.decode} steps after {a.context} tokens, bf16 weights, {torch.get_num_threads()} threads): "
+    print(f"decode (batch 1, {a.decode} steps after {a.context} tokens, {a.dtype} weights, {torch.get_num_threads()} threads): "
           f"DynamicCache {fp_tps:.2f} tok/s, QuantizedKVCache {q_tps:.2f} tok/s")
     return out
 
@@ -296,6 +297,7 @@ def main(argv=None) -> None:
     s.add_argument("--decode", type=int, default=16)
     s.add_argument("--config", default="rotkv2-s4")
     s.add_argument("--bytes-only", action="store_true", help="measure bytes only, feeding random K/V (no model run)")
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="model dtype of the decode run")
     for s in sub.choices.values():
         s.add_argument("--json", default=None, help="also write the result as JSON")
     a = p.parse_args(argv)

@@ -170,6 +170,8 @@ def main(argv=None) -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if args.work:
+        os.makedirs(args.work, exist_ok=True)
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return

@@ -9,7 +9,9 @@ rotated weights from the current R1 / R2 — the same fusion `rotate_model` appl
     o (reader of it):                            W_j ← W_j R2           (columns of query head j)
     down with the online R4 = H:                 W ← R1ᵀ W H, input x ← x H
 
-fake-quantizes them and every linear input with the recipe's schemes (round-to-nearest, with a
+fake-quantizes them (unless `weights: false`: SpinQuant learns against activation quantization
+only when GPTQ quantizes the weights afterwards, since GPTQ corrects the weight error that RTN
+would leave) and every linear input with the recipe's schemes (round-to-nearest, with a
 straight-through estimator), runs the model (`torch.func.functional_call`; the embedding output
 is rotated by a hook, lm_head's input un-rotated by one, both cheap) and takes the loss: next-
 token cross entropy, or KL divergence to the float model's own logits. R1 and R2 are updated by
@@ -60,6 +62,7 @@ class LearnArgs:
     samples: int | None = None  # calibration sequences used (None: all), cycled over the steps
     seqlen: int | None = None  # tokens of each sequence used (None: all): a step's cost is linear in it
     loss: str = "ce"
+    weights: bool = True  # fake-quantize weights (RTN) while learning; false: activations only
     r2: bool = True
     init: str = "hadamard"  # R1 / R2 initialisation: "hadamard" | "random" (seeded)
     seed: int = 0
@@ -81,6 +84,8 @@ class LearnArgs:
             raise ValueError(f"learn_rotation.momentum={self.momentum!r} must be in [0, 1)")
         if self.loss not in LOSSES:
             raise ValueError(f"learn_rotation.loss={self.loss!r}: use one of {list(LOSSES)}")
+        if not isinstance(self.weights, bool):
+            raise ValueError(f"learn_rotation.weights={self.weights!r} must be true or false")
         if self.init not in ("hadamard", "random"):
             raise ValueError(f"learn_rotation.init={self.init!r}: use 'hadamard' or 'random'")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
@@ -154,8 +159,10 @@ class _Linear:
 class RotatedForward:
     """Hooks + weight overrides that run the model as if R1/R2 were fused and it were quantized."""
 
-    def __init__(self, model: nn.Module, arch, plan: dict[str, QuantScheme], online_down: bool, seed: int):
+    def __init__(self, model: nn.Module, arch, plan: dict[str, QuantScheme], online_down: bool, seed: int,
+                 weights: bool = True):
         cfg = model.config
+        self.weights = weights  # fake-quantize the rotated weights (else only the activations)
         self.model, self.arch = model, arch
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -210,7 +217,7 @@ class RotatedForward:
         for lin in self.linears:
             R2 = None if self.R2 is None else self.R2[lin.layer].to(self.dtype)
             W = self.effective(lin, R1, R2)
-            if self.quantize and lin.scheme is not None:
+            if self.quantize and self.weights and lin.scheme is not None:
                 W = _ste(W, _train_weight_args(lin.scheme.weights))
             out[f"{lin.fqn}.weight"] = W
             b = lin.module.bias
@@ -221,9 +228,9 @@ class RotatedForward:
                 elif lin.role in ("o", "down"):
                     b = b @ R1
                 out[f"{lin.fqn}.bias"] = b
-        if self.head_scheme is not None and self.quantize:
-            out[f"{self.arch.lm_head}.weight"] = _ste(self.lm_head.weight.detach() @ R1,
-                                                      _train_weight_args(self.head_scheme.weights))
+        if self.head_scheme is not None and self.quantize:  # the head reads the rotated stream: W R1
+            Wh = self.lm_head.weight.detach() @ R1
+            out[f"{self.arch.lm_head}.weight"] = _ste(Wh, _train_weight_args(self.head_scheme.weights)) if self.weights else Wh
         return out
 
     # hooks ---------------------------------------------------------------------------------
@@ -278,7 +285,7 @@ def learn_rotations(model: nn.Module, arch, plan: dict[str, QuantScheme], tokens
     "losses": [per-step loss], "init_loss", "final_loss" (mean quantized loss over the first
     batch before and after), "seconds"}. The model's weights are not changed."""
     device = next(model.parameters()).device
-    rf = RotatedForward(model, arch, plan, online_down, args.seed)
+    rf = RotatedForward(model, arch, plan, online_down, args.seed, weights=args.weights)
     R1 = rotation_matrix(rf.hidden, args.init, args.seed).to(device).requires_grad_(True)
     R2 = None
     if args.r2:

@@ -10,7 +10,7 @@ from lmpress.compress.pipeline import build_plan
 from lmpress.compress.report import Report
 from lmpress.compress.stage import Context, make_stage
 from lmpress.quant.rotate import fuse_norms, rotate_model, rotation_matrix
-from lmpress.quant.scheme import W4A4
+from lmpress.quant.scheme import W4A4, QuantScheme
 from lmpress.quant.spinquant import CayleySGD, RotatedForward, cayley_retract, orthogonality_error
 from lmpress.compress.surgery import untie_embeddings
 
@@ -146,3 +146,26 @@ def test_spinquant_recipes_round_trip(name, last):
     assert Recipe.from_yaml(r.to_yaml()) == r
     assert [s.name for s in r.stages] == ["fuse_norms", "learn_rotation", "kv_cache", last]
     assert r.needs_calibration and r.kv_args.bits == 4 and r.scheme_for("lm_head") is None
+
+
+def test_activation_only_learning_leaves_the_weights_unquantized(f64_rmsnorm, tokens):
+    """`weights: false` (SpinQuant's setting when GPTQ follows): the learning forward quantizes
+    only the linear inputs, so it equals the rotated model with A4 fake-quant and float weights."""
+    model, arch = _fused_tiny()
+    plan = build_plan(model, Recipe.from_dict(W4A4_ALL))
+    R1, R2 = _random_rotations(model, arch)
+    outs = {}
+    for weights in (True, False):
+        rf = RotatedForward(model, arch, plan, online_down=True, seed=0, weights=weights)
+        rf.R1, rf.R2 = R1, R2
+        with rf, torch.no_grad():
+            outs[weights] = rf.logits(tokens)
+            q = rf.overrides()[f"{arch.layers}.0.{arch.q_proj}.weight"]
+        W_R1 = model.get_submodule(f"{arch.layers}.0.{arch.q_proj}").weight @ R1  # float, rotated
+        assert torch.equal(q, W_R1) == (not weights)
+    a_only = {k: QuantScheme(weights=None, inputs=s.inputs) if s is not None else None for k, s in plan.items()}
+    rf = RotatedForward(model, arch, a_only, online_down=True, seed=0)
+    rf.R1, rf.R2 = R1, R2
+    with rf, torch.no_grad():
+        assert (rf.logits(tokens) - outs[False]).abs().max().item() <= 1e-8
+    assert (outs[True] - outs[False]).abs().max().item() > 1e-4
