@@ -80,10 +80,6 @@ class Rotation:
             return self._fast(W.T.contiguous()).T.contiguous()
         return self.Q.T @ W
 
-    def matrix(self) -> torch.Tensor:
-        """The dense (n, n) float64 Q (for tests and for learned rotations' initialization)."""
-        return self.Q if self.Q is not None else rotation_matrix(self.n, self.kind, self.seed).to(self._fast.kron_left.device)
-
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "size": self.n, "seed": self.seed}
 
