@@ -13,8 +13,9 @@ The perplexity is of the simulated model; for 2:4 configs the model is then save
 (`Sparse24Linear`) and every pruned linear's stored positions checked (exactly 2 of every 4),
 with the reloaded model's logits compared on one window.
 
-Configurations: `base`, `<magnitude|wanda|sparsegpt>-<2:4|4:8>`, `sparsegpt-2:4-w4` (int4
-weights, groups of 64, asymmetric, quantized inside the SparseGPT sweep).
+Configurations: `base`, `<magnitude|wanda|sparsegpt>-<2:4|4:8>`, `sparsegpt-<2:4|4:8>-norefit`
+(the sweep's weights without the least-squares refit), `sparsegpt-2:4-w4` (int4 weights, groups
+of 64, asymmetric, quantized inside the SparseGPT sweep).
 """
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ def recipe_for(config: str):
 
     parts = config.split("-")
     if len(parts) not in (2, 3) or parts[0] not in ("magnitude", "wanda", "sparsegpt") or parts[1] not in ("2:4", "4:8") \
-            or (len(parts) == 3 and (parts[2] != "w4" or parts[0] != "sparsegpt")):
-        raise SystemExit(f"unknown configuration {config!r}: use base, <magnitude|wanda|sparsegpt>-<2:4|4:8> or sparsegpt-2:4-w4")
-    scheme = dict(W4, sparsity=parts[1]) if len(parts) == 3 else {"sparsity": parts[1]}
+            or (len(parts) == 3 and (parts[2] not in ("w4", "norefit") or parts[0] != "sparsegpt")):
+        raise SystemExit(f"unknown configuration {config!r}: use base, <magnitude|wanda|sparsegpt>-<2:4|4:8>, "
+                         "sparsegpt-<2:4|4:8>-norefit or sparsegpt-2:4-w4")
+    w4 = parts[2:] == ["w4"]
+    scheme = dict(W4, sparsity=parts[1]) if w4 else {"sparsity": parts[1]}
+    options = {"structure": parts[1], **({"refit": False} if parts[2:] == ["norefit"] else {})}
     return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": scheme},
-                             "stages": [{parts[0]: {"structure": parts[1]}}]})
+                             "stages": [{parts[0]: options}]})
 
 
 def size_rows(model) -> dict:

@@ -22,6 +22,13 @@ weights as updated so far with the pruning decided then (N:M groups not yet reac
 provisionally by their current saliency), so the range covers what is kept. A pruned weight's
 code is the zero point, which dequantizes to exactly 0 (qparam ranges always contain 0).
 
+`refit=True` (float weights only) then replaces the kept weights of every row by the exact
+minimizer of the damped layer objective given the mask: with H_d = H + λI and S the row's kept
+columns, ŵ_S = [H_d]_SS⁻¹ [H_d w]_S (w the original row; ŵ = 0 off S). The sweep's OBS updates
+only move columns to the right of each pruned one, so its weights are not this optimum; the
+refit lowers the layer objective further for the same mask (cf. Boža, "Fast and Optimal Weight
+Update for Pruned Large Language Models", 2024, which solves the same least squares by ADMM).
+
 Dead inputs (H_jj = 0) get H_jj = 1 and their weights are zeroed first (free to prune: they never
 saw a nonzero input), as in the SparseGPT reference code. Dampening: H + damp · mean(diag H) · I.
 """
@@ -82,6 +89,7 @@ def sparsegpt_prune(
     quant: QuantArgs | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    refit: bool = False,
 ) -> dict:
     """Prune (and optionally quantize) W (out, in) against H (in, in). Runs on H's device.
 
@@ -90,8 +98,64 @@ def sparsegpt_prune(
     `loss` = tr((W-Ŵ) H (W-Ŵ)ᵀ) with the undampened H; `damp` used; `dead` inputs.
     """
     _check(W, H, nm, sparsity, quant, block_size, damp)
+    if refit and quant is not None:
+        raise ValueError("sparsegpt_prune: refit needs float weights (quant=None): quantized kept values must stay on their grid")
     with single_thread(H.device):
-        return _sweep(W, H, nm, sparsity, quant, block_size, damp)
+        out = _sweep(W, H, nm, sparsity, quant, block_size, damp)
+    if refit:
+        W0 = W.detach().to(H.device, torch.float32)
+        out["sweep_loss"] = out["loss"]
+        out["weight"] = masked_least_squares(W0, H, out["mask"], out["damp"])
+        out["loss"] = layer_objective(W0, out["weight"], H)
+    return out
+
+
+@torch.no_grad()
+def masked_least_squares(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, damp: float, rows_per_chunk: int = 64) -> torch.Tensor:
+    """argmin over Ŵ with Ŵ = 0 where `mask` is False of tr((W-Ŵ) H_d (W-Ŵ)ᵀ), H_d = H + damp·mean(diag H)·I
+    (dead inputs: H_jj = 1, as in the sweep). Row by row ŵ_S = [H_d]_SS⁻¹ [H_d w]_S, for chunks of rows
+    at once: each row's kept columns are gathered, padded to the chunk's largest count with identity
+    rows and zero right-hand sides (so unstructured masks work too). The batched Cholesky runs in
+    float32 (the precision of the sweep's own factor; 2x faster than float64 and half the gather
+    traffic), a chunk whose float32 factorization fails is redone in float64."""
+    rows, cols = W.shape
+    Hd = H.detach().to(torch.float64).clone()  # (in, in)
+    diag = Hd.diagonal()
+    dead = diag <= 0
+    live = diag[~dead]
+    Hd[dead, :] = 0.0
+    Hd[:, dead] = 0.0
+    diag[dead] = 1.0
+    diag.add_(damp * (float(live.mean()) if live.numel() else 1.0))
+    W64 = W.to(Hd.device, torch.float64)
+    W64[:, dead] = 0.0
+    rhs_full = (W64 @ Hd).to(torch.float32)  # (out, in): [H_d w] per row (H_d symmetric)
+    Hd32 = Hd.to(torch.float32)
+    mask = mask.to(Hd.device)
+    out = torch.zeros(rows, cols, dtype=torch.float32, device=Hd.device)
+    counts = mask.sum(1)  # (out,)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # kept columns first, in column order
+    for r0 in range(0, rows, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, rows)
+        k = int(counts[r0:r1].max())
+        if k == 0:
+            continue
+        idx = order[r0:r1, :k]  # (R, k) kept column indices (padded with pruned ones)
+        b = rhs_full[r0:r1].gather(1, idx)  # (R, k)
+        A = Hd32[idx[:, :, None], idx[:, None, :]]  # (R, k, k) = [H_d]_SS per row
+        valid = torch.arange(k, device=Hd.device)[None, :] < counts[r0:r1, None]  # (R, k)
+        if not bool(valid.all()):  # padded slots: identity rows / columns, zero right-hand side
+            A.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0.0)
+            A.diagonal(dim1=1, dim2=2)[~valid] = 1.0
+            b.masked_fill_(~valid, 0.0)
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            log.warning("sparsegpt refit: float32 Cholesky failed for rows %d..%d; redoing them in float64", r0, r1)
+            L = torch.linalg.cholesky(A.double())
+            b = b.double()
+        x = torch.cholesky_solve(b[:, :, None], L)[:, :, 0].to(torch.float32)  # (R, k)
+        out[r0:r1].scatter_(1, idx, x.masked_fill(~valid, 0.0))
+    return out
 
 
 def _sweep(W, H, nm, sparsity, quant, block_size, damp) -> dict:

@@ -95,6 +95,29 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_the_layer_objective(nm):
     assert res["loss"] == pytest.approx(layer_objective(W, res["weight"], H))
 
 
+@pytest.mark.parametrize("nm,sparsity", [((2, 4), None), (None, 0.6)], ids=["2:4", "unstructured"])
+def test_refit_is_the_least_squares_optimum_for_the_mask(nm, sparsity):
+    W, H, _ = _problem(cols=72)
+    H[7, :] = 0.0  # a dead input
+    H[:, 7] = 0.0
+    swept = sparsegpt_prune(W, H, nm=nm, sparsity=sparsity, block_size=24)
+    res = sparsegpt_prune(W, H, nm=nm, sparsity=sparsity, block_size=24, refit=True)
+    m = res["mask"]
+    assert torch.equal(m, swept["mask"]) and bool((res["weight"][~m] == 0).all())
+    assert res["sweep_loss"] == pytest.approx(swept["loss"])
+    assert res["loss"] < swept["loss"]
+    # optimality: the damped objective's gradient 2 (Ŵ - W) H_d vanishes on every kept weight
+    Hd = H.clone()
+    Hd[7, 7] = 1.0
+    Hd += res["damp"] * H.diagonal()[H.diagonal() > 0].mean() * torch.eye(72, dtype=H.dtype)
+    W0 = W.double().clone()
+    W0[:, 7] = 0.0
+    grad = (res["weight"].double() - W0) @ Hd
+    assert float(grad[m].abs().max()) < 1e-4 * float((W0 @ Hd).abs().max())
+    with pytest.raises(ValueError, match="refit needs float weights"):
+        sparsegpt_prune(W, H, nm=nm, sparsity=sparsity, refit=True, quant=QuantArgs(bits=4, granularity="channel"))
+
+
 def test_sparsegpt_unstructured_sparsity_and_zero_target():
     W, H, _ = _problem(cols=70)
     res = sparsegpt_prune(W, H, nm=None, sparsity=0.6, block_size=32)

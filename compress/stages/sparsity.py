@@ -12,7 +12,9 @@ Options (all three):
   so layers with more outliers are pruned less, the mean staying the target. Unstructured only;
 - `true_sequential` (wanda, sparsegpt): prune q/k/v, then o, then gate/up, then down, each group
   seeing the pruned earlier ones (as stage `gptq` does); `batch_size`.
-`sparsegpt` adds `block_size` and `damp` (see `lmpress.prune.sparsegpt`).
+`sparsegpt` adds `block_size`, `damp` and `refit` (see `lmpress.prune.sparsegpt`): with `refit`
+(default true) a float-weight module's kept weights are then re-solved exactly by least squares
+given the mask; modules quantized jointly keep the sweep's values (they must stay on the grid).
 
 Modules whose scheme quantizes weights are quantized here too, so the zeros survive (a later
 GPTQ would move them): `sparsegpt` jointly inside its sweep, `wanda`/`magnitude` by RTN of the
@@ -248,7 +250,7 @@ class _Pruning:
                 sim.set_quantized(result["codes"].to(W.device), result["scale"].to(W.device), result["zero"].to(W.device))
             else:
                 sim.weight.data = result["weight"].to(W.device, W.dtype)
-            extra = {"sparsegpt_loss": result["loss"], **({"dead_inputs": result["dead"]} if result["dead"] else {})}
+            extra = {"sparsegpt_loss": result["loss"], **({"sweep_loss": result["sweep_loss"]} if "sweep_loss" in result else {}), **({"dead_inputs": result["dead"]} if result["dead"] else {})}
         else:
             pruned = torch.where(mask.to(W.device), W.float(), torch.zeros((), device=W.device))
             if args is not None:
@@ -282,6 +284,7 @@ class Wanda(_Pruning):
 class SparseGPT(_Pruning):
     block_size: int = 128
     damp: float = 0.01
+    refit: bool = True
 
     stats_options = {"hessian": True, "norms": False}
 
@@ -292,12 +295,15 @@ class SparseGPT(_Pruning):
         d = self.damp
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
             raise ValueError(f"sparsegpt: option damp={d!r} must be a number in (0, 1] (e.g. 0.01)")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"sparsegpt: option refit={self.refit!r} must be true or false")
 
     def prune_one(self, ctx, fqn, sim, spec, acc) -> None:
         W = sim.weight.detach().float()
         H = acc.hessian
         res = sparsegpt_prune(W.to(H.device), H, nm=spec.nm, sparsity=None if spec.nm else spec.sparsity,
-                              quant=sim.scheme.weights, block_size=self.block_size, damp=self.damp)
+                              quant=sim.scheme.weights, block_size=self.block_size, damp=self.damp,
+                              refit=self.refit and sim.scheme.weights is None)
         self.install(ctx, fqn, sim, spec, res["mask"], method="sparsegpt", result=res)
 
 
