@@ -15,7 +15,11 @@ with the reloaded model's logits compared on one window.
 
 Configurations: `base`, `<magnitude|wanda|sparsegpt>-<2:4|4:8>`, `sparsegpt-<2:4|4:8>-norefit`
 (the sweep's weights without the least-squares refit), `sparsegpt-2:4-w4` (int4 weights, groups
-of 64, asymmetric, quantized inside the SparseGPT sweep).
+of 64, asymmetric, quantized inside the SparseGPT sweep); the peer, llm-compressor, on the same
+calibration tokens and windows: `peer-sparsegpt-2:4`, `peer-wanda-2:4` (needs it on PYTHONPATH:
+`pip install --no-deps --target /tmp/peer-site llmcompressor==0.13.0 compressed-tensors==0.18.0
+auto-round==0.14.2 nvidia-ml-py`, then `PYTHONPATH=/tmp/peer-site python bench/sparsity.py
+--configs peer-sparsegpt-2:4,peer-wanda-2:4`).
 """
 from __future__ import annotations
 
@@ -30,6 +34,26 @@ import time
 
 W4 = {"preset": "W4A16", "weights": {"group_size": 64, "symmetric": False}}
 DEFAULT_CONFIGS = "base,magnitude-2:4,wanda-2:4,sparsegpt-2:4,magnitude-4:8,wanda-4:8,sparsegpt-4:8,sparsegpt-2:4-w4"
+
+
+PEERS = ("peer-sparsegpt-2:4", "peer-wanda-2:4")
+
+
+def run_peer(config: str, model, tok, calib) -> None:
+    """llm-compressor's SparseGPTModifier / WandaPruningModifier, 2:4, on the same calibration tokens,
+    every decoder linear (lm_head ignored), as in its examples; dampening 0.01, block 128. Needs
+    llm-compressor on PYTHONPATH (bench environment only, never an lmpress dependency)."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    common = dict(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])
+    modifier = SparseGPTModifier(**common, block_size=128, dampening_frac=0.01) if "sparsegpt" in config \
+        else WandaPruningModifier(**common)
+    ids = calib.tokens  # (n, seqlen)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
+    oneshot(model=model, dataset=ds, recipe=[modifier], num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], processor=tok)
 
 
 def recipe_for(config: str):
@@ -106,7 +130,16 @@ def run_one(config: str, args) -> dict:
     model, tok = load_model(args.model)
     row = {"config": config, "compress_s": 0.0}
     text = load_text("wiki", "eval")
-    if config != "base":
+    if config in PEERS:
+        calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed)
+        t0 = time.perf_counter()
+        run_peer(config, model, tok, calib)
+        row["compress_s"] = time.perf_counter() - t0
+        lin = [m for n_, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n_]
+        for m in lin:
+            check_nm(m.weight, 2, 4, exact=False)
+        row["sparsity"] = sum(int((m.weight == 0).sum()) for m in lin) / sum(m.weight.numel() for m in lin)
+    elif config != "base":
         recipe = recipe_for(config)
         calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed) if recipe.needs_calibration else None
         t0 = time.perf_counter()
@@ -125,7 +158,7 @@ def run_one(config: str, args) -> dict:
     t0 = time.perf_counter()
     res = perplexity(model, tok, text, seqlen=args.seqlen, windows=args.windows)
     row.update(ppl=res.ppl, windows=res.windows, eval_s=time.perf_counter() - t0)
-    if config != "base" and config.split("-")[1] == "2:4" and not args.no_ckpt:
+    if config != "base" and config not in PEERS and config.split("-")[1] == "2:4" and not args.no_ckpt:
         ids = tokenize(tok, text)[: args.seqlen].reshape(1, -1)
         try:
             row.update(checkpoint_check(model, tok, ids))
@@ -178,7 +211,7 @@ def main() -> None:
         return
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:
-        if c != "base":
+        if c != "base" and c not in PEERS:
             recipe_for(c)
     rows = []
     for c in configs:

@@ -53,7 +53,7 @@ from lmpress.kernels.online import KronTransform, RotatedInput, TransformedOutpu
 
 from .attention import SETTINGS_ATTR, LmpressAttention
 from .kv_cache import fake_quantize_kv
-from .primitives import fake_quantize, mse_clip_qparams
+from .primitives import fake_quantize_ste, mse_clip_qparams, round_ste
 from .rotate import rotation_matrix, sub_seed
 from .scheme import KVCacheArgs, QuantArgs, QuantScheme
 
@@ -82,30 +82,26 @@ def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tens
     return torch.matmul(A.t(), torch.matmul(X, B)).reshape(x.shape)
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round-half-even forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
-
-
 def act_quant_ste(x: torch.Tensor, clip: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-token symmetric fake-quant with a learnable clip ratio (scalar tensor in (0, 1]); the
-    forward equals `fake_quantize(x, QuantArgs(bits, "token", dynamic=True, clip_ratio=clip))`."""
+    forward equals `fake_quantize(x, QuantArgs(bits, "token", dynamic=True, clip_ratio=clip))`.
+    The scale stays a function of the token's absmax (see `fake_quantize_ste`): the transform
+    learns that a token's rounding error grows with its largest entry."""
     qmax = (1 << (bits - 1)) - 1
-    scale = x.detach().abs().amax(-1, keepdim=True) * clip / qmax  # (..., 1)
+    scale = x.abs().amax(-1, keepdim=True) * clip / qmax  # (..., 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale
 
 
 def weight_quant_ste(W: torch.Tensor, clip: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
-    """Fake-quantized W (out, in), straight-through. Per-channel symmetric weights use the learned
-    per-row clip (out,): W clamped to ±c·max|W_r|, scale c·max|W_r|/qmax (what min-max RTN of the
-    clamped weight gives); other weight schemes are fake-quantized as they are (no learned clip)."""
+    """Fake-quantized W (out, in), straight-through rounding, scale a function of the row's absmax.
+    Per-channel symmetric weights use the learned per-row clip (out,): W clamped to ±c·max|W_r|,
+    scale c·max|W_r|/qmax (what min-max RTN of the clamped weight gives); other weight schemes are
+    fake-quantized as they are (no learned clip)."""
     if clip is None:
-        with torch.no_grad():
-            delta = fake_quantize(W.detach(), args) - W.detach()
-        return W + delta
+        return fake_quantize_ste(W, args)
     qmax = args.qmax
-    bound = W.detach().abs().amax(1, keepdim=True) * clip[:, None]  # (out, 1)
+    bound = W.abs().amax(1, keepdim=True) * clip[:, None]  # (out, 1)
     bound = torch.where(bound > 0, bound, torch.ones_like(bound))
     Wc = torch.maximum(torch.minimum(W, bound), -bound)
     scale = bound / qmax
@@ -238,9 +234,7 @@ class GroupQuant(nn.Module):
             return y
         if self.learn_clip:
             return act_quant_ste(y, torch.sigmoid(self.clip_logit), self.act.bits)
-        with torch.no_grad():
-            delta = fake_quantize(y.detach(), self.act) - y.detach()
-        return y + delta
+        return fake_quantize_ste(y, self.act)
 
 
 class TrainLinear(nn.Module):

@@ -91,6 +91,28 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, scale=None, zero=None) -> to
     return dequantize(quantize(x, scale, zero, args), scale, zero, args, dtype=x.dtype)
 
 
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round-half-even forward, identity backward (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_ste(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """`fake_quantize(x, args)` (min-max qparams from x; the same codes and values) with gradients
+    for learning transforms: the rounding is straight-through, and the scale and zero point stay
+    functions of x's range (gradient through amax / amin, as in SpinQuant's and FlatQuant's
+    quantizers). With the qparams detached, the backward of quantization would be the identity,
+    the gradient of the float model, and a rotation of a rotation-invariant float model would
+    see no gradient from the quantization error at all; through the scale, the loss learns that
+    a token's error grows with its largest entry, the signal that flattens outliers."""
+    x2 = x.reshape(-1, x.shape[-1]).float()  # (rows, cols)
+    rows, cols = x2.shape
+    scale, zero = compute_qparams(x2, args)  # (rows|1, n_groups), differentiable in x2
+    s = expand_qparam(scale, rows, cols, args)
+    z = expand_qparam(zero.detach(), rows, cols, args)
+    q = torch.clamp(round_ste(x2 / s) + z, args.qmin, args.qmax)
+    return ((q - z) * s).to(x.dtype).reshape(x.shape)
+
+
 def quant_error(x: torch.Tensor, xq: torch.Tensor) -> dict[str, float]:
     """Relative MSE and SQNR (dB) of a quantized tensor against the original."""
     x, xq = x.double(), xq.double()

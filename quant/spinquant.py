@@ -43,7 +43,7 @@ from torch import nn
 
 from lmpress.kernels.online import OnlineHadamard
 
-from .primitives import fake_quantize
+from .primitives import fake_quantize_ste
 from .rotate import rotation_matrix, sub_seed
 from .scheme import QuantArgs, QuantScheme
 
@@ -130,12 +130,11 @@ class CayleySGD:
 
 
 def _ste(x: torch.Tensor, args: QuantArgs | None) -> torch.Tensor:
-    """Fake-quantize with a straight-through gradient (identity backward)."""
+    """Fake-quantize with a straight-through rounding and gradients through the min-max qparams
+    (`fake_quantize_ste`: without them a rotation would learn nothing from the quantization error)."""
     if args is None:
         return x
-    with torch.no_grad():
-        delta = fake_quantize(x.detach(), args) - x.detach()
-    return x + delta
+    return fake_quantize_ste(x, args)
 
 
 def _train_weight_args(args: QuantArgs | None) -> QuantArgs | None:

@@ -106,3 +106,21 @@ def test_sim_linear_matches_manual_fake_quant():
     assert torch.allclose(sim(x), ref, atol=1e-6)
     with pytest.raises(ValueError, match="do not match"):
         sim.set_quantized(q[:, :3], s, z)
+
+
+@pytest.mark.parametrize("args", [
+    QuantArgs(bits=4, granularity="token", dynamic=True, clip_ratio=0.9),
+    QuantArgs(bits=4, granularity="token", dynamic=True, symmetric=False),
+    QuantArgs(bits=4, granularity="channel"),
+    QuantArgs(bits=3, granularity="group", group_size=32, symmetric=False),  # 80 columns: a partial group
+], ids=["a4-clip", "a4-asym", "w4-ch", "w3-g32-asym"])
+def test_fake_quantize_ste_forward_and_gradient_through_the_scale(args):
+    from lmpress.quant.primitives import fake_quantize_ste
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 6, 80, generator=g, dtype=torch.float64) * torch.linspace(0.2, 4, 80, dtype=torch.float64))
+    xg = x.clone().requires_grad_(True)
+    y = fake_quantize_ste(xg, args)
+    assert y.dtype == x.dtype and torch.equal(y.detach(), fake_quantize(x, args))
+    (y - xg).pow(2).sum().backward()  # the error's gradient: zero if the qparams were detached
+    assert float(xg.grad.abs().max()) > 0
