@@ -23,7 +23,12 @@ is orthogonal again exactly (a Cayley retraction), a descent direction for small
 (Li, Li, Todorovic, ICLR 2020; SpinQuant, Liu et al. 2024, uses it with lr 1.5). τ is capped at
 `max_step / ‖A‖_F` so that one step never turns the rotation by much, and both decay linearly to
 0 over the steps. (Measured on SmolLM2: with a cap of 1, 32 steps raised the W4A4 loss on the
-first batch from 5.20 to 5.63 — the steps overshoot; the default cap is 0.05.) The KV cache is not quantized
+first batch from 5.20 to 5.63 — the steps overshoot; the default cap is 0.05.)
+
+On SmolLM2-135M at W16A4KV4 from a randomized Hadamard start, 32 steps of 256 tokens (KL or CE,
+max_step 0.01 or 0.05) raised the loss. Our reading: a step leaves the Hadamard's flat ±1/√n
+entries at once, while so few noisy steps learn little. Hence `keep_best`: the initial rotations
+are kept unless held-out sequences say the learned ones are better. The KV cache is not quantized
 during learning (R3 is a fixed Hadamard and does not depend on R1/R2).
 
 `learn_rotations(model, arch, plan, tokens, args)` returns the learned float64 R1 and R2s and
@@ -66,6 +71,8 @@ class LearnArgs:
     r2: bool = True
     init: str = "hadamard"  # R1 / R2 initialisation: "hadamard" | "random" (seeded)
     seed: int = 0
+    keep_best: bool = True  # keep the initial rotations when learning did not lower the held-out loss
+    holdout: int = 4  # calibration sequences (the last ones, not trained on when there are enough) that judge it
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -84,8 +91,11 @@ class LearnArgs:
             raise ValueError(f"learn_rotation.momentum={self.momentum!r} must be in [0, 1)")
         if self.loss not in LOSSES:
             raise ValueError(f"learn_rotation.loss={self.loss!r}: use one of {list(LOSSES)}")
-        if not isinstance(self.weights, bool):
-            raise ValueError(f"learn_rotation.weights={self.weights!r} must be true or false")
+        for name in ("weights", "keep_best"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"learn_rotation.{name}={getattr(self, name)!r} must be true or false")
+        if not isinstance(self.holdout, int) or isinstance(self.holdout, bool) or self.holdout < 1:
+            raise ValueError(f"learn_rotation.holdout={self.holdout!r} must be a positive integer (sequences)")
         if self.init not in ("hadamard", "random"):
             raise ValueError(f"learn_rotation.init={self.init!r}: use 'hadamard' or 'random'")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
@@ -282,7 +292,10 @@ def learn_rotations(model: nn.Module, arch, plan: dict[str, QuantScheme], tokens
 
     Returns {"r1": (hidden, hidden) float64, "r2": [(head_dim, head_dim) float64] | None,
     "losses": [per-step loss], "init_loss", "final_loss" (mean quantized loss over the first
-    batch before and after), "seconds"}. The model's weights are not changed."""
+    batch before and after), "heldout_init", "heldout_final" (mean loss over the `holdout` last
+    sequences, left out of training when there are more), "kept" ("learned", or "initial" when
+    `keep_best` found no held-out improvement and restored the initial rotations), "seconds"}.
+    The model's weights are not changed."""
     device = next(model.parameters()).device
     rf = RotatedForward(model, arch, plan, online_down, args.seed, weights=args.weights)
     R1 = rotation_matrix(rf.hidden, args.init, args.seed).to(device).requires_grad_(True)
@@ -292,8 +305,10 @@ def learn_rotations(model: nn.Module, arch, plan: dict[str, QuantScheme], tokens
               for i in range(len(arch.decoder_layers(model)))]
     params = [R1] + (R2 or [])
     opt = CayleySGD(params, args.lr, args.momentum, args.max_step)
-    tokens = tokens[: args.samples] if args.samples else tokens
     tokens = tokens[:, : args.seqlen] if args.seqlen else tokens  # (n, seqlen)
+    held = tokens[-args.holdout:]  # (h, seqlen): judges learned against initial rotations
+    train = tokens[: -args.holdout] if tokens.shape[0] > args.holdout else tokens
+    tokens = train[: args.samples] if args.samples else train
     n = tokens.shape[0]
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -321,8 +336,14 @@ def learn_rotations(model: nn.Module, arch, plan: dict[str, QuantScheme], tokens
                 with torch.no_grad():
                     return _loss(rf.logits(ids), ids, teacher(ids)).item()
 
+            def held_loss() -> float:
+                return sum(evaluate(held[j:j + 1].to(device)) for j in range(held.shape[0])) / held.shape[0]
+
             probe = batch(0)
             init_loss = evaluate(probe)
+            init_held = held_loss() if args.keep_best else float("nan")
+            R1_0 = R1.detach().clone()
+            R2_0 = None if R2 is None else [r.detach().clone() for r in R2]
             for step in range(args.steps):
                 ids = batch(step)
                 loss = _loss(rf.logits(ids), ids, teacher(ids))
@@ -337,13 +358,26 @@ def learn_rotations(model: nn.Module, arch, plan: dict[str, QuantScheme], tokens
                     progress(step, losses[-1])
                 log.debug("learn_rotation step %d loss %.4f", step, losses[-1])
             final_loss = evaluate(probe)
+            final_held, kept = float("nan"), "learned"
+            if args.keep_best:
+                final_held = held_loss()
+                if not final_held < init_held:
+                    kept = "initial"
+                    with torch.no_grad():
+                        R1.copy_(R1_0)
+                        for r, r0 in zip(R2 or [], R2_0 or []):
+                            r.copy_(r0)
+                    log.warning("learn_rotation: held-out loss %.4f -> %.4f did not improve; keeping the initial (%s) "
+                                "rotations (more steps / samples, a smaller max_step, or the kl loss may help)",
+                                init_held, final_held, args.init)
     finally:
         for p, f in zip(model.parameters(), flags):
             p.requires_grad_(f)
     secs = time.perf_counter() - t0
     log.info("learn_rotation: %d steps in %.1f s; loss on the first batch %.4f -> %.4f", args.steps, secs, init_loss, final_loss)
     return {"r1": R1.detach(), "r2": None if R2 is None else [r.detach() for r in R2], "losses": losses,
-            "init_loss": init_loss, "final_loss": final_loss, "seconds": secs}
+            "init_loss": init_loss, "final_loss": final_loss, "heldout_init": init_held, "heldout_final": final_held,
+            "kept": kept, "seconds": secs}
 
 
 def orthogonality_error(X: torch.Tensor) -> float:

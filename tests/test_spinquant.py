@@ -11,7 +11,7 @@ from lmpress.compress.report import Report
 from lmpress.compress.stage import Context, make_stage
 from lmpress.quant.rotate import fuse_norms, rotate_model, rotation_matrix
 from lmpress.quant.scheme import W4A4, QuantScheme
-from lmpress.quant.spinquant import CayleySGD, RotatedForward, cayley_retract, orthogonality_error
+from lmpress.quant.spinquant import CayleySGD, LearnArgs, RotatedForward, cayley_retract, learn_rotations, orthogonality_error
 from lmpress.compress.surgery import untie_embeddings
 
 from test_rotate import f64_rmsnorm  # noqa: F401  (fixture)
@@ -132,6 +132,20 @@ def test_activation_only_learning_reduces_the_a4_loss(f64_rmsnorm):
     ctx = _learn(model, toks, steps=30, lr=1.5, loss="kl", weights=False, seed=0)
     info = ctx.report.extra["learn_rotation"]
     assert info["final_loss"] < 0.95 * info["init_loss"], info
+
+
+def test_keep_best_restores_the_initial_rotations_when_learning_hurts(f64_rmsnorm):
+    """Steps far too large (max_step 20) scramble the rotations: the held-out loss rises, and
+    `keep_best` hands back the initial Hadamards exactly; without it the scrambled ones come back."""
+    model, arch = _fused_tiny()
+    plan = build_plan(model, Recipe.from_dict(W4A4_ALL))
+    toks = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    bad = dict(steps=4, lr=100.0, max_step=20.0, momentum=0.0, loss="kl", seed=0)
+    kept = learn_rotations(model, arch, plan, toks, LearnArgs(**bad))
+    assert kept["kept"] == "initial" and kept["heldout_final"] >= kept["heldout_init"]
+    assert torch.equal(kept["r1"], rotation_matrix(model.config.hidden_size, "hadamard", 0))
+    free = learn_rotations(model, arch, plan, toks, LearnArgs(**bad, keep_best=False))
+    assert free["kept"] == "learned" and not torch.equal(free["r1"], kept["r1"])
 
 
 def test_learn_rotation_refuses_a_quantized_model(tiny, tokens):

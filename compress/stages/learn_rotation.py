@@ -5,13 +5,17 @@ see `lmpress.quant.spinquant`.
 
 ```yaml
 - learn_rotation: {steps: 100, lr: 1.5, momentum: 0.9, batch_size: 1, samples: null, seqlen: null,
-                   loss: ce, r2: true, init: hadamard, seed: 0, online: [down_proj, qk]}
+                   loss: ce, r2: true, init: hadamard, seed: 0, keep_best: true, holdout: 4,
+                   online: [down_proj, qk]}
 ```
 `samples`: calibration sequences used (null: all of them, cycled over the steps); `seqlen`: the
 first tokens of each sequence used (null: all; a step costs about one forward and backward of
 `batch_size x seqlen` tokens plus the rotation of every weight); `loss`: `ce`
 (next-token cross entropy) or `kl` (to the float model's logits); `init`: the seeded starting
-point (a randomized Hadamard, as in SpinQuant, or a random orthogonal matrix). It takes the
+point (a randomized Hadamard, as in SpinQuant, or a random orthogonal matrix); `keep_best`: judge
+the learned rotations on the last `holdout` calibration sequences (left out of training when
+there are more) and keep the initial ones, with a warning, if the loss there did not go down
+(a short, noisy run can leave a Hadamard start worse off: see the module doc). It takes the
 place of `rotate` in a recipe: before `kv_cache` and the quantization stages.
 """
 from __future__ import annotations
@@ -56,7 +60,8 @@ class LearnRotation(LearnArgs):
         if ctx.report is not None:
             ctx.report.extra["learn_rotation"] = {
                 "steps": self.steps, "seconds": round(learned["seconds"], 1), "init_loss": learned["init_loss"],
-                "final_loss": learned["final_loss"], "orthogonality_error": err,
+                "final_loss": learned["final_loss"], "orthogonality_error": err, "kept": learned["kept"],
+                "heldout_init": learned["heldout_init"], "heldout_final": learned["heldout_final"],
                 "losses": [round(x, 4) for x in learned["losses"]],
             }
         log.info("learn_rotation: loss %.4f -> %.4f in %d steps (%.0f s), max |R Rt - I| %.1e",
