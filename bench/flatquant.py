@@ -18,6 +18,7 @@ Configurations (`--configs`, comma-separated):
                    packed (PackedLinear, KronTransform) and evaluated again (`ppl packed`; this
                    configuration only, not its -e<N> variants)
   flatquant-gptq   recipe w4a4kv4-flatquant-gptq (GPTQ weights after flattening)
+  suffix -float    flatquant.train_inputs = float (train each layer on the float stream)
   suffix -e<N>     flatquant.epochs = N (e.g. flatquant-e1: the epochs trade-off)
 lm_head stays in high precision in every configuration.
 """
@@ -41,26 +42,29 @@ RECIPES = {"base": None, "flatquant": "w4a4kv4-flatquant", "flatquant-gptq": "w4
 DEFAULT_CONFIGS = "flatquant,flatquant-gptq,base,flatquant-e1"
 
 
-def parse_config(config: str) -> tuple[str, int | None]:
-    m = re.fullmatch(r"(.+?)(?:-e(\d+))?", config)
-    base, epochs = m.group(1), (int(m.group(2)) if m.group(2) else None)
-    if base not in RECIPES or (base == "base" and epochs is not None):
-        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(RECIPES)} (flatquant ones with an -e<N> suffix)")
-    return base, epochs
+def parse_config(config: str) -> tuple[str, int | None, bool]:
+    m = re.fullmatch(r"(.+?)(-float)?(?:-e(\d+))?", config)
+    base, fstream, epochs = m.group(1), bool(m.group(2)), (int(m.group(3)) if m.group(3) else None)
+    if base not in RECIPES or (base == "base" and (epochs is not None or fstream)):
+        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(RECIPES)} "
+                         "(flatquant ones with -float and / or -e<N> suffixes)")
+    return base, epochs, fstream
 
 
 def recipe_for(config: str):
     from lmpress.compress import Recipe
 
-    base, epochs = parse_config(config)
+    base, epochs, fstream = parse_config(config)
     if RECIPES[base] is None:
         return None
     data = Recipe.load(RECIPES[base]).to_dict()
-    if epochs is not None:
-        for st in data["stages"]:
-            if isinstance(st, dict) and "flatquant" in st:
+    for st in data["stages"]:
+        if isinstance(st, dict) and "flatquant" in st:
+            if epochs is not None:
                 st["flatquant"]["epochs"] = epochs
-        data["name"] = f"{data['name']}-e{epochs}"
+            if fstream:
+                st["flatquant"]["train_inputs"] = "float"
+    data["name"] += ("-float" if fstream else "") + (f"-e{epochs}" if epochs is not None else "")
     return Recipe.from_dict(data)
 
 
@@ -96,7 +100,7 @@ def run_one(config: str, args) -> dict:
     row["eval_s"] = time.perf_counter() - t0
     row.update(ppl=res.ppl, windows=res.windows, seqlen=res.seqlen)
     print("PARTIAL " + json.dumps(row), flush=True)
-    if parse_config(config) == ("flatquant", None) and not args.no_packed:
+    if parse_config(config) == ("flatquant", None, False) and not args.no_packed:
         with tempfile.TemporaryDirectory(prefix="lmpress-flat-") as d:
             save(model, os.path.join(d, "ckpt"), tokenizer=tok)
             del model

@@ -143,6 +143,7 @@ class FlatArgs:
     v_transform: bool = True  # learnable per-layer value-head transform (KV cache holds v Pv)
     qk_hadamard: bool = True  # online Hadamard on Q and K after RoPE (QuaRot's R3) for the K cache
     fold_weight_clip: bool = True  # clamp the weights to the learned clip (RTN then reproduces it)
+    train_inputs: str = "quantized"  # the stream the quantized layer is trained on: "quantized" | "float"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -167,6 +168,9 @@ class FlatArgs:
         for name in ("v_transform", "qk_hadamard", "fold_weight_clip"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"flatquant.{name}={getattr(self, name)!r} must be true or false")
+        if self.train_inputs not in ("quantized", "float"):
+            raise ValueError(f"flatquant.train_inputs={self.train_inputs!r}: use 'quantized' (the quantized layers' "
+                             "outputs, errors of earlier layers included) or 'float' (the float stream: the layer's own error alone)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"flatquant.seed={self.seed!r} must be a non-negative integer")
 

@@ -4,13 +4,15 @@ trained block by block on the calibration data, then folded; see `lmpress.quant.
 ```yaml
 - flatquant: {epochs: 2, lr: 0.01, clip_lr: 0.01, samples: 32, seqlen: null, batch_size: 2,
               smooth_alpha: 0.5, weight_clip_init: 0.98, v_transform: true, qk_hadamard: true,
-              fold_weight_clip: true, seed: 0}
+              fold_weight_clip: true, train_inputs: quantized, seed: 0}
 ```
 Walks the decoder layers with the `LayerwiseRunner` (`batch_size` sequences a batch, one
 optimiser step per batch): for each layer the float layer's outputs on the float stream are the
 targets, the transformed, fake-quantized layer (weights, activations with the recipe's schemes;
 KV cache with the recipe's top-level `kv_cache` when it is the per-token form) is trained on the
-quantized stream, and the runner then propagates the layer's quantized outputs to the next one.
+quantized stream (`train_inputs: quantized`: it also learns to absorb earlier layers' errors)
+or on the float stream (`train_inputs: float`: the loss is then the layer's own
+quantization error alone), and the runner then propagates the layer's quantized outputs.
 
 Afterwards the norms that feed q/k/v and gate/up are wrapped in `TransformedOutput` (the norm
 moves to `<norm>.module`), o_proj and down_proj in `RotatedInput` (moved to `<fqn>.linear`;
@@ -111,7 +113,8 @@ class FlatQuant(FlatArgs):
                 with torch.no_grad():  # float targets on the float stream (+ the smoothing statistics)
                     targets = [_out(layer(x, **kw)) for x, kw in zip(fstream, kwargs)]
                 flat.init_from_stats(self.smooth_alpha)
-                st = calibrate_layer(flat, [x.to(dev) for x in step.inputs], kwargs, targets, self)
+                inputs = fstream if self.train_inputs == "float" else [x.to(dev) for x in step.inputs]
+                st = calibrate_layer(flat, inputs, kwargs, targets, self)
                 fstream = targets
                 pending = flat  # the runner now propagates the quantized layer's outputs
                 rows.append({k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in st.items()})
