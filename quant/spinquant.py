@@ -293,7 +293,7 @@ def learn_rotations(model: nn.Module, arch, plan: dict[str, QuantScheme], tokens
     Returns {"r1": (hidden, hidden) float64, "r2": [(head_dim, head_dim) float64] | None,
     "losses": [per-step loss], "init_loss", "final_loss" (mean quantized loss over the first
     batch before and after), "heldout_init", "heldout_final" (mean loss over the `holdout` last
-    sequences, left out of training when there are more), "kept" ("learned", or "initial" when
+    sequences, left out of training under keep_best when there are more), "kept" ("learned", or "initial" when
     `keep_best` found no held-out improvement and restored the initial rotations), "seconds"}.
     The model's weights are not changed."""
     device = next(model.parameters()).device
@@ -306,8 +306,8 @@ def learn_rotations(model: nn.Module, arch, plan: dict[str, QuantScheme], tokens
     params = [R1] + (R2 or [])
     opt = CayleySGD(params, args.lr, args.momentum, args.max_step)
     tokens = tokens[:, : args.seqlen] if args.seqlen else tokens  # (n, seqlen)
-    held = tokens[-args.holdout:]  # (h, seqlen): judges learned against initial rotations
-    train = tokens[: -args.holdout] if tokens.shape[0] > args.holdout else tokens
+    held = tokens[-args.holdout:]  # (h, seqlen): judges learned against initial rotations (keep_best)
+    train = tokens[: -args.holdout] if args.keep_best and tokens.shape[0] > args.holdout else tokens
     tokens = train[: args.samples] if args.samples else train
     n = tokens.shape[0]
     flags = [p.requires_grad for p in model.parameters()]
@@ -342,8 +342,8 @@ def learn_rotations(model: nn.Module, arch, plan: dict[str, QuantScheme], tokens
             probe = batch(0)
             init_loss = evaluate(probe)
             init_held = held_loss() if args.keep_best else float("nan")
-            R1_0 = R1.detach().clone()
-            R2_0 = None if R2 is None else [r.detach().clone() for r in R2]
+            R1_0 = R1.detach().clone() if args.keep_best else None
+            R2_0 = [r.detach().clone() for r in R2] if args.keep_best and R2 is not None else None
             for step in range(args.steps):
                 ids = batch(step)
                 loss = _loss(rf.logits(ids), ids, teacher(ids))

@@ -250,7 +250,11 @@ class _Pruning:
                 sim.set_quantized(result["codes"].to(W.device), result["scale"].to(W.device), result["zero"].to(W.device))
             else:
                 sim.weight.data = result["weight"].to(W.device, W.dtype)
-            extra = {"sparsegpt_loss": result["loss"], **({"sweep_loss": result["sweep_loss"]} if "sweep_loss" in result else {}), **({"dead_inputs": result["dead"]} if result["dead"] else {})}
+            extra = {"sparsegpt_loss": result["loss"]}
+            if "sweep_loss" in result:  # refit: the sweep's own objective, before the least squares
+                extra["sweep_loss"] = result["sweep_loss"]
+            if result["dead"]:
+                extra["dead_inputs"] = result["dead"]
         else:
             pruned = torch.where(mask.to(W.device), W.float(), torch.zeros((), device=W.device))
             if args is not None:
