@@ -20,6 +20,9 @@ Configurations (`--configs`, comma-separated):
   flatquant-gptq   recipe w4a4kv4-flatquant-gptq (GPTQ weights after flattening)
   suffix -float    flatquant.train_inputs = float (train each layer on the float stream)
   suffix -e<N>     flatquant.epochs = N (e.g. flatquant-e1: the epochs trade-off)
+  suffix +k=v      any flatquant option (YAML value), repeatable: flatquant+loss=mse+samples=64
+  quarot-gptq, spinquant-gptq, ...   the rotation bench's configurations (`bench/rotations.py`), for
+                   the comparison in one run: pass --n 128 to give GPTQ the rotation bench's calibration
 lm_head stays in high precision in every configuration.
 """
 from __future__ import annotations
@@ -35,36 +38,53 @@ import sys
 import tempfile
 import time
 
+import yaml
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rotations import _RssSampler  # noqa: E402  (same sampler as the rotations bench)
+import rotations  # noqa: E402  (its sampler, and its configurations for the comparison rows)
+from rotations import _RssSampler  # noqa: E402
 
 RECIPES = {"base": None, "flatquant": "w4a4kv4-flatquant", "flatquant-gptq": "w4a4kv4-flatquant-gptq"}
-DEFAULT_CONFIGS = "flatquant,flatquant-gptq,base,flatquant-e1"
+DEFAULT_CONFIGS = "base,flatquant,flatquant-gptq,quarot-gptq,spinquant-gptq,flatquant-e1"
 
 
-def parse_config(config: str) -> tuple[str, int | None, bool]:
-    m = re.fullmatch(r"(.+?)(-float)?(?:-e(\d+))?", config)
-    base, fstream, epochs = m.group(1), bool(m.group(2)), (int(m.group(3)) if m.group(3) else None)
-    if base not in RECIPES or (base == "base" and (epochs is not None or fstream)):
+def parse_config(config: str) -> tuple[str, dict]:
+    """(recipe key, flatquant option overrides) of e.g. "flatquant-float-e1+loss=mse"; the
+    rotation bench's configurations (quarot-gptq, spinquant-gptq, ...) come back as ("rot:<name>", {})."""
+    if not config.startswith("flatquant") and config != "base":
+        rotations.parse_config(config)  # exits with the known names if it is not one of them either
+        return f"rot:{config}", {}
+    name, *sets = config.split("+")
+    m = re.fullmatch(r"(.+?)(-float)?(?:-e(\d+))?", name)
+    base, over = m.group(1), {}
+    if m.group(2):
+        over["train_inputs"] = "float"
+    if m.group(3):
+        over["epochs"] = int(m.group(3))
+    for kv in sets:
+        key, eq, value = kv.partition("=")
+        if not eq:
+            raise SystemExit(f"configuration {config!r}: write overrides as +option=value")
+        over[key] = yaml.safe_load(value)
+    if base not in RECIPES or (base == "base" and over):
         raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(RECIPES)} "
-                         "(flatquant ones with -float and / or -e<N> suffixes)")
-    return base, epochs, fstream
+                         "(flatquant ones with -float, -e<N> and +option=value suffixes)")
+    return base, over
 
 
 def recipe_for(config: str):
     from lmpress.compress import Recipe
 
-    base, epochs, fstream = parse_config(config)
+    base, over = parse_config(config)
+    if base.startswith("rot:"):
+        return rotations.recipe_for(config)
     if RECIPES[base] is None:
         return None
     data = Recipe.load(RECIPES[base]).to_dict()
     for st in data["stages"]:
         if isinstance(st, dict) and "flatquant" in st:
-            if epochs is not None:
-                st["flatquant"]["epochs"] = epochs
-            if fstream:
-                st["flatquant"]["train_inputs"] = "float"
-    data["name"] += ("-float" if fstream else "") + (f"-e{epochs}" if epochs is not None else "")
+            st["flatquant"].update(over)
+    data["name"] = config.replace("flatquant", data["name"], 1).replace("+", "-").replace("=", "-")
     return Recipe.from_dict(data)
 
 
@@ -100,7 +120,7 @@ def run_one(config: str, args) -> dict:
     row["eval_s"] = time.perf_counter() - t0
     row.update(ppl=res.ppl, windows=res.windows, seqlen=res.seqlen)
     print("PARTIAL " + json.dumps(row), flush=True)
-    if parse_config(config) == ("flatquant", None, False) and not args.no_packed:
+    if parse_config(config) == ("flatquant", {}) and not args.no_packed:
         with tempfile.TemporaryDirectory(prefix="lmpress-flat-") as d:
             save(model, os.path.join(d, "ckpt"), tokenizer=tok)
             del model
@@ -138,7 +158,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--windows", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--n", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--n", type=int, default=128, help="calibration sequences (default 128, as bench/rotations.py)")
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-packed", action="store_true", help="skip the save / reload / packed perplexity")

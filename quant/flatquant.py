@@ -30,7 +30,8 @@ Notation: activations are row vectors, a linear is y = x Wᵀ + b with W (out, i
 
 `calibrate_layer` trains one decoder layer: the float layer's outputs on the float stream are the
 targets, the transformed + fake-quantized layer (KV cache too) runs on the quantized stream, and
-AdamW with a cosine schedule minimises their MSE. `FlatLayer.finalize` materialises everything in
+AdamW with a cosine schedule minimises their distance (`layer_loss`: per-token relative error by
+default, FlatQuant's plain MSE as an option). `FlatLayer.finalize` materialises everything in
 float64: P⁻¹ folded into the weights, (P1, P2, 1/s) kept as a runtime `KronTransform`
 (`lmpress.kernels.online`), the learned activation clip returned for the scheme map.
 
@@ -123,6 +124,20 @@ def smooth_scale(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float)
     return s / torch.exp(torch.log(s).mean())
 
 
+def layer_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "relative") -> torch.Tensor:
+    """The layer objective over (..., T, hidden) outputs. "mse": plain MSE. "relative": mean over
+    tokens of ‖e_t‖² / ‖y_t‖² (y the float target): the next RMSNorm divides each token by its
+    RMS, so this is the error the following layers see. Plain MSE is dominated by the few
+    massive-activation tokens (SmolLM2 from layer 12 on: the first token of a sequence holds 98%
+    of the hidden state's sum of squares) and trains the transforms for them alone."""
+    out, target = out.float(), target.float()
+    if kind == "mse":
+        return F.mse_loss(out, target)
+    err = (out - target).pow(2).sum(-1)  # (..., T)
+    ref = target.pow(2).sum(-1).clamp_min(1e-12)  # (..., T)
+    return (err / ref).mean()
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
@@ -144,6 +159,7 @@ class FlatArgs:
     qk_hadamard: bool = True  # online Hadamard on Q and K after RoPE (QuaRot's R3) for the K cache
     fold_weight_clip: bool = True  # clamp the weights to the learned clip (RTN then reproduces it)
     train_inputs: str = "quantized"  # the stream the quantized layer is trained on: "quantized" | "float"
+    loss: str = "relative"  # "mse" (FlatQuant's) | "relative" (each token's squared error over its target's mean square)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -171,6 +187,9 @@ class FlatArgs:
         if self.train_inputs not in ("quantized", "float"):
             raise ValueError(f"flatquant.train_inputs={self.train_inputs!r}: use 'quantized' (the quantized layers' "
                              "outputs, errors of earlier layers included) or 'float' (the float stream: the layer's own error alone)")
+        if self.loss not in ("mse", "relative"):
+            raise ValueError(f"flatquant.loss={self.loss!r}: use 'relative' (each token's squared error divided by the "
+                             "mean square of its float output, what the next RMSNorm sees) or 'mse' (plain MSE, FlatQuant's)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"flatquant.seed={self.seed!r} must be a non-negative integer")
 
@@ -467,7 +486,7 @@ def calibrate_layer(flat: FlatLayer, q_inputs: list[torch.Tensor], kwargs: list[
     def loss_of(b: int) -> torch.Tensor:
         out = layer(q_inputs[b], **kwargs[b])
         out = out[0] if isinstance(out, (tuple, list)) else out
-        return F.mse_loss(out.float(), targets[b].float())
+        return layer_loss(out, targets[b], args.loss)
 
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -504,5 +523,5 @@ def calibrate_layer(flat: FlatLayer, q_inputs: list[torch.Tensor], kwargs: list[
 
 __all__ = [
     "FlatArgs", "FlatLayer", "GroupQuant", "HeadTransform", "LearnableTransform", "SteKVAttention", "TrainLinear",
-    "act_quant_ste", "calibrate_layer", "closest_factors", "kron_matmul", "round_ste", "smooth_scale", "weight_quant_ste",
+    "act_quant_ste", "calibrate_layer", "closest_factors", "kron_matmul", "layer_loss", "round_ste", "smooth_scale", "weight_quant_ste",
 ]

@@ -188,6 +188,24 @@ def test_training_lowers_the_layer_loss_and_learns_clips(tiny):
     assert isinstance(down, SimQuantLinear) and down.quantized
 
 
+def test_relative_layer_loss_weighs_every_token_by_its_own_scale():
+    """A massive-activation token (its output x1000) dominates plain MSE; the relative loss, each
+    token's squared error over its float target's, sees every token the way the next RMSNorm does."""
+    from lmpress.quant.flatquant import layer_loss
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 16, 24, generator=g, dtype=torch.float64)  # (B, T, hidden) float targets
+    out = y + 0.1 * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    rel = ((out - y).pow(2).sum(-1) / y.pow(2).sum(-1)).mean()
+    assert torch.allclose(layer_loss(out, y), rel.float())
+    assert torch.allclose(layer_loss(out, y, "mse"), (out - y).pow(2).mean().float())
+    big = torch.ones(1, 16, 1, dtype=torch.float64)
+    big[0, 0] = 1000.0
+    y2, out2 = y * big, out * big  # token 0 of both sequences: massive
+    assert torch.allclose(layer_loss(out2, y2), layer_loss(out, y))
+    assert layer_loss(out2, y2, "mse") > 1000 * layer_loss(out, y, "mse")
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="flatquant.epochs"):
         make_stage("flatquant", {"epochs": -1})
@@ -195,6 +213,8 @@ def test_options_are_validated():
         make_stage("flatquant", {"smooth_alpha": 2})
     with pytest.raises(ValueError, match="unknown option"):
         make_stage("flatquant", {"steps": 3})
+    with pytest.raises(ValueError, match="flatquant.loss='l1'.*relative"):
+        make_stage("flatquant", {"loss": "l1"})
     for name in ("w4a4kv4-flatquant", "w4a4kv4-flatquant-gptq"):
         r = Recipe.load(name)
         assert r.needs_calibration and r.kv_args.bits == 4 and r.scheme_for("lm_head") is None

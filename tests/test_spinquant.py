@@ -194,3 +194,39 @@ def test_activation_only_learning_leaves_the_weights_unquantized(f64_rmsnorm, to
     with rf, torch.no_grad():
         assert (rf.logits(tokens) - outs[False]).abs().max().item() <= 1e-8
     assert (outs[True] - outs[False]).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_layer_loss_learning_lowers_the_site_error_and_keeps_the_float_model(f64_rmsnorm, weights):
+    """`loss: layer`: the local objective falls, on held-out tokens too (keep_best keeps the
+    learned rotations), the rotations stay orthogonal, and the fused float model is the original."""
+    model, _ = tiny_llama(seed=0, dtype=torch.float64)
+    toks = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(toks[:2]).logits
+    ctx = _learn(model, toks, steps=60, lr=1.0, max_step=0.1, loss="layer", weights=weights, rows=256, row_batch=128)
+    info = ctx.report.extra["learn_rotation"]
+    assert info["final_loss"] < 0.9 * info["init_loss"], info
+    assert info["kept"] == "learned" and info["heldout_final"] < info["heldout_init"]
+    assert info["orthogonality_error"] < 1e-12
+    with torch.no_grad():
+        assert (model(toks[:2]).logits - ref).abs().max().item() <= 1e-8
+
+
+def test_layer_site_loss_with_the_gram_matrix_is_the_output_error():
+    """With float weights the site loss uses e G eᵀ (G = Wᵀ W): the same number as forming the
+    readers' output error y = Q(x R)(W R)ᵀ − x Wᵀ directly, for R1 and per-head R2 sites."""
+    from lmpress.quant.spinquant_local import Site, site_loss
+
+    g = torch.Generator().manual_seed(0)
+    n, d, out, rows = 48, 8, 20, 64
+    X = torch.randn(rows, n, generator=g)
+    X[:, 3] *= 30  # an outlier channel
+    W = torch.randn(out, n, generator=g)
+    act = W4A4.inputs
+    for kind, R in (("r1", rotation_matrix(n, "random", 1)), ("r2", rotation_matrix(d, "random", 2))):
+        site = Site(kind, 0, act, W, [(out, None)], G=W.T @ W, X=X)
+        gram = site_loss(site, X, R.float(), weights=False)
+        direct = site_loss(site, X, R.float(), weights=True)  # wargs None: float weights, formed directly
+        assert torch.allclose(gram, direct, rtol=1e-4), (kind, gram, direct)
+        assert gram > 0

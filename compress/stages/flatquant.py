@@ -4,7 +4,7 @@ trained block by block on the calibration data, then folded; see `lmpress.quant.
 ```yaml
 - flatquant: {epochs: 2, lr: 0.01, clip_lr: 0.01, samples: 32, seqlen: null, batch_size: 2,
               smooth_alpha: 0.5, weight_clip_init: 0.98, v_transform: true, qk_hadamard: true,
-              fold_weight_clip: true, train_inputs: quantized, seed: 0}
+              fold_weight_clip: true, train_inputs: quantized, loss: relative, seed: 0}
 ```
 Walks the decoder layers with the `LayerwiseRunner` (`batch_size` sequences a batch, one
 optimiser step per batch): for each layer the float layer's outputs on the float stream are the
@@ -12,7 +12,9 @@ targets, the transformed, fake-quantized layer (weights, activations with the re
 KV cache with the recipe's top-level `kv_cache` when it is the per-token form) is trained on the
 quantized stream (`train_inputs: quantized`: it also learns to absorb earlier layers' errors)
 or on the float stream (`train_inputs: float`: the loss is then the layer's own
-quantization error alone), and the runner then propagates the layer's quantized outputs.
+quantization error alone), and the runner then propagates the layer's quantized outputs. `loss`:
+`relative` (each token's squared error over its float target's: what the next RMSNorm sees) or
+`mse` (FlatQuant's plain MSE, which a model's few massive-activation tokens dominate).
 
 Afterwards the norms that feed q/k/v and gate/up are wrapped in `TransformedOutput` (the norm
 moves to `<norm>.module`), o_proj and down_proj in `RotatedInput` (moved to `<fqn>.linear`;

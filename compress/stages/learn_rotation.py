@@ -6,12 +6,15 @@ see `lmpress.quant.spinquant`.
 ```yaml
 - learn_rotation: {steps: 100, lr: 1.5, momentum: 0.9, batch_size: 1, samples: null, seqlen: null,
                    loss: ce, r2: true, init: hadamard, seed: 0, keep_best: true, holdout: 4,
-                   online: [down_proj, qk]}
+                   rows: 1024, row_batch: 256, online: [down_proj, qk]}
 ```
 `samples`: calibration sequences used (null: all of them, cycled over the steps); `seqlen`: the
 first tokens of each sequence used (null: all; a step costs about one forward and backward of
 `batch_size x seqlen` tokens plus the rotation of every weight); `loss`: `ce`
-(next-token cross entropy) or `kl` (to the float model's logits); `init`: the seeded starting
+(next-token cross entropy) or `kl` (to the float model's logits), both end to end, or `layer`:
+the output error under activation (and, with `weights`, weight) fake-quant at each linear group
+whose input a rotation turns, on `rows` float input tokens per group collected once, `row_batch`
+of them a step (`lmpress.quant.spinquant_local`; far cheaper per step); `init`: the seeded starting
 point (a randomized Hadamard, as in SpinQuant, or a random orthogonal matrix); `keep_best`: judge
 the learned rotations on the last `holdout` calibration sequences (left out of training when
 there are more) and keep the initial ones, with a warning, if the loss there did not go down
