@@ -171,8 +171,9 @@ def learn_rotations_local(model: nn.Module, arch, plan: dict[str, QuantScheme], 
         raise ValueError("learn_rotation with loss: layer found no quantized activations to learn against; "
                          "give the readers of the residual an `inputs` scheme (e.g. preset W4A4)")
     # float64 masters (orthogonal to rounding after every Cayley step), float32 in the loss
-    R1 = rotation_matrix(hidden, args.init, args.seed).requires_grad_(True)
-    R2 = ([rotation_matrix(head_dim, args.init, sub_seed(args.seed, "r2", i, 0)).requires_grad_(True)
+    dev = next(model.parameters()).device
+    R1 = rotation_matrix(hidden, args.init, args.seed).to(dev).requires_grad_(True)
+    R2 = ([rotation_matrix(head_dim, args.init, sub_seed(args.seed, "r2", i, 0)).to(dev).requires_grad_(True)
            for i in range(n_layers)] if args.r2 else None)
 
     def rot(s: Site) -> torch.Tensor:
@@ -194,7 +195,7 @@ def learn_rotations_local(model: nn.Module, arch, plan: dict[str, QuantScheme], 
     start = [p.detach().clone() for p in params]
     losses: list[float] = []
     for step in range(args.steps):
-        idx = torch.randint(0, args.rows, (args.row_batch,), generator=g)
+        idx = torch.randint(0, args.rows, (args.row_batch,), generator=g).to(dev)
         with torch.enable_grad():
             loss = total("X", idx)
             loss.backward()
