@@ -84,7 +84,7 @@ def recipe_for(config: str):
     for st in data["stages"]:
         if isinstance(st, dict) and "flatquant" in st:
             st["flatquant"].update(over)
-    data["name"] = config.replace("flatquant", data["name"], 1).replace("+", "-").replace("=", "-")
+    data["name"] += config[len(base):].replace("+", "-").replace("=", "-")  # e.g. w4a4kv4-flatquant-e1-loss-mse
     return Recipe.from_dict(data)
 
 
