@@ -43,6 +43,7 @@ from torch import nn
 from .primitives import fake_quantize_ste
 from .rotate import rotation_matrix, sub_seed
 from .scheme import QuantArgs, QuantScheme
+from .spinquant import CayleySGD, _train_weight_args
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,6 @@ class _Collected(Exception):
     pass
 
 
-def _weight_args(args: QuantArgs | None) -> QuantArgs | None:
-    if args is None or not args.mse_clip:
-        return args
-    return QuantArgs(**{**args.to_dict(), "mse_clip": False})  # RTN while learning
-
-
 def collect_sites(model: nn.Module, arch, plan: dict[str, QuantScheme], train: torch.Tensor, held: torch.Tensor | None,
                   rows: int, r2: bool, weights: bool, seed: int) -> list[Site]:
     """Sites whose inputs are quantized, with up to `rows` float input tokens each from `train`
@@ -88,7 +83,7 @@ def collect_sites(model: nn.Module, arch, plan: dict[str, QuantScheme], train: t
                 continue
             mods = [layer.get_submodule(p) for p in group]
             W = torch.cat([m.weight.detach().float() for m in mods], 0)  # (out, n)
-            wargs = [(m.out_features, _weight_args(s.weights) if (s := plan.get(f"{arch.layers}.{i}.{p}")) else None)
+            wargs = [(m.out_features, _train_weight_args(s.weights) if (s := plan.get(f"{arch.layers}.{i}.{p}")) else None)
                      for p, m in zip(group, mods)]
             site = Site(kind, i, scheme.inputs, W, wargs, G=None if weights else W.double().T.mm(W.double()).float())
             sites.append(site)
@@ -176,18 +171,18 @@ def learn_rotations_local(model: nn.Module, arch, plan: dict[str, QuantScheme], 
     R2 = ([rotation_matrix(head_dim, args.init, sub_seed(args.seed, "r2", i, 0)).to(dev).requires_grad_(True)
            for i in range(n_layers)] if args.r2 else None)
 
-    def rot(s: Site) -> torch.Tensor:
-        return (R1 if s.kind == "r1" else R2[s.layer]).float()
-
     def total(field: str, idx: torch.Tensor | None = None) -> torch.Tensor:
+        r1 = R1.float()  # cast once per evaluation, not per site
+        r2 = [r.float() for r in R2] if R2 is not None else None
         parts = []
         for s in sites:
             X = getattr(s, field)
-            parts.append(site_loss(s, X if idx is None else X[idx % X.shape[0]], rot(s), args.weights))
+            R = r1 if s.kind == "r1" else r2[s.layer]
+            parts.append(site_loss(s, X if idx is None else X[idx % X.shape[0]], R, args.weights))
         return torch.stack(parts).mean()
 
     params = [R1] + (R2 or [])
-    opt = _Cayley(params, args)
+    opt = CayleySGD(params, args.lr, args.momentum, args.max_step)
     g = torch.Generator().manual_seed(sub_seed(args.seed, "layer-batches"))
     with torch.no_grad():
         init_loss = total("X").item()
@@ -199,10 +194,12 @@ def learn_rotations_local(model: nn.Module, arch, plan: dict[str, QuantScheme], 
         with torch.enable_grad():
             loss = total("X", idx)
             loss.backward()
-        opt.step(step)
         losses.append(loss.item())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"learn_rotation: layer loss became {losses[-1]} at step {step}; lower max_step")
+        decay = 1.0 - step / args.steps  # the step and its cap decay linearly to 0, as end to end
+        opt.lr, opt.max_step = args.lr * decay, args.max_step * decay
+        opt.step()
         if progress is not None:
             progress(step, losses[-1])
         if step % max(1, args.steps // 8) == 0:
@@ -224,20 +221,6 @@ def learn_rotations_local(model: nn.Module, arch, plan: dict[str, QuantScheme], 
     return {"r1": R1.detach(), "r2": None if R2 is None else [r.detach() for r in R2],
             "losses": losses, "init_loss": init_loss, "final_loss": final_loss, "heldout_init": init_held,
             "heldout_final": final_held, "kept": kept, "seconds": secs}
-
-
-class _Cayley:
-    """Cayley SGD (from `spinquant`) with the step and its cap decaying linearly to 0."""
-
-    def __init__(self, params, args):
-        from .spinquant import CayleySGD
-
-        self.opt, self.args = CayleySGD(params, args.lr, args.momentum, args.max_step), args
-
-    def step(self, step: int) -> None:
-        decay = 1.0 - step / self.args.steps
-        self.opt.lr, self.opt.max_step = self.args.lr * decay, self.args.max_step * decay
-        self.opt.step()
 
 
 __all__ = ["Site", "collect_sites", "learn_rotations_local", "site_loss"]
