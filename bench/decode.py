@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmpress.calibration.data import load_text
     from lmpress.compress import load
     from lmpress.compress.models import load_model
+    from lmpress.kernels.kv_cache import cache_kwargs, returned_cache
     from lmpress.kernels.linear import PackedLinear
 
     if args.threads:
@@ -59,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     @torch.no_grad()
     def decode(model) -> tuple[float, list[int]]:
         out = model(input_ids=ids, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
         toks = [int(nxt)]
         t0 = time.perf_counter()
         for _ in range(args.tokens - 1):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, past))
+            past, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
             toks.append(int(nxt))
         return (args.tokens - 1) / (time.perf_counter() - t0), toks
 

@@ -34,6 +34,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from lmpress.kernels.kv_cache import cache_kwargs, returned_cache
+
 log = logging.getLogger(__name__)
 
 
@@ -165,12 +167,12 @@ def _one_pass(model: nn.Module, cfg: LatencyConfig, vocab: int) -> dict[str, flo
     for b in cfg.decode_batches:
         prompt = _prompt(vocab, b, cfg.prompt_len, cfg.seed + b, dev)
         out = model(input_ids=prompt, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (b, 1)
+        past, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)  # (b, 1)
 
         def decode(past=past, nxt=nxt):
             for _ in range(cfg.decode_tokens):
-                o = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)  # (b, 1)
+                o = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, past))
+                past, nxt = returned_cache(o), o.logits[:, -1:].argmax(-1)  # (b, 1)
             return nxt
 
         t, _ = _timed(decode, dev)

@@ -89,6 +89,8 @@ def launchable(kernel, device: torch.device):
     """The `@triton.jit` kernel, after checking it can run on tensors on `device`."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    # Triton 3.9 warns when FP fusion is left to its default (the default flips in 3.10): say it.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     dev = torch.device(device)
     interpreted = isinstance(kernel, InterpretedFunction)
     if dev.type == "cuda" and interpreted:

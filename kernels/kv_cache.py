@@ -22,10 +22,16 @@ call dequantized and every other token in full precision, tags the key tensor wi
 were quantized (`RUNTIME_PREFIX_ATTR`), then flushes per the rule. The "lmpress" attention
 function quantizes the just-flushed tokens the same way for the queries that must see them
 quantized, so the runtime attention is the simulated one. Works with `model.generate(...,
-past_key_values=QuantizedKVCache(model))`, batch > 1 with left padding included: positions for
-RoPE (RotateKV) come from the model's `position_ids` (a forward pre-hook records them).
+**cache_kwargs(model, QuantizedKVCache(model)))`, batch > 1 with left padding included: positions
+for RoPE (RotateKV) come from the model's `position_ids` (a forward pre-hook records them).
+
+transformers renamed the cache argument and output field from `past_key_values` to `cache` (the
+old name is deprecated): `cache_kwargs(model, cache)` and `returned_cache(output)` use the name
+the installed transformers takes, and the pre-hook reads both.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -208,7 +214,7 @@ class QuantizedKVCache(Cache):
     """KIVI-quantized KV cache for a model whose attention modules carry lmpress KV settings.
 
         cache = QuantizedKVCache(model)
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=128)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=128, **cache_kwargs(model, cache))
         cache.nbytes()  # bytes held
     """
 
@@ -251,8 +257,28 @@ class QuantizedKVCache(Cache):
             self.shared.offset = self.shared.offset.repeat_interleave(repeats, dim=0)
 
 
+# ---- the cache argument's name ------------------------------------------------------------------
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword `model`'s forward (and so `generate`) takes its KV cache under: ``cache`` on
+    transformers that renamed it, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache) -> dict:
+    """``{cache_kwarg(model): cache}``: pass it as ``model(ids, **cache_kwargs(model, cache))``."""
+    return {cache_kwarg(model): cache}
+
+
+def returned_cache(output):
+    """The cache a forward returned (``output.cache``, or ``output.past_key_values`` before the rename)."""
+    for name in ("cache", "past_key_values"):
+        if name in getattr(type(output), "__dataclass_fields__", {}):
+            return getattr(output, name)
+    raise AttributeError(f"{type(output).__name__} carries no cache: call the model with use_cache=True")
+
+
 def _positions_pre_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if isinstance(cache, QuantizedKVCache):
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
@@ -271,4 +297,4 @@ def dynamic_cache_nbytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
 
-__all__ = ["QuantizedKVCache", "QuantizedKVLayer", "dynamic_cache_nbytes"]
+__all__ = ["QuantizedKVCache", "QuantizedKVLayer", "cache_kwarg", "cache_kwargs", "dynamic_cache_nbytes", "returned_cache"]

@@ -1,9 +1,9 @@
 """Linear-layer kernels on the shapes of SmolLM2-135M and LLaMA-2-7B, M in {1, 16, 128, 2048}.
 
-    python bench/kernels.py                          # CPU: the CPU path vs fp32 / bf16 matmul
-    python bench/kernels.py --models smollm2 --m 1,16 --threads 1
-    python bench/kernels.py --max-gflop 50           # also the big CPU shapes (slow: minutes)
-    python bench/kernels.py                          # on a CUDA machine: the Triton kernels vs fp16 matmul
+    python bench/gemm.py                          # CPU: the CPU path vs fp32 / bf16 matmul
+    python bench/gemm.py --models smollm2 --m 1,16 --threads 1
+    python bench/gemm.py --max-gflop 50           # also the big CPU shapes (slow: minutes)
+    python bench/gemm.py                          # on a CUDA machine: the Triton kernels vs fp16 matmul
 
 Shapes (N out, K in): SmolLM2-135M (hidden 576, intermediate 1536, 9 query / 3 KV heads of 64:
 k/v out 192) q 576x576, k 192x576, v 192x576, o 576x576, gate 1536x576, up 1536x576,
