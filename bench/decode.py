@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         toks = [int(nxt)]
         t0 = time.perf_counter()
         for _ in range(args.tokens - 1):
-            out = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, past))
+            out = model(input_ids=nxt, use_cache=True, **cache_kwargs(past))
             past, nxt = returned_cache(out), out.logits[:, -1:].argmax(-1)
             toks.append(int(nxt))
         return (args.tokens - 1) / (time.perf_counter() - t0), toks

@@ -126,10 +126,10 @@ def wiki_windows(tok, n: int, length: int) -> torch.Tensor:
 @torch.no_grad()
 def teacher_forced_nll(model, prompt: torch.Tensor, cont: torch.Tensor, cache) -> float:
     """Mean NLL of `cont` (B, N) after `prompt` (B, P), prefilling the cache then one token a step."""
-    out = model(prompt, use_cache=True, **cache_kwargs(model, cache))
+    out = model(prompt, use_cache=True, **cache_kwargs(cache))
     logits = [out.logits[:, -1]]
     for i in range(cont.shape[1] - 1):
-        out = model(cont[:, i:i + 1], use_cache=True, **cache_kwargs(model, cache))
+        out = model(cont[:, i:i + 1], use_cache=True, **cache_kwargs(cache))
         logits.append(out.logits[:, -1])
     lg = torch.stack(logits, 1).float()  # (B, N, V)
     return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), cont.reshape(-1)).item()
@@ -196,7 +196,7 @@ def cmd_agree(a) -> dict:
         sim = model.generate(prompt, **kw)
         t1 = time.time()
         cache = QuantizedKVCache(model)
-        rt = model.generate(prompt, **cache_kwargs(model, cache), **kw)
+        rt = model.generate(prompt, **cache_kwargs(cache), **kw)
         t2 = time.time()
     s, r = sim.sequences[:, P:], rt.sequences[:, P:]
     same = (s == r).float().mean().item()
@@ -215,12 +215,12 @@ def cmd_agree(a) -> dict:
 def fill_and_decode(model, ids: torch.Tensor, cache, nbytes, decode: int, chunk: int = 512):
     """Chunked prefill of `ids`, bytes held then (`nbytes(cache)`), then `decode` greedy steps: (bytes, tokens/s)."""
     for s in range(0, ids.shape[1], chunk):
-        out = model(ids[:, s:s + chunk], use_cache=True, **cache_kwargs(model, cache))
+        out = model(ids[:, s:s + chunk], use_cache=True, **cache_kwargs(cache))
     held = nbytes(cache)
     nxt = out.logits[:, -1:].argmax(-1)
     t0 = time.time()
     for _ in range(decode):
-        out = model(nxt, use_cache=True, **cache_kwargs(model, cache))
+        out = model(nxt, use_cache=True, **cache_kwargs(cache))
         nxt = out.logits[:, -1:].argmax(-1)
     return held, decode / (time.time() - t0)
 

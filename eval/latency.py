@@ -171,7 +171,7 @@ def _one_pass(model: nn.Module, cfg: LatencyConfig, vocab: int) -> dict[str, flo
 
         def decode(past=past, nxt=nxt):
             for _ in range(cfg.decode_tokens):
-                o = model(input_ids=nxt, use_cache=True, **cache_kwargs(model, past))
+                o = model(input_ids=nxt, use_cache=True, **cache_kwargs(past))
                 past, nxt = returned_cache(o), o.logits[:, -1:].argmax(-1)  # (b, 1)
             return nxt
 

@@ -22,16 +22,16 @@ call dequantized and every other token in full precision, tags the key tensor wi
 were quantized (`RUNTIME_PREFIX_ATTR`), then flushes per the rule. The "lmpress" attention
 function quantizes the just-flushed tokens the same way for the queries that must see them
 quantized, so the runtime attention is the simulated one. Works with `model.generate(...,
-**cache_kwargs(model, QuantizedKVCache(model)))`, batch > 1 with left padding included: positions
+**cache_kwargs(QuantizedKVCache(model)))`, batch > 1 with left padding included: positions
 for RoPE (RotateKV) come from the model's `position_ids` (a forward pre-hook records them).
 
 transformers renamed the cache argument and output field from `past_key_values` to `cache` (the
-old name is deprecated): `cache_kwargs(model, cache)` and `returned_cache(output)` use the name
+old name is deprecated): `cache_kwargs(cache)` and `returned_cache(output)` use the name
 the installed transformers takes, and the pre-hook reads both.
 """
 from __future__ import annotations
 
-import inspect
+import functools
 
 import torch
 from torch import nn
@@ -214,7 +214,7 @@ class QuantizedKVCache(Cache):
     """KIVI-quantized KV cache for a model whose attention modules carry lmpress KV settings.
 
         cache = QuantizedKVCache(model)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=128, **cache_kwargs(model, cache))
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=128, **cache_kwargs(cache))
         cache.nbytes()  # bytes held
     """
 
@@ -258,15 +258,18 @@ class QuantizedKVCache(Cache):
 
 
 # ---- the cache argument's name ------------------------------------------------------------------
-def cache_kwarg(model: nn.Module) -> str:
-    """The keyword `model`'s forward (and so `generate`) takes its KV cache under: ``cache`` on
-    transformers that renamed it, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+@functools.lru_cache(maxsize=None)
+def cache_kwarg() -> str:
+    """The keyword a model's forward (and `generate`) takes its KV cache under in the installed
+    transformers: ``cache`` since the rename, ``past_key_values`` before."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def cache_kwargs(model: nn.Module, cache) -> dict:
-    """``{cache_kwarg(model): cache}``: pass it as ``model(ids, **cache_kwargs(model, cache))``."""
-    return {cache_kwarg(model): cache}
+def cache_kwargs(cache) -> dict:
+    """``{cache_kwarg(): cache}``: pass it as ``model(ids, **cache_kwargs(cache))``."""
+    return {cache_kwarg(): cache}
 
 
 def returned_cache(output):

@@ -135,12 +135,12 @@ def test_full_forward_is_decode_exact(mode, tokens):
         full = model(tokens).logits
         cache, steps = DynamicCache(), []
         for t in range(tokens.shape[1]):
-            steps.append(model(tokens[:, t:t + 1], use_cache=True, **cache_kwargs(model, cache)).logits)
+            steps.append(model(tokens[:, t:t + 1], use_cache=True, **cache_kwargs(cache)).logits)
         assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-10
         # and so does the runtime cache, fed one token at a time
         cache, steps = QuantizedKVCache(model), []
         for t in range(tokens.shape[1]):
-            steps.append(model(tokens[:, t:t + 1], use_cache=True, **cache_kwargs(model, cache)).logits)
+            steps.append(model(tokens[:, t:t + 1], use_cache=True, **cache_kwargs(cache)).logits)
         assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-10
 
 
@@ -166,7 +166,7 @@ def test_runtime_cache_generate_matches_the_simulation_batched(mode):
               return_dict_in_generate=True, pad_token_id=0)
     sim = model.generate(tok, **kw)
     cache = QuantizedKVCache(model)
-    rt = model.generate(tok, **cache_kwargs(model, cache), **kw)
+    rt = model.generate(tok, **cache_kwargs(cache), **kw)
     assert torch.equal(sim.sequences, rt.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(sim.logits, rt.logits)) < 1e-4
     layer = cache.layers[0]
@@ -185,9 +185,9 @@ def test_runtime_cache_holds_fewer_bytes_and_refuses_per_token_settings():
     ids = torch.randint(0, 256, (1, 256))
     q, d = QuantizedKVCache(model), DynamicCache()
     with torch.no_grad():
-        model(ids, use_cache=True, **cache_kwargs(model, q))
+        model(ids, use_cache=True, **cache_kwargs(q))
         ref, _ = tiny_llama(seed=0)
-        ref(ids, use_cache=True, **cache_kwargs(ref, d))
+        ref(ids, use_cache=True, **cache_kwargs(d))
     assert q.get_seq_length() == 256 and q.nbytes() < 0.35 * dynamic_cache_nbytes(d)
     per_token = _model(kv=KVCacheArgs(bits=4, group_size=16, key_granularity="token"))
     with pytest.raises(ValueError, match="per-token form"):
@@ -273,8 +273,8 @@ def test_runtime_cache_on_triton_kernels_matches_reference(monkeypatch):
         monkeypatch.setenv("LMPRESS_KERNELS", backend)
         cache = QuantizedKVCache(model)
         with torch.no_grad():
-            model(ids[:, :30], use_cache=True, **cache_kwargs(model, cache))
-            outs.append(torch.cat([model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(model, cache)).logits
+            model(ids[:, :30], use_cache=True, **cache_kwargs(cache))
+            outs.append(torch.cat([model(ids[:, t:t + 1], use_cache=True, **cache_kwargs(cache)).logits
                                    for t in range(30, 40)], 1))
         assert cache.layers[0].nk == 16
     assert torch.equal(outs[0], outs[1])
@@ -302,7 +302,7 @@ def test_w4a4kv2_recipe_compresses_and_runtime_matches_simulation(text_file):
     kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, output_logits=True,
               return_dict_in_generate=True, pad_token_id=0)
     sim = model.generate(tok_ids, **kw)
-    rt = model.generate(tok_ids, **cache_kwargs(model, QuantizedKVCache(model)), **kw)
+    rt = model.generate(tok_ids, **cache_kwargs(QuantizedKVCache(model)), **kw)
     assert torch.equal(sim.sequences, rt.sequences)
     assert max((a - b).abs().max().item() for a, b in zip(sim.logits, rt.logits)) < 1e-4
 
