@@ -39,6 +39,9 @@ except ImportError:  # pragma: no cover
 ACT_BITS = (4, 8)
 
 
+ROWS_X_K_CUDA = 2048  # elements of one program's tile on CUDA (64 x 64 spills on sm_90: `lmpress.kernels.aot`)
+
+
 def token_args(bits: int, clip_ratio: float = 1.0, full_range: bool = False) -> QuantArgs:
     return QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True, clip_ratio=clip_ratio,
                      full_range=full_range)
@@ -144,7 +147,7 @@ def act_quant(
         bk = block_k or clamp_pow2(K, 16, 1024 if cuda else 4096)
         if bk < 16 or bk & (bk - 1):
             raise ValueError(f"block_k={bk} must be a power of two >= 16")
-        bm = clamp_pow2(M, 1, max(1, (4096 if cuda else 16384) // bk))  # rows per program
+        bm = clamp_pow2(M, 1, max(1, (ROWS_X_K_CUDA if cuda else 16384) // bk))  # rows per program
         dummy = s
         launchable(_act_quant_kernel, device)[(triton.cdiv(M, bm),)](
             x2, q if codes else dummy, p if packed else dummy, s,
@@ -155,3 +158,18 @@ def act_quant(
     elif M:
         s.fill_(1.0)
     return (q.reshape(x.shape) if codes else None), p, s
+
+
+def aot_variants():
+    """What the CUDA path launches, for the ahead-of-time compile check (`lmpress.kernels.aot`): for each
+    activation dtype, the row widths the wrapper picks (BLOCK_K 64 / 256 / 1024 with BLOCK_M =
+    ROWS_X_K_CUDA // BLOCK_K), 4-bit codes and packed words, and 8-bit codes."""
+    from .aot import ACT_DTYPES, Variant
+
+    for dt, act in ACT_DTYPES.items():
+        for bk in (64, 256, 1024):
+            for bits in (4, 8):
+                types = dict(x_ptr=act, q_ptr="*i8", p_ptr="*i32", s_ptr="*fp32", clip="fp32", qdiv="fp32")
+                const = dict(QMAX=(1 << (bits - 1)) - 1, WRITE_CODES=True, WRITE_PACKED=bits == 4, BLOCK_M=ROWS_X_K_CUDA // bk,
+                             BLOCK_K=bk)
+                yield Variant(_act_quant_kernel, types, const, label=f"{dt} BLOCK_K {bk} {bits}-bit")

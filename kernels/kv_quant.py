@@ -153,7 +153,7 @@ def kv_quant(x: torch.Tensor, bits: int, clip_ratio: float = 1.0, clip_search: b
     mn = torch.empty(R, dtype=torch.float16, device=device)
     ratios = torch.tensor(_ratios(clip_ratio, clip_search), dtype=torch.float32, device=device)
     if R:
-        br = clamp_pow2(R, 1, max(1, 4096 // G))
+        br = clamp_pow2(R, 1, max(1, (2048 if ratios.numel() > 1 else 4096) // G))  # the clip search spills at 4096
         launchable(_kv_quant_kernel, device)[(triton.cdiv(R, br),)](
             x, words, scale, mn, ratios, R, x.stride(0),
             QMAX=(1 << bits) - 1, BITS=bits, G=G, W=W, PER=32 // bits, NCLIP=ratios.numel(), MINS=MIN_SCALE, BLOCK_R=br,
@@ -204,3 +204,23 @@ def kv_unpack(words: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: 
 
 
 __all__ = ["kv_quant_ref", "kv_dequant_ref", "kv_quant", "kv_dequant", "kv_pack", "kv_unpack", "triton_shape_ok"]
+
+
+def aot_variants():
+    """What the CUDA path launches, for the ahead-of-time compile check (`lmpress.kernels.aot`): quantize
+    (one clip ratio, and the clip search) and dequantize, 2/4/8 bits, groups of 32/64/128, fp16/bf16/fp32
+    rows; BLOCK_R as the wrappers pick for many rows."""
+    from .aot import ACT_DTYPES, Variant
+
+    for dt, act in ACT_DTYPES.items():
+        for bits in KV_BITS:
+            for G in (32, 64, 128):
+                W, per = packed_cols(G, bits), 32 // bits
+                for nclip in (1, len(KV_CLIP_GRID)):
+                    types = dict(x_ptr=act, w_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", r_ptr="*fp32")
+                    const = dict(QMAX=(1 << bits) - 1, BITS=bits, G=G, W=W, PER=per, NCLIP=nclip, MINS=MIN_SCALE,
+                                 BLOCK_R=(2048 if nclip > 1 else 4096) // G)
+                    yield Variant(_kv_quant_kernel, types, const, label=f"quant {dt} KV{bits} G{G} clips {nclip}")
+                types = dict(w_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", o_ptr=act)
+                const = dict(MASK=(1 << bits) - 1, BITS=bits, G=G, W=W, PER=per, BLOCK_R=4096 // G)
+                yield Variant(_kv_dequant_kernel, types, const, label=f"dequant {dt} KV{bits} G{G}")

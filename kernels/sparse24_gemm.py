@@ -152,16 +152,20 @@ if triton is not None:
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
-    _autotuned = None
+    def _cuda_configs(fp32: bool = False):
+        """Autotune configurations; none spills or overflows shared memory on sm_80/90/100 (`lmpress.kernels.aot`).
+        fp32 activations take an FMA dot (IEEE, no TF32): small tiles."""
+        tiles = [(16, 32, 64, 4, 2), (16, 64, 64, 4, 2), (32, 32, 64, 4, 2), (16, 64, 64, 8, 2)] if fp32 else \
+            [(16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (32, 64, 128, 8, 3), (64, 64, 128, 8, 3), (64, 128, 64, 8, 3)]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                for bm, bn, bk, w, s in tiles]
 
-    def _cuda_kernel():
-        global _autotuned
-        if _autotuned is None:
-            cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                    for bm, bn, bk, w, s in [(16, 64, 128, 4, 3), (16, 128, 128, 4, 3), (32, 64, 128, 4, 3),
-                                             (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]]
-            _autotuned = triton.autotune(configs=cfgs, key=["M", "N", "K"])(_sparse24_gemm_kernel)
-        return _autotuned
+    _autotuned = {}
+
+    def _cuda_kernel(fp32: bool):
+        if fp32 not in _autotuned:
+            _autotuned[fp32] = triton.autotune(configs=_cuda_configs(fp32), key=["M", "N", "K"])(_sparse24_gemm_kernel)
+        return _autotuned[fp32]
 
 
 def sparse24_gemm(x, values, meta, scale=None, zero_point=None, *, in_features: int, bits: int | None = None,
@@ -234,5 +238,28 @@ def sparse24_gemm(x, values, meta, scale=None, zero_point=None, *, in_features: 
         def grid(META):
             return (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(N, META["BLOCK_N"]))
 
-        _cuda_kernel()[grid](*args, **meta_args)
+        _cuda_kernel(x.dtype == torch.float32)[grid](*args, **meta_args)
     return out.reshape(*lead, N)
+
+
+def aot_variants():
+    """What the CUDA path launches, for the ahead-of-time compile check (`lmpress.kernels.aot`): every
+    autotune configuration for each activation dtype with 4-bit grouped asymmetric values, then on one
+    tile (the second) float values (no quantization) and 8-bit per-channel codes."""
+    from .aot import ACT_DTYPES, Variant
+
+    def variant(act, cfg, label, values="*i32", **meta):
+        types = dict(x_ptr=act, v_ptr=values, meta_ptr="*i32", s_ptr="*fp32", z_ptr="*fp32", b_ptr=act, out_ptr=act)
+        const = dict(BITS=4, PER=8, FIELD=15, OFFSET=8, GROUP_SIZE=128, HAS_ZERO=True, HAS_BIAS=True, DOT_FP32=False,
+                     **cfg.kwargs)
+        const.update(meta)
+        return Variant(_sparse24_gemm_kernel, types, const, cfg.num_warps, cfg.num_stages, label)
+
+    for dt, act in ACT_DTYPES.items():
+        configs = _cuda_configs(dt == "fp32")
+        for cfg in configs:
+            yield variant(act, cfg, f"{dt} " + "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")))
+        yield variant(act, configs[1], f"{dt} float values", values=act, BITS=0, PER=1, FIELD=0, OFFSET=0,
+                      GROUP_SIZE=0, HAS_ZERO=False)
+        yield variant(act, configs[1], f"{dt} 8-bit per-channel", BITS=8, PER=4, FIELD=255, OFFSET=128, GROUP_SIZE=0,
+                      HAS_ZERO=False)

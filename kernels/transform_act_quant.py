@@ -25,9 +25,12 @@ codes and scales: `transform_act_quant_ref` (fp32, then `act_quant_ref`) is the 
 Unlike the unfused path on fp16/bf16 activations, which transforms in the activation dtype,
 the fused transform never rounds to 16 bits.
 
-Limits: BLOCK_A, BLOCK_B <= `MAX_BLOCK` (= 128: a 128 x 128 fp32 tile plus both factors in
-registers over 16 warps); larger factors are refused (`fused_fits`), and `online_act_quant`
-then transforms in torch and quantizes with `act_quant`. Packed int4 straight from the kernel
+Limits: BLOCK_A, BLOCK_B <= `MAX_BLOCK` (= 128) under the interpreter; compiled for CUDA, the
+tile is at most `MAX_TILE_CUDA` (= 64 x 64) elements: the ahead-of-time compile
+(`lmpress.kernels.aot`) shows 128 x 64 and 128 x 128 tiles spilling (1.7 and 5.1 KB of stack per
+thread on sm_90 at 32 warps, the register file's limit: the fp32 FMA dots hold both operands in
+registers), while 64 x 64 at 32 warps does not. Larger factors are refused (`fused_fits`), and
+`online_act_quant` then transforms in torch and quantizes with `act_quant`. Packed int4 straight from the kernel
 needs p % 8 == 0 (eight codes of a word in one tile row); otherwise the codes are packed in torch.
 On CUDA the kernel has not been run in this repository yet (no GPU here): only the interpreter has.
 """
@@ -46,6 +49,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 MAX_BLOCK = 128
+MAX_TILE_CUDA = 64 * 64
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -74,12 +78,20 @@ def transform_act_quant_ref(
     return act_quant_ref(kron_transform_ref(x, A, B, signs, norm), bits, clip_ratio, packed, full_range)
 
 
-def fused_fits(m: int, p: int) -> str | None:
-    """None when factors of sizes (m, p) fit one tile of the fused kernel, else why not."""
+def fused_fits(m: int, p: int, cuda: bool = False) -> str | None:
+    """None when factors of sizes (m, p) fit one tile of the fused kernel (compiled for CUDA when
+    `cuda`, else interpreted), else why not."""
     ba, bb = max(16, next_pow2(m)), max(16, next_pow2(p))
     if ba > MAX_BLOCK or bb > MAX_BLOCK:
         return f"Kronecker factors {m} x {p} pad to a {ba} x {bb} tile; the fused kernel takes at most {MAX_BLOCK} a side"
+    if cuda and ba * bb > MAX_TILE_CUDA:
+        return f"Kronecker factors {m} x {p} pad to a {ba} x {bb} tile; on CUDA the fused kernel takes at most {MAX_TILE_CUDA} elements (larger tiles spill)"
     return None
+
+
+def _num_warps(ba: int, bb: int) -> int:
+    """Warps for a BLOCK_A x BLOCK_B tile: none of these spills on sm_80/90/100 (`lmpress.kernels.aot`)."""
+    return 4 if ba * bb <= 1024 else 8 if ba * bb <= 2048 else 32
 
 
 def _check_factors(x, A, B, signs) -> None:
@@ -164,7 +176,7 @@ def transform_act_quant(
         raise ValueError(f"norm={norm} must be positive")
     _check_factors(x, A, B, signs)
     m, p = A.shape[0], B.shape[0]
-    why = fused_fits(m, p)
+    why = fused_fits(m, p, x.device.type == "cuda")
     if why:
         raise ValueError(why + ": run kron_transform_ref (or the module) and act_quant instead")
     device = check_same_device(x=x, A=A, B=B, signs=signs)
@@ -187,7 +199,7 @@ def transform_act_quant(
             token_args(bits, full_range=full_range).sym_divisor,
             QMAX=(1 << (bits - 1)) - 1, HAS_SIGNS=s32 is not None, HAS_NORM=float(norm) != 1.0,
             WRITE_CODES=want_codes, WRITE_PACKED=in_kernel_pack, BLOCK_A=ba, BLOCK_B=bb,
-            num_warps=max(4, min(16, ba * bb // 1024)),
+            num_warps=_num_warps(ba, bb),
         )
     if packed and not in_kernel_pack:
         pk = pack(q, 4)  # (M, ceil(n/8))
@@ -202,10 +214,27 @@ def online_act_quant(
     `kron_factors()` (-> (A, B, signs, norm) or None) and they fit one tile; otherwise the
     transform runs in torch first. Returns (codes, packed, scales, why it was not fused or "")."""
     kron = transform.kron_factors(x.device) if hasattr(transform, "kron_factors") else None
-    why = "no Kronecker factors (dense transform)" if kron is None else fused_fits(kron[0].shape[0], kron[1].shape[0])
+    why = "no Kronecker factors (dense transform)" if kron is None else \
+        fused_fits(kron[0].shape[0], kron[1].shape[0], x.device.type == "cuda")
     if why:
         q, pk, s = act_quant(transform(x), bits, clip_ratio, codes=codes, packed=packed, full_range=full_range)
         return q, pk, s, why
     A, B, signs, norm = kron
     return (*transform_act_quant(x, A, B, signs, bits, clip_ratio, norm=norm, codes=codes, packed=packed,
                                  full_range=full_range), "")
+
+
+def aot_variants():
+    """What the CUDA path launches, for the ahead-of-time compile check (`lmpress.kernels.aot`): every
+    Kronecker factor tile the CUDA path takes (square and 2:1, up to MAX_TILE_CUDA elements), signs and
+    norm on, codes and packed words, for each activation dtype, with the wrapper's num_warps."""
+    from .aot import ACT_DTYPES, Variant
+
+    for dt, act in ACT_DTYPES.items():
+        for ba, bb in ((16, 16), (32, 16), (32, 32), (64, 32), (64, 64)):
+            types = dict(x_ptr=act, a_ptr="*fp32", b_ptr="*fp32", sg_ptr="*fp32", q_ptr="*i8", pk_ptr="*i32",
+                         s_ptr="*fp32", clip="fp32", norm="fp32", qdiv="fp32")
+            const = dict(QMAX=7, HAS_SIGNS=True, HAS_NORM=True, WRITE_CODES=True, WRITE_PACKED=True, BLOCK_A=ba,
+                         BLOCK_B=bb)
+            yield Variant(_transform_act_quant_kernel, types, const, num_warps=_num_warps(ba, bb),
+                          label=f"{dt} {ba}x{bb}")

@@ -189,38 +189,41 @@ if triton is not None:
                 acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
-    def _cuda_configs():
-        cfgs = []
-        for bm, bn, bk, warps, stages in [
-            # decode (M <= 16): narrow N tiles, deep K, many programs (with split-K)
-            (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
-            (16, 32, 256, 4, 3), (16, 128, 64, 4, 4), (16, 64, 64, 4, 4), (16, 32, 64, 4, 4),
-            # small batch
-            (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-            # prefill
-            (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-            (128, 128, 32, 4, 4), (256, 128, 64, 8, 3),
-        ]:
-            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                      num_warps=warps, num_stages=stages))
-        return cfgs
+    def _cuda_configs(fp32: bool = False):
+        """Autotune configurations; none spills or overflows shared memory on sm_80/90/100 (`lmpress.kernels.aot`).
+        fp32 activations take an FMA dot (IEEE, no TF32) that holds both operands in registers: small tiles."""
+        if fp32:
+            tiles = [(16, 32, 32, 4, 2), (16, 64, 32, 4, 2), (32, 32, 32, 4, 2), (16, 64, 64, 8, 2),
+                     (16, 128, 32, 8, 2), (32, 64, 32, 8, 2), (64, 64, 32, 8, 2)]
+        else:
+            tiles = [
+                # decode (M <= 16): narrow N tiles, deep K, many programs (with split-K)
+                (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
+                (16, 32, 256, 4, 3), (16, 128, 64, 4, 4), (16, 64, 64, 4, 4), (16, 32, 64, 4, 4),
+                # small batch
+                (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 8, 4),
+                # prefill
+                (64, 128, 64, 8, 3), (128, 64, 64, 8, 4), (128, 128, 32, 8, 4),
+                (128, 256, 32, 8, 3),
+            ]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                              num_stages=stages) for bm, bn, bk, warps, stages in tiles]
 
     def _prune(configs, named_args, **kwargs):
         mb = named_args["M_BUCKET"]
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, mb) and (mb > 16 or c.kwargs["BLOCK_M"] == 16)]
         return kept or configs[:1]
 
-    _autotuned = None
+    _autotuned = {}
 
-    def _cuda_kernel():
-        global _autotuned
-        if _autotuned is None:
-            _autotuned = triton.autotune(
-                configs=_cuda_configs(),
+    def _cuda_kernel(fp32: bool):
+        if fp32 not in _autotuned:
+            _autotuned[fp32] = triton.autotune(
+                configs=_cuda_configs(fp32),
                 key=["M_BUCKET", "N", "K", "K_SPLIT"],
                 prune_configs_by={"early_config_prune": _prune},
             )(_w4a16_gemm_kernel)
-        return _autotuned
+        return _autotuned[fp32]
 
 
 MAX_BLOCK_K = 256  # split-K ranges are multiples of this, so every config's BLOCK_K divides them
@@ -347,10 +350,36 @@ def w4a16_gemm(
         def grid(META):
             return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), n_split)
 
-        _cuda_kernel()[grid](*args, **meta)
+        _cuda_kernel(x.dtype == torch.float32)[grid](*args, **meta)
     if partial:
         acc = target.sum(0)  # (M, N), fixed order: deterministic
         if bias is not None:
             acc += bias.float()
         out.copy_(acc)
     return out.reshape(*lead, N)
+
+
+def aot_variants():
+    """What the CUDA path launches, for the ahead-of-time compile check (`lmpress.kernels.aot`): every
+    autotune configuration for each activation dtype (4-bit, groups of 128, zero point, bias), the
+    split-K partial-sum form of the decode tiles, and 2/8-bit and per-channel weights on one tile."""
+    from .aot import ACT_DTYPES, Variant
+
+    def variant(act, cfg, label, **meta):
+        out = "*fp32" if meta.get("PARTIAL") else act
+        types = dict(x_ptr=act, w_ptr="*i32", s_ptr="*fp32", z_ptr="*fp32", b_ptr=act, out_ptr=out)
+        const = dict(BITS=4, GROUP_SIZE=128, HAS_ZERO=True, HAS_BIAS=True, PARTIAL=False, DOT_FP32=False, **cfg.kwargs)
+        const.update(meta)
+        return Variant(_w4a16_gemm_kernel, types, const, cfg.num_warps, cfg.num_stages, label)
+
+    for dt, act in ACT_DTYPES.items():
+        configs = _cuda_configs(dt == "fp32")
+        for cfg in configs:
+            tile = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            yield variant(act, cfg, f"{dt} {tile} w{cfg.num_warps} s{cfg.num_stages}")
+            if dt == "fp16" and cfg.kwargs["BLOCK_M"] == 16:
+                yield variant(act, cfg, f"{dt} {tile} split-K", PARTIAL=True, HAS_BIAS=False)
+        cfg = configs[1]
+        for bits in (2, 8):
+            yield variant(act, cfg, f"{dt} {bits}-bit", BITS=bits)
+        yield variant(act, cfg, f"{dt} per-channel symmetric", GROUP_SIZE=0, HAS_ZERO=False)

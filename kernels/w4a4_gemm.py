@@ -146,10 +146,10 @@ if triton is not None:
 
     def _cuda_configs():
         cfgs = []
+        # none spills or overflows shared memory on sm_80/90/100 (`lmpress.kernels.aot`)
         for bm, bn, bk, warps, stages in [
             (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (32, 64, 128, 4, 4),
-            (64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-            (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (64, 256, 128, 8, 3),
+            (64, 64, 128, 8, 4), (64, 128, 128, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
         ]:
             cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                       num_warps=warps, num_stages=stages))
@@ -253,3 +253,26 @@ def w8a8_gemm(a, s_x, weight_packed, weight_scale, *, in_features, bias=None, ou
     """8-bit weights (on disk, 4 per int32) x int8 activation codes."""
     return int_gemm(a, s_x, weight_packed, weight_scale, in_features=in_features, w_bits=8, bias=bias,
                     out_dtype=out_dtype, config=config)
+
+
+def aot_variants():
+    """What the CUDA path launches, for the ahead-of-time compile check (`lmpress.kernels.aot`): every
+    autotune configuration (int8 activation codes, 4-bit weights, fp16 out, bias), then on one tile
+    each other output dtype (int32: no epilogue), packed 4-bit activations and 8-bit weights."""
+    from .aot import Variant
+
+    def variant(cfg, label, out="*fp16", a="*i8", **meta):
+        types = dict(a_ptr=a, sa_ptr="*fp32", w_ptr="*i32", sw_ptr="*fp32", b_ptr="*fp32", out_ptr=out)
+        const = dict(A_PACKED=False, W_BITS=4, HAS_BIAS=True, EPILOGUE=True, **cfg.kwargs)
+        const.update(meta)
+        return Variant(_w4a4_gemm_kernel, types, const, cfg.num_warps, cfg.num_stages, label)
+
+    configs = _cuda_configs()
+    for cfg in configs:
+        yield variant(cfg, "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + f" w{cfg.num_warps}")
+    cfg = configs[0]
+    yield variant(cfg, "bf16 out", out="*bf16")
+    yield variant(cfg, "fp32 out", out="*fp32")
+    yield variant(cfg, "int32 out", out="*i32", EPILOGUE=False, HAS_BIAS=False)
+    yield variant(cfg, "packed 4-bit activations", a="*i32", A_PACKED=True)
+    yield variant(cfg, "W8A8", W_BITS=8)
