@@ -35,6 +35,10 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	$(VENV)/bin/lmpress compress-and-eval smollm2-135m --recipe w8a8-smoothquant-rtn --n 32 --windows 32 --task-limit 10 --latency-repeats 1 --out out/smollm2-w8a8 --overwrite
 
+.PHONY: scoreboard
+scoreboard: $(STAMP)  # lmpress against its peers, one run (README "How lmpress compares"); peers install on first use
+	$(PY) bench/scoreboard.py --quick
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 

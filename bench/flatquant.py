@@ -27,22 +27,15 @@ lm_head stays in high precision in every configuration.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import re
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import rotations  # noqa: E402  (its sampler, and its configurations for the comparison rows)
-from rotations import _RssSampler  # noqa: E402
+import _runner
+import rotations  # its configurations, for the comparison rows
 
 RECIPES = {"base": None, "flatquant": "w4a4kv4-flatquant", "flatquant-gptq": "w4a4kv4-flatquant-gptq"}
 DEFAULT_CONFIGS = "base,flatquant,flatquant-gptq,quarot-gptq,spinquant-gptq,flatquant-e1"
@@ -104,22 +97,22 @@ def run_one(config: str, args) -> dict:
     if recipe is not None:
         calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.calib_seqlen, seed=args.seed)
         t1 = time.perf_counter()
-        with _RssSampler() as sampler:
+        with _runner.RssPeak() as peak:
             report = compress(model, recipe, calib)
         row["compress_s"] = time.perf_counter() - t1
-        row["peak_compress_mib"] = sampler.peak / 2**20
+        row["peak_compress_mib"] = peak.mib
         row["stages"] = {s["stage"]: s["seconds"] for s in report.stages}
         fq = report.extra.get("flatquant", {})
         row["flatquant"] = {k: fq.get(k) for k in ("samples", "seqlen", "seconds")}
         row["flatquant"]["epochs"] = fq.get("options", {}).get("epochs")
         layers = fq.get("layers") or []
         row["flatquant"]["mse_first_batch"] = [[r["init_loss"], r["final_loss"]] for r in layers]
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_rss_mib"] = _runner.rss_mib()
     t0 = time.perf_counter()
     res = perplexity(model, tok, text, seqlen=args.seqlen, windows=args.windows)
     row["eval_s"] = time.perf_counter() - t0
     row.update(ppl=res.ppl, windows=res.windows, seqlen=res.seqlen)
-    print("PARTIAL " + json.dumps(row), flush=True)
+    _runner.partial(row)  # kept if the packed reload below fails
     if parse_config(config) == ("flatquant", {}) and not args.no_packed:
         with tempfile.TemporaryDirectory(prefix="lmpress-flat-") as d:
             save(model, os.path.join(d, "ckpt"), tokenizer=tok)
@@ -139,9 +132,6 @@ def markdown(rows: list[dict], args) -> str:
              "| configuration | recipe | epochs | ppl | x base | ppl packed (rel) | flatquant (s) | compress (s) | peak RSS (MiB) | peak during compress (MiB) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['config']} | - | | error: {r['error']} | | | | | | |")
-            continue
         fq = r.get("flatquant") or {}
         packed = f"{r['ppl_packed']:.3f} ({100 * r['packed_rel']:+.2f}%)" if "ppl_packed" in r else "-"
         ratio = f"{r['ppl'] / base:.2f}" if base else "-"
@@ -152,56 +142,17 @@ def markdown(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=DEFAULT_CONFIGS)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--windows", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--n", type=int, default=128, help="calibration sequences (default 128, as bench/rotations.py)")
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+def add_args(p) -> None:
+    _runner.protocol_args(p, calib_seqlen=True)
     p.add_argument("--no-packed", action="store_true", help="skip the save / reload / packed perplexity")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count())
-    p.add_argument("--json", help="also write the rows to this JSON file (as they finish)")
-    p.add_argument("--only", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
 
-    import torch
 
-    torch.set_num_threads(args.threads)
-    if args.only:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"[{args.only}] %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        print("ROW " + json.dumps(run_one(args.only, args)), flush=True)
-        return
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for c in configs:
-        parse_config(c)
-    rows = []
-    for c in configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--only", c, "--model", args.model, "--windows", str(args.windows),
-               "--seqlen", str(args.seqlen), "--n", str(args.n), "--calib-seqlen", str(args.calib_seqlen),
-               "--seed", str(args.seed), "--threads", str(args.threads)] + (["--no-packed"] if args.no_packed else [])
-        print(f"[{time.strftime('%H:%M:%S')}] {c} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        partial = [line[8:] for line in proc.stdout.splitlines() if line.startswith("PARTIAL ")]
-        if proc.returncode != 0 or not found:
-            row = json.loads(partial[-1]) if partial else {"config": c}
-            if not partial:
-                row["error"] = f"exit status {proc.returncode} (see the log above)"
-            row["note"] = f"exit status {proc.returncode} after the simulated eval"
-        else:
-            row = json.loads(found[-1])
-        rows.append(row)
-        if "ppl" in row:
-            print(f"  ppl {row['ppl']:.3f}" + (f", packed {row['ppl_packed']:.3f}" if "ppl_packed" in row else "")
-                  + f", compress {row['compress_s']:.0f}s", file=sys.stderr, flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    print(markdown(rows, args))
+def check(config: str, args) -> None:
+    parse_config(config)
+
+
+def main(argv=None) -> None:
+    _runner.main(run_one, markdown, doc=__doc__, configs=DEFAULT_CONFIGS, add_args=add_args, check=check, argv=argv)
 
 
 if __name__ == "__main__":

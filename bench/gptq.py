@@ -21,14 +21,9 @@ g64, per-channel and 3-bit are the informative settings.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-import resource
-import subprocess
-import sys
 import time
+
+import _runner
 
 SCHEMES = {
     "g64": {"preset": "W4A16", "weights": {"group_size": 64, "symmetric": False}},
@@ -83,7 +78,7 @@ def run_one(config: str, args) -> dict:
         r = sum(m.get("rtn_loss", 0.0) for m in mods)
         row["objective_ratio"] = g / r if r > 0 else None
         row["mean_sqnr_db"] = report.summary()["mean_sqnr_db"]
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    row["peak_rss_mib"] = _runner.rss_mib()
     t0 = time.perf_counter()
     res = perplexity(model, tok, load_text("wiki", "eval"), seqlen=args.seqlen, windows=args.windows)
     row.update(ppl=res.ppl, windows=res.windows, eval_s=time.perf_counter() - t0)
@@ -111,43 +106,10 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n", type=int, default=128, help="calibration sequences")
-    ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sequence and per eval window")
-    ap.add_argument("--windows", type=int, default=64, help="perplexity windows")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS)
-    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one config, print its row
-    args = ap.parse_args()
-
-    if args.only:
-        logging.basicConfig(level=logging.INFO, format=f"[{args.only}] %(levelname)s %(name)s: %(message)s")
-        print("ROW " + json.dumps(run_one(args.only, args)), flush=True)
-        return
-
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for c in configs:
-        if c != "base":
-            recipe_for(c)  # fail fast on a bad name
-    rows = []
-    for c in configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--only", c, "--model", args.model, "--n", str(args.n),
-               "--seqlen", str(args.seqlen), "--windows", str(args.windows), "--seed", str(args.seed)]
-        print(f"== {c}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (logs) passes through
-        found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if proc.returncode != 0 or not found:
-            raise SystemExit(f"configuration {c} failed (exit {proc.returncode})")
-        rows.append(json.loads(found[-1]))
-        print(f"   {c}: ppl {rows[-1]['ppl']:.3f}, compress {rows[-1]['compress_s']:.1f}s", file=sys.stderr, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    print(table(rows, args))
+def check(config: str, args) -> None:
+    if config != "base":
+        recipe_for(config)  # fail fast on a bad name
 
 
 if __name__ == "__main__":
-    main()
+    _runner.main(run_one, table, doc=__doc__, configs=DEFAULT_CONFIGS, add_args=_runner.protocol_args, check=check)

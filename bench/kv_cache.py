@@ -126,17 +126,25 @@ def wiki_windows(tok, n: int, length: int) -> torch.Tensor:
 @torch.no_grad()
 def teacher_forced_nll(model, prompt: torch.Tensor, cont: torch.Tensor, cache) -> float:
     """Mean NLL of `cont` (B, N) after `prompt` (B, P), prefilling the cache then one token a step."""
-    out = model(prompt, use_cache=True, **cache_kwargs(cache))
-    logits = [out.logits[:, -1]]
-    for i in range(cont.shape[1] - 1):
-        out = model(cont[:, i:i + 1], use_cache=True, **cache_kwargs(cache))
-        logits.append(out.logits[:, -1])
-    lg = torch.stack(logits, 1).float()  # (B, N, V)
-    return torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), cont.reshape(-1)).item()
+    out = model(prompt, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
+    total = 0.0
+    for i in range(cont.shape[1]):
+        logits = out.logits[:, -1].float()  # (B, V): the prediction of cont[:, i]
+        total += torch.nn.functional.cross_entropy(logits, cont[:, i], reduction="sum").item()
+        if i + 1 < cont.shape[1]:
+            out = model(cont[:, i:i + 1], use_cache=True, **cache_kwargs(cache))
+    return total / cont.numel()
+
+
+def quantized_cache(backend: str, model, bits: int):
+    """The peer: transformers' `QuantizedCache` (quanto or hqq backend), groups of 64, 128 recent tokens kept."""
+    from transformers import QuantizedCache
+
+    return QuantizedCache(backend, model.config, nbits=bits, q_group_size=64, residual_length=128)
 
 
 def cmd_peer(a) -> list[dict]:
-    from transformers import DynamicCache, QuantizedCache
+    from transformers import DynamicCache
 
     from lmpress.kernels.kv_cache import QuantizedKVCache
 
@@ -161,8 +169,7 @@ def cmd_peer(a) -> list[dict]:
     run("fp DynamicCache", model, DynamicCache)
     for backend in ("quanto", "hqq"):
         for bits in (4, 2):
-            run(f"QuantizedCache {backend} {bits}b", model,
-                lambda: QuantizedCache(backend, model.config, nbits=bits, q_group_size=64, residual_length=128))
+            run(f"QuantizedCache {backend} {bits}b", model, lambda: quantized_cache(backend, model, bits))
     for name in a.configs.split(","):
         qmodel, _ = build(name)
         run(f"lmpress {name}", qmodel, lambda: QuantizedKVCache(qmodel))

@@ -5,7 +5,7 @@ equal bits, W4A4 with 10% of the linears at A8 against uniform W4A4, and the tol
     python bench/mixed.py --configs w3,mixed-3.5 --windows 16  # a subset, a quicker look
     python bench/mixed.py --json /tmp/mixed.json
 
-Protocol: the bundled `wiki` source; calibration = `sample_calibration(tok, "wiki", n, 512, 0)`
+Protocol: the bundled `wiki` source; calibration = `sample_calibration(tok, "wiki", n, seqlen, seed)`
 from the calib split (`--n`, 32 by default here, to spare the shared CPU: the standard GPTQ
 figure uses 128); the `mixed_precision` stage scores on the first `--sens-samples` (8) of those
 sequences; perplexity = `eval.ppl.perplexity` on the eval split, the first `--windows` (64)
@@ -28,15 +28,13 @@ Configurations (`--configs`):
 """
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import time
+
+import _runner
 
 W = {"bits": 3, "granularity": "group", "group_size": 64, "symmetric": False}
 GPTQ = {"gptq": {"block_size": 128, "damp": 0.01, "act_order": True, "true_sequential": True}}
@@ -93,7 +91,6 @@ def avg_bits(model, plan) -> tuple[float, float]:
 def run_one(config: str, args) -> dict:
     import torch
 
-    torch.set_num_threads(args.threads)
     from lmpress.calibration.data import load_text, sample_calibration
     from lmpress.compress import compress
     from lmpress.compress.models import load_model
@@ -104,7 +101,7 @@ def run_one(config: str, args) -> dict:
     row: dict = {"config": config}
     t0 = time.perf_counter()
     if config != "base":
-        calib = sample_calibration(tok, "wiki", args.n, 512, 0)
+        calib = sample_calibration(tok, "wiki", args.n, args.seqlen, args.seed)
         report = compress(model, recipe_for(config, args, model.config.num_hidden_layers), calib)
         row["compress_s"] = round(time.perf_counter() - t0, 1)
         row["avg_weight_bits"], row["avg_act_bits"] = avg_bits(model, model.lmpress_meta["plan"])
@@ -128,15 +125,15 @@ def run_one(config: str, args) -> dict:
                         nll, cnt = nll + s, cnt + k
                 row["tolerance"]["final_calib_ppl_ratio"] = math.exp(nll / cnt) / tol["fp_calib_ppl"]
     t1 = time.perf_counter()
-    res = perplexity(model, tok, load_text("wiki", "eval"), seqlen=512, windows=args.windows)
+    res = perplexity(model, tok, load_text("wiki", "eval"), seqlen=args.seqlen, windows=args.windows)
     row["ppl"], row["windows"], row["eval_s"] = res.ppl, res.windows, round(time.perf_counter() - t1, 1)
     return row
 
 
 def table(rows: list[dict], args) -> str:
     by = {r["config"]: r for r in rows}
-    out = [f"{args.model}, wiki eval {args.windows} x 512; GPTQ calibration {args.n} x 512; "
-           f"sensitivities on {args.sens_samples} x 512; weights g64 asym; lm_head fp", "",
+    out = [f"{args.model}, wiki eval {args.windows} x {args.seqlen}; GPTQ calibration {args.n} x {args.seqlen}; "
+           f"sensitivities on {args.sens_samples} x {args.seqlen}; weights g64 asym; lm_head fp", "",
            "| configuration | avg W bits | avg A bits | ppl | plan | compress s |", "|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['config']} | {r.get('avg_weight_bits', 32):.4f} | {r.get('avg_act_bits', 32):.3f} | {r['ppl']:.3f} | "
@@ -155,44 +152,29 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=DEFAULT)
-    ap.add_argument("--n", type=int, default=32, help="GPTQ calibration sequences (x 512)")
-    ap.add_argument("--sens-samples", type=int, default=8, help="sequences the mixed_precision stage scores on")
-    ap.add_argument("--tol-samples", type=int, default=4, help="sequences the tolerance search measures on")
-    ap.add_argument("--tolerance", type=float, default=0.05)
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke run of the script")
-    ap.add_argument("--work", default=None, help="folder for scores shared between configurations")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    if args.work:
-        os.makedirs(args.work, exist_ok=True)
-    if args.one:
-        print(json.dumps(run_one(args.one, args)))
-        return
+def add_args(p) -> None:
+    _runner.protocol_args(p, n=32)
+    p.add_argument("--sens-samples", type=int, default=8, help="sequences the mixed_precision stage scores on")
+    p.add_argument("--tol-samples", type=int, default=4, help="sequences the tolerance search measures on")
+    p.add_argument("--tolerance", type=float, default=0.05)
+    p.add_argument("--work", default=None, help="folder for scores shared between configurations")
+
+
+def check(config: str, args) -> None:
+    if config != "base":
+        recipe_for(config, args)
+
+
+def prepare(args) -> list[str]:
+    """One work folder for the whole run, handed to every child (mixed-3.5 leaves its scores there)."""
     args.work = args.work or tempfile.mkdtemp(prefix="lmpress-mixed-")
-    rows = []
-    for config in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--one", config, "--work", args.work] + [
-            f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("model", "n", "sens_samples", "tol_samples", "tolerance", "windows", "threads")]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            print(f"{config}: failed (exit {proc.returncode})", file=sys.stderr, flush=True)
-            continue
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row["wall_s"] = round(time.perf_counter() - t0, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
-    print(table(rows, args), flush=True)
+    os.makedirs(args.work, exist_ok=True)
+    return ["--work", args.work]
+
+
+def main(argv=None) -> None:
+    _runner.main(run_one, table, doc=__doc__, configs=DEFAULT, add_args=add_args, check=check, prepare=prepare,
+                 threads=2, argv=argv)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,9 @@ lm_head stays in high precision in every configuration.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-import resource
-import subprocess
-import sys
-import threading
 import time
+
+import _runner
 
 CONFIGS = {
     "base": None,
@@ -68,9 +62,6 @@ PEERS = [
 ]
 
 
-args_global = None  # the parsed command line (recipe_for reads --learn-steps)
-
-
 def parse_config(config: str) -> tuple[str, list[str]]:
     base, mods = config, []
     while True:
@@ -96,7 +87,8 @@ def label(config: str) -> str:
     return text
 
 
-def recipe_for(config: str):
+def recipe_for(config: str, learn_steps: int | None = None):
+    """The recipe of `config` (None for base); `learn_steps` overrides learn_rotation.steps."""
     from lmpress.compress import Recipe
     from lmpress.compress.stage import STAGES, _load_builtin_stages
 
@@ -109,10 +101,10 @@ def recipe_for(config: str):
         raise SystemExit(f"{config}: the gptq stage is not registered in this checkout")
     recipe = Recipe.load(name)
     data = recipe.to_dict()
-    if getattr(args_global, "learn_steps", None):
+    if learn_steps:
         for st in data["stages"]:
             if isinstance(st, dict) and "learn_rotation" in st:
-                st["learn_rotation"]["steps"] = args_global.learn_steps
+                st["learn_rotation"]["steps"] = learn_steps
     if not mods:
         return Recipe.from_dict(data)
     data["name"] = "-".join([name] + mods)
@@ -127,34 +119,6 @@ def recipe_for(config: str):
     return Recipe.from_dict(data)
 
 
-class _RssSampler:
-    """Largest resident set size (bytes) seen while the `with` block runs."""
-
-    def __init__(self, every: float = 0.02):
-        self.every, self.peak, self._stop = every, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self.peak = self.rss()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.rss())
-
-
 def run_one(config: str, args) -> dict:
     """Load, (calibrate, compress,) evaluate one configuration in this process."""
     import torch
@@ -165,7 +129,7 @@ def run_one(config: str, args) -> dict:
     from lmpress.eval.ppl import perplexity
 
     torch.manual_seed(0)
-    recipe = recipe_for(config)
+    recipe = recipe_for(config, args.learn_steps)
     model, tok = load_model(args.model)
     row: dict = {"config": config, "recipe": recipe.name if recipe else None, "compress_s": 0.0, "calib_s": 0.0}
     if recipe is not None:
@@ -174,15 +138,15 @@ def run_one(config: str, args) -> dict:
         if recipe.needs_calibration:
             calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.calib_seqlen, seed=args.seed)
         t1 = time.perf_counter()
-        with _RssSampler() as sampler:
+        with _runner.RssPeak() as peak:
             report = compress(model, recipe, calib)
         row["compress_s"] = time.perf_counter() - t1
         row["calib_s"] = t1 - t0
-        row["peak_compress_mib"] = sampler.peak / 2**20
+        row["peak_compress_mib"] = peak.mib
         row["stages"] = {s["stage"]: s["seconds"] for s in report.stages}
         if "learn_rotation" in report.extra:
             row["learn_rotation"] = {k: v for k, v in report.extra["learn_rotation"].items() if k != "losses"}
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_rss_mib"] = _runner.rss_mib()
     t0 = time.perf_counter()
     res = perplexity(model, tok, load_text("wiki", "eval"), seqlen=args.seqlen, windows=args.windows)
     row["eval_s"] = time.perf_counter() - t0
@@ -197,9 +161,6 @@ def markdown(rows: list[dict], args) -> str:
              "| configuration | recipe | ppl | compress (s) | peak RSS after compress (MiB) | peak during compress (MiB) | eval (s) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {label(r['config'])} | - | error: {r['error']} | | | | |")
-            continue
         peak_c = f"{r['peak_compress_mib']:.0f}" if "peak_compress_mib" in r else "-"
         lines.append(
             f"| {label(r['config'])} | {r['recipe'] or '-'} | {r['ppl']:.2f} | {r['compress_s']:.1f} | "
@@ -210,58 +171,19 @@ def markdown(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help=f"comma-separated, from: {', '.join(CONFIGS)}; suffixes: " + ", ".join(f"-{k} ({v})" for k, v in MODIFIERS.items()))
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--windows", type=int, default=64, help="eval windows (default 64)")
-    p.add_argument("--seqlen", type=int, default=512, help="eval window length (default 512)")
-    p.add_argument("--n", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="calibration sequence length (default 512)")
-    p.add_argument("--seed", type=int, default=0)
+def add_args(p) -> None:
+    _runner.protocol_args(p, calib_seqlen=True)
     p.add_argument("--learn-steps", type=int, help="override learn_rotation.steps of the spinquant recipe")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count())
-    p.add_argument("--json", help="also write the rows to this JSON file")
-    p.add_argument("--only", help=argparse.SUPPRESS)  # internal: run one configuration, print its row as JSON
-    args = p.parse_args(argv)
-    global args_global
-    args_global = args
 
-    import torch
 
-    torch.set_num_threads(args.threads)
-    if args.only:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"[{args.only}] %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        print("ROW " + json.dumps(run_one(args.only, args)), flush=True)
-        return
+def check(config: str, args) -> None:
+    parse_config(config)
 
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for c in configs:
-        parse_config(c)
-    rows = []
-    for c in configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--only", c, "--model", args.model, "--windows", str(args.windows),
-               "--seqlen", str(args.seqlen), "--n", str(args.n), "--calib-seqlen", str(args.calib_seqlen),
-               "--seed", str(args.seed), "--threads", str(args.threads)]
-        if args.learn_steps:
-            cmd += ["--learn-steps", str(args.learn_steps)]
-        print(f"[{time.strftime('%H:%M:%S')}] {c} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the child's log goes to our stderr
-        found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if proc.returncode != 0 or not found:
-            tail = f"exit status {proc.returncode} (see the log above)"
-            rows.append({"config": c, "error": tail})
-            print(f"  failed: {tail}", file=sys.stderr, flush=True)
-            continue
-        row = json.loads(found[-1])
-        rows.append(row)
-        print(f"  ppl {row['ppl']:.3f}, compress {row['compress_s']:.1f}s, eval {row['eval_s']:.0f}s", file=sys.stderr, flush=True)
-        if args.json:  # written as it goes, so a long run leaves its finished rows behind
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    print(markdown(rows, args))
+
+def main(argv=None) -> None:
+    _runner.main(run_one, markdown, doc=__doc__, configs=DEFAULT_CONFIGS, add_args=add_args, check=check, argv=argv,
+                 configs_help=f"comma-separated, from: {', '.join(CONFIGS)}; suffixes: "
+                              + ", ".join(f"-{k} ({v})" for k, v in MODIFIERS.items()))
 
 
 if __name__ == "__main__":

@@ -16,21 +16,17 @@ with the reloaded model's logits compared on one window.
 Configurations: `base`, `<magnitude|wanda|sparsegpt>-<2:4|4:8>`, `sparsegpt-<2:4|4:8>-norefit`
 (the sweep's weights without the least-squares refit), `sparsegpt-2:4-w4` (int4 weights, groups
 of 64, asymmetric, quantized inside the SparseGPT sweep); the peer, llm-compressor, on the same
-calibration tokens and windows: `peer-sparsegpt-2:4`, `peer-wanda-2:4` (needs it on PYTHONPATH:
-`pip install --no-deps --target /tmp/peer-site llmcompressor==0.13.0 compressed-tensors==0.18.0
-auto-round==0.14.2 nvidia-ml-py`, then `PYTHONPATH=/tmp/peer-site python bench/sparsity.py
---configs peer-sparsegpt-2:4,peer-wanda-2:4`).
+calibration tokens and windows: `peer-sparsegpt-2:4`, `peer-wanda-2:4` (llm-compressor is
+installed on first use into its own folder, put on those children's PYTHONPATH only: bench/_peers.py).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
+
+import _peers
+import _runner
 
 W4 = {"preset": "W4A16", "weights": {"group_size": 64, "symmetric": False}}
 DEFAULT_CONFIGS = "base,magnitude-2:4,wanda-2:4,sparsegpt-2:4,magnitude-4:8,wanda-4:8,sparsegpt-4:8,sparsegpt-2:4-w4"
@@ -42,18 +38,13 @@ PEERS = ("peer-sparsegpt-2:4", "peer-wanda-2:4")
 def run_peer(config: str, model, tok, calib) -> None:
     """llm-compressor's SparseGPTModifier / WandaPruningModifier, 2:4, on the same calibration tokens,
     every decoder linear (lm_head ignored), as in its examples; dampening 0.01, block 128. Needs
-    llm-compressor on PYTHONPATH (bench environment only, never an lmpress dependency)."""
-    from datasets import Dataset
-    from llmcompressor import oneshot
+    llm-compressor on PYTHONPATH (`_peers.env("llmcompressor")`; never an lmpress dependency)."""
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     common = dict(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])
     modifier = SparseGPTModifier(**common, block_size=128, dampening_frac=0.01) if "sparsegpt" in config \
         else WandaPruningModifier(**common)
-    ids = calib.tokens  # (n, seqlen)
-    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
-    oneshot(model=model, dataset=ds, recipe=[modifier], num_calibration_samples=ids.shape[0],
-            max_seq_length=ids.shape[1], processor=tok)
+    _peers.llmcompressor_oneshot(model, tok, calib, [modifier])
 
 
 def recipe_for(config: str):
@@ -191,46 +182,20 @@ def table(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n", type=int, default=32, help="calibration sequences")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS)
-    ap.add_argument("--base-ppl", type=float, default=None, help="base perplexity to compare with when `base` is not run")
-    ap.add_argument("--no-ckpt", action="store_true", help="skip the save/reload check")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+def add_args(p) -> None:
+    _runner.protocol_args(p, n=32)
+    p.add_argument("--base-ppl", type=float, default=None, help="base perplexity to compare with when `base` is not run")
+    p.add_argument("--no-ckpt", action="store_true", help="skip the save/reload check")
 
-    if args.only:
-        logging.basicConfig(level=logging.INFO, format=f"[{args.only}] %(levelname)s %(name)s: %(message)s")
-        print("ROW " + json.dumps(run_one(args.only, args)), flush=True)
-        return
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for c in configs:
-        if c != "base" and c not in PEERS:
-            recipe_for(c)
-    rows = []
-    for c in configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--only", c, "--model", args.model, "--n", str(args.n),
-               "--seqlen", str(args.seqlen), "--windows", str(args.windows), "--seed", str(args.seed)]
-        if args.no_ckpt:
-            cmd.append("--no-ckpt")
-        print(f"== {c}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        found = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-        if proc.returncode != 0 or not found:
-            raise SystemExit(f"configuration {c} failed (exit {proc.returncode})")
-        rows.append(json.loads(found[-1]))
-        print("ROW " + json.dumps(rows[-1]), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    print(table(rows, args))
+
+def check(config: str, args) -> None:
+    if config != "base" and config not in PEERS:
+        recipe_for(config)
+
+
+def peer_env(config: str, args) -> dict:
+    return _peers.env("llmcompressor") if config in PEERS else {}
 
 
 if __name__ == "__main__":
-    main()
+    _runner.main(run_one, table, doc=__doc__, configs=DEFAULT_CONFIGS, add_args=add_args, check=check, env=peer_env)
