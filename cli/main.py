@@ -201,6 +201,11 @@ def compress_and_eval(
     if rows:
         typer.echo("")
         _print_table(("metric (↑/↓ = higher/lower is better)", "base", "compressed", "recovery"), rows)
+    slow = result.get("slower_than_base") or {}
+    if slow:
+        typer.echo("warning: the compressed model is SLOWER than its base here: "
+                   + ", ".join(f"{k} recovery {v:.2f}" for k, v in slow.items())
+                   + f" (runtime paths: {((result['compressed'] or {}).get('latency') or {}).get('kernel_paths')})", err=True)
     typer.echo(f"report: {Path(out) / 'report.json'}, {md}")
     verdict = result["thresholds"]
     if verdict is not None:

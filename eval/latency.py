@@ -34,6 +34,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from lmpress.kernels.dispatch import describe
 from lmpress.kernels.kv_cache import cache_kwargs, returned_cache
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class LatencyResult:
     peak_bytes: int
     device: str
     raw: dict[str, list[float]] = field(default_factory=dict)  # every repeat, for the record
+    threads: int = 1  # torch threads the figures were measured with (CPU)
+    kernel_paths: dict[str, int] = field(default_factory=dict)  # runtime path kind -> modules that ran it (packed models)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -180,6 +183,29 @@ def _one_pass(model: nn.Module, cfg: LatencyConfig, vocab: int) -> dict[str, flo
     return figures
 
 
+def path_counts(model: nn.Module) -> dict[str, int]:
+    """{runtime path kind (``cpu-int4pack``, ``ref``, ``triton-w4a16``...): modules that last ran it}."""
+    counts: dict[str, int] = {}
+    for path in describe(model).values():
+        kind = path.split(" (", 1)[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+SPEED = ("prefill_tok_s", "ttft_s", "decode_tok_s@")  # the figures that say faster or slower
+
+
+def slower_than_base(recovery: Mapping[str, float | None]) -> dict[str, float]:
+    """{latency figure: recovery} for every speed figure where the compressed model lost to its base
+    (recovery < 1: tokens/s lower, or time to first token longer)."""
+    out = {}
+    for key, r in recovery.items():
+        name = key[len("latency/"):] if key.startswith("latency/") else None
+        if name and name.startswith(SPEED) and r is not None and r < 1.0:
+            out[name] = r
+    return out
+
+
 def measure_latency(models: Mapping[str, nn.Module], config: LatencyConfig | None = None) -> dict[str, LatencyResult]:
     """Latency of each model in `models` (name -> causal LM), alternating; see the module doc."""
     cfg = config or LatencyConfig()
@@ -221,5 +247,6 @@ def measure_latency(models: Mapping[str, nn.Module], config: LatencyConfig | Non
             decode_tok_s={b: med[f"decode_tok_s@{b}"] for b in cfg.decode_batches},
             weight_bytes=wb, peak_bytes=wb + int(statistics.median(peaks[n])), device=where,
             raw={**raw[n], "peak_extra_bytes": [float(p) for p in peaks[n]]},
+            threads=torch.get_num_threads(), kernel_paths=path_counts(models[n]),
         )
     return out

@@ -256,6 +256,16 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
                 f"{bl.get('device', '')}. Settings: {json.dumps(ev.get('latency', {}))}.", ""]
         rows = [(k[len('latency/'):], "↑" if hib.get(k, True) else "↓", base.get(k), comp.get(k), rec.get(k)) for k in lat]
         out += [_table(("figure", "better", "base", "compressed", "recovery"), rows), ""]
+        cl = (report.get("compressed") or {}).get("latency") or {}
+        if cl.get("kernel_paths"):
+            out += ["Runtime path of the compressed model's modules (how many took each; `lmpress inspect` names them): "
+                    + ", ".join(f"`{k}` × {v}" for k, v in cl["kernel_paths"].items())
+                    + f"; torch threads: {cl.get('threads', '?')}.", ""]
+        slow = report.get("slower_than_base") or {}
+        if slow:
+            out += ["**The compressed model is slower than its base** on this machine: "
+                    + ", ".join(f"{k} recovery {v:.2f}" for k, v in slow.items())
+                    + " (below 1.00 = slower).", ""]
     if thr:
         rows = [(c["metric"], c["min"], c["recovery"], "pass" if c["passed"] else "FAIL", c.get("note", "")) for c in thr["checks"]]
         out += ["## Thresholds", "", _table(("metric", "min recovery", "recovery", "verdict", "note"), rows), ""]

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .harness import DEFAULT_TASKS, run_tasks
-from .latency import LatencyConfig, LatencyResult
+from .latency import LatencyConfig, LatencyResult, slower_than_base
 from .recovery import LATENCY_PREFIX, Thresholds, check, recoveries
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def compare(base: Mapping[str, Any], comp: Mapping[str, Any], latency: Mapping[s
         "compressed": {**comp, "latency": latency["compressed"].to_dict() if "compressed" in latency else None},
         "metrics": {"base": bv, "compressed": cv, "higher_is_better": hib},
         "recovery": rec,
+        "slower_than_base": slower_than_base(rec),  # {speed figure: recovery < 1}: the report flags these
         "thresholds": check(rec, thresholds) if thresholds is not None and not thresholds.empty else None,
     }
     return out

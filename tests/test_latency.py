@@ -71,3 +71,28 @@ def test_packed_model_weighs_less(tiny, tmp_path):
     res = measure_latency({"base": base, "packed": packed}, LatencyConfig(repeats=1, **SMALL))
     assert res["packed"].weight_bytes < 0.6 * res["base"].weight_bytes
     assert res["packed"].decode_tok_s[1] > 0
+
+
+def test_slower_than_base_flags_speed_figures_only():
+    from lmpress.eval.latency import slower_than_base
+
+    rec = {"ppl": 0.5, "latency/decode_tok_s@1": 0.66, "latency/decode_tok_s@8": 1.2, "latency/ttft_s": 0.75,
+           "latency/prefill_tok_s": 1.0, "latency/peak_bytes": 0.2, "latency/weight_bytes": 0.3, "t/acc": None}
+    assert slower_than_base(rec) == {"decode_tok_s@1": 0.66, "ttft_s": 0.75}
+    assert slower_than_base({"latency/decode_tok_s@1": 1.01}) == {}
+
+
+def test_latency_records_threads_and_the_runtime_paths_of_a_packed_model(tiny, tmp_path):
+    import torch
+
+    from lmpress.compress import compress, load, save
+
+    model, tok = tiny
+    q = copy.deepcopy(model)
+    compress(q, "w4a16-rtn")
+    packed = load(save(q, tmp_path / "q", tokenizer=tok))
+    res = measure_latency({"base": model, "packed": packed}, LatencyConfig(repeats=1, **SMALL))
+    assert res["base"].kernel_paths == {} and res["base"].threads == torch.get_num_threads()
+    paths = res["packed"].kernel_paths
+    assert sum(paths.values()) == sum(1 for m in packed.modules() if getattr(m, "kernel_path", None) is not None) > 0
+    assert res["packed"].to_dict()["kernel_paths"] == paths

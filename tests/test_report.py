@@ -78,6 +78,17 @@ def test_write_report_and_compare(tmp_path):
     assert rows[1][-1] == "FAIL" and rows[0][header.index("min recovery")] == 0.9  # quality only
     assert (tmp_path / "cmp" / "ppl_vs_bits.png").read_bytes()[:8] == PNG
     assert "r8" in md2.read_text()
+
+
+def test_report_names_the_runtime_paths_and_flags_a_slower_model(tmp_path):
+    r = _fake_report("r4", 4.25, 11.0, passed=True)
+    r["compressed"]["latency"].update(kernel_paths={"cpu-int4pack": 6, "ref": 1}, threads=2)
+    r["slower_than_base"] = {"prefill_tok_s": 0.5}
+    text = write_report(tmp_path / "a", r).read_text()
+    assert "`cpu-int4pack` × 6, `ref` × 1; torch threads: 2." in text
+    assert "**The compressed model is slower than its base** on this machine: prefill_tok_s recovery 0.50" in text
+    r["slower_than_base"] = {}
+    assert "slower than its base" not in write_report(tmp_path / "b", r).read_text()
     with pytest.raises(FileNotFoundError, match="report.json"):
         compare([tmp_path], tmp_path / "cmp2")
 

@@ -1,0 +1,187 @@
+"""One command on one CUDA GPU: every Triton kernel against its torch reference and against fp16 cuBLAS, then
+SmolLM2-135M decode, packed against fp16. Budgeted for under 8 minutes on an H100/H200.
+
+    python bench/gpu.py                    # everything
+    python bench/gpu.py --skip-decode      # kernels only
+    python bench/gpu.py --json gpu.json    # also the rows as JSON
+
+Sections (each row: correctness against the kernel file's torch reference, then median time from
+`triton.testing.do_bench` and the speed-up over `torch.matmul` in fp16 on the same shape, where a GEMM):
+- W4A16 (`w4a16_gemm`, int4 groups of 128, symmetric, fp16 activations) on LLaMA-2-7B's layer shapes
+  (K x N: 4096 x 12288 fused qkv, 4096 x 4096 o, 4096 x 22016 fused gate/up, 11008 x 4096 down) at
+  M = 1, 2, 4, 8, 16: the MARLIN paper's table (Frantar et al. 2024, Table 1 setting);
+- W4A4 and W8A8 (`act_quant` + `w4a4_gemm` / `w8a8_gemm`; the int32 accumulators are compared exactly),
+  M = 1, 16, 128, 2048 on 4096 x 4096 and 4096 x 11008;
+- the activation quantization alone (`act_quant`, int4 and int8) and fused with QuaRot's online Hadamard
+  (`online_act_quant` with `OnlineHadamard`: the `transform_act_quant` kernel where its tile fits);
+- 2:4 sparse (`sparse24_gemm`, fp16 values) on 4096 x 4096;
+- KV2/KV4 quantize-and-pack and unpack (`kv_quant` / `kv_dequant`): codes compared exactly, GB/s;
+- SmolLM2-135M decode tokens/s at batch 1 and 8, fp16 base against its w4a16-rtn packed checkpoint in fp16
+  (`lmpress.eval.latency`, alternating repeats).
+Correctness: `exact` (integer outputs equal), or `max rel` = max |kernel - ref| / max |ref| (fp16 outputs
+accumulate in another order; pass below 1e-2). The process exits 1 if any row fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import gemm  # bench/gemm.py: packed random weights and the devices' peak figures
+
+LLAMA7B_MARLIN = [("qkv", 4096, 12288), ("o", 4096, 4096), ("gate_up", 4096, 22016), ("down", 11008, 4096)]  # (K, N)
+INT_SHAPES = [("o", 4096, 4096), ("down^T", 4096, 11008)]
+REL_TOL = 1e-2
+rows: list[dict] = []
+
+
+def _row(section: str, shape: str, M: int | None, ok: bool, check: str, ms: float | None = None,
+         ref_ms: float | None = None, extra: str = "") -> None:
+    r = {"section": section, "shape": shape, "M": M, "ok": ok, "check": check, "ms": ms, "fp16_ms": ref_ms,
+         "speedup": (ref_ms / ms) if ms and ref_ms else None, "extra": extra}
+    rows.append(r)
+    sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+    print(f"| {section} | {shape} | {M if M is not None else '-'} | {'ok' if ok else 'FAIL'} {check} | "
+          f"{ms if ms is None else f'{ms:.4f}'} | {ref_ms if ref_ms is None else f'{ref_ms:.4f}'} | {sp} | {extra} |",
+          flush=True)
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+def kernels(dev) -> None:
+    import torch
+    from triton.testing import do_bench
+
+    from lmpress.kernels.act_quant import act_quant, act_quant_ref
+    from lmpress.kernels.formats import sparse24_compress
+    from lmpress.kernels.kv_quant import kv_dequant, kv_dequant_ref, kv_quant, kv_quant_ref
+    from lmpress.kernels.online import OnlineHadamard
+    from lmpress.kernels.sparse24_gemm import sparse24_gemm, sparse24_gemm_ref
+    from lmpress.kernels.transform_act_quant import online_act_quant
+    from lmpress.kernels.w4a4_gemm import w4a4_gemm, w4a4_gemm_ref, w8a8_gemm, w8a8_gemm_ref
+    from lmpress.kernels.w4a16_gemm import w4a16_gemm, w4a16_gemm_ref
+    from lmpress.quant.scheme import QuantArgs
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    print("\n| section | shape K x N | M | check | ms | fp16 cuBLAS ms | speed-up | |\n|---|---|---:|---|---:|---:|---:|---|")
+    a4 = QuantArgs(bits=4, granularity="group", group_size=128, symmetric=True)
+    for name, K, N in LLAMA7B_MARLIN:
+        p, s, _ = gemm._packed_weight(N, K, a4, dev)
+        w16 = torch.randn(N, K, device=dev, dtype=torch.float16, generator=g)
+        for M in (1, 2, 4, 8, 16):
+            x = torch.randn(M, K, device=dev, dtype=torch.float16, generator=g)
+            y = w4a16_gemm(x, p, s, in_features=K, group_size=128)
+            err = _rel(y, w4a16_gemm_ref(x, p, s, in_features=K, group_size=128))
+            ref = do_bench(lambda: torch.matmul(x, w16.t()))
+            t = do_bench(lambda: w4a16_gemm(x, p, s, in_features=K, group_size=128))
+            _row("W4A16 g128", f"{name} {K}x{N}", M, err < REL_TOL, f"max rel {err:.1e}", t, ref)
+    for name, K, N in INT_SHAPES:
+        w16 = torch.randn(N, K, device=dev, dtype=torch.float16, generator=g)
+        packed = {bits: gemm._packed_weight(N, K, QuantArgs(bits=bits), dev)[:2] for bits in (4, 8)}
+        rot = OnlineHadamard(K, 0).to(dev)
+        for M in (1, 16, 128, 2048):
+            x = torch.randn(M, K, device=dev, dtype=torch.float16, generator=g)
+            ref = do_bench(lambda: torch.matmul(x, w16.t()))
+            for bits, fn, fn_ref in ((4, w4a4_gemm, w4a4_gemm_ref), (8, w8a8_gemm, w8a8_gemm_ref)):
+                pw, sw = packed[bits]
+                q, _, sx = act_quant(x, bits)
+                qr, sxr = act_quant_ref(x, bits)
+                exact_q = torch.equal(q, qr) and torch.equal(sx, sxr.reshape(-1))
+                acc = fn(q, sx, pw, sw, in_features=K, out_dtype=torch.int32)
+                exact = torch.equal(acc, fn_ref(q, sx, pw, sw, in_features=K, out_dtype=torch.int32))
+                t = do_bench(lambda: fn(*act_quant(x, bits)[::2], pw, sw, in_features=K, out_dtype=torch.float16))
+                _row(f"W{bits}A{bits} (+act quant)", f"{name} {K}x{N}", M, exact and exact_q,
+                     f"int32 acc {'exact' if exact else 'DIFFERS'}, codes {'exact' if exact_q else 'DIFFER'}", t, ref)
+            t = do_bench(lambda: act_quant(x, 4))
+            _row("act_quant int4", f"{K}", M, True, "(codes checked above)", t)
+            codes, _, sx, why = online_act_quant(x, rot, 4)
+            qr, sxr = act_quant_ref(rot(x.float()), 4)
+            agree = (codes == qr).float().mean().item()
+            t2 = do_bench(lambda: online_act_quant(x, rot, 4))
+            _row("Hadamard + act_quant int4", f"{K}", M, agree > 0.999, f"codes equal {100 * agree:.3f}%", t2,
+                 extra=f"overhead {(t2 - t) / t:.2f}x of act_quant; {'fused kernel' if not why else 'torch transform: ' + why}")
+    K = N = 4096
+    dense = torch.randn(N, K, device=dev, dtype=torch.float16, generator=g)
+    keep = dense.abs().reshape(N, K // 4, 4).argsort(-1, descending=True).argsort(-1) < 2  # 2 largest of each 4
+    values, meta = sparse24_compress(dense, keep.reshape(N, K))
+    for M in (1, 16, 128, 2048):
+        x = torch.randn(M, K, device=dev, dtype=torch.float16, generator=g)
+        err = _rel(sparse24_gemm(x, values, meta, in_features=K), sparse24_gemm_ref(x, values, meta, in_features=K))
+        ref = do_bench(lambda: torch.matmul(x, dense.t()))
+        t = do_bench(lambda: sparse24_gemm(x, values, meta, in_features=K))
+        _row("2:4 fp16", f"{K}x{N}", M, err < REL_TOL, f"max rel {err:.1e}", t, ref)
+    for bits in (2, 4):
+        rows_kv = torch.randn(32 * 4096 * 8, 64, device=dev, dtype=torch.float16, generator=g)  # (rows, G): 32 layers' worth
+        w, s, m = kv_quant(rows_kv, bits)
+        wr, sr, mr = kv_quant_ref(rows_kv, bits)
+        exact = torch.equal(w, wr) and torch.equal(s, sr) and torch.equal(m, mr)
+        t = do_bench(lambda: kv_quant(rows_kv, bits))
+        _row(f"KV{bits} quant+pack", "G 64", rows_kv.shape[0], exact, "codes " + ("exact" if exact else "DIFFER"), t,
+             extra=f"{rows_kv.numel() * 2 / t / 1e6:.0f} GB/s read")
+        exact = torch.equal(kv_dequant(w, s, m, bits, 64, torch.float16), kv_dequant_ref(w, s, m, bits, 64, torch.float16))
+        t = do_bench(lambda: kv_dequant(w, s, m, bits, 64, torch.float16))
+        _row(f"KV{bits} unpack", "G 64", rows_kv.shape[0], exact, "values " + ("exact" if exact else "DIFFER"), t,
+             extra=f"{rows_kv.numel() * 2 / t / 1e6:.0f} GB/s written")
+
+
+def decode(dev) -> None:
+    import torch
+
+    from lmpress.compress import compress, load, save
+    from lmpress.compress.models import load_model
+    from lmpress.eval.latency import LatencyConfig, measure_latency
+
+    base, tok = load_model("smollm2-135m")
+    q, _ = load_model("smollm2-135m")
+    compress(q, "w4a16-rtn")
+    with tempfile.TemporaryDirectory(prefix="lmpress-gpu-") as d:
+        save(q, os.path.join(d, "ckpt"), tokenizer=tok)
+        packed = load(os.path.join(d, "ckpt"), device=dev).to(torch.float16)
+    base = base.to(dev, torch.float16)
+    res = measure_latency({"fp16": base, "w4a16 packed": packed},
+                          LatencyConfig(prompt_len=128, decode_batches=(1, 8), decode_tokens=64, repeats=3))
+    print("\n| SmolLM2-135M | decode tok/s b1 | decode tok/s b8 | prefill tok/s | TTFT ms | runtime paths |\n|---|---:|---:|---:|---:|---|")
+    for name, r in res.items():
+        print(f"| {name} | {r.decode_tok_s[1]:.1f} | {r.decode_tok_s[8]:.1f} | {r.prefill_tok_s:.0f} | {1e3 * r.ttft_s:.2f} | "
+              f"{r.kernel_paths or '-'} |")
+    p, b = res["w4a16 packed"], res["fp16"]
+    rows.append({"section": "decode", "packed_over_fp16_b1": p.decode_tok_s[1] / b.decode_tok_s[1],
+                 "packed_over_fp16_b8": p.decode_tok_s[8] / b.decode_tok_s[8], "ok": True})
+    print(f"packed / fp16 decode: batch 1 {rows[-1]['packed_over_fp16_b1']:.2f}x, batch 8 {rows[-1]['packed_over_fp16_b8']:.2f}x")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip-decode", action="store_true", help="kernels only")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET"):
+        ap.error("unset TRITON_INTERPRET: this bench runs the compiled kernels on a GPU")
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); on CPU see bench/gemm.py", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(dev)}, capability {torch.cuda.get_device_capability(dev)}, torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    t0 = time.time()
+    kernels(dev)
+    if not args.skip_decode:
+        decode(dev)
+    print(f"\n{sum(not r['ok'] for r in rows)} failed of {len(rows)} rows; {time.time() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 1 if any(not r["ok"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
