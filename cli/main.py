@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from contextlib import contextmanager
@@ -60,12 +59,6 @@ def _versions() -> dict:
 
     return {"lmpress": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _load(model_spec: str, timer: "_Timer"):
