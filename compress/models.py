@@ -131,6 +131,18 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = tor
     return model, tokenizer
 
 
+def gguf_source(spec: str | os.PathLike = DEFAULT_MODEL) -> Path | None:
+    """The .gguf file a model spec comes from (a .gguf path, a directory holding one, the built-in
+    SmolLM2), whose metadata and tokenizer a GGUF export copies; None when there is none."""
+    if str(spec) == "smollm2-135m":
+        return _smollm2_gguf()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
 def _check_arch(config, where: Path) -> None:
     try:
         arch_for(config)

@@ -269,6 +269,17 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     if thr:
         rows = [(c["metric"], c["min"], c["recovery"], "pass" if c["passed"] else "FAIL", c.get("note", "")) for c in thr["checks"]]
         out += ["## Thresholds", "", _table(("metric", "min recovery", "recovery", "verdict", "note"), rows), ""]
+    g = report.get("gguf")
+    if g:
+        out += ["## GGUF (llama.cpp)", "",
+                f"`{g['file']}`: the base model on llama.cpp's {g['type']} grids ({g['method']}, the run's calibration set), "
+                "metadata and tokenizer from its source GGUF. Perplexity on the same windows, through llama.cpp's own "
+                "logits and through lmpress's simulation of the same grid.", "",
+                _table(("", "value"), [
+                    ("file (MiB)", g.get("mib")), ("bits per weight", g.get("bits_per_weight")),
+                    ("perplexity in llama.cpp", g.get("ppl_llamacpp")), ("perplexity, lmpress simulation", g.get("ppl_sim")),
+                    ("llama.cpp vs simulation", g.get("llamacpp_vs_sim")), ("ratio to the base (llama.cpp)", g.get("ppl_ratio")),
+                    ("decode tok/s in llama.cpp (batch 1)", g.get("decode_tps")), ("note", g.get("note"))]), ""]
     s = (report.get("compression") or {}).get("summary") or {}
     out += ["## Compression", "", _table(("", "value"), [
         ("recipe", report.get("recipe")), ("bits per weight (quantized linears)", report.get("bits_per_weight")),

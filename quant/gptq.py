@@ -120,6 +120,17 @@ def _inverse_cholesky(H: torch.Tensor, rev: torch.Tensor, dead_rev: torch.Tensor
     )
 
 
+def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
+    """(U, damp used): U the upper Cholesky factor (float32, natural column order) of the dampened
+    inverse Hessian, as `gptq_quantize` uses it, for solvers on other grids (quant/gguf.py). Dead
+    inputs (H_jj = 0) get an identity block; failed factorizations retry with more dampening."""
+    diag = H.diagonal()
+    dead = diag <= 0
+    live_mean = float(diag[~dead].double().mean()) if int(dead.sum()) < H.shape[0] else 1.0
+    rev = torch.arange(H.shape[0], device=H.device).flip(0)
+    return _inverse_cholesky(H, rev, dead[rev], damp, live_mean)
+
+
 def _check(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, block_size: int, damp: float,
            act_order: bool, static_groups: bool) -> None:
     if W.dim() != 2:

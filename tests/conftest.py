@@ -26,3 +26,13 @@ def text_file(tmp_path):
     p = tmp_path / "corpus.txt"
     p.write_text(TEXT)
     return p
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny ops (thread hand-offs on a loaded CPU cost more
+    than the ops themselves); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,13 +23,7 @@ from lmpress.quant.scheme import QuantArgs, QuantScheme
 from lmpress.quant.sim import SimQuantLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread hand-offs (a loaded CPU makes them slow)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(out=48, cols=80, n=600, seed=0, dead=()):
@@ -316,7 +310,7 @@ def test_stage_stubs_do_not_change_the_result(monkeypatch):
     calib = _calib()
     a, _ = tiny_llama()
     compress(a, "w4a16-gptq", calib)
-    monkeypatch.setattr(gptq_stage, "_stubbed", lambda layer, rels: contextlib.nullcontext())
+    monkeypatch.setattr(gptq_stage, "stubbed", lambda layer, rels: contextlib.nullcontext())
     b, _ = tiny_llama()
     compress(b, "w4a16-gptq", calib)
     for (name, ma), mb in zip(a.named_modules(), b.modules()):

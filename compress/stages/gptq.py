@@ -69,7 +69,7 @@ class _Zero(nn.Module):
 
 
 @contextmanager
-def _stubbed(layer: nn.Module, rels: list[str]):
+def stubbed(layer: nn.Module, rels: list[str]):
     """Temporarily replace the linears at `rels` (paths inside `layer`) by zero stubs."""
     saved = []
     try:
@@ -99,7 +99,7 @@ def collect_hessians(step, ctx, targets: list[str], later: list[str]):
         by_input.setdefault((group_of[rel], sims[rel].scheme.inputs), []).append(rel)
     hooked = {rels[0]: sims[rels[0]] for rels in by_input.values()}
     transforms = {rels[0]: partial(fake_quantize, args=inp) for (_, inp), rels in by_input.items() if inp is not None}
-    with _stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
+    with stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
         step.forward()
     return sims, by_input, stats
 

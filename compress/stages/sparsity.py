@@ -43,7 +43,7 @@ from lmpress.quant.sim import SimQuantLinear
 
 from ..stage import register_stage
 from ..surgery import get_module, to_sim
-from .gptq import _stubbed
+from .gptq import stubbed
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class _Pruning:
         layer = step.layer
         sims = {rel: layer.get_submodule(rel) for rel in targets}
         transforms = {rel: partial(fake_quantize, args=s.scheme.inputs) for rel, s in sims.items() if s.scheme.inputs is not None}
-        with _stubbed(layer, later), capture_input_stats(sims, transforms=transforms, **self.stats_options) as stats:
+        with stubbed(layer, later), capture_input_stats(sims, transforms=transforms, **self.stats_options) as stats:
             step.forward()
         for rel in targets:
             fqn, spec = mine[rel]
