@@ -11,8 +11,8 @@ One run, one set of windows and calibration sequences:
 - the `mix` row: lmpress's own plan (Fisher-weighted knapsack over block types, exact bytes) at
   the size of llama.cpp's Q3_K_M file, against llama.cpp's Q3_K_M;
 - every lmpress file's perplexity in llama.cpp next to lmpress's simulation (the dequantized
-  weights in torch, activations quantized as llama.cpp's matmul does), and decode tokens/s in llama.cpp (batch 1, --decode-threads threads)
-  beside the fp32 torch base.
+  weights in torch, activations quantized as llama.cpp's matmul does), and decode tokens/s in llama.cpp (batch 1,
+  --decode-threads threads) beside the fp32 torch base and lmpress's own runtime (a w4a16-rtn packed checkpoint).
 
     python bench/gguf_export.py                 # 64 x 512 wiki eval windows, 128 x 512 calibration
     python bench/gguf_export.py --windows 8 --calib 16 --rows Q4_0      # a quick look
@@ -62,6 +62,18 @@ def _decode_torch(model, prompt: list[int], new_tokens: int, threads: int) -> fl
         torch.set_num_threads(n)
 
 
+def _decode_packed(model, tok, prompt: list[int], new_tokens: int, threads: int) -> float:
+    """lmpress's own CPU runtime: a copy of the model through `w4a16-rtn`, saved packed and loaded back."""
+    from lmpress.compress import compress, load, save
+
+    q = copy.deepcopy(model)
+    compress(q, "w4a16-rtn")
+    with tempfile.TemporaryDirectory(prefix="lmpress-gguf-packed-") as d:
+        save(q, Path(d) / "ckpt", tokenizer=tok)
+        packed = load(Path(d) / "ckpt").eval()
+    return _decode_torch(packed, prompt, new_tokens, threads)
+
+
 def main(argv=None) -> int:
     a = _args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -103,8 +115,10 @@ def main(argv=None) -> int:
     prompt = ids[:128]
     base_tps = _decode_torch(model, prompt, a.decode_tokens, a.decode_threads)
     f16_tps = L.decode_tps(f16, prompt, a.decode_tokens, threads=a.decode_threads)
+    packed_tps = _decode_packed(model, tok, prompt, a.decode_tokens, a.decode_threads)
     print(f"base: torch fp32 ppl {base_sim:.3f}, llama.cpp F16 ppl {base_ll:.3f}; decode tok/s fp32 torch "
-          f"{base_tps:.1f}, llama.cpp F16 {f16_tps:.1f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+          f"{base_tps:.1f}, lmpress packed W4A16 {packed_tps:.1f}, llama.cpp F16 {f16_tps:.1f} "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     cal = sample_calibration(tok, "wiki", n=a.calib, seqlen=a.seqlen, seed=0)
     text = out / "calibration.txt"
@@ -146,7 +160,7 @@ def main(argv=None) -> int:
     print(f"\nSmolLM2-135M, wiki eval {a.windows} x {a.seqlen}, calibration {a.calib} x {a.seqlen}, {a.threads} threads; "
           f"base fp32 torch {base_sim:.3f}, base F16 in llama.cpp {base_ll:.3f} (ratios against it); decode "
           f"{a.decode_tokens} tokens at batch 1, {a.decode_threads} thread(s): fp32 torch {base_tps:.1f}, "
-          f"llama.cpp F16 {f16_tps:.1f} tok/s\n")
+          f"lmpress's runtime (w4a16-rtn packed checkpoint) {packed_tps:.1f}, llama.cpp F16 {f16_tps:.1f} tok/s\n")
     print("| row | file MiB (ours / llama.cpp / llama.cpp imatrix) | bpw (ours / llama.cpp) | ppl llama.cpp, our file | ratio | "
           "lmpress sim | llama.cpp vs sim | llama.cpp quantizer | ratio | + imatrix | ratio | our gap / imatrix gap | "
           "decode tok/s (llama.cpp, our file) | our compress s |")

@@ -33,11 +33,14 @@ def _group_view(x: torch.Tensor, args: QuantArgs) -> list[torch.Tensor]:
 def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     lo = torch.clamp(lo, max=0.0) * args.clip_ratio
     hi = torch.clamp(hi, min=0.0) * args.clip_ratio
+    # divide by a tensor on the data's device: CUDA divides by a Python number through its reciprocal
+    # (1 ulp off the correctly rounded quotient on H200; the kernels' `div_rn` is exact, as the CPU is)
+    div = torch.full((), args.sym_divisor if args.symmetric else args.qmax - args.qmin, dtype=hi.dtype, device=hi.device)
     if args.symmetric:
-        scale = torch.maximum(-lo, hi) / args.sym_divisor
+        scale = torch.maximum(-lo, hi) / div
         zero = torch.zeros_like(scale)
     else:
-        scale = (hi - lo) / (args.qmax - args.qmin)
+        scale = (hi - lo) / div
         zero = None
     # an all-zero row/group: any scale represents it exactly; 1 keeps it finite in fp16
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
