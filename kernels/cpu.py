@@ -25,19 +25,31 @@ That is bfloat16 arithmetic (x rounded to bf16, one bf16 output rounding): close
 simulation, not bit-identical. SmolLM2-135M W4A16 g64: one-token logits ~2e-2 relative after
 30 layers, perplexity +0.13% on 16 x 512 wiki windows with the op forced on every row.
 
+Schemes that quantize activations per token (W8A8, W4A8, W4A4: symmetric 4/8-bit codes, symmetric
+per-channel or per-tensor 4/8-bit weights) take ``int8mm`` at every size: the activation codes
+and scales exactly as the simulation computes them (`compute_qparams` / `quantize`), then oneDNN's
+int8 GEMM (``onednn.qlinear_pointwise`` on the weight codes prepacked once by
+``onednn.qlinear_prepack``; int4 codes sit in int8 containers) with unit activation scale and
+zero point, so it returns ``fp32(sum_k qx_k qw_k) * s_w[n]``; the per-token scale follows. The
+integer sum is exact where the simulation sums fp32 products, so the two differ by fp32
+rounding only (not bit-identical: `tests/test_kernels.py` bounds it). Measured here on one
+thread against an fp32 F.linear of the dequantized weight: 1 x 4096 x 11008 9.8 ms -> 1.0 ms,
+16 x 4096 x 4096 13.5 ms -> 0.8 ms, 512 x 576 x 1536 13.2 ms -> 1.2 ms, activation quantization
+included; ``torch._int_mm``, the other exact op, was 8-35x slower than fp32. The bf16 weight-only
+ops stay off these schemes: codes rounded from bf16-perturbed inputs differ from the simulation's,
+and a 4-bit code that flips is a large error (un-rotated SmolLM2 W4A4 RTN: +8.6% perplexity).
+
 Everything else takes ``dequant``: the weight is dequantized on the fly (`dequantize_fast`,
 bit-identical to `dequantize`), activations are fake-quantized by the torch reference, and
 F.linear runs in the model's dtype, which reproduces the simulation exactly. That is the path
-above `SMALL_M` rows (prefill, perplexity: there the op loses to an fp32 matmul anyway) and,
-at every size, for schemes that quantize activations (W4A4, W4A8, W8A8): codes rounded from
-bf16-perturbed inputs differ from the simulation's, and a 4-bit code that flips is a large
-error (un-rotated SmolLM2 W4A4 RTN: +8.6% perplexity with the op, 0.00% with dequant); the
-integer alternative, ``torch._int_mm``, is exact but 8-35x slower than fp32 here. Also
-``dequant``: 2- and 3-bit weights, group sizes that are not multiples of 32 (the op's groups
-must nest in ours), asymmetric or group-wise 8-bit weights, float16 activations.
+above `SMALL_M` rows for weight-only schemes (prefill, perplexity: there the op loses to an fp32
+matmul anyway), and for 2- and 3-bit weights, group sizes that are not multiples of 32 (the op's
+groups must nest in ours), asymmetric or group-wise 8-bit weights, float16 activations, and
+activation schemes the int8 GEMM cannot express (group-wise or asymmetric weights, static or
+asymmetric activations).
 
 Nothing dequantized is kept between calls: a module holds its packed buffers plus, on the op
-path, the repacked copy (int4: N*K/2 bytes; int8: N*K bytes).
+paths, the repacked copy (int4: N*K/2 bytes; int8 and int8mm: N*K bytes).
 """
 from __future__ import annotations
 
@@ -46,7 +58,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmpress.quant.primitives import dequantize
+from lmpress.quant.primitives import compute_qparams, dequantize, quantize
 from lmpress.quant.scheme import QuantArgs
 
 from .formats import unsigned_codes
@@ -60,6 +72,7 @@ MIN_FAST_WEIGHTS = 1 << 17
 FAST_DTYPES = (torch.float32, torch.bfloat16)
 # the C binding skips torch.ops' Python overload resolution (~5-10 us a call, ~200 calls a token)
 _INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or torch.ops.aten._weight_int4pack_mm_for_cpu
+_QLINEAR = getattr(getattr(torch.ops, "onednn", None), "qlinear_pointwise", None)  # x86 builds with oneDNN
 
 
 def _round_up(n: int, m: int) -> int:
@@ -67,12 +80,13 @@ def _round_up(n: int, m: int) -> int:
 
 
 def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> tuple[str, str]:
-    """(kind, why) for up to `SMALL_M` rows: ``int4pack`` / ``int8pack`` (torch's bf16 weight-only
-    ops), or ``dequant`` (exact: on-the-fly dequantization + F.linear) with the reason the ops
-    do not fit. Above `SMALL_M` rows every layer takes ``dequant``."""
+    """(kind, why): ``int8mm`` (activation-quantized schemes, any number of rows), ``int4pack`` /
+    ``int8pack`` (torch's bf16 weight-only ops, up to `SMALL_M` rows; above it the caller takes
+    ``dequant``), or ``dequant`` (exact: on-the-fly dequantization + F.linear) with the reason the
+    ops do not fit."""
     if inputs is not None:
-        return "dequant", ("quantized activations: the bf16 op's output rounding would move the next layer's "
-                           "activation codes; exact fake-quant + fp32 GEMM instead")
+        why = int8mm_misfit(weights, inputs)
+        return ("dequant", why) if why else ("int8mm", "")
     if x_dtype not in FAST_DTYPES:
         return "dequant", f"{x_dtype} activations: torch's CPU int4/int8 kernels are vectorized for bfloat16 only"
     if weights.bits == 4:
@@ -86,6 +100,54 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
             return "dequant", "asymmetric 8-bit weights: the int8 op has no zero point"
         return "int8pack", ""
     return "dequant", f"{weights.bits}-bit weights: no torch CPU kernel (only 4 and 8 bits)"
+
+
+def int8mm_misfit(weights: QuantArgs, inputs: QuantArgs) -> str:
+    """Why oneDNN's int8 GEMM cannot run this activation-quantized scheme exactly ('' when it can)."""
+    if _QLINEAR is None or not torch.backends.mkldnn.is_available():
+        return "quantized activations: this torch build has no oneDNN int8 GEMM; exact fake-quant + fp32 GEMM instead"
+    if inputs.granularity != "token" or not inputs.dynamic or not inputs.symmetric or inputs.bits not in (4, 8):
+        return (f"{'dynamic' if inputs.dynamic else 'static'} {'symmetric' if inputs.symmetric else 'asymmetric'} "
+                f"{inputs.bits}-bit {inputs.granularity} activations: the int8 GEMM takes dynamic symmetric 4/8-bit per-token codes")
+    if weights.bits not in (4, 8) or not weights.symmetric or weights.granularity == "group":
+        return (f"{weights.bits}-bit {'symmetric' if weights.symmetric else 'asymmetric'} {weights.granularity} weights "
+                "under quantized activations: the int8 GEMM takes symmetric 4/8-bit codes with one scale per output channel")
+    return ""
+
+
+@dataclass
+class Int8MM:
+    """Weight codes prepacked for oneDNN's int8 GEMM (`onednn.qlinear_prepack`), with the per-channel scales."""
+
+    weight: torch.Tensor  # int8, oneDNN's blocked layout of the (N, K) codes
+    col_scale: torch.Tensor  # fp32 (N,)
+    zero: torch.Tensor  # int64 (N,) zeros: symmetric weights
+    inputs: QuantArgs  # the activations' scheme: their codes are computed as the simulation does
+
+    def nbytes(self) -> int:
+        return self.weight.numel() + self.col_scale.numel() * 4 + self.zero.numel() * 8
+
+
+def prepare_int8mm(packed: torch.Tensor, scale: torch.Tensor, args: QuantArgs, in_features: int,
+                   inputs: QuantArgs) -> Int8MM:
+    from .formats import unpack
+
+    N = packed.shape[0]
+    w = unpack(packed.cpu(), args.bits, int(in_features))  # (N, K) int8 codes in [qmin, qmax]
+    col = scale.float().cpu().reshape(-1).expand(N).contiguous()
+    return Int8MM(torch.ops.onednn.qlinear_prepack(w, None), col, torch.zeros(N, dtype=torch.int64), inputs)
+
+
+def linear_int8mm(x2: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(M, K) float activations -> (M, N): the simulation's per-token codes, the exact integer GEMM,
+    then ``* s_w[n] * s_x[m]`` (+ bias) in fp32."""
+    sx, zx = compute_qparams(x2, prep.inputs)  # (M, 1) fp32 each; zero points 0 (symmetric)
+    q = quantize(x2, sx, zx, prep.inputs)  # (M, K) int8
+    y = _QLINEAR(q, 1.0, 0, prep.weight, prep.col_scale, prep.zero, None, 1.0, 0, torch.float32, "none", [], "")
+    y = y * sx
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
 
 
 @dataclass

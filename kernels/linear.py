@@ -13,10 +13,11 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
   Inside a RotatedInput, an online Hadamard before a per-token activation quantization is fused
   into it (`transform_act_quant`; path kinds ``triton-rot+...``).
 - CPU -> `lmpress.kernels.cpu`, for layers of at least `cpu.MIN_FAST_WEIGHTS` weights under
-  ``auto`` (smaller ones take the cached reference): weight-only 4/8-bit schemes run torch's
-  int4/int8 ops in bfloat16 on a repacked copy for up to `cpu.SMALL_M` rows (decode); larger
-  calls, activation-quantized schemes and whatever the ops cannot serve dequantize on the fly
-  and run F.linear (exact, nothing kept).
+  ``auto`` (smaller ones take the cached reference): per-token activation schemes with symmetric
+  per-channel 4/8-bit weights run oneDNN's int8 GEMM on the codes (`cpu-int8mm`, every size);
+  weight-only 4/8-bit schemes run torch's int4/int8 ops in bfloat16 on a repacked copy for up to
+  `cpu.SMALL_M` rows (decode); larger calls and whatever the ops cannot serve dequantize on the
+  fly and run F.linear (exact, nothing kept).
 - the reference (``LMPRESS_KERNELS=ref``, small layers under ``auto``, autograd, and Triton's
   fallbacks): unpack + dequantize + F.linear,
   bit-identical to SimQuantLinear. By default it keeps the dequantized weight after the first
@@ -73,7 +74,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.cache_weight = True
         self._cached: tuple | None = None  # (key, dequantized weight): reference path only
-        self._fast: tuple | None = None  # (key, cpu.Int4Pack | cpu.Int8Pack): CPU fast path only
+        self._fast: tuple | None = None  # (key, cpu.Int4Pack | cpu.Int8Pack | cpu.Int8MM): CPU fast paths only
         self.kernel_path: Path | None = None
 
     @classmethod
@@ -161,13 +162,17 @@ class PackedLinear(nn.Module):
             return self._forward_ref(x, "no rows")
         inputs = self.scheme.inputs
         kind, why = cpu.plan(self.scheme.weights, inputs, x.dtype)
-        if kind == "dequant" or M > cpu.SMALL_M:  # exact: the simulation's operations, nothing kept
+        if kind == "dequant" or (M > cpu.SMALL_M and kind != "int8mm"):  # exact: the simulation's operations
             self._note("cpu-dequant", why or f"{M} rows > {cpu.SMALL_M}")
             xin = fake_quantize(x, inputs) if inputs is not None else x
             return cpu.linear_dequant(xin, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                       self.scheme.weights, K, self.bias)
         self._note("cpu-" + kind)
-        y = cpu.linear_small_m(x2, self._cpu_prep(kind), self.bias, x.dtype)
+        prep = self._cpu_prep(kind)
+        if kind == "int8mm":
+            y = cpu.linear_int8mm(x2, prep, self.bias, x.dtype)
+        else:
+            y = cpu.linear_small_m(x2, prep, self.bias, x.dtype)
         return y.view(*x.shape[:-1], N)
 
     def _buffers_key(self) -> tuple:
@@ -181,6 +186,8 @@ class PackedLinear(nn.Module):
             args = self.scheme.weights
             if kind == "int4pack":
                 prep = cpu.prepare_int4(self.weight_packed, self.weight_scale, self.weight_zero_point, args, self.in_features)
+            elif kind == "int8mm":
+                prep = cpu.prepare_int8mm(self.weight_packed, self.weight_scale, args, self.in_features, self.scheme.inputs)
             else:
                 prep = cpu.prepare_int8(self.weight_packed, self.weight_scale, args, self.in_features)
             self._fast = (key, prep)

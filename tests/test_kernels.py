@@ -132,10 +132,13 @@ CPU_SCHEMES = {  # name: (scheme, path for a few rows)
     "W4A16-g128-partial": (W4A16, "cpu-int4pack"),  # N and K padded for the op
     "W4-channel-asym": (QuantScheme(weights=_w(4, sym=False)), "cpu-int4pack"),
     "W8A16": (QuantScheme(weights=_w(8)), "cpu-int8pack"),
-    "W4A8": (W4A8, "cpu-dequant"),
-    "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-dequant"),
-    "W8A8": (W8A8, "cpu-dequant"),
+    "W4A8": (W4A8, "cpu-int8mm"),
+    "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-int8mm"),
+    "W8A8": (W8A8, "cpu-int8mm"),  # full_range activations (/127.5)
+    "W8A8-tensor-weights": (QuantScheme(weights=_w(8, gran="tensor"), inputs=W8A8.inputs), "cpu-int8mm"),
+    "W4A4-g64": (QuantScheme(weights=_w(4, 64), inputs=W4A4.inputs), "cpu-dequant"),
 }
+INT8MM_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # the exact integer sum vs the simulation's fp32 (bf16) GEMM
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -151,13 +154,18 @@ def test_cpu_path_matches_reference(name, dtype, monkeypatch):
         assert packed.kernel_path.kind == kind, packed.kernel_path
         assert y1.dtype == dtype
         if kind == "cpu-dequant":
-            assert torch.equal(y1, sim(x1))  # activation-quantized: exactly the simulation
+            assert torch.equal(y1, sim(x1))  # the simulation's own operations
+        elif kind == "cpu-int8mm":
+            assert _rel(y1, sim(x1)) < INT8MM_TOL[dtype]  # same codes, exact integer sum
         else:
             assert _rel(y1, sim(x1)) < 1e-2  # bfloat16 arithmetic (input and output rounding, bf16 qparams)
-        x2 = _x(2, 9, 200, dtype=dtype)  # 18 rows > SMALL_M: on-the-fly dequantization, exact
+        x2 = _x(2, 9, 200, dtype=dtype)  # 18 rows > SMALL_M: weight-only ops hand over to exact dequantization
         y2 = packed(x2)
-        assert packed.kernel_path.kind == "cpu-dequant"
-        assert torch.equal(y2, sim(x2))
+        if kind == "cpu-int8mm":  # the int8 GEMM serves every size
+            assert packed.kernel_path.kind == "cpu-int8mm" and _rel(y2, sim(x2)) < INT8MM_TOL[dtype]
+        else:
+            assert packed.kernel_path.kind == "cpu-dequant"
+            assert torch.equal(y2, sim(x2))
     assert packed._cached is None  # no dequantized copy kept
 
 
@@ -167,6 +175,11 @@ def test_cpu_path_matches_reference(name, dtype, monkeypatch):
     (QuantScheme(weights=_w(4, 16, sym=False)), "multiple of 32"),
     (QuantScheme(weights=_w(8, sym=False)), "asymmetric 8-bit"),
     (QuantScheme(weights=_w(8, 32)), "group-wise 8-bit"),
+    (QuantScheme(weights=_w(8, sym=False), inputs=W8A8.inputs), "asymmetric channel weights under quantized activations"),
+    (QuantScheme(weights=_w(8), inputs=QuantArgs(bits=8, granularity="tensor", dynamic=True)),
+     "dynamic symmetric 8-bit tensor activations"),
+    (QuantScheme(weights=_w(8), inputs=QuantArgs(bits=8, granularity="token", dynamic=True, symmetric=False)),
+     "asymmetric 8-bit token activations"),
 ])
 def test_cpu_path_dequantizes_what_the_ops_do_not_fit(scheme, why, monkeypatch):
     sim = _sim(scheme, 128, 32)
@@ -462,8 +475,11 @@ def test_rotated_packed_linear_other_paths_apply_the_transform_first(name, backe
     monkeypatch.setenv("LMPRESS_KERNELS", backend)
     x = _x(2, 5, 160)
     with torch.no_grad():
-        assert torch.equal(mod(x), sim(T(x)))
-    assert mod.linear.kernel_path.kind == ("ref" if backend == "ref" else "cpu-dequant")
+        if backend == "ref":
+            assert torch.equal(mod(x), sim(T(x)))
+        else:  # the int8 GEMM: the same codes, the exact integer sum
+            assert _rel(mod(x), sim(T(x))) < INT8MM_TOL[torch.float32]
+    assert mod.linear.kernel_path.kind == ("ref" if backend == "ref" else "cpu-int8mm")
 
 
 TQ_CASES = [  # M, m, p, kind, bits, packed, clip, dtype
