@@ -143,7 +143,10 @@ def linear_int8mm(x2: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out
     then ``* s_w[n] * s_x[m]`` (+ bias) in fp32."""
     sx, zx = compute_qparams(x2, prep.inputs)  # (M, 1) fp32 each; zero points 0 (symmetric)
     q = quantize(x2, sx, zx, prep.inputs)  # (M, K) int8
-    y = _QLINEAR(q, 1.0, 0, prep.weight, prep.col_scale, prep.zero, None, 1.0, 0, torch.float32, "none", [], "")
+    # oneDNN's fast kernels take unsigned activations (signed int8 takes a reference loop, ~1000x slower
+    # here): q + 128 as uint8 is the byte q with its top bit flipped, and zero point 128 takes it back
+    u = q.view(torch.uint8).bitwise_xor_(128)
+    y = _QLINEAR(u, 1.0, 128, prep.weight, prep.col_scale, prep.zero, None, 1.0, 0, torch.float32, "none", [], "")
     y = y * sx
     if bias is not None:
         y = y + bias.float()
