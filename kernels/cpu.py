@@ -25,17 +25,24 @@ That is bfloat16 arithmetic (x rounded to bf16, one bf16 output rounding): close
 simulation, not bit-identical. SmolLM2-135M W4A16 g64: one-token logits ~2e-2 relative after
 30 layers, perplexity +0.13% on 16 x 512 wiki windows with the op forced on every row.
 
-Schemes that quantize activations per token (W8A8, W4A8, W4A4: symmetric 4/8-bit codes, symmetric
-per-channel or per-tensor 4/8-bit weights) take ``int8mm`` at every size: the activation codes
+Opt-in (``LMPRESS_INT8_GEMM=1``): schemes that quantize activations per token (W8A8, W4A8, W4A4:
+symmetric 4/8-bit codes, symmetric per-channel or per-tensor 4/8-bit weights) take ``int8mm`` at
+every size: the activation codes
 and scales exactly as the simulation computes them (`compute_qparams` / `quantize`), then oneDNN's
 int8 GEMM (``onednn.qlinear_pointwise`` on the weight codes prepacked once by
 ``onednn.qlinear_prepack``; int4 codes sit in int8 containers) with unit activation scale and
 zero point, so it returns ``fp32(sum_k qx_k qw_k) * s_w[n]``; the per-token scale follows. The
-integer sum is exact where the simulation sums fp32 products, so the two differ by fp32
-rounding only (not bit-identical: `tests/test_kernels.py` bounds it). Measured here on one
+integer sum is exact where the simulation sums fp32 products, so one layer differs from it by fp32
+rounding only (2e-7 relative); but across a model those differences flip codes of later layers'
+activations, and SmolLM2-135M w8a8-smoothquant-rtn moved +0.16% in perplexity (16 x 512 wiki
+windows, 18.219 -> 18.249), over the 0.1% an exact default path may move. So it is not the default:
+the simulation's fake-quant form is what compressed-tensors' own forward computes in stock
+transformers, and load() must agree with it. Measured here on one
 thread against an fp32 F.linear of the dequantized weight: 1 x 4096 x 11008 9.8 ms -> 1.0 ms,
 16 x 4096 x 4096 13.5 ms -> 0.8 ms, 512 x 576 x 1536 13.2 ms -> 1.2 ms, activation quantization
-included; ``torch._int_mm``, the other exact op, was 8-35x slower than fp32. The bf16 weight-only
+included; ``torch._int_mm``, the other exact op, was 8-35x slower than fp32. oneDNN runs signed
+int8 sources through a reference loop (5 s for 256 x 576 x 1536), so the codes go in as unsigned
+bytes with zero point 128. The bf16 weight-only
 ops stay off these schemes: codes rounded from bf16-perturbed inputs differ from the simulation's,
 and a 4-bit code that flips is a large error (un-rotated SmolLM2 W4A4 RTN: +8.6% perplexity).
 
@@ -45,8 +52,8 @@ F.linear runs in the model's dtype, which reproduces the simulation exactly. Tha
 above `SMALL_M` rows for weight-only schemes (prefill, perplexity: there the op loses to an fp32
 matmul anyway), and for 2- and 3-bit weights, group sizes that are not multiples of 32 (the op's
 groups must nest in ours), asymmetric or group-wise 8-bit weights, float16 activations, and
-activation schemes the int8 GEMM cannot express (group-wise or asymmetric weights, static or
-asymmetric activations).
+activation schemes by default, and those the int8 GEMM cannot express (group-wise or asymmetric
+weights, static or asymmetric activations).
 
 Nothing dequantized is kept between calls: a module holds its packed buffers plus, on the op
 paths, the repacked copy (int4: N*K/2 bytes; int8 and int8mm: N*K bytes).
@@ -54,6 +61,8 @@ paths, the repacked copy (int4: N*K/2 bytes; int8 and int8mm: N*K bytes).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +82,7 @@ FAST_DTYPES = (torch.float32, torch.bfloat16)
 # the C binding skips torch.ops' Python overload resolution (~5-10 us a call, ~200 calls a token)
 _INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or torch.ops.aten._weight_int4pack_mm_for_cpu
 _QLINEAR = getattr(getattr(torch.ops, "onednn", None), "qlinear_pointwise", None)  # x86 builds with oneDNN
+INT8MM_ENV = "LMPRESS_INT8_GEMM"  # "1": activation-quantized schemes take oneDNN's int8 GEMM (opt-in: not bit-identical)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -80,11 +90,14 @@ def _round_up(n: int, m: int) -> int:
 
 
 def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> tuple[str, str]:
-    """(kind, why): ``int8mm`` (activation-quantized schemes, any number of rows), ``int4pack`` /
+    """(kind, why): ``int8mm`` (activation-quantized schemes under `INT8MM_ENV`, any number of rows), ``int4pack`` /
     ``int8pack`` (torch's bf16 weight-only ops, up to `SMALL_M` rows; above it the caller takes
     ``dequant``), or ``dequant`` (exact: on-the-fly dequantization + F.linear) with the reason the
     ops do not fit."""
     if inputs is not None:
+        if os.environ.get(INT8MM_ENV, "") != "1":
+            return "dequant", (f"quantized activations: exact fake-quant + fp32 GEMM ({INT8MM_ENV}=1 opts into oneDNN's "
+                               "int8 GEMM: faster, not bit-identical)")
         why = int8mm_misfit(weights, inputs)
         return ("dequant", why) if why else ("int8mm", "")
     if x_dtype not in FAST_DTYPES:

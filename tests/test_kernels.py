@@ -132,12 +132,21 @@ CPU_SCHEMES = {  # name: (scheme, path for a few rows)
     "W4A16-g128-partial": (W4A16, "cpu-int4pack"),  # N and K padded for the op
     "W4-channel-asym": (QuantScheme(weights=_w(4, sym=False)), "cpu-int4pack"),
     "W8A16": (QuantScheme(weights=_w(8)), "cpu-int8pack"),
+    "W4A8": (W4A8, "cpu-dequant"),
+    "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-dequant"),
+    "W8A8": (W8A8, "cpu-dequant"),
+}
+INT8MM_SCHEMES = {  # LMPRESS_INT8_GEMM=1: name -> (scheme, path at every size)
     "W4A8": (W4A8, "cpu-int8mm"),
     "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-int8mm"),
     "W8A8": (W8A8, "cpu-int8mm"),  # full_range activations (/127.5)
     "W8A8-tensor-weights": (QuantScheme(weights=_w(8, gran="tensor"), inputs=W8A8.inputs), "cpu-int8mm"),
-    "W4A4-g64": (QuantScheme(weights=_w(4, 64), inputs=W4A4.inputs), "cpu-dequant"),
+    "W4A4-g64": (QuantScheme(weights=_w(4, 64), inputs=W4A4.inputs), "cpu-dequant"),  # group scales do not factor out
+    "W8A8-asym-weights": (QuantScheme(weights=_w(8, sym=False), inputs=W8A8.inputs), "cpu-dequant"),
+    "W8-asym-A8": (QuantScheme(weights=_w(8), inputs=QuantArgs(bits=8, granularity="token", dynamic=True, symmetric=False)),
+                   "cpu-dequant"),
 }
+INT8MM_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # the exact integer sum vs the simulation's fp32 (bf16) GEMM
 INT8MM_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # the exact integer sum vs the simulation's fp32 (bf16) GEMM
 
 
@@ -154,18 +163,34 @@ def test_cpu_path_matches_reference(name, dtype, monkeypatch):
         assert packed.kernel_path.kind == kind, packed.kernel_path
         assert y1.dtype == dtype
         if kind == "cpu-dequant":
-            assert torch.equal(y1, sim(x1))  # the simulation's own operations
-        elif kind == "cpu-int8mm":
-            assert _rel(y1, sim(x1)) < INT8MM_TOL[dtype]  # same codes, exact integer sum
+            assert torch.equal(y1, sim(x1))  # activation-quantized: exactly the simulation
         else:
             assert _rel(y1, sim(x1)) < 1e-2  # bfloat16 arithmetic (input and output rounding, bf16 qparams)
-        x2 = _x(2, 9, 200, dtype=dtype)  # 18 rows > SMALL_M: weight-only ops hand over to exact dequantization
+        x2 = _x(2, 9, 200, dtype=dtype)  # 18 rows > SMALL_M: on-the-fly dequantization, exact
         y2 = packed(x2)
-        if kind == "cpu-int8mm":  # the int8 GEMM serves every size
-            assert packed.kernel_path.kind == "cpu-int8mm" and _rel(y2, sim(x2)) < INT8MM_TOL[dtype]
-        else:
-            assert packed.kernel_path.kind == "cpu-dequant"
-            assert torch.equal(y2, sim(x2))
+        assert packed.kernel_path.kind == "cpu-dequant"
+        assert torch.equal(y2, sim(x2))
+    assert packed._cached is None  # no dequantized copy kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(INT8MM_SCHEMES))
+def test_int8_gemm_opt_in_matches_the_simulation_to_rounding(name, dtype, monkeypatch):
+    """LMPRESS_INT8_GEMM=1: oneDNN's int8 GEMM on the simulation's own codes, at every size; the exact
+    integer sum differs from the simulation's fp32 (bf16) GEMM by rounding only."""
+    scheme, kind = INT8MM_SCHEMES[name]
+    sim = _sim(scheme, 200, 40, dtype=dtype)
+    packed = PackedLinear.from_sim(sim)
+    monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
+    monkeypatch.setenv(cpu.INT8MM_ENV, "1")
+    with torch.no_grad():
+        for x in (_x(3, 200, dtype=dtype), _x(2, 9, 200, dtype=dtype)):  # decode and > SMALL_M rows
+            y = packed(x)
+            assert packed.kernel_path.kind == kind and y.dtype == dtype
+            if kind == "cpu-dequant":
+                assert torch.equal(y, sim(x)) and "the int8 GEMM takes" in packed.kernel_path.reason
+            else:
+                assert _rel(y, sim(x)) < INT8MM_TOL[dtype]
     assert packed._cached is None  # no dequantized copy kept
 
 
@@ -175,11 +200,7 @@ def test_cpu_path_matches_reference(name, dtype, monkeypatch):
     (QuantScheme(weights=_w(4, 16, sym=False)), "multiple of 32"),
     (QuantScheme(weights=_w(8, sym=False)), "asymmetric 8-bit"),
     (QuantScheme(weights=_w(8, 32)), "group-wise 8-bit"),
-    (QuantScheme(weights=_w(8, sym=False), inputs=W8A8.inputs), "asymmetric channel weights under quantized activations"),
-    (QuantScheme(weights=_w(8), inputs=QuantArgs(bits=8, granularity="tensor", dynamic=True)),
-     "dynamic symmetric 8-bit tensor activations"),
-    (QuantScheme(weights=_w(8), inputs=QuantArgs(bits=8, granularity="token", dynamic=True, symmetric=False)),
-     "asymmetric 8-bit token activations"),
+    (QuantScheme(weights=_w(8), inputs=W8A8.inputs), "LMPRESS_INT8_GEMM=1 opts into"),
 ])
 def test_cpu_path_dequantizes_what_the_ops_do_not_fit(scheme, why, monkeypatch):
     sim = _sim(scheme, 128, 32)
@@ -475,11 +496,8 @@ def test_rotated_packed_linear_other_paths_apply_the_transform_first(name, backe
     monkeypatch.setenv("LMPRESS_KERNELS", backend)
     x = _x(2, 5, 160)
     with torch.no_grad():
-        if backend == "ref":
-            assert torch.equal(mod(x), sim(T(x)))
-        else:  # the int8 GEMM: the same codes, the exact integer sum
-            assert _rel(mod(x), sim(T(x))) < INT8MM_TOL[torch.float32]
-    assert mod.linear.kernel_path.kind == ("ref" if backend == "ref" else "cpu-int8mm")
+        assert torch.equal(mod(x), sim(T(x)))
+    assert mod.linear.kernel_path.kind == ("ref" if backend == "ref" else "cpu-dequant")
 
 
 TQ_CASES = [  # M, m, p, kind, bits, packed, clip, dtype
