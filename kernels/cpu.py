@@ -27,24 +27,23 @@ simulation, not bit-identical. SmolLM2-135M W4A16 g64: one-token logits ~2e-2 re
 
 Opt-in (``LMPRESS_INT8_GEMM=1``): schemes that quantize activations per token (W8A8, W4A8, W4A4:
 symmetric 4/8-bit codes, symmetric per-channel or per-tensor 4/8-bit weights) take ``int8mm`` at
-every size: the activation codes
-and scales exactly as the simulation computes them (`compute_qparams` / `quantize`), then oneDNN's
-int8 GEMM (``onednn.qlinear_pointwise`` on the weight codes prepacked once by
-``onednn.qlinear_prepack``; int4 codes sit in int8 containers) with unit activation scale and
-zero point, so it returns ``fp32(sum_k qx_k qw_k) * s_w[n]``; the per-token scale follows. The
-integer sum is exact where the simulation sums fp32 products, so one layer differs from it by fp32
-rounding only (2e-7 relative); but across a model those differences flip codes of later layers'
-activations, and SmolLM2-135M w8a8-smoothquant-rtn moved +0.16% in perplexity (16 x 512 wiki
-windows, 18.219 -> 18.249), over the 0.1% an exact default path may move. So it is not the default:
-the simulation's fake-quant form is what compressed-tensors' own forward computes in stock
-transformers, and load() must agree with it. Measured here on one
-thread against an fp32 F.linear of the dequantized weight: 1 x 4096 x 11008 9.8 ms -> 1.0 ms,
-16 x 4096 x 4096 13.5 ms -> 0.8 ms, 512 x 576 x 1536 13.2 ms -> 1.2 ms, activation quantization
-included; ``torch._int_mm``, the other exact op, was 8-35x slower than fp32. oneDNN runs signed
-int8 sources through a reference loop (5 s for 256 x 576 x 1536), so the codes go in as unsigned
-bytes with zero point 128. The bf16 weight-only
-ops stay off these schemes: codes rounded from bf16-perturbed inputs differ from the simulation's,
-and a 4-bit code that flips is a large error (un-rotated SmolLM2 W4A4 RTN: +8.6% perplexity).
+every size: the activation codes and scales exactly as the simulation computes them
+(`compute_qparams` / `quantize`), then oneDNN's int8 GEMM (``onednn.qlinear_pointwise`` on the
+weight codes prepacked once by ``onednn.qlinear_prepack``; int4 codes sit in int8 containers) with
+unit activation scale and zero point, so it returns ``fp32(sum_k qx_k qw_k) * s_w[n]``; the
+per-token scale follows. The integer sum is exact where the simulation sums fp32 products, so one
+layer differs from it by fp32 rounding only (2e-7 relative); but across a model those differences
+flip codes of later layers' activations, and SmolLM2-135M w8a8-smoothquant-rtn moved +0.16% in
+perplexity (16 x 512 wiki windows, 18.219 -> 18.249), over the 0.1% an exact default path may move.
+So it is not the default: the simulation's fake-quant form is what compressed-tensors' own forward
+computes in stock transformers, and load() must agree with it. Measured here on one thread against
+an fp32 F.linear of the dequantized weight: 1 x 4096 x 11008 9.8 ms -> 1.0 ms, 16 x 4096 x 4096 13.5
+ms -> 0.8 ms, 512 x 576 x 1536 13.2 ms -> 1.2 ms, activation quantization included;
+``torch._int_mm``, the other exact op, was 8-35x slower than fp32. oneDNN runs signed int8 sources
+through a reference loop (5 s for 256 x 576 x 1536), so the codes go in as unsigned bytes with zero
+point 128. The bf16 weight-only ops stay off these schemes: codes rounded from bf16-perturbed inputs
+differ from the simulation's, and a 4-bit code that flips is a large error (un-rotated SmolLM2 W4A4
+RTN: +8.6% perplexity).
 
 Everything else takes ``dequant``: the weight is dequantized on the fly (`dequantize_fast`,
 bit-identical to `dequantize`), activations are fake-quantized by the torch reference, and
@@ -60,9 +59,8 @@ paths, the repacked copy (int4: N*K/2 bytes; int8 and int8mm: N*K bytes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

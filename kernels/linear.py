@@ -15,8 +15,8 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
 - CPU -> `lmpress.kernels.cpu`, for layers of at least `cpu.MIN_FAST_WEIGHTS` weights under
   ``auto`` (smaller ones take the cached reference): with ``LMPRESS_INT8_GEMM=1``, per-token
   activation schemes with symmetric per-channel 4/8-bit weights run oneDNN's int8 GEMM on the
-  codes (`cpu-int8mm`, every size; not bit-identical); weight-only 4/8-bit schemes run torch's int4/int8 ops in bfloat16 on a repacked copy for up to
-  `cpu.SMALL_M` rows (decode); larger calls and whatever the ops cannot serve dequantize on the
+  codes (`cpu-int8mm`, every size; not bit-identical); weight-only 4/8-bit schemes run torch's
+  int4/int8 ops in bfloat16 on a repacked copy for up to `cpu.SMALL_M` rows (decode); larger calls and whatever the ops cannot serve dequantize on the
   fly and run F.linear (exact, nothing kept).
 - the reference (``LMPRESS_KERNELS=ref``, small layers under ``auto``, autograd, and Triton's
   fallbacks): unpack + dequantize + F.linear,

@@ -147,7 +147,6 @@ INT8MM_SCHEMES = {  # LMPRESS_INT8_GEMM=1: name -> (scheme, path at every size)
                    "cpu-dequant"),
 }
 INT8MM_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # the exact integer sum vs the simulation's fp32 (bf16) GEMM
-INT8MM_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # the exact integer sum vs the simulation's fp32 (bf16) GEMM
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
