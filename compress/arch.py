@@ -53,6 +53,26 @@ class ArchMap:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
+    @property
+    def attention(self) -> str:
+        """The attention module inside a decoder layer (q_proj's parent), e.g. "self_attn"."""
+        return self.q_proj.rpartition(".")[0]
+
+    def head_dim(self, layer: nn.Module, config) -> int:
+        """Head size of a decoder layer's attention (its `head_dim`, else hidden / heads)."""
+        return getattr(layer.get_submodule(self.attention), "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def layer_of(self, fqn: str, n_layers: int | None = None) -> tuple[int | None, str]:
+        """(decoder layer index, path inside that layer) of a module name, or (None, fqn) for a
+        module outside the decoder layers (or past `n_layers`)."""
+        prefix = self.layers + "."
+        if not fqn.startswith(prefix):
+            return None, fqn
+        idx, _, rel = fqn[len(prefix):].partition(".")
+        if not idx.isdigit() or (n_layers is not None and int(idx) >= n_layers):
+            return None, fqn
+        return int(idx), rel
+
 
 LLAMA = ArchMap(architectures=("LlamaForCausalLM",), model_types=("llama",))
 MISTRAL = ArchMap(architectures=("MistralForCausalLM",), model_types=("mistral",))

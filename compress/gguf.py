@@ -272,7 +272,7 @@ def quantize_model(model: nn.Module, types: dict[str, str], calib=None, method: 
                 later = [rel for g in groups[gi + 1:] for rel in g]  # cannot reach this input: zero stubs
                 fqn = {r: prefix + r for r in group}
                 reads = arch.v_proj in group and calib_reads
-                attn = step.layer.get_submodule(arch.v_proj.rpartition(".")[0]) if reads else None
+                attn = step.layer.get_submodule(arch.attention) if reads else None
                 with stubbed(step.layer, later), capture_input_stats({group[0]: modules[group[0]]}, norms=False) as stats, \
                         (read_weighted_hessian(attn, modules[arch.v_proj]) if reads else _no_hessian()) as Hv:
                     step.forward()

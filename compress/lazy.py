@@ -42,11 +42,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmpress.calibration.layerwise import Batch, LayerStep, LayerwiseRunner
-from lmpress.kernels.online import OnlineHadamard, RotatedInput
-from lmpress.quant.gptq import gptq_quantize_shared
-from lmpress.quant.primitives import quant_error
-from lmpress.quant.rotate import Rotation, _Fused, fuse_input_transform, rotation_matrix, sub_seed
-from lmpress.quant.rtn import rtn_quantize
+from lmpress.kernels.online import RotatedInput
+from lmpress.quant.rotate import Rotation, fusable, fuse_layer_norms, place_online, rotate_layer, sub_seed
 
 from . import ct_format
 from .arch import arch_for
@@ -56,9 +53,10 @@ from .recipe import Recipe
 from .report import Report
 from .resume import RunState, fingerprint
 from .stage import Context
-from .stages.gptq import GPTQ, collect_hessians
+from .stages.gptq import GPTQ, RTN_FALLBACK
 from .stages.kv_cache import KVCache
 from .stages.rotate import record_rotation
+from .stages.rtn import rtn_modules
 from .stream_save import finalize, shard_name, write_shard
 from .surgery import set_module, to_sim, untie_embeddings
 
@@ -217,68 +215,7 @@ class Activations:
         save_file({"h": t.contiguous()}, str(folder / f"b{j:05d}.safetensors"))
 
 
-# --------------------------------------------------------------------------- per-layer transforms
-
-
-def _inner(m: nn.Module) -> nn.Module:
-    return m.linear if isinstance(m, RotatedInput) else m
-
-
-@torch.no_grad()
-def fuse_layer_norms(layer: nn.Module, arch) -> int:
-    """`quant.rotate.fuse_norms` for one decoder layer: W ← W diag(w), w ← 1 (float64)."""
-    folded = 0
-    for norm_path, readers in arch.norm_readers.items():
-        w = layer.get_submodule(norm_path).weight
-        if bool((w == 1).all()):
-            continue
-        w64 = w.detach().to(torch.float64)
-        for r in readers:
-            lin = _inner(layer.get_submodule(r))
-            lin.weight.copy_((lin.weight.detach().to(torch.float64) * w64[None, :]).to(lin.weight.dtype))
-        w.fill_(1.0)
-        folded += 1
-    return folded
-
-
-@torch.no_grad()
-def rotate_layer(layer: nn.Module, i: int, arch, config, rot, R1: Rotation, device) -> list[int]:
-    """The body of `quant.rotate.rotate_model` for decoder layer `i` (R1, R2, fusing the online
-    input transforms whose `RotatedInput` wrappers are already in place). Returns the R2 seeds."""
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    lin = {p: _inner(layer.get_submodule(getattr(arch, p))) for p in
-           ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj")}
-    work = _Fused()
-    for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-        work.set(lin[p].weight, R1.right(work.get(lin[p].weight)))
-    for p in ("o_proj", "down_proj"):
-        w = lin[p]
-        work.set(w.weight, R1.left_t(work.get(w.weight)))
-        if w.bias is not None:
-            work.set(w.bias, R1.right(work.get(w.bias)))
-    attn = layer.get_submodule(arch.q_proj.rpartition(".")[0])
-    head_dim = getattr(attn, "head_dim", None) or config.hidden_size // n_heads
-    seeds: list[int] = []
-    v, o = lin["v_proj"], lin["o_proj"]
-    if rot.r2:
-        seeds = [sub_seed(rot.seed, "r2", i, h) for h in range(n_kv)]
-        R2s = torch.stack([rotation_matrix(head_dim, rot.kind, s2) for s2 in seeds]).to(device)  # (kv heads, d, d)
-        Wv = work.get(v.weight).reshape(n_kv, head_dim, -1)  # (kv heads, d, hidden)
-        work.set(v.weight, torch.matmul(R2s.transpose(1, 2), Wv).reshape(n_kv * head_dim, -1))
-        if v.bias is not None:
-            bv = work.get(v.bias).reshape(n_kv, 1, head_dim)
-            work.set(v.bias, torch.matmul(bv, R2s).reshape(-1))
-        R2q = R2s.repeat_interleave(n_heads // n_kv, dim=0)  # (heads, d, d)
-        Wo = work.get(o.weight).reshape(-1, n_heads, head_dim).transpose(0, 1)  # (heads, hidden, d)
-        work.set(o.weight, torch.matmul(Wo, R2q).transpose(0, 1).reshape(-1, n_heads * head_dim))
-    for path in (arch.down_proj, arch.o_proj):
-        wrapper = layer.get_submodule(path)
-        if isinstance(wrapper, RotatedInput):  # W ← W H: the input arrives as x H
-            mod = wrapper.linear
-            work.set(mod.weight, fuse_input_transform(work.get(mod.weight), wrapper.transform))
-    work.commit()
-    return seeds
+# --------------------------------------------------------------------------- embeddings and head
 
 
 @torch.no_grad()
@@ -291,64 +228,6 @@ def _rotate_rows(W: torch.Tensor, R1: Rotation | None, gain: torch.Tensor | None
             rows.copy_((rows.to(torch.float64) * gain.to(torch.float64)[None, :]).to(W.dtype))
         if R1 is not None:
             rows.copy_(R1.right(rows.to(torch.float64)).to(W.dtype))
-
-
-# --------------------------------------------------------------------------- per-layer quantizers
-
-
-def _rtn_layer(model: nn.Module, ctx, fqns: list[str]) -> None:
-    """Stage `rtn` restricted to `fqns` (same maths and report entries)."""
-    for fqn in fqns:
-        sim = model.get_submodule(fqn)
-        scheme = sim.scheme
-        if scheme.weights is None or sim.quantized:
-            continue
-        W = sim.weight.detach().clone()
-        q, scale, zero = rtn_quantize(W.float(), scheme.weights)
-        sim.set_quantized(q, scale, zero)
-        ctx.report.record_module(fqn, scheme=scheme.name, method="rtn", **quant_error(W, sim.weight))
-
-
-def _gptq_layer(stage: GPTQ, step: LayerStep, ctx, mine: dict, dist) -> None:
-    """Stage `gptq` for one layer (its `_walk` body), with the solves shared out when `dist`."""
-    groups = ctx.arch.sequential_groups
-    if stage.true_sequential:
-        for gi, group in enumerate(groups):
-            targets = [rel for rel in group if rel in mine]
-            if targets:
-                later = [rel for g in groups[gi + 1:] for rel in g]
-                _collect_and_quantize(stage, step, ctx, mine, targets, later, dist)
-    else:
-        targets = [rel for group in groups for rel in group if rel in mine]
-        _collect_and_quantize(stage, step, ctx, mine, targets, [], dist)
-
-
-def _collect_and_quantize(stage: GPTQ, step: LayerStep, ctx, mine: dict, targets: list[str], later: list[str], dist) -> None:
-    """`GPTQ._collect_and_quantize`: one Hessian per distinct input, one solve per (input,
-    weight scheme); solve u runs on rank `u % world` and is broadcast from there."""
-    sims, by_input, stats = collect_hessians(step, ctx, targets, later)
-    units = []  # (H, args, rels solved together)
-    for rels in by_input.values():
-        H = stats[rels[0]].hessian
-        by_args: dict[object, list[str]] = {}
-        for rel in rels:
-            by_args.setdefault(sims[rel].scheme.weights, []).append(rel)
-        units += [(H, args, same) for args, same in by_args.items()]
-    results, seconds = {}, {}
-    for u, (H, args, same) in enumerate(units):
-        if dist is None or dist.owns(u):
-            t1 = time.perf_counter()
-            Ws = [sims[rel].weight.detach().float() for rel in same]
-            results[u] = gptq_quantize_shared(Ws, H, args, block_size=stage.block_size, damp=stage.damp,
-                                              act_order=stage.act_order, static_groups=stage.act_order)
-            seconds[u] = (time.perf_counter() - t1) / len(same)
-    if dist is not None:
-        for u in range(len(units)):
-            results[u], seconds[u] = dist.broadcast_object((results.get(u), seconds.get(u)), src=dist.owner(u))
-    for u, (H, args, same) in enumerate(units):
-        for rel, (q, scale, zero, st) in zip(same, results[u]):
-            W = sims[rel].weight.detach().float()
-            stage._install(ctx, sims[rel], mine[rel][0], W, H, q, scale, zero, st, seconds[u])
 
 
 # --------------------------------------------------------------------------- the driver
@@ -412,31 +291,11 @@ def compress_lazy(
     R1 = None
     if rot is not None:
         R1 = Rotation(cfg.hidden_size, rot.kind, rot.seed, device=device)
-        summary: dict[str, Any] = {"r1": R1.spec(), "r2": None, "online": [], "wrapped": []}
-        qk = {}
-        for i, layer in enumerate(layers):
-            prefix = f"{arch0.layers}.{i}"
-            for key, path, tag in (("down_proj", arch0.down_proj, "r4"), ("o_proj", arch0.o_proj, "ro")):
-                if key in rot.online:
-                    lin = layer.get_submodule(path)
-                    T = OnlineHadamard(lin.in_features, sub_seed(rot.seed, tag, i))
-                    set_module(layer, path, RotatedInput(T, lin))
-                    summary["online"].append({"where": f"{prefix}.{path}", "apply": "input", **T.spec()})
-                    summary["wrapped"].append(f"{prefix}.{path}")
-            if "qk" in rot.online:
-                attn = layer.get_submodule(arch0.q_proj.rpartition(".")[0])
-                head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-                qk[i] = OnlineHadamard(head_dim, sub_seed(rot.seed, "r3", i))
-                summary["online"].append({"where": f"{prefix}.{arch0.q_proj.rpartition('.')[0]}", "apply": "qk", **qk[i].spec()})
+        summary: dict[str, Any] = {"r1": R1.spec(), "r2": None, **place_online(model, arch0, rot.seed, rot.online)}
         if rot.r2:
             n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            attn = layers[0].get_submodule(arch0.q_proj.rpartition(".")[0])
-            summary["r2"] = {"kind": rot.kind, "size": getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            summary["r2"] = {"kind": rot.kind, "size": arch0.head_dim(layers[0], cfg),
                              "seeds": [[sub_seed(rot.seed, "r2", i, h) for h in range(n_kv)] for i in range(n)]}
-        if qk:
-            from lmpress.quant.attention import attach_attention
-
-            attach_attention(model, arch0, qk=qk)
         record_rotation(ctx, summary, rot.online)  # renames plan entries / ctx.arch for the wrapped linears
     if "kv_cache" in names:
         KVCache().apply(model, ctx)
@@ -465,7 +324,7 @@ def compress_lazy(
     from accelerate.utils import set_module_tensor_to_device
 
     embed_key = f"{arch0.embed}.weight"
-    head, embed = _inner(model.get_submodule(arch0.lm_head)), model.get_submodule(arch0.embed)
+    head, embed = fusable(model.get_submodule(arch0.lm_head), arch0.lm_head), model.get_submodule(arch0.embed)
     tied = head.weight is embed.weight
     for nm, _ in rest:
         key = nm if nm in reader or nm != f"{arch0.lm_head}.weight" else embed_key  # tied checkpoints store the head once
@@ -483,12 +342,8 @@ def compress_lazy(
         _rotate_rows(head.weight.data, R1cpu, None)
     outside = [f for f in ctx.plan if not f.startswith(layers_prefix)]
     first_q = next((s.name for s in recipe.stages if s.name in QUANTIZERS), None)
-    for fqn in outside:  # no layer inputs to calibrate on: RTN (stage gptq's own fallback note when it is first)
-        sim = model.get_submodule(fqn)
-        if first_q == "gptq" and sim.scheme.weights is not None and not sim.quantized:
-            GPTQ._rtn(model, ctx, fqn, sim.scheme)
-        elif first_q is not None:
-            _rtn_layer(model, ctx, [fqn])
+    if first_q is not None:  # no layer inputs to calibrate on: RTN (with stage gptq's fallback note when it is first)
+        rtn_modules(model, ctx, outside, note=RTN_FALLBACK if first_q == "gptq" else None)
     batches = None
     runner = None
     if gptq is not None:
@@ -526,7 +381,6 @@ def compress_lazy(
         kwargs = [b.kwargs for b in batches]
         log.info("lazy: %d calibration batches, %.1f MiB of activations (%s)", nb, act_bytes / 2**20,
                  "in memory" if keep else f"spilled to {state.work}")
-    known = set(arch.linears)
     start = state.done
     for i in range(start, n):
         t0 = time.perf_counter()
@@ -537,9 +391,9 @@ def compress_lazy(
         materialize(layer, prefix, reader, device, dtype, rename)
         layer.to(device)  # the online transforms' small buffers follow the weights
         if fuse:
-            fuse_layer_norms(layer, arch0)
+            fuse_layer_norms(layer, arch0, prefix)
         if rot is not None:
-            rotate_layer(layer, i, arch0, cfg, rot, R1, device)
+            rotate_layer(layer, i, arch0, cfg, R1, rot.kind, rot.seed, rot.r2)
         mine_fqns = [f for f in ctx.plan if f.startswith(prefix)]
         step = None
         if batches is not None:
@@ -553,21 +407,12 @@ def compress_lazy(
             step = LayerStep(index=i, name=f"{arch0.layers}.{i}", layer=layer, inputs=acts.mem or [], _run=run_all)
         for s in recipe.stages:
             if s.name == "rtn":
-                _rtn_layer(model, ctx, mine_fqns)
+                rtn_modules(model, ctx, mine_fqns)
             elif s.name == "gptq":
-                mine = {}
-                for fqn in mine_fqns:
-                    sim = model.get_submodule(fqn)
-                    rel = fqn[len(prefix):]
-                    if sim.scheme.weights is not None and not sim.quantized and rel in known:
-                        mine[rel] = (fqn, sim.scheme)
-                if mine:
-                    _gptq_layer(s, step, ctx, mine, dist)
-                _rtn_fallback = [f for f in mine_fqns if f[len(prefix):] not in known]
-                for fqn in _rtn_fallback:
-                    sim = model.get_submodule(fqn)
-                    if sim.scheme.weights is not None and not sim.quantized:
-                        GPTQ._rtn(model, ctx, fqn, sim.scheme)
+                todo, fallback = s.targets(model, ctx, n, mine_fqns)
+                if todo:
+                    s.quantize_layer(step, ctx, todo[i], dist)
+                rtn_modules(model, ctx, fallback, note=RTN_FALLBACK)
         tensors, modules, _ = _packed_state(layer)
         tensors = {prefix + k: v for k, v in tensors.items()}
         modules = {prefix + k: v for k, v in modules.items()}

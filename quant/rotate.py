@@ -121,6 +121,15 @@ def _plain_linear(module: nn.Module, where: str) -> nn.Linear:
     return module
 
 
+def fusable(module: nn.Module, where: str) -> nn.Module:
+    """The module whose `weight` an offline transform is fused into: the linear itself, or the one
+    inside a `RotatedInput` placed for this rotation; one holding quantized codes is refused."""
+    inner = module.linear if isinstance(module, RotatedInput) else module
+    if getattr(inner, "quantized", False):
+        raise TypeError(f"{where} is already quantized; norm fusion and rotations must come before rtn/gptq")
+    return inner
+
+
 class _Fused:
     """float64 working copies of some weights; `commit()` casts them back in place."""
 
@@ -168,6 +177,28 @@ def _norm_weight(norm: nn.Module, where: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _fold_gain(norm: nn.Module, readers: list[nn.Module], where: str) -> bool:
+    """W ← W diag(w) for every reader, then w ← 1 (float64). False when w is already 1."""
+    w = _norm_weight(norm, where)
+    if bool((w == 1).all()):
+        return False
+    w64 = w.detach().to(torch.float64)
+    for lin in readers:
+        lin.weight.copy_((lin.weight.detach().to(torch.float64) * w64[None, :]).to(lin.weight.dtype))
+    w.fill_(1.0)
+    return True
+
+
+def fuse_layer_norms(layer: nn.Module, arch, prefix: str = "") -> list[str]:
+    """Fold one decoder layer's norm gains into the linears that read them (`arch.norm_readers`);
+    returns the folded norms' names (`prefix` + path). The per-layer body of `fuse_norms`, also run
+    by the larger-than-memory path on each layer as it is read."""
+    return [prefix + norm_path for norm_path, readers in arch.norm_readers.items()
+            if _fold_gain(layer.get_submodule(norm_path), [fusable(layer.get_submodule(r), prefix + r) for r in readers],
+                          prefix + norm_path)]
+
+
+@torch.no_grad()
 def fuse_norms(model: nn.Module, arch) -> list[str]:
     """Fold every RMSNorm gain into the linears that read it (`arch.norm_readers` per layer,
     the final norm into lm_head) and set the gains to 1. Returns the names of the norms that
@@ -177,24 +208,16 @@ def fuse_norms(model: nn.Module, arch) -> list[str]:
             "lm_head shares its weight with the embeddings; untie them first "
             "(lmpress.compress.surgery.untie_embeddings) so folding the final norm does not change the embeddings"
         )
-    groups: list[tuple[str, nn.Module, list[tuple[str, nn.Linear]]]] = []
-    for i, layer in enumerate(arch.decoder_layers(model)):
-        prefix = f"{arch.layers}.{i}"
+    layers = arch.decoder_layers(model)
+    for i, layer in enumerate(layers):  # every module checked before anything changes
         for norm_path, readers in arch.norm_readers.items():
-            lins = [(f"{prefix}.{r}", _plain_linear(layer.get_submodule(r), f"{prefix}.{r}")) for r in readers]
-            groups.append((f"{prefix}.{norm_path}", layer.get_submodule(norm_path), lins))
+            _norm_weight(layer.get_submodule(norm_path), f"{arch.layers}.{i}.{norm_path}")
+            for r in readers:
+                _plain_linear(layer.get_submodule(r), f"{arch.layers}.{i}.{r}")
     head = _plain_linear(model.get_submodule(arch.lm_head), arch.lm_head)
-    groups.append((arch.final_norm, model.get_submodule(arch.final_norm), [(arch.lm_head, head)]))
-    folded = []
-    for name, norm, lins in groups:
-        w = _norm_weight(norm, name)
-        if bool((w == 1).all()):
-            continue
-        w64 = w.detach().to(torch.float64)
-        for _, lin in lins:
-            lin.weight.copy_((lin.weight.detach().to(torch.float64) * w64[None, :]).to(lin.weight.dtype))
-        w.fill_(1.0)
-        folded.append(name)
+    folded = [name for i, layer in enumerate(layers) for name in fuse_layer_norms(layer, arch, f"{arch.layers}.{i}.")]
+    if _fold_gain(model.get_submodule(arch.final_norm), [head], arch.final_norm):
+        folded.append(arch.final_norm)
     return folded
 
 
@@ -209,6 +232,85 @@ def norms_fused(model: nn.Module, arch) -> bool:
 
 
 # --------------------------------------------------------------------------- rotations
+
+INPUT_TRANSFORMS = (("down_proj", "r4"), ("o_proj", "ro"))  # online input transforms: (arch field, seed tag)
+
+
+def place_online(model: nn.Module, arch, seed: int, online: Iterable[str], device=None) -> dict[str, Any]:
+    """The structural half of `rotate_model`: wrap down_proj / o_proj of every layer in a
+    `RotatedInput` with its seeded online Hadamard (R4, the o_proj transform) and attach the Q/K
+    Hadamard (R3) to the attention, as `online` asks. Works on a meta-device skeleton (the
+    larger-than-memory path places them before any weight is read). Returns the summary's
+    {"online": [...], "wrapped": [...]}."""
+    from .attention import attach_attention  # registers the "lmpress" attention function
+
+    out: dict[str, Any] = {"online": [], "wrapped": []}
+    qk: dict[int, OnlineHadamard] = {}
+    for i, layer in enumerate(arch.decoder_layers(model)):
+        prefix = f"{arch.layers}.{i}"
+        for key, tag in INPUT_TRANSFORMS:
+            if key in online:
+                path = getattr(arch, key)
+                lin = layer.get_submodule(path)
+                T = OnlineHadamard(lin.in_features, sub_seed(seed, tag, i)).to(device)
+                parent_path, _, child = path.rpartition(".")
+                setattr(layer.get_submodule(parent_path) if parent_path else layer, child, RotatedInput(T, lin))
+                out["online"].append({"where": f"{prefix}.{path}", "apply": "input", **T.spec()})
+                out["wrapped"].append(f"{prefix}.{path}")
+        if "qk" in online:
+            qk[i] = OnlineHadamard(arch.head_dim(layer, model.config), sub_seed(seed, "r3", i)).to(device)
+            out["online"].append({"where": f"{prefix}.{arch.attention}", "apply": "qk", **qk[i].spec()})
+    if qk:
+        attach_attention(model, arch, qk=qk)
+    return out
+
+
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, i: int, arch, config, R1: Rotation, kind: str = "hadamard", seed: int = 0,
+                 r2: bool = True, r2_matrix: torch.Tensor | None = None) -> list[int]:
+    """Fuse R1, R2 and the already placed online input transforms (`place_online`) into decoder
+    layer `i`'s weights (float64, cast back once). The per-layer body of `rotate_model`, also run
+    by the larger-than-memory path on each layer as it is read. Returns the R2 seeds (one per KV
+    head; empty without R2)."""
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    prefix = f"{arch.layers}.{i}."
+
+    def lin(path: str) -> nn.Module:
+        return fusable(layer.get_submodule(path), prefix + path)
+
+    o, down, v = lin(arch.o_proj), lin(arch.down_proj), lin(arch.v_proj)
+    device = v.weight.device
+    work = _Fused()
+    for r in [lin(p) for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.gate_proj, arch.up_proj)]:
+        work.set(r.weight, R1.right(work.get(r.weight)))
+    for w in (o, down):
+        work.set(w.weight, R1.left_t(work.get(w.weight)))
+        if w.bias is not None:
+            work.set(w.bias, R1.right(work.get(w.bias)))
+    head_dim = arch.head_dim(layer, config)
+    seeds: list[int] = []
+    if r2:
+        seeds = [sub_seed(seed, "r2", i, h) for h in range(n_kv)]
+        if r2_matrix is not None:
+            R2s = r2_matrix.detach().to(device, torch.float64).expand(n_kv, head_dim, head_dim)  # (kv heads, d, d)
+        else:
+            R2s = torch.stack([rotation_matrix(head_dim, kind, s2) for s2 in seeds]).to(device)  # (kv heads, d, d)
+        Wv = work.get(v.weight).reshape(n_kv, head_dim, -1)  # (kv heads, d, hidden)
+        work.set(v.weight, torch.matmul(R2s.transpose(1, 2), Wv).reshape(n_kv * head_dim, -1))
+        if v.bias is not None:
+            bv = work.get(v.bias).reshape(n_kv, 1, head_dim)
+            work.set(v.bias, torch.matmul(bv, R2s).reshape(-1))
+        R2q = R2s.repeat_interleave(n_heads // n_kv, dim=0)  # (heads, d, d): query head j uses KV head j // groups
+        Wo = work.get(o.weight).reshape(-1, n_heads, head_dim).transpose(0, 1)  # (heads, hidden, d)
+        work.set(o.weight, torch.matmul(Wo, R2q).transpose(0, 1).reshape(-1, n_heads * head_dim))
+    for key, _ in INPUT_TRANSFORMS:
+        wrapper = layer.get_submodule(getattr(arch, key))
+        if isinstance(wrapper, RotatedInput):  # W ← W H: the input arrives as x H
+            mod = wrapper.linear
+            work.set(mod.weight, fuse_input_transform(work.get(mod.weight), wrapper.transform))
+    work.commit()
+    return seeds
 
 
 @torch.no_grad()
@@ -239,88 +341,29 @@ def rotate_model(
         raise ValueError(f"rotation kind {kind!r} is not known; use one of {list(KINDS)}")
     if not norms_fused(model, arch):
         raise ValueError("rotate_model needs fused norms (unit RMSNorm gains, untied lm_head): run fuse_norms first")
-    from .attention import attach_attention  # registers the "lmpress" attention function
-
-    cfg = model.config
-    hidden = cfg.hidden_size
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    layers = arch.decoder_layers(model)
+    if r2_matrices is not None and (not r2 or len(r2_matrices) != len(layers)):
+        raise ValueError(f"r2_matrices: one matrix per decoder layer is needed ({len(layers)}), and r2=True")
+    for i, layer in enumerate(layers):  # every module checked before anything changes
+        for path in arch.linears:
+            _plain_linear(layer.get_submodule(path), f"{arch.layers}.{i}.{path}")
     embed = model.get_submodule(arch.embed)
     head = _plain_linear(model.get_submodule(arch.lm_head), arch.lm_head)
     device = embed.weight.device
-    R1 = Rotation(hidden, kind, seed, device=device)
-    if r1_matrix is not None:
-        R1 = Given(r1_matrix, device)
-    if r2_matrices is not None and (not r2 or len(r2_matrices) != len(arch.decoder_layers(model))):
-        raise ValueError(f"r2_matrices: one matrix per decoder layer is needed ({len(arch.decoder_layers(model))}), and r2=True")
+    R1 = Given(r1_matrix, device) if r1_matrix is not None else Rotation(model.config.hidden_size, kind, seed, device=device)
 
     work = _Fused()
     work.set(embed.weight, R1.right(work.get(embed.weight)))  # rows of E are residual vectors
     work.set(head.weight, R1.right(work.get(head.weight)))
     work.commit()
 
-    summary: dict[str, Any] = {
-        "r1": R1.spec(),
-        "r2": None,
-        "online": [],
-        "wrapped": [],
-    }
-    qk_transforms: dict[int, OnlineHadamard] = {}
-    r2_seeds: list[list[int]] = []
-    for i, layer in enumerate(arch.decoder_layers(model)):
-        prefix = f"{arch.layers}.{i}"
-
-        def lin(path: str) -> nn.Linear:
-            return _plain_linear(layer.get_submodule(path), f"{prefix}.{path}")
-
-        readers = [lin(p) for p in (arch.q_proj, arch.k_proj, arch.v_proj, arch.gate_proj, arch.up_proj)]
-        o, down, v = lin(arch.o_proj), lin(arch.down_proj), lin(arch.v_proj)
-        for r in readers:
-            work.set(r.weight, R1.right(work.get(r.weight)))
-        for w in (o, down):
-            work.set(w.weight, R1.left_t(work.get(w.weight)))
-            if w.bias is not None:
-                work.set(w.bias, R1.right(work.get(w.bias)))
-
-        attn = layer.get_submodule(arch.q_proj.rpartition(".")[0])
-        head_dim = getattr(attn, "head_dim", None) or hidden // n_heads
-        if r2:
-            seeds = [sub_seed(seed, "r2", i, h) for h in range(n_kv)]
-            if r2_matrices is not None:
-                R2s = r2_matrices[i].detach().to(device, torch.float64).expand(n_kv, head_dim, head_dim)  # (kv heads, d, d)
-            else:
-                R2s = torch.stack([rotation_matrix(head_dim, kind, s2) for s2 in seeds]).to(device)  # (kv heads, d, d)
-            Wv = work.get(v.weight).reshape(n_kv, head_dim, -1)  # (kv heads, d, hidden)
-            work.set(v.weight, torch.matmul(R2s.transpose(1, 2), Wv).reshape(n_kv * head_dim, -1))
-            if v.bias is not None:
-                bv = work.get(v.bias).reshape(n_kv, 1, head_dim)
-                work.set(v.bias, torch.matmul(bv, R2s).reshape(-1))
-            groups = n_heads // n_kv
-            R2q = R2s.repeat_interleave(groups, dim=0)  # (heads, d, d): query head j uses KV head j // groups
-            Wo = work.get(o.weight).reshape(-1, n_heads, head_dim).transpose(0, 1)  # (heads, hidden, d)
-            work.set(o.weight, torch.matmul(Wo, R2q).transpose(0, 1).reshape(-1, n_heads * head_dim))
-            r2_seeds.append(seeds)
-        wrap: list[tuple[str, nn.Linear, OnlineHadamard]] = []
-        for key, path, mod, tag in (("down_proj", arch.down_proj, down, "r4"), ("o_proj", arch.o_proj, o, "ro")):
-            if key in online:
-                T = OnlineHadamard(mod.in_features, sub_seed(seed, tag, i)).to(device)
-                work.set(mod.weight, fuse_input_transform(work.get(mod.weight), T))  # W ← W H: the input arrives as x H
-                summary["online"].append({"where": f"{prefix}.{path}", "apply": "input", **T.spec()})
-                wrap.append((path, mod, T))
-        work.commit()
-        for path, mod, T in wrap:
-            parent_path, _, child = path.rpartition(".")
-            parent = layer.get_submodule(parent_path) if parent_path else layer
-            setattr(parent, child, RotatedInput(T, mod))
-            summary["wrapped"].append(f"{prefix}.{path}")
-        if "qk" in online:
-            qk_transforms[i] = OnlineHadamard(head_dim, sub_seed(seed, "r3", i)).to(device)
-            summary["online"].append({"where": f"{prefix}.{arch.q_proj.rpartition('.')[0]}", "apply": "qk", **qk_transforms[i].spec()})
-    if r2_seeds:
+    summary: dict[str, Any] = {"r1": R1.spec(), "r2": None, **place_online(model, arch, seed, online, device)}
+    r2_seeds = [rotate_layer(layer, i, arch, model.config, R1, kind, seed, r2,
+                             r2_matrices[i] if r2_matrices is not None else None) for i, layer in enumerate(layers)]
+    if r2:
+        head_dim = arch.head_dim(layers[0], model.config)
         summary["r2"] = ({"kind": "given", "size": head_dim} if r2_matrices is not None
                          else {"kind": kind, "size": head_dim, "seeds": r2_seeds})
-    if qk_transforms:
-        attach_attention(model, arch, qk=qk_transforms)
     return summary
 
 

@@ -198,7 +198,7 @@ class RotatedForward:
                     T = OnlineHadamard(mod.in_features, sub_seed(seed, "r4", i)).to(W.device)
                     W = (mod.weight.detach().double() @ T.matrix()).to(self.dtype)  # W H4, fixed
                 self.linears.append(_Linear(fqn, mod, role, i, plan.get(fqn), W, T))
-        attn = arch.decoder_layers(model)[0].get_submodule(arch.q_proj.rpartition(".")[0])
+        attn = arch.decoder_layers(model)[0].get_submodule(arch.attention)
         self.head_dim = getattr(attn, "head_dim", None) or self.hidden // self.n_heads
         self.lm_head = model.get_submodule(arch.lm_head)
         self.head_scheme = plan.get(arch.lm_head)

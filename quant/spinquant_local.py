@@ -157,7 +157,7 @@ def learn_rotations_local(model: nn.Module, arch, plan: dict[str, QuantScheme], 
     cfg = model.config
     hidden = cfg.hidden_size
     n_layers = len(arch.decoder_layers(model))
-    attn = arch.decoder_layers(model)[0].get_submodule(arch.q_proj.rpartition(".")[0])
+    attn = arch.decoder_layers(model)[0].get_submodule(arch.attention)
     head_dim = getattr(attn, "head_dim", None) or hidden // cfg.num_attention_heads
     t0 = time.perf_counter()
     sites = collect_sites(model, arch, plan, train, held if args.keep_best else None, args.rows, args.r2, args.weights,

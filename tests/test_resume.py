@@ -59,14 +59,15 @@ def test_kill_9_then_resume(src, tmp_path):
         torch.set_num_threads(1)
         from _lazy_util import calib
         from lmpress.compress import lazy
-        real = lazy.gptq_quantize_shared
+        from lmpress.compress.stages import gptq
+        real = gptq.gptq_quantize_shared
         calls = []
         def solve(*a, **k):
             calls.append(1)
             if len(calls) == 9:  # layer 2 (4 solves per layer), mid-layer
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*a, **k)
-        lazy.gptq_quantize_shared = solve
+        gptq.gptq_quantize_shared = solve
         lazy.compress_lazy({str(src)!r}, "w4a16-gptq", calib(), {str(out)!r}, batch_size=2, resume=len(sys.argv) > 1)
     """)
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

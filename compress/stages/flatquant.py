@@ -66,7 +66,7 @@ class FlatQuant(FlatArgs):
         layers = arch.decoder_layers(model)
         cfg = model.config
         if self.qk_hadamard:
-            attn0 = layers[0].get_submodule(arch.q_proj.rpartition(".")[0])
+            attn0 = layers[0].get_submodule(arch.attention)
             head_dim = getattr(attn0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             attach_attention(model, arch, qk={i: OnlineHadamard(head_dim, sub_seed(self.seed, "r3", i)).to(ctx.device)
                                               for i in range(len(layers))})

@@ -45,8 +45,11 @@ from lmpress.quant.sim import SimQuantLinear
 
 from ..stage import register_stage
 from ..surgery import get_module, set_module, to_sim
+from .rtn import rtn_modules
 
 log = logging.getLogger(__name__)
+
+RTN_FALLBACK = "outside the decoder layers: RTN fallback of stage gptq"
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -128,43 +131,41 @@ class GPTQ:
     def apply(self, model: nn.Module, ctx) -> None:
         if ctx.calib is None:
             raise ValueError("stage 'gptq' needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
-        arch = ctx.arch
-        n_layers = len(arch.decoder_layers(model))
-        known = set(arch.linears)
-        todo: dict[int, dict[str, tuple[str, object]]] = {}  # layer -> {rel path: (fqn, scheme)}
-        fallback: list[tuple[str, object]] = []
         for fqn, scheme in ctx.plan.items():
-            sim = to_sim(model, fqn, scheme)  # every plan module, so activation fake-quant is in place
+            to_sim(model, fqn, scheme)  # every plan module, so activation fake-quant is in place
+        n_layers = len(ctx.arch.decoder_layers(model))
+        todo, fallback = self.targets(model, ctx, n_layers)
+        if todo:
+            self._walk(model, ctx, todo, n_layers)
+        for fqn in fallback:
+            log.info("gptq: %s is not a known linear of a decoder layer (no layer inputs to calibrate on); "
+                     "quantizing it with RTN", fqn)
+        rtn_modules(model, ctx, fallback, note=RTN_FALLBACK)
+
+    @staticmethod
+    def targets(model: nn.Module, ctx, n_layers: int, fqns=None) -> tuple[dict[int, dict[str, tuple[str, object]]], list[str]]:
+        """({layer: {path in the layer: (fqn, scheme)}}, [fqn of the RTN fallback]) over the plan's
+        SimQuantLinear modules (those of `fqns` if given) that quantize weights and are not
+        quantized yet."""
+        known = set(ctx.arch.linears)
+        todo: dict[int, dict[str, tuple[str, object]]] = {}
+        fallback: list[str] = []
+        for fqn in ctx.plan if fqns is None else fqns:
+            scheme = ctx.plan[fqn]
+            sim = get_module(model, fqn)
             if scheme.weights is None:
                 continue
             if sim.quantized:
                 log.info("gptq: %s is already quantized by an earlier stage; leaving it", fqn)
                 continue
-            idx, rel = self._locate(fqn, arch.layers, n_layers)
+            idx, rel = ctx.arch.layer_of(fqn, n_layers)
             if idx is None or rel not in known:
-                fallback.append((fqn, scheme))
+                fallback.append(fqn)
             else:
                 todo.setdefault(idx, {})[rel] = (fqn, scheme)
-
-        if todo:
-            self._walk(model, ctx, todo, n_layers)
-        for fqn, scheme in fallback:
-            log.info("gptq: %s is not a known linear of a decoder layer (no layer inputs to calibrate on); "
-                     "quantizing it with RTN", fqn)
-            self._rtn(model, ctx, fqn, scheme)
-
-    @staticmethod
-    def _locate(fqn: str, layers: str, n_layers: int) -> tuple[int | None, str]:
-        prefix = layers + "."
-        if not fqn.startswith(prefix):
-            return None, fqn
-        idx, _, rel = fqn[len(prefix):].partition(".")
-        if not idx.isdigit() or int(idx) >= n_layers:
-            return None, fqn
-        return int(idx), rel
+        return todo, fallback
 
     def _walk(self, model: nn.Module, ctx, todo: dict, n_layers: int) -> None:
-        groups = ctx.arch.sequential_groups
         runner = LayerwiseRunner(model, ctx.arch, ctx.calib.tokens, batch_size=self.batch_size or ctx.batch_size,
                                  device=ctx.device)
         log.info("gptq: %d layers, %d calibration sequences x %d tokens, act_order=%s, true_sequential=%s",
@@ -175,43 +176,58 @@ class GPTQ:
             if not mine:
                 continue
             t0 = time.perf_counter()
-            figures = []
-            if self.true_sequential:
-                for gi, group in enumerate(groups):
-                    targets = [rel for rel in group if rel in mine]
-                    if not targets:
-                        continue
-                    later = [rel for g in groups[gi + 1:] for rel in g]
-                    figures += self._collect_and_quantize(step, ctx, mine, targets, later)
-            else:
-                targets = [rel for group in groups for rel in group if rel in mine]
-                figures += self._collect_and_quantize(step, ctx, mine, targets, [])
+            figures = self.quantize_layer(step, ctx, mine)
             g = sum(f["gptq_loss"] for f in figures)
             r = sum(f["rtn_loss"] for f in figures)
             log.info("gptq: layer %d/%d: %d modules in %.1fs, layer objective gptq/rtn = %.3f",
                      step.index + 1, n_layers, len(figures), time.perf_counter() - t0, g / r if r > 0 else float("nan"))
         log.info("gptq: done in %.1fs", time.perf_counter() - t_all)
 
-    def _collect_and_quantize(self, step, ctx, mine: dict, targets: list[str], later: list[str]) -> list[dict]:
+    def quantize_layer(self, step, ctx, mine: dict[str, tuple[str, object]], dist=None) -> list[dict]:
+        """GPTQ of the modules `mine` ({path in the layer: (fqn, scheme)}) of the decoder layer in
+        `step`, group by group in `arch.sequential_groups` order (true-sequential), or all from one
+        pass. With `dist` (`compress.distributed`), solve u runs on rank `u % world` and is
+        broadcast from there. The in-memory walk and the larger-than-memory path both call it."""
+        groups = ctx.arch.sequential_groups
+        if not self.true_sequential:
+            return self._collect_and_quantize(step, ctx, mine, [rel for g in groups for rel in g if rel in mine], [], dist)
+        figures = []
+        for gi, group in enumerate(groups):
+            targets = [rel for rel in group if rel in mine]
+            if targets:
+                later = [rel for g in groups[gi + 1:] for rel in g]
+                figures += self._collect_and_quantize(step, ctx, mine, targets, later, dist)
+        return figures
+
+    def _collect_and_quantize(self, step, ctx, mine: dict, targets: list[str], later: list[str], dist) -> list[dict]:
+        """One Hessian per distinct input, one solve per (input, weight scheme): modules with the
+        same weight scheme are solved together."""
         t0 = time.perf_counter()
         sims, by_input, stats = collect_hessians(step, ctx, targets, later)
         log.debug("gptq: %s: collected %s in %.1fs", step.name, list(stats), time.perf_counter() - t0)
-
-        figures = []
+        units = []  # (H, args, rels solved together)
         for rels in by_input.values():
-            H = stats[rels[0]].hessian
-            # modules with the same weight scheme are solved together
             by_args: dict[object, list[str]] = {}
             for rel in rels:
                 by_args.setdefault(sims[rel].scheme.weights, []).append(rel)
-            for args, same in by_args.items():
+            units += [(stats[rels[0]].hessian, args, same) for args, same in by_args.items()]
+        results, seconds = {}, {}
+        for u, (H, args, same) in enumerate(units):
+            if dist is None or dist.owns(u):
                 t1 = time.perf_counter()
                 Ws = [sims[rel].weight.detach().float() for rel in same]
-                results = gptq_quantize_shared(Ws, H, args, block_size=self.block_size, damp=self.damp,
-                                               act_order=self.act_order, static_groups=self.act_order)
-                seconds = (time.perf_counter() - t1) / len(same)
-                for rel, W, (q, scale, zero, st) in zip(same, Ws, results):
-                    figures.append(self._install(ctx, sims[rel], mine[rel][0], W, H, q, scale, zero, st, seconds))
+                results[u] = gptq_quantize_shared(Ws, H, args, block_size=self.block_size, damp=self.damp,
+                                                  act_order=self.act_order, static_groups=self.act_order)
+                seconds[u] = (time.perf_counter() - t1) / len(same)
+        if dist is not None:
+            for u in range(len(units)):
+                results[u], seconds[u] = dist.broadcast_object((results.get(u), seconds.get(u)), src=dist.owner(u))
+        figures = []
+        for u, (H, args, same) in enumerate(units):
+            for rel, (q, scale, zero, st) in zip(same, results[u]):
+                W = sims[rel].weight.detach().float()
+                figures.append(self._install(ctx, sims[rel], mine[rel][0], W, H, q, scale, zero, st, seconds[u]))
+        for rels in by_input.values():
             stats[rels[0]].release()
         return figures
 
@@ -231,15 +247,3 @@ class GPTQ:
                                      **fig, seconds=round(seconds, 4), **extra)
         log.debug("gptq: %s: loss %.4g (rtn %.4g), %.2fs", fqn, st["loss"], rtn_loss, seconds)
         return fig
-
-    @staticmethod
-    def _rtn(model: nn.Module, ctx, fqn: str, scheme) -> None:
-        sim = get_module(model, fqn)
-        W = sim.weight.detach().clone()
-        t0 = time.perf_counter()
-        q, scale, zero = rtn_quantize(W.float(), scheme.weights)
-        sim.set_quantized(q, scale, zero)
-        if ctx.report is not None:
-            ctx.report.record_module(fqn, scheme=scheme.name, method="rtn", **quant_error(W, sim.weight),
-                                     seconds=round(time.perf_counter() - t0, 4),
-                                     note="outside the decoder layers: RTN fallback of stage gptq")

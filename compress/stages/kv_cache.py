@@ -84,7 +84,7 @@ class RotateKV:
         n_heads = cfg.num_attention_heads
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
         layers = ctx.arch.decoder_layers(model)
-        head_dim = getattr(layers[0].get_submodule(ctx.arch.q_proj.rpartition(".")[0]), "head_dim", None) or cfg.hidden_size // n_heads
+        head_dim = ctx.arch.head_dim(layers[0], cfg)
         gh = self.group_heads or n_kv
         if n_kv % gh:
             raise ValueError(f"rotate_kv.group_heads={self.group_heads} must divide the {n_kv} KV heads")

@@ -238,11 +238,9 @@ class MixedPrecision:
 
     @staticmethod
     def _layer_of(fqn: str, arch, n_layers: int) -> int:
-        prefix = arch.layers + "."
-        if fqn.startswith(prefix):
-            idx = fqn[len(prefix):].partition(".")[0]
-            if idx.isdigit() and int(idx) < n_layers:
-                return int(idx)
+        idx, _ = arch.layer_of(fqn, n_layers)
+        if idx is not None:
+            return idx
         if fqn == arch.lm_head:
             return n_layers  # after every decoder layer
         raise ValueError(f"mixed_precision allocates the decoder layers' linears and {arch.lm_head}; {fqn} is neither")

@@ -153,10 +153,9 @@ class _Pruning:
             else:
                 to_sim(model, fqn, new)
             ctx.plan[fqn] = new
-            prefix = arch.layers + "."
-            idx, _, rel = fqn[len(prefix):].partition(".") if fqn.startswith(prefix) else ("", "", "")
-            if idx.isdigit() and int(idx) < len(layers) and rel in known:
-                todo.setdefault(int(idx), {})[rel] = (fqn, spec)
+            idx, rel = arch.layer_of(fqn, len(layers))
+            if idx is not None and rel in known:
+                todo.setdefault(idx, {})[rel] = (fqn, spec)
             else:
                 outside.append((fqn, spec))
         if self.owl_lambda is not None:
@@ -379,7 +378,7 @@ class Structured:
                 cols = head_columns(heads, head_dim)
                 set_module(layer, arch.q_proj, shrink_linear(mods[arch.q_proj], rows=cols))
                 set_module(layer, arch.o_proj, shrink_linear(mods[arch.o_proj], cols=cols))
-                attn = layer.get_submodule(arch.q_proj.rpartition(".")[0])
+                attn = layer.get_submodule(arch.attention)
                 attn.num_key_value_groups = new_group
                 if hasattr(attn, "num_heads"):
                     attn.num_heads = n_kv * new_group
