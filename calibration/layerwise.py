@@ -25,8 +25,6 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from lmpress.compress.arch import ArchMap
-
 log = logging.getLogger(__name__)
 
 
@@ -75,9 +73,11 @@ class LayerStep:
 
 
 class LayerwiseRunner:
-    """Iterate over the decoder layers of `model`, one at a time, on calibration `tokens`."""
+    """Iterate over the decoder layers of `model`, one at a time, on calibration `tokens`.
+    `arch` is the model's `lmpress.compress.ArchMap` (the runner reads its `layers`, `embed`,
+    `rotary` and `decoder_layers`)."""
 
-    def __init__(self, model: nn.Module, arch: ArchMap, tokens: torch.Tensor, batch_size: int = 8,
+    def __init__(self, model: nn.Module, arch, tokens: torch.Tensor, batch_size: int = 8,
                  device: torch.device | str | None = None):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (n, seqlen), got shape {tuple(tokens.shape)}")

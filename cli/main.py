@@ -55,9 +55,9 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    from lmpress.compress.checkpoint import _version
+    from lmpress.compress.checkpoint import lmpress_version
 
-    return {"lmpress": _version(), "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"lmpress": lmpress_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
 
 

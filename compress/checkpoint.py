@@ -70,7 +70,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message says what is wrong and what to do."""
 
 
-def _version() -> str:
+def lmpress_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -87,7 +87,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
+def packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
     """(tensors to write, {module: scheme dict}, {alias tensor: tensor it shares storage with})."""
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, Any] = {}
@@ -121,13 +121,12 @@ def _packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return {k: v.detach().contiguous() for k, v in tensors.items()}, modules, aliases
 
 
-def _lmpress_block(model: nn.Module) -> dict[str, Any] | None:
+def lmpress_block(model: nn.Module) -> dict[str, Any] | None:
     """What compressed-tensors cannot express, rebuilt at load: online transforms by
     (kind, size, seed, where, apply) and the per-attention-module settings (Q/K transform, KV
     fake-quant args) of the "lmpress" attention function. None when the model has neither."""
-    from lmpress.kernels.online import output_transform_specs
-    from lmpress.quant.attention import ATTN_IMPLEMENTATION, attention_specs
-    from lmpress.quant.rotate import online_specs
+    from lmpress.kernels.attention import ATTN_IMPLEMENTATION, attention_specs
+    from lmpress.kernels.online import online_specs, output_transform_specs
 
     online = online_specs(model) + output_transform_specs(model)  # "output": FlatQuant's transform of a norm's output
     attention = attention_specs(model)
@@ -145,7 +144,7 @@ def _lmpress_block(model: nn.Module) -> dict[str, Any] | None:
     }
 
 
-def _with_sparsity(block: dict[str, Any] | None, modules: dict[str, Any]) -> dict[str, Any] | None:
+def with_sparsity(block: dict[str, Any] | None, modules: dict[str, Any]) -> dict[str, Any] | None:
     """Record the 2:4-packed modules in the `lmpress` block: tensors `<m>.weight_sparse24_values`
     (kept entries, 2 of every 4 input columns; packed codes when quantized) and
     `<m>.weight_sparse24_meta` (2-bit positions), layout `kernels.formats.sparse24_compress`."""
@@ -169,16 +168,15 @@ def _restore_lmpress_block(model: nn.Module, block: dict[str, Any] | None) -> No
     quantized modules are swapped in, since wrapping moves a linear to `<fqn>.linear`)."""
     if not block:
         return
-    from lmpress.kernels.online import restore_output_transforms
-    from lmpress.quant.attention import restore_attention
-    from lmpress.quant.rotate import restore_online
+    from lmpress.kernels.attention import restore_attention
+    from lmpress.kernels.online import restore_transforms
 
     online = list(block.get("online_transforms") or [])
     unknown = sorted({o.get("apply") for o in online} - {"input", "output", "qk"}, key=str)
     if unknown:
-        raise CheckpointError(f"online transforms applied as {unknown} are not known to this lmpress ({_version()}): upgrade lmpress")
-    restore_online(model, [o for o in online if o.get("apply") == "input"])
-    restore_output_transforms(model, [o for o in online if o.get("apply") == "output"])
+        raise CheckpointError(f"online transforms applied as {unknown} are not known to this lmpress ({lmpress_version()}): upgrade lmpress")
+    restore_transforms(model, [o for o in online if o.get("apply") == "input"], "input")
+    restore_transforms(model, [o for o in online if o.get("apply") == "output"], "output")
     attention: dict[str, dict[str, Any]] = {}
     for o in online:
         if o.get("apply") == "qk":
@@ -196,12 +194,12 @@ def save(
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"{out} already exists and is not empty; choose another directory or pass overwrite=True (--overwrite)")
     meta = getattr(model, "lmpress_meta", None) or {}
-    tensors, modules, aliases = _packed_state(model)
+    tensors, modules, aliases = packed_state(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     kv = meta.get("kv_cache")
-    block = _lmpress_block(model)
+    block = lmpress_block(model)
     ct, _ = ct_format.ct_form(model, _schemes(modules), block, kv)  # None: lmpress-only artifact
-    block = _with_sparsity(block, modules)
+    block = with_sparsity(block, modules)
     block = _with_mixed(block, meta)
     if ct is not None:
         tensors = ct_format.to_disk(tensors, _schemes(modules), ct.format)
@@ -230,7 +228,7 @@ def write_metadata(tmp: Path, model: nn.Module, modules: dict[str, Any], aliases
         "quant_method": "lmpress",
         "format": FORMAT,
         "format_version": FORMAT_VERSION if block is None else FORMAT_VERSION_ONLINE,
-        "lmpress_version": _version(),
+        "lmpress_version": lmpress_version(),
         "modules": modules,
         "kv_cache": kv.to_dict() if kv is not None else None,
         "tied": aliases,
@@ -311,7 +309,7 @@ def read_manifest(out_dir: str | Path, verify: bool = True) -> tuple[dict, dict]
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > READ_VERSION:
         raise CheckpointError(
-            f"{out} uses checkpoint format version {version!r}; this lmpress ({_version()}) reads versions up to {READ_VERSION}: upgrade lmpress"
+            f"{out} uses checkpoint format version {version!r}; this lmpress ({lmpress_version()}) reads versions up to {READ_VERSION}: upgrade lmpress"
         )
     for fname, digest in manifest.get("files", {}).items():
         path = out / fname

@@ -38,7 +38,7 @@ def _rebuild_online(model: nn.Module) -> int:
     not in the file); learned ones (`KronTransform`, FlatQuant) came with the weights and only
     move to their linear's device. Returns how many were rebuilt."""
     from lmpress.kernels.online import KronTransform, RotatedInput, transform_from_spec
-    from lmpress.quant.attention import LmpressAttention
+    from lmpress.kernels.attention import LmpressAttention
 
     def device_of(module: nn.Module):  # where its weights were loaded (device_map may spread layers)
         t = next((t for t in list(module.parameters()) + list(module.buffers()) if t is not None and not t.is_meta), None)
@@ -82,7 +82,7 @@ class LmpressHfQuantizer(HfQuantizer):
 
         version = getattr(self.quantization_config, "format_version", None)
         if not isinstance(version, int) or version > ckpt.READ_VERSION:
-            raise ValueError(f"lmpress checkpoint format version {version!r}; this lmpress ({ckpt._version()}) "
+            raise ValueError(f"lmpress checkpoint format version {version!r}; this lmpress ({ckpt.lmpress_version()}) "
                              f"reads versions up to {ckpt.READ_VERSION}: upgrade lmpress")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
@@ -93,7 +93,7 @@ class LmpressHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from lmpress.quant.attention import use_lmpress_attention
+        from lmpress.kernels.attention import use_lmpress_attention
 
         _rebuild_online(model)
         manifest = self.quantization_config.manifest()

@@ -47,7 +47,7 @@ from lmpress.quant.rotate import Rotation, fusable, fuse_layer_norms, place_onli
 
 from . import ct_format
 from .arch import arch_for
-from .checkpoint import _lmpress_block, _packed_state, _with_sparsity
+from .checkpoint import lmpress_block, packed_state, with_sparsity
 from .pipeline import build_plan
 from .recipe import Recipe
 from .report import Report
@@ -301,7 +301,7 @@ def compress_lazy(
         KVCache().apply(model, ctx)
     for fqn, scheme in ctx.plan.items():
         to_sim(model, fqn, scheme)
-    block = _lmpress_block(model)
+    block = lmpress_block(model)
     ct, _ = ct_format.ct_form(model, ctx.plan, block, ctx.kv_cache)
     arch = ctx.arch
 
@@ -350,9 +350,9 @@ def compress_lazy(
         runner = LayerwiseRunner(model, arch, calib.tokens, batch_size=gptq.batch_size or batch_size, device=device)
         batches = runner.capture()
     saved_layers = layers
-    set_module(model, arch0.layers, nn.ModuleList())  # _packed_state over everything but the layers
+    set_module(model, arch0.layers, nn.ModuleList())  # packed_state over everything but the layers
     try:
-        tensors, rest_modules, aliases = _packed_state(model)
+        tensors, rest_modules, aliases = packed_state(model)
     finally:
         set_module(model, arch0.layers, saved_layers)
     if ct is not None:
@@ -413,7 +413,7 @@ def compress_lazy(
                 if todo:
                     s.quantize_layer(step, ctx, todo[i], dist)
                 rtn_modules(model, ctx, fallback, note=RTN_FALLBACK)
-        tensors, modules, _ = _packed_state(layer)
+        tensors, modules, _ = packed_state(layer)
         tensors = {prefix + k: v for k, v in tensors.items()}
         modules = {prefix + k: v for k, v in modules.items()}
         if ct is not None:
@@ -458,7 +458,7 @@ def compress_lazy(
     if writer:
         modules = state.data["modules"]
         finalize(state.artifact, out, model, modules, state.data.get("aliases", {}), state.data["files"],
-                 state.data["weight_map"], _with_sparsity(block, modules), ct, tokenizer=tokenizer)
+                 state.data["weight_map"], with_sparsity(block, modules), ct, tokenizer=tokenizer)
         shutil.rmtree(work, ignore_errors=True)
     if dist is not None:
         dist.barrier()

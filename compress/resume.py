@@ -46,10 +46,10 @@ def _sha(data: Any) -> str:
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """lmpress version + sha256 of every lmpress Python source file + torch version."""
-    from lmpress.compress.checkpoint import _version
+    from lmpress.compress.checkpoint import lmpress_version
 
     root = Path(__file__).resolve().parent.parent  # the repository (or install) root of the packages
-    h = hashlib.sha256(f"{_version()}|torch {torch.__version__}".encode())
+    h = hashlib.sha256(f"{lmpress_version()}|torch {torch.__version__}".encode())
     for pkg in ("compress", "quant", "calibration", "kernels", "prune"):
         for f in sorted((root / pkg).rglob("*.py")):
             h.update(str(f.relative_to(root)).encode())

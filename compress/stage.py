@@ -42,16 +42,16 @@ def register_stage(name: str, needs_calibration: bool = False):
 
 
 def _known() -> str:
-    _load_builtin_stages()
+    load_builtin_stages()
     return ", ".join(sorted(STAGES))
 
 
-def _load_builtin_stages() -> None:
+def load_builtin_stages() -> None:
     from . import stages  # noqa: F401  (registers the built-in stages)
 
 
 def make_stage(name: str, options: Mapping[str, Any] | None) -> Stage:
-    _load_builtin_stages()
+    load_builtin_stages()
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; known stages: {_known()}")
     cls = STAGES[name]

@@ -12,9 +12,7 @@ def get_module(model: nn.Module, fqn: str) -> nn.Module:
 
 
 def set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    model.set_submodule(fqn, new)
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -51,7 +51,7 @@ def act_quant_ref(
     x: torch.Tensor, bits: int, clip_ratio: float = 1.0, packed: bool = False, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int8 (..., K) — or, with `packed`, int32 words (rows, ceil(K/8)) — , scales fp32 (rows,))."""
-    _check_bits(bits, packed)
+    check_bits(bits, packed)
     args = token_args(bits, clip_ratio, full_range)
     scale, zero = compute_qparams(x, args)  # (rows, 1) each
     q = quantize(x, scale, zero, args)  # (..., K) int8
@@ -67,7 +67,7 @@ def act_dequant(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: tor
     return dequantize(codes, s, torch.zeros_like(s), args, dtype=dtype)
 
 
-def _check_bits(bits: int, packed: bool) -> None:
+def check_bits(bits: int, packed: bool) -> None:
     if bits not in ACT_BITS:
         raise ValueError(f"activation bits={bits}: use 8 or 4")
     if packed and bits != 4:
@@ -128,7 +128,7 @@ def act_quant(
     """Triton: (int8 codes (..., K) or None, packed int32 words (rows, ceil(K/8)) or None, scales fp32 (rows,))."""
     if triton is None:  # pragma: no cover
         raise RuntimeError("triton is not installed; use act_quant_ref")
-    _check_bits(bits, packed)
+    check_bits(bits, packed)
     if not codes and not packed:
         raise ValueError("ask for codes, packed words, or both")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -1,7 +1,7 @@
 """`QuantizedKVCache`: a `transformers.Cache` holding KIVI-quantized keys and values, packed.
 
 Per layer (`QuantizedKVLayer`) it stores, for the settings attached to that layer's attention
-by `lmpress.quant.attention` (KIVI `KVCacheArgs`, optional Q/K transform or RotateKV key
+by `lmpress.kernels.attention` (KIVI `KVCacheArgs`, optional Q/K transform or RotateKV key
 rotation):
 
 - the first `sink_tokens` tokens in full precision;
@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from lmpress.quant.attention import RUNTIME_PREFIX_ATTR, attention_modules, settings_of
 from lmpress.quant.kv_cache import key_rows, quantized_keys, quantized_values, rows_to_keys
 
+from .attention import RUNTIME_PREFIX_ATTR, attention_modules, settings_of
 from .formats import packed_cols
 from .kv_quant import kv_pack, kv_unpack
 
@@ -219,11 +219,17 @@ class QuantizedKVCache(Cache):
     """
 
     def __init__(self, model: nn.Module, arch=None):
-        from lmpress.compress.arch import arch_for
-
-        arch = arch or arch_for(model)
         self.shared = _Shared()
-        layers = [QuantizedKVLayer(settings_of(attn), self.shared) for _, attn in attention_modules(model, arch)]
+        if arch is not None:
+            attns = [attn for _, attn in attention_modules(model, arch)]
+        else:  # the attention modules of the decoder layers, in order: those numbered by transformers
+            attns = sorted((m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
+                            and hasattr(m, "head_dim")), key=lambda m: m.layer_idx)
+            n = getattr(model.config, "num_hidden_layers", len(attns))
+            if len(attns) != n:
+                raise ValueError(f"found {len(attns)} attention modules (with layer_idx and head_dim) for {n} decoder "
+                                 "layers; pass arch=lmpress.compress.arch_for(model)")
+        layers = [QuantizedKVLayer(settings_of(attn), self.shared) for attn in attns]
         super().__init__(layers=layers)
         _install_positions_hook(model)
 

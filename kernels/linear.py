@@ -34,7 +34,6 @@ from torch import nn
 
 from lmpress.quant.primitives import dequantize, fake_quantize, n_groups
 from lmpress.quant.scheme import QuantScheme
-from lmpress.quant.sim import SimQuantLinear
 
 from . import cpu
 from .dispatch import Path, requested_backend, triton_available
@@ -78,7 +77,7 @@ class PackedLinear(nn.Module):
         self.kernel_path: Path | None = None
 
     @classmethod
-    def from_sim(cls, sim: SimQuantLinear) -> "PackedLinear":
+    def from_sim(cls, sim: nn.Module) -> "PackedLinear":
         """Pack a quantized SimQuantLinear's integer codes and copy its qparams and bias."""
         if not sim.quantized:
             raise ValueError("from_sim needs a quantized SimQuantLinear; call set_quantized (e.g. after rtn_quantize) first")
@@ -294,7 +293,7 @@ class Sparse24Linear(nn.Module):
         self.kernel_path: Path | None = None
 
     @classmethod
-    def from_sim(cls, sim: SimQuantLinear) -> "Sparse24Linear":
+    def from_sim(cls, sim: nn.Module) -> "Sparse24Linear":
         """Compress a pruned SimQuantLinear (at most 2 nonzeros in every 4 input columns)."""
         from .formats import sparse24_compress
 

@@ -243,21 +243,30 @@ def output_transform_specs(model: nn.Module) -> list[dict[str, Any]]:
             for name, mod in model.named_modules() if isinstance(mod, TransformedOutput)]
 
 
-def restore_output_transforms(model: nn.Module, specs) -> list[str]:
-    """Wrap each recorded module in a TransformedOutput with a transform rebuilt from its spec
-    (at load time, before the tensors are assigned). Returns the wrapped fqns."""
+def online_specs(model: nn.Module) -> list[dict[str, Any]]:
+    """{"where": fqn, "apply": "input", **spec} of every RotatedInput in the model."""
+    return [{"where": name, "apply": "input", **mod.transform.spec()}
+            for name, mod in model.named_modules() if isinstance(mod, RotatedInput)]
+
+
+def restore_transforms(model: nn.Module, specs, apply: str = "input") -> list[str]:
+    """Wrap each recorded module in a RotatedInput (`apply` "input") or a TransformedOutput
+    ("output") with its transform rebuilt from the spec (at load time, before the quantized modules
+    are swapped in). Returns the wrapped fqns."""
+    wrapper = {"input": RotatedInput, "output": TransformedOutput}[apply]
     wrapped = []
     for spec in specs:
+        if spec.get("apply") != apply:
+            raise ValueError(f"online transform {spec!r}: only {apply!r} transforms are rebuilt here")
         where = spec["where"]
-        parent_path, _, child = where.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        inner = getattr(parent, child)
-        if isinstance(inner, TransformedOutput):
-            raise ValueError(f"{where} is already wrapped in a TransformedOutput")
-        setattr(parent, child, TransformedOutput(inner, transform_from_spec(spec)))
+        inner = model.get_submodule(where)
+        if isinstance(inner, wrapper):
+            raise ValueError(f"{where} is already wrapped in a {wrapper.__name__}")
+        T = transform_from_spec(spec)
+        model.set_submodule(where, RotatedInput(T, inner) if apply == "input" else TransformedOutput(inner, T))
         wrapped.append(where)
     return wrapped
 
 
-__all__ = ["KINDS", "KronTransform", "OnlineHadamard", "RotatedInput", "TransformedOutput", "output_transform_specs",
-           "restore_output_transforms", "transform_from_spec"]
+__all__ = ["KINDS", "KronTransform", "OnlineHadamard", "RotatedInput", "TransformedOutput", "online_specs", "output_transform_specs",
+           "restore_transforms", "transform_from_spec"]

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .act_quant import _check_bits, act_quant, act_quant_ref, token_args
+from .act_quant import check_bits, act_quant, act_quant_ref, token_args
 from .dispatch import check_same_device, launchable, next_pow2
 from .formats import pack, packed_cols
 
@@ -165,7 +165,7 @@ def transform_act_quant(
     n = m·p; both factors at most `MAX_BLOCK` after padding (see `fused_fits`)."""
     if triton is None:  # pragma: no cover
         raise RuntimeError("triton is not installed; use transform_act_quant_ref")
-    _check_bits(bits, packed)
+    check_bits(bits, packed)
     if not codes and not packed:
         raise ValueError("ask for codes, packed words, or both")
     if x.dtype not in _FLOATS:

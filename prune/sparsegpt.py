@@ -3,7 +3,7 @@ Pruned in One-Shot"), optionally joint with weight quantization.
 
 For a linear with weight W (out, in) and input Hessian H = (2/N) Σ xᵀx, the columns are swept
 left to right in blocks of `block_size`. With U the upper Cholesky factor of the dampened
-H⁻¹ (the same factor GPTQ uses, `lmpress.quant.gptq._inverse_cholesky`), the OBS saliency of
+H⁻¹ (the same factor GPTQ uses, `lmpress.quant.gptq.inverse_cholesky`), the OBS saliency of
 dropping w_ij is w_ij² / U_jj² (U_jj² = [H⁻¹]_jj restricted to the columns not yet processed):
 
 - N:M: when the sweep reaches the first column of a group of M, the N columns of each row with
@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from lmpress.quant.gptq import _inverse_cholesky, layer_objective, single_thread
+from lmpress.quant.gptq import inverse_cholesky, layer_objective, single_thread
 from lmpress.quant.primitives import compute_qparams, dequantize, expand_qparam
 from lmpress.quant.scheme import QuantArgs
 
@@ -167,8 +167,8 @@ def _sweep(W, H, nm, sparsity, quant, block_size, damp) -> dict:
     dead = diag <= 0
     n_dead = int(dead.sum())
     live_mean = float(diag[~dead].double().mean()) if n_dead < cols else 1.0
-    rev = torch.arange(cols - 1, -1, -1, device=dev)  # natural column order, reversed (see _inverse_cholesky)
-    U, damp_used = _inverse_cholesky(H, rev, dead[rev], damp, live_mean)  # (in, in) upper factor of H⁻¹, float32
+    rev = torch.arange(cols - 1, -1, -1, device=dev)  # natural column order, reversed (see inverse_cholesky)
+    U, damp_used = inverse_cholesky(H, rev, dead[rev], damp, live_mean)  # (in, in) upper factor of H⁻¹, float32
     Wk = W0.clone()
     Wk[:, dead] = 0.0
     d2 = U.diagonal().pow(2)  # (in,) the saliency denominators

@@ -52,7 +52,7 @@ from torch import nn
 
 from lmpress.kernels.online import KronTransform, RotatedInput, TransformedOutput
 
-from .attention import SETTINGS_ATTR, LmpressAttention
+from lmpress.kernels.attention import SETTINGS_ATTR, LmpressAttention
 from .kv_cache import fake_quantize_kv
 from .primitives import fake_quantize_ste, mse_clip_qparams, round_ste
 from .rotate import rotation_matrix, sub_seed
@@ -323,11 +323,6 @@ class SteKVAttention(LmpressAttention):
 # --------------------------------------------------------------------------- one layer
 
 
-def _set(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, child, new)
-
-
 class FlatLayer:
     """The training structure of one decoder layer, installed in place, and its fold."""
 
@@ -382,12 +377,12 @@ class FlatLayer:
         """Put the training modules in place (float: quantization off)."""
         for name, norm, group in self.groups:
             if norm is not None:
-                _set(self.layer, norm, TransformedOutput(self.norms[norm], self.gq[name]))
+                self.layer.set_submodule(norm, TransformedOutput(self.norms[norm], self.gq[name]))
                 for rel in group:
-                    _set(self.layer, rel, self.train[rel])
+                    self.layer.set_submodule(rel, self.train[rel])
             else:
                 (rel,) = group
-                _set(self.layer, rel, RotatedInput(self.gq[name], self.train[rel]))
+                self.layer.set_submodule(rel, RotatedInput(self.gq[name], self.train[rel]))
         self.attn.add_module(SETTINGS_ATTR, self.kv_settings)
 
     def set_quantize(self, on: bool) -> None:
@@ -456,12 +451,12 @@ class FlatLayer:
                 if wc is not None:
                     out["weight_clip_mean"][rel] = float(wc.mean())
             if norm is not None:
-                _set(self.layer, norm, TransformedOutput(self.norms[norm], T))
+                self.layer.set_submodule(norm, TransformedOutput(self.norms[norm], T))
                 for rel in group:
-                    _set(self.layer, rel, self.plain[rel])
+                    self.layer.set_submodule(rel, self.plain[rel])
             else:
                 (rel,) = group
-                _set(self.layer, rel, RotatedInput(T, self.plain[rel]))
+                self.layer.set_submodule(rel, RotatedInput(T, self.plain[rel]))
                 out["wrapped"].append(rel)
         if self.old_settings is not None:
             self.attn.add_module(SETTINGS_ATTR, self.old_settings)

@@ -81,7 +81,7 @@ def _qparams(W: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tens
     return mse_clip_qparams(W, args) if args.mse_clip else compute_qparams(W, args)
 
 
-def _inverse_cholesky(H: torch.Tensor, rev: torch.Tensor, dead_rev: torch.Tensor, damp: float,
+def inverse_cholesky(H: torch.Tensor, rev: torch.Tensor, dead_rev: torch.Tensor, damp: float,
                       live_mean: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U (float32, processing order) of (H_p + λI)⁻¹, where H_p is H with rows
     and columns in processing order p = rev.flip(0), λ = damp · live_mean; retries with more damp.
@@ -128,7 +128,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.T
     dead = diag <= 0
     live_mean = float(diag[~dead].double().mean()) if int(dead.sum()) < H.shape[0] else 1.0
     rev = torch.arange(H.shape[0], device=H.device).flip(0)
-    return _inverse_cholesky(H, rev, dead[rev], damp, live_mean)
+    return inverse_cholesky(H, rev, dead[rev], damp, live_mean)
 
 
 def _check(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, block_size: int, damp: float,
@@ -226,7 +226,7 @@ def _solve(W, H, args, block_size, damp, act_order, static_groups, objective):
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
     Wk = W0.clone() if perm is None else W0[:, perm].contiguous()  # working copy, processing order
     rev = (perm if perm is not None else torch.arange(cols, device=dev)).flip(0)  # processing order, reversed
-    U, damp_used = _inverse_cholesky(H, rev, dead[rev], damp, live_mean)  # (in, in) upper, float32
+    U, damp_used = inverse_cholesky(H, rev, dead[rev], damp, live_mean)  # (in, in) upper, float32
 
     if not lazy:  # per-column qparams in processing order
         S = expand_qparam(scale.float(), rows, cols, args)  # (out, in)

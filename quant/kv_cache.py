@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hadamard import random_hadamard
 from .primitives import fake_quantize
 from .scheme import KV_BITS, KV_CLIP_GRID, KVCacheArgs, QuantArgs
 
@@ -358,8 +359,6 @@ class KeyRotation(nn.Module):
     def __init__(self, n_kv: int, head_dim: int, group_heads: int, block: int, seed: int,
                  perm: list[list[int]] | None = None):
         super().__init__()
-        from lmpress.kernels.online import OnlineHadamard
-
         if n_kv % group_heads:
             raise ValueError(f"rotate_kv.group_heads={group_heads} must divide the {n_kv} KV heads")
         size = group_heads * head_dim
@@ -375,7 +374,7 @@ class KeyRotation(nn.Module):
                 raise ValueError(f"KeyRotation.perm must be {n_groups} permutations of {size} channels")
         self.register_buffer("perm", P, persistent=False)  # (groups, size)
         self.register_buffer("inv_perm", torch.argsort(P, dim=-1), persistent=False)
-        Q = OnlineHadamard(block, seed).matrix(torch.float32)  # (block, block) orthogonal
+        Q = random_hadamard(block, seed).to(torch.float32)  # (block, block) orthogonal
         self.register_buffer("Q", Q, persistent=False)
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:

@@ -242,7 +242,7 @@ def place_online(model: nn.Module, arch, seed: int, online: Iterable[str], devic
     Hadamard (R3) to the attention, as `online` asks. Works on a meta-device skeleton (the
     larger-than-memory path places them before any weight is read). Returns the summary's
     {"online": [...], "wrapped": [...]}."""
-    from .attention import attach_attention  # registers the "lmpress" attention function
+    from lmpress.kernels.attention import attach_attention  # registers the "lmpress" attention function
 
     out: dict[str, Any] = {"online": [], "wrapped": []}
     qk: dict[int, OnlineHadamard] = {}
@@ -253,8 +253,7 @@ def place_online(model: nn.Module, arch, seed: int, online: Iterable[str], devic
                 path = getattr(arch, key)
                 lin = layer.get_submodule(path)
                 T = OnlineHadamard(lin.in_features, sub_seed(seed, tag, i)).to(device)
-                parent_path, _, child = path.rpartition(".")
-                setattr(layer.get_submodule(parent_path) if parent_path else layer, child, RotatedInput(T, lin))
+                layer.set_submodule(path, RotatedInput(T, lin))
                 out["online"].append({"where": f"{prefix}.{path}", "apply": "input", **T.spec()})
                 out["wrapped"].append(f"{prefix}.{path}")
         if "qk" in online:
@@ -365,35 +364,3 @@ def rotate_model(
         summary["r2"] = ({"kind": "given", "size": head_dim} if r2_matrices is not None
                          else {"kind": kind, "size": head_dim, "seeds": r2_seeds})
     return summary
-
-
-# --------------------------------------------------------------------------- restoring
-
-
-def online_specs(model: nn.Module) -> list[dict[str, Any]]:
-    """{"where": fqn, "apply": "input", kind, size, seed} of every RotatedInput in the model."""
-    return [
-        {"where": name, "apply": "input", **mod.transform.spec()}
-        for name, mod in model.named_modules()
-        if isinstance(mod, RotatedInput)
-    ]
-
-
-def restore_online(model: nn.Module, specs: Iterable[dict[str, Any]]) -> list[str]:
-    """Re-wrap the recorded linears in RotatedInput with their rebuilt transforms (at load
-    time, before the quantized modules are swapped in). Returns the wrapped fqns."""
-    from lmpress.kernels.online import transform_from_spec
-
-    wrapped = []
-    for spec in specs:
-        if spec.get("apply") != "input":
-            raise ValueError(f"online transform {spec!r}: only 'input' transforms are rebuilt here")
-        where = spec["where"]
-        parent_path, _, child = where.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        inner = getattr(parent, child)
-        if isinstance(inner, RotatedInput):
-            raise ValueError(f"{where} is already wrapped in a RotatedInput")
-        setattr(parent, child, RotatedInput(transform_from_spec(spec), inner))
-        wrapped.append(where)
-    return wrapped

@@ -152,7 +152,7 @@ def _ste(x: torch.Tensor, args: QuantArgs | None) -> torch.Tensor:
     return fake_quantize_ste(x, args)
 
 
-def _train_weight_args(args: QuantArgs | None) -> QuantArgs | None:
+def train_weight_args(args: QuantArgs | None) -> QuantArgs | None:
     """RTN during learning: the MSE clip search is too slow to redo at every step."""
     if args is None or not args.mse_clip:
         return args
@@ -232,7 +232,7 @@ class RotatedForward:
             R2 = None if self.R2 is None else self.R2[lin.layer].to(self.dtype)
             W = self.effective(lin, R1, R2)
             if self.quantize and self.weights and lin.scheme is not None:
-                W = _ste(W, _train_weight_args(lin.scheme.weights))
+                W = _ste(W, train_weight_args(lin.scheme.weights))
             out[f"{lin.fqn}.weight"] = W
             b = lin.module.bias
             if b is not None and lin.role in ("v", "o", "down"):
@@ -244,7 +244,7 @@ class RotatedForward:
                 out[f"{lin.fqn}.bias"] = b
         if self.head_scheme is not None and self.quantize:  # the head reads the rotated stream: W R1
             Wh = self.lm_head.weight.detach() @ R1
-            out[f"{self.arch.lm_head}.weight"] = _ste(Wh, _train_weight_args(self.head_scheme.weights)) if self.weights else Wh
+            out[f"{self.arch.lm_head}.weight"] = _ste(Wh, train_weight_args(self.head_scheme.weights)) if self.weights else Wh
         return out
 
     # hooks ---------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from torch import nn
 from .primitives import fake_quantize_ste
 from .rotate import rotation_matrix, sub_seed
 from .scheme import QuantArgs, QuantScheme
-from .spinquant import CayleySGD, _train_weight_args
+from .spinquant import CayleySGD, train_weight_args
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def collect_sites(model: nn.Module, arch, plan: dict[str, QuantScheme], train: t
                 continue
             mods = [layer.get_submodule(p) for p in group]
             W = torch.cat([m.weight.detach().float() for m in mods], 0)  # (out, n)
-            wargs = [(m.out_features, _train_weight_args(s.weights) if (s := plan.get(f"{arch.layers}.{i}.{p}")) else None)
+            wargs = [(m.out_features, train_weight_args(s.weights) if (s := plan.get(f"{arch.layers}.{i}.{p}")) else None)
                      for p, m in zip(group, mods)]
             site = Site(kind, i, scheme.inputs, W, wargs, G=None if weights else W.double().T.mm(W.double()).float())
             sites.append(site)

@@ -8,7 +8,7 @@ from lmpress.compress import Recipe, RecipeError, compress, load, save
 from lmpress.compress.arch import arch_for
 from lmpress.compress.models import tiny_llama
 from lmpress.kernels.online import OnlineHadamard
-from lmpress.quant.attention import LmpressAttention, attach_attention, attention_specs
+from lmpress.kernels.attention import LmpressAttention, attach_attention, attention_specs
 from lmpress.quant.kv_cache import check_kv_args, fake_quantize_kv
 from lmpress.quant.scheme import KV4, KVCacheArgs
 

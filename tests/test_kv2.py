@@ -14,7 +14,7 @@ from lmpress.kernels.formats import pack_unsigned, unpack_unsigned
 from lmpress.kernels.kv_cache import QuantizedKVCache, cache_kwargs
 from lmpress.kernels.kv_quant import kv_dequant_ref, kv_quant_ref
 from lmpress.kernels.online import OnlineHadamard
-from lmpress.quant.attention import attach_attention, attention_specs, settings_of, attention_modules
+from lmpress.kernels.attention import attach_attention, attention_specs, settings_of, attention_modules
 from lmpress.quant.kv_cache import (
     KeyRotation, apply_rope, decode_masks, invert_rope, minmax_dequantize, minmax_quantize, quantized_keys,
     quantized_values, zigzag_order,

@@ -233,9 +233,9 @@ def test_builtin_recipes_round_trip(name):
 
 
 def _gptq_registered() -> bool:
-    from lmpress.compress.stage import _load_builtin_stages
+    from lmpress.compress.stage import load_builtin_stages
 
-    _load_builtin_stages()
+    load_builtin_stages()
     return "gptq" in STAGES
 
 

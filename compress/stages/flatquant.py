@@ -37,7 +37,7 @@ import torch
 
 from lmpress.calibration.layerwise import LayerwiseRunner
 from lmpress.kernels.online import OnlineHadamard
-from lmpress.quant.attention import attach_attention, use_lmpress_attention
+from lmpress.kernels.attention import attach_attention, use_lmpress_attention
 from lmpress.quant.flatquant import FlatArgs, FlatLayer, calibrate_layer
 from lmpress.quant.rotate import sub_seed
 

@@ -1,6 +1,6 @@
 """Stages `kv_cache` and `rotate_kv`. `kv_cache`: simulated KV-cache quantization with the recipe's top-level `kv_cache`
 settings. It attaches them to every attention module and switches the model to the "lmpress"
-attention function (`lmpress.quant.attention`), which fake-quantizes K and V per head, per
+attention function (`lmpress.kernels.attention`), which fake-quantizes K and V per head, per
 token, in groups along head_dim (after the online Q/K rotation when `rotate` asked for one), or,
 for KIVI settings (per-channel keys, residual window, sinks), simulates the quantized cache
 decode-exactly; `lmpress.kernels.kv_cache.QuantizedKVCache` is the runtime cache for them.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmpress.quant.attention import attach_attention
+from lmpress.kernels.attention import attach_attention
 
 from ..stage import register_stage
 

@@ -26,13 +26,13 @@ def _eval_records() -> list[dict]:
     """(title, extract, description) of every eval-split article, in file order."""
     import json
 
-    from lmpress.calibration.data import _is_eval_title, _wiki_path
+    from lmpress.calibration.data import is_eval_title, wiki_path
 
-    data = json.loads(_wiki_path().read_text(encoding="utf-8"))  # {title: {title, extract, description, topic}}
+    data = json.loads(wiki_path().read_text(encoding="utf-8"))  # {title: {title, extract, description, topic}}
     out = []
     for key, entry in data.items():
         title = entry.get("title", key)
-        if _is_eval_title(title):
+        if is_eval_title(title):
             out.append({"title": title, "text": entry["extract"].strip(),
                         "description": (entry.get("description") or "").strip()})
     return out

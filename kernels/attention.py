@@ -33,13 +33,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from lmpress.kernels.online import transform_from_spec
-
-from .kv_cache import (
+from lmpress.quant.kv_cache import (
     KeyRotation, apply_rope, check_kv_args, fake_quantize_kv, invert_rope, key_positions, kv_mixed_attention,
     quantized_copy,
 )
-from .scheme import KVCacheArgs
+from lmpress.quant.scheme import KVCacheArgs
+
+from .online import transform_from_spec
 
 ATTN_IMPLEMENTATION = "lmpress"
 SETTINGS_ATTR = "lmpress_attn"
