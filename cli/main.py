@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -14,11 +12,11 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Compress, pack and evaluate causal language models.")
 log = logging.getLogger("lmpress")
 
+# the defaults of lmpress.compress.workflow.compress_and_eval, kept here so `lmpress --help` imports no torch
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_RECIPE = "w8a8-rtn"
-_EVAL_TASKS = ("lmpress_wiki_ppl", "lmpress_wiki_cloze", "lmpress_wiki_mc")  # lmpress.eval.tasks.BUILTIN_TASKS
-_EVAL_TASK_LIMIT = 40  # documents per task: keeps `make demo` within minutes on 2 CPU cores
-
+EVAL_TASKS = ("lmpress_wiki_ppl", "lmpress_wiki_cloze", "lmpress_wiki_mc")
+EVAL_TASK_LIMIT = 40
 
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
@@ -37,111 +35,16 @@ def _user_errors():
         _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
+def _announce(label: str) -> None:
+    typer.echo(f"· {label}", err=True)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-class _Timer(dict):
-    @contextmanager
-    def __call__(self, name: str, label: str | None = None):
-        if label:
-            typer.echo(f"· {label}", err=True)
-        t0 = time.perf_counter()
-        yield
-        self[name] = round(time.perf_counter() - t0, 2)
-
-
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    from lmpress.compress.checkpoint import lmpress_version
-
-    return {"lmpress": lmpress_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
-
-
-def _load(model_spec: str, timer: "_Timer"):
-    from lmpress.compress.models import load_model
-
-    with timer("load", f"loading {model_spec}"):
-        return load_model(model_spec)
-
-
-def _run_compress(model, tok, recipe_name, out, calib, n, seqlen, seed, overwrite, timer):
-    """Compress an already loaded model in place and save it; returns (recipe, report)."""
-    from lmpress.calibration.data import sample_calibration
-    from lmpress.compress import Recipe, compress, save
-
-    recipe = Recipe.load(recipe_name)
-    cal = None
-    if recipe.needs_calibration:
-        with timer("calibration", f"sampling {n} calibration sequences of {seqlen} tokens from {calib}"):
-            cal = sample_calibration(tok, calib, n=n, seqlen=seqlen, seed=seed)
-    with timer("compress", f"compressing with {recipe.name or recipe_name}"):
-        report = compress(model, recipe, calib=cal)
-    with timer("save", f"saving to {out}"):
-        save(model, out, tokenizer=tok, overwrite=overwrite)
-    return recipe, report
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-
-
-def _parse_export(export: str | None, model: str) -> str | None:
-    """`gguf:TYPE` -> TYPE (checked, with a GGUF source for the metadata), None for no export."""
-    if not export:
-        return None
-    kind, _, gtype = export.partition(":")
-    if kind.lower() != "gguf" or not gtype:
-        raise ValueError(f"--export {export!r}: use gguf:TYPE, e.g. gguf:Q4_K")
-    from lmpress.compress.gguf import check_type
-    from lmpress.compress.models import gguf_source
-
-    gtype = check_type(gtype)
-    if gguf_source(model) is None:
-        raise ValueError(f"--export gguf needs the model's GGUF for its metadata and tokenizer; {model} has none: "
-                         "pass a .gguf model (or a directory holding exactly one)")
-    return gtype
-
-
-def _gguf_export_and_score(model_spec, gtype, out, calib, n, seqlen, seed, text, windows, base_ppl) -> dict:
-    """The base model GPTQ'd on llama.cpp's grids, written into `out`, scored by lmpress's simulation
-    and (when llama-cpp-python is installed) by llama.cpp on the same windows."""
-    import torch
-
-    from lmpress.calibration.data import sample_calibration
-    from lmpress.compress.gguf import bits_per_weight, export_gguf, llamacpp_activations
-    from lmpress.compress.models import gguf_source, load_model
-    from lmpress.eval import llamacpp
-    from lmpress.eval.ppl import perplexity_from_ids
-
-    mdl, tok = load_model(model_spec)
-    cal = sample_calibration(tok, calib, n=n, seqlen=seqlen, seed=seed)  # the recipe's calibration set again
-    path, types = export_gguf(mdl, Path(out) / f"model-{gtype}.gguf", gguf_source(model_spec), ftype=gtype, calib=cal)
-    res = {"file": path.name, "type": gtype, "method": "gptq", "mib": path.stat().st_size / 2**20,
-           "bits_per_weight": bits_per_weight(mdl, types)}
-    if text is None:
-        return res
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    k = len(ids) // seqlen if windows is None else min(windows, len(ids) // seqlen)
-    with llamacpp_activations(mdl, types):  # the activations as llama.cpp's matmul quantizes them
-        res["ppl_sim"] = perplexity_from_ids(mdl, torch.tensor(ids[:k * seqlen]), seqlen, k).ppl
-    if not llamacpp.available():
-        res["note"] = "llama-cpp-python is not installed (pip install 'lmpress[llamacpp]'): no llama.cpp figures"
-        return res
-    res["ppl_llamacpp"] = llamacpp.perplexity(path, [ids[i * seqlen:(i + 1) * seqlen] for i in range(k)],
-                                              threads=torch.get_num_threads())
-    res["llamacpp_vs_sim"] = res["ppl_llamacpp"] / res["ppl_sim"]
-    res["ppl_ratio"] = res["ppl_llamacpp"] / base_ppl if base_ppl else None
-    res["decode_tps"] = llamacpp.decode_tps(path, ids[:128], new_tokens=64, threads=1)
-    return res
-
-
 @app.command("compress-and-eval")
-def compress_and_eval(
+def compress_and_eval_cmd(
     model: str = typer.Argument(DEFAULT_MODEL, help="built-in name, Hugging Face directory or .gguf file"),
     recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="built-in recipe name or YAML file"),
     out: Path = typer.Option(Path("out/compressed"), "--out", "-o", help="checkpoint directory to write"),
@@ -152,8 +55,8 @@ def compress_and_eval(
     seed: int = typer.Option(0, help="calibration sampling seed"),
     windows: Optional[int] = typer.Option(64, help="perplexity windows (default 64; 0 = all)"),
     ppl: bool = typer.Option(True, "--ppl/--no-ppl", help="token perplexity (the papers' protocol) of base and compressed"),
-    tasks: str = typer.Option(",".join(_EVAL_TASKS), "--tasks", help="comma-separated lm-eval tasks (bundled, from --task-dir, or cached lm-eval tasks); 'none' to skip"),
-    task_limit: int = typer.Option(_EVAL_TASK_LIMIT, "--task-limit", help="documents per lm-eval task (0 = all)"),
+    tasks: str = typer.Option(",".join(EVAL_TASKS), "--tasks", help="comma-separated lm-eval tasks (bundled, from --task-dir, or cached lm-eval tasks); 'none' to skip"),
+    task_limit: int = typer.Option(EVAL_TASK_LIMIT, "--task-limit", help="documents per lm-eval task (0 = all)"),
     task_dir: list[Path] = typer.Option([], "--task-dir", help="extra folder of lm-eval task YAMLs (repeatable)"),
     latency: bool = typer.Option(True, "--latency/--no-latency", help="prefill/decode tokens/s, time to first token, peak memory"),
     latency_repeats: int = typer.Option(3, "--latency-repeats", help="alternating repeats per model (medians reported)"),
@@ -168,86 +71,28 @@ def compress_and_eval(
     (perplexity, lm-eval tasks, latency); write report.json, report.md and plots; gate on thresholds."""
     _setup_logging(verbose)
     with _user_errors():
-        from lmpress.calibration.data import load_text
-        from lmpress.compress import Recipe, inspect, load
-        from lmpress.eval import report as rpt
-        from lmpress.eval.latency import LatencyConfig, measure_latency
-        from lmpress.eval.recovery import Thresholds
-        from lmpress.eval.suite import EvalPlan, compare, evaluate
+        from lmpress.compress.workflow import compress_and_eval
 
-        recipe_obj = Recipe.load(recipe)  # fail on a bad recipe before any long work
-        _check_out(out, overwrite)
-        gguf_type = _parse_export(export, model)
-        gate = Thresholds.load(thresholds, min_recovery) if thresholds else Thresholds(min_recovery=min_recovery)
-        task_list = () if tasks.strip().lower() in ("", "none") else tuple(t.strip() for t in tasks.split(",") if t.strip())
-        plan = EvalPlan(ppl=ppl, data=eval_data, seqlen=seqlen, windows=windows or None, tasks=task_list,
-                        task_limit=task_limit or None, task_dirs=tuple(str(d) for d in task_dir),
-                        latency=LatencyConfig(prompt_len=prompt_len, repeats=latency_repeats) if latency else None)
-        if task_list:
-            from lmpress.eval.harness import task_manager
-
-            task_manager(task_list, plan.task_dirs)  # unknown task names fail here, not after compressing
-        timer = _Timer()
-        text = load_text(eval_data, split="eval") if ppl else None
-        mdl, tok = _load(model, timer)
-        base_bits = next(mdl.parameters()).element_size() * 8
-        with timer("eval_base", "evaluating the base model"):
-            base_res = evaluate(mdl, tok, plan, text=text, progress=True)
-        # compression changes the model in place: the base was measured first
-        rec, report = _run_compress(mdl, tok, recipe, out, calib, n, seqlen, seed, overwrite, timer)
-        del mdl
-        with timer("reload", f"reloading the packed checkpoint from {out}"):
-            packed = load(out)
-        with timer("eval_compressed", "evaluating the packed model"):
-            comp_res = evaluate(packed, tok, plan, text=text, progress=True)
-        lat = None
-        if plan.latency is not None:
-            from lmpress.compress.models import load_model
-
-            with timer("reload_base", "reloading the base model for latency"):  # beside the packed one, alternating
-                base_mdl, _ = load_model(model)
-            with timer("latency", "latency and memory: base and compressed, alternating"):
-                lat = measure_latency({"base": base_mdl, "compressed": packed}, plan.latency)
-            del base_mdl
-        gguf_res = None
-        if gguf_type:
-            with timer("gguf", f"GGUF {gguf_type}: GPTQ on llama.cpp's grids, scored in llama.cpp"):
-                gguf_res = _gguf_export_and_score(model, gguf_type, out, calib, n, seqlen, seed, text,
-                                                  plan.windows, base_res.get("ppl"))
-        info = inspect(out)
-        part = compare(base_res, comp_res, lat, gate)
-        bp, cp = base_res.get("ppl"), comp_res.get("ppl")
-        result = {
-            "model": model,
-            "recipe": rec.name or recipe,
-            "recipe_spec": recipe_obj.to_dict(),
-            "eval": {**plan.describe(), "windows": (base_res.get("ppl_detail") or {}).get("windows")},
-            **part,
-            "ppl_ratio": cp / bp if bp and cp else None,
-            "bits_per_weight": info["quantized_bits_per_weight"],
-            "base_bits": base_bits,
-            "checkpoint_bytes": info["file_bytes"],
-            "times_s": dict(timer),
-            "compression": report.to_dict(),
-            "calibration": getattr(packed, "lmpress_meta", {}).get("manifest", {}).get("calibration"),
-            "versions": {**_versions(), **rpt.versions()},
-            "machine": rpt.machine(),
-            **({"gguf": gguf_res} if gguf_res else {}),
-        }
-        md = rpt.write_report(out, result)
+        result = compress_and_eval(
+            model, recipe, out, calib=calib, eval_data=eval_data, n=n, seqlen=seqlen, seed=seed, windows=windows, ppl=ppl,
+            tasks=() if tasks.strip().lower() in ("", "none") else tuple(t.strip() for t in tasks.split(",") if t.strip()),
+            task_limit=task_limit, task_dirs=task_dir, latency=latency, latency_repeats=latency_repeats,
+            prompt_len=prompt_len, min_recovery=min_recovery, thresholds=thresholds, export=export, overwrite=overwrite,
+            progress=True, announce=_announce)
+    bp, cp, gguf_res = result["base"].get("ppl"), result["compressed"].get("ppl"), result.get("gguf")
     m, hib, recov = result["metrics"], result["metrics"]["higher_is_better"], result["recovery"]
     rows = [(k + (" ↑" if hib.get(k) else " ↓"), f"{m['base'][k]:.4g}", f"{m['compressed'][k]:.4g}",
              "–" if recov.get(k) is None else f"{recov[k]:.4f}") for k in m["base"] if k in m["compressed"]]
     summary = [
         *((("perplexity (base)", f"{bp:.3f}"), ("perplexity (compressed)", f"{cp:.3f}"),
            ("ratio", f"{result['ppl_ratio']:.4f}")) if bp and cp else ()),
-        ("bits per weight (quantized linears)", f"{info['quantized_bits_per_weight']}"),
-        ("checkpoint size", f"{info['file_bytes'] / 2**20:.1f} MiB"),
-        *((f"time: {k}", f"{v:.1f} s") for k, v in timer.items()),
+        ("bits per weight (quantized linears)", f"{result['bits_per_weight']}"),
+        ("checkpoint size", f"{result['checkpoint_bytes'] / 2**20:.1f} MiB"),
+        *((f"time: {k}", f"{v:.1f} s") for k, v in result["times_s"].items()),
     ]
     typer.echo(f"\n{model} · {result['recipe']} · {eval_data} eval split"
                + (f", {result['eval']['windows']} windows × {seqlen} tokens" if ppl else "")
-               + (f" · lm-eval {task_limit or 'all'} docs/task" if task_list else ""))
+               + (f" · lm-eval {task_limit or 'all'} docs/task" if result["eval"].get("tasks") else ""))
     _print_table(("", "value"), summary)
     if rows:
         typer.echo("")
@@ -262,7 +107,7 @@ def compress_and_eval(
         typer.echo(f"GGUF {g['type']}: {Path(out) / g['file']} ({g['mib']:.1f} MiB, {g['bits_per_weight']:.3f} bpw); "
                    + (f"perplexity in llama.cpp {g['ppl_llamacpp']:.3f} (lmpress simulation {g['ppl_sim']:.3f}), "
                       f"decode {g['decode_tps']:.1f} tok/s in llama.cpp" if g.get("ppl_llamacpp") else g.get("note") or ""))
-    typer.echo(f"report: {Path(out) / 'report.json'}, {md}")
+    typer.echo(f"report: {Path(out) / 'report.json'}, {result['report_md']}")
     verdict = result["thresholds"]
     if verdict is not None:
         failed = [c for c in verdict["checks"] if not c["passed"]]
@@ -300,14 +145,15 @@ def compress_cmd(
         return
     with _user_errors():
         from lmpress.compress import Recipe
+        from lmpress.compress.workflow import Timer, check_out, compress_and_save, load_timed
 
-        Recipe.load(recipe)
-        _check_out(out, overwrite)
-        timer = _Timer()
-        mdl, tok = _load(model, timer)
+        rec = Recipe.load(recipe)
+        check_out(out, overwrite)
+        timer = Timer(_announce)
+        mdl, tok = load_timed(model, timer)
         if device != "cpu":
             mdl = mdl.to(_resolve_device(device))
-        _, report = _run_compress(mdl, tok, recipe, out, calib, n, seqlen, seed, overwrite, timer)
+        report = compress_and_save(mdl, tok, rec, out, calib, n, seqlen, seed, overwrite, timer)
     s = report.summary()
     typer.echo(f"wrote {out}: {s['quantized_modules']} quantized modules, mean SQNR {s['mean_sqnr_db']} dB, {s['total_seconds']} s")
 
@@ -330,6 +176,7 @@ def _compress_lazy_cmd(model, recipe, out, calib, n, seqlen, seed, overwrite, de
     from lmpress.compress.distributed import from_env
     from lmpress.compress.lazy import check_recipe, compress_lazy
     from lmpress.compress.models import resolve_model
+    from lmpress.compress.workflow import check_out
 
     rec = Recipe.load(recipe)
     check_recipe(rec)  # refuse whole-model stages before any long work
@@ -337,7 +184,7 @@ def _compress_lazy_cmd(model, recipe, out, calib, n, seqlen, seed, overwrite, de
     if src.suffix.lower() == ".gguf":
         raise ValueError(f"--lazy reads safetensors shards; {src} is a GGUF file: convert it to a Hugging Face directory first")
     if not resume:
-        _check_out(out, overwrite)
+        check_out(out, overwrite)
     dist = from_env(device)
     tok = AutoTokenizer.from_pretrained(src, local_files_only=True)
     cal = sample_calibration(tok, calib, n=n, seqlen=seqlen, seed=seed) if rec.needs_calibration else None
@@ -450,6 +297,7 @@ def _export_gguf_cmd(spec, out, gtype, method, calib, n, seqlen, seed, overwrite
     from lmpress.calibration.data import sample_calibration
     from lmpress.compress.gguf import bits_per_weight, check_type, export_gguf
     from lmpress.compress.models import gguf_source
+    from lmpress.compress.workflow import Timer, load_timed
 
     gtype = check_type(gtype)
     if method not in ("gptq", "rtn"):
@@ -466,8 +314,8 @@ def _export_gguf_cmd(spec, out, gtype, method, calib, n, seqlen, seed, overwrite
     if source is None:
         raise ValueError(f"{spec} has no GGUF to take the metadata and tokenizer from: pass a .gguf model "
                          "(or a directory holding exactly one), e.g. one written by llama.cpp's convert_hf_to_gguf.py")
-    timer = _Timer()
-    mdl, tok = _load(spec, timer)
+    timer = Timer(_announce)
+    mdl, tok = load_timed(spec, timer)
     cal = None
     if method == "gptq" or bpw is not None:
         with timer("calibration", f"sampling {n} calibration sequences of {seqlen} tokens from {calib}"):

@@ -15,6 +15,7 @@ from .pipeline import build_plan, compress
 from .recipe import Recipe, RecipeError, builtin_recipes
 from .report import Report
 from .stage import STAGES, Context, Stage, register_stage
+from .workflow import compress_and_eval
 
 from . import hf_quantizer as _hf_quantizer
 
@@ -23,4 +24,5 @@ _hf_quantizer.register()  # AutoModelForCausalLM.from_pretrained reads quant_met
 __all__ = [
     "ArchMap", "arch_for", "CheckpointError", "inspect", "load", "save", "build_plan", "compress",
     "Recipe", "RecipeError", "builtin_recipes", "Report", "STAGES", "Context", "Stage", "register_stage",
+    "compress_and_eval",
 ]
