@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from lmpress.quant.mixed import kl_to_reference, token_nll
+
 log = logging.getLogger(__name__)
 
 
@@ -70,6 +72,18 @@ class LayerStep:
     def forward(self) -> list[torch.Tensor]:
         """Run every input batch through the current `layer` (no_grad); outputs on CPU."""
         return self._run()
+
+
+def group_passes(groups, mine, true_sequential: bool = True) -> list[tuple[list[str], list[str]]]:
+    """Group-by-group over one layer: the (targets, later) passes of a stage that collects
+    statistics on the linears `mine` (paths in the layer) and then changes them. True-sequential:
+    one pass per group of `groups` (linears sharing an input, in execution order) holding any of
+    `mine`, with the linears of later groups (`later`, stubbed while collecting: their outputs
+    cannot reach the hooked inputs); otherwise one pass over all of them."""
+    if not true_sequential:
+        return [([rel for g in groups for rel in g if rel in mine], [])]
+    return [([rel for rel in group if rel in mine], [rel for g in groups[gi + 1:] for rel in g])
+            for gi, group in enumerate(groups) if any(rel in mine for rel in group)]
 
 
 class LayerwiseRunner:
@@ -182,3 +196,80 @@ class LayerwiseRunner:
                 layer.to(home)
             batches = [_Batch(o, b.kwargs) for o, b in zip(outs, batches)]
         self.outputs = [b.hidden for b in batches]
+
+
+class LayerReplay:
+    """Replay from layer l: the calibration subset cut at every decoder layer. `capture` runs the
+    model once and keeps each layer's input (hidden states and keyword arguments) per batch, and
+    the log-probabilities / NLL; `metric(l, ...)` reruns the model from layer `l` on those inputs
+    (mixed precision's measured scores: swap one module, rerun from its layer)."""
+
+    def __init__(self, model, arch, tokens: torch.Tensor, batch_size: int, device):
+        self.model, self.arch, self.tokens = model, arch, tokens
+        self.layers = arch.decoder_layers(model)
+        self.batches = list(tokens.split(batch_size))  # (B, T) each
+        self.device = device
+        self.inputs: list[list[tuple[torch.Tensor, dict]]] = []
+        self._fp_inputs = None
+
+    @torch.no_grad()
+    def capture(self, keep_logp: bool, ref_logp=None) -> dict:
+        L = len(self.layers)
+        stash: list[list] = [[] for _ in range(L + 1)]
+        hooks = []
+        for i, layer in enumerate(self.layers):
+            def pre(_m, args, kwargs, i=i):
+                h = args[0] if args else kwargs["hidden_states"]
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                stash[i].append((h.detach(), kw))
+            hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        norm = self.model.get_submodule(self.arch.final_norm)
+        hooks.append(norm.register_forward_pre_hook(lambda _m, args: stash[L].append((args[0].detach(), {}))))
+        nll = count = 0.0
+        logps = []
+        try:
+            for b in self.batches:
+                logits = self.model(input_ids=b.to(self.device), use_cache=False).logits
+                s, n = token_nll(logits, b)
+                nll, count = nll + s, count + n
+                if keep_logp:
+                    logps.append(torch.log_softmax(logits.float(), dim=-1))
+        finally:
+            for h in hooks:
+                h.remove()
+        self.inputs = stash
+        if self._fp_inputs is None:
+            self._fp_inputs = stash
+        return {"nll": nll / count, "logp": logps if keep_logp else ref_logp}
+
+    def restore_fp(self) -> None:
+        if self._fp_inputs is not None:
+            self.inputs = self._fp_inputs
+
+    @torch.no_grad()
+    def run_layer(self, idx: int) -> None:
+        """Run decoder layer `idx` (or the final norm + head for idx == L) on its captured inputs."""
+        L = len(self.layers)
+        for h, kw in self.inputs[idx]:
+            if idx < L:
+                self.layers[idx](h, **kw)
+            else:
+                self.model.get_submodule(self.arch.lm_head)(self.model.get_submodule(self.arch.final_norm)(h))
+
+    @torch.no_grad()
+    def metric(self, start: int, metric: str, fp: dict) -> float:
+        """Mean KL to the FP model ("kl") or mean next-token NLL ("loss") with the model as it is
+        now, run from layer `start` on the captured inputs."""
+        L = len(self.layers)
+        norm = self.model.get_submodule(self.arch.final_norm)
+        head = self.model.get_submodule(self.arch.lm_head)
+        total = count = 0.0
+        for bi, b in enumerate(self.batches):
+            h = self.inputs[start][bi][0]
+            for i in range(start, L):
+                out = self.layers[i](h, **self.inputs[i][bi][1])
+                h = out[0] if isinstance(out, (tuple, list)) else out
+            logits = head(norm(h))
+            s, n = kl_to_reference(logits, fp["logp"][bi]) if metric == "kl" else token_nll(logits, b)
+            total, count = total + s, count + n
+        return total / count

@@ -155,12 +155,15 @@ def with_sparsity(block: dict[str, Any] | None, modules: dict[str, Any]) -> dict
 
 
 def _with_mixed(block: dict[str, Any] | None, meta: dict) -> dict[str, Any] | None:
-    """Record the mixed-precision plan (budget, totals, per-module scheme, how it was found) in the
-    `lmpress` block; the per-module schemes themselves are the manifest's `modules`."""
-    from .stages.mixed_precision import manifest_block
-
-    mixed = manifest_block(meta)
-    return block if mixed is None else {**(block or {}), "mixed_precision": mixed}
+    """Record the mixed-precision plan (budget, totals, per-module scheme, how it was found; no
+    scores) in the `lmpress` block, from the report of this run or the manifest it was loaded
+    from; the per-module schemes themselves are the manifest's `modules`."""
+    mixed = (getattr(meta.get("report"), "extra", None) or {}).get("mixed_precision")
+    if mixed is None:
+        mixed = ((meta.get("manifest") or {}).get("lmpress") or {}).get("mixed_precision")
+    if mixed is None:
+        return block
+    return {**(block or {}), "mixed_precision": {k: v for k, v in mixed.items() if k != "scores"}}
 
 
 def _restore_lmpress_block(model: nn.Module, block: dict[str, Any] | None) -> None:

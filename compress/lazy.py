@@ -20,10 +20,13 @@ activations stay in memory below `spill_bytes` and are read back from disk, one 
 time, above it. They are written to disk after every layer anyway: that is what `--resume`
 continues from. Several processes can share the work (`compress.distributed`).
 
-Supported stages: fuse_norms, rotate, kv_cache, rtn, gptq (in an order where the transforms
-come before the quantizers). Stages that need the whole model at once (learn_rotation,
-smoothquant's statistics pass, rotate_kv, sparsity, mixed precision, flatquant) are refused
-with a message that says to run without `--lazy`.
+Supported stages: the transforms fuse_norms and rotate, kv_cache, the pruners magnitude, wanda
+and sparsegpt (N:M or unstructured; not OWL), the quantizers rtn and gptq, in that order. Each
+runs through the same per-layer method as in memory (`quant.rotate.fuse_layer_norms` /
+`rotate_layer`, `plan` / `prune_layer` of the pruners, `rtn_modules`, `GPTQ.quantize_layer`).
+Stages that need the whole model at once (learn_rotation, smoothquant's statistics pass,
+rotate_kv, structured pruning, OWL, mixed precision, flatquant) are refused with a message that
+says to run without `--lazy`.
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ from .recipe import Recipe
 from .report import Report
 from .resume import RunState, fingerprint
 from .stage import Context
-from .stages.gptq import GPTQ, RTN_FALLBACK
+from .stages.gptq import RTN_FALLBACK
 from .stages.kv_cache import KVCache
 from .stages.rotate import record_rotation
 from .stages.rtn import rtn_modules
@@ -62,7 +65,8 @@ from .surgery import set_module, to_sim, untie_embeddings
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("fuse_norms", "rotate", "kv_cache", "rtn", "gptq")
+PRUNERS = ("magnitude", "wanda", "sparsegpt")
+SUPPORTED = ("fuse_norms", "rotate", "kv_cache", *PRUNERS, "rtn", "gptq")
 TRANSFORMS = ("fuse_norms", "rotate")
 QUANTIZERS = ("rtn", "gptq")
 DEFAULT_SPILL_BYTES = 2 << 30  # calibration activations above this size are read back from disk
@@ -80,13 +84,18 @@ def check_recipe(recipe: Recipe) -> None:
         raise LazyError(
             f"stage {bad[0]!r} needs the whole model at once, so it cannot run layer by layer (--lazy); "
             f"lazy mode runs the stages {list(SUPPORTED)}: compress without --lazy (the model must fit in memory)")
-    for n in ("rotate", "gptq", "fuse_norms"):
+    for n in ("rotate", "gptq", "fuse_norms", *PRUNERS):
         if names.count(n) > 1:
             raise LazyError(f"stage {n!r} appears {names.count(n)} times; lazy mode runs each stage once")
-    last_t = max((k for k, n in enumerate(names) if n in TRANSFORMS), default=-1)
-    first_q = min((k for k, n in enumerate(names) if n in QUANTIZERS), default=len(names))
-    if last_t > first_q:
-        raise LazyError(f"stage {names[last_t]!r} comes after {names[first_q]!r}; put fuse_norms/rotate before rtn/gptq")
+    order = [TRANSFORMS, PRUNERS, QUANTIZERS]  # each kind of stage after the ones before it
+    kind = [next(k for k, group in enumerate(order) if n in group) for n in names if n != "kv_cache"]
+    if kind != sorted(kind):
+        raise LazyError(f"lazy mode runs the stages in the order transforms {list(TRANSFORMS)}, pruners {list(PRUNERS)}, "
+                        f"quantizers {list(QUANTIZERS)}; the recipe has {names}")
+    for s in recipe.stages:
+        if s.name in PRUNERS and s.owl_lambda is not None:
+            raise LazyError(f"stage {s.name!r} with owl_lambda needs a dense pass over every layer before pruning any: "
+                            "compress without --lazy")
 
 
 # --------------------------------------------------------------------------- reading shards
@@ -233,8 +242,9 @@ def _rotate_rows(W: torch.Tensor, R1: Rotation | None, gain: torch.Tensor | None
 # --------------------------------------------------------------------------- the driver
 
 
-def _calibrating(recipe: Recipe) -> GPTQ | None:
-    return next((s for s in recipe.stages if s.name == "gptq"), None)
+def _calibrating(recipe: Recipe):
+    """The first stage that needs calibration inputs (its batch_size sets the runner's)."""
+    return next((s for s in recipe.stages if s.needs_calibration), None)
 
 
 def compress_lazy(
@@ -260,9 +270,9 @@ def compress_lazy(
     between processes. Returns the Report (also written to `out/report.json`)."""
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     check_recipe(recipe)
-    gptq = _calibrating(recipe)
-    if gptq is not None and calib is None:
-        raise ValueError("stage 'gptq' needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
+    calibrating = _calibrating(recipe)
+    if calibrating is not None and calib is None:
+        raise ValueError(f"stage {calibrating.name!r} needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
@@ -297,8 +307,12 @@ def compress_lazy(
             summary["r2"] = {"kind": rot.kind, "size": arch0.head_dim(layers[0], cfg),
                              "seeds": [[sub_seed(rot.seed, "r2", i, h) for h in range(n_kv)] for i in range(n)]}
         record_rotation(ctx, summary, rot.online)  # renames plan entries / ctx.arch for the wrapped linears
-    if "kv_cache" in names:
-        KVCache().apply(model, ctx)
+    pruning = {}  # stage -> (todo {layer: {path: (fqn, spec)}}, outside [(fqn, spec)])
+    for s in recipe.stages:
+        if s.name == "kv_cache":
+            KVCache().apply(model, ctx)
+        elif s.name in PRUNERS:
+            pruning[s] = s.plan(model, ctx)
     for fqn, scheme in ctx.plan.items():
         to_sim(model, fqn, scheme)
     block = lmpress_block(model)
@@ -306,7 +320,8 @@ def compress_lazy(
     arch = ctx.arch
 
     # ---- persisted progress
-    options = {"dtype": str(dtype), "batch_size": batch_size, "gptq_batch": gptq.batch_size if gptq else None}
+    options = {"dtype": str(dtype), "batch_size": batch_size,
+               "gptq_batch": calibrating.batch_size if calibrating is not None else None}
     fp = fingerprint(reader.fingerprint(), recipe, calib, options)
     work = Path(work_dir) if work_dir is not None else out.with_name(f"{out.name}.partial")
     state = RunState.open(work, fp, resume, writer=writer) if writer else None
@@ -341,13 +356,16 @@ def compress_lazy(
         _rotate_rows(model.get_submodule(arch0.embed).weight.data, R1cpu, None)
         _rotate_rows(head.weight.data, R1cpu, None)
     outside = [f for f in ctx.plan if not f.startswith(layers_prefix)]
-    first_q = next((s.name for s in recipe.stages if s.name in QUANTIZERS), None)
-    if first_q is not None:  # no layer inputs to calibrate on: RTN (with stage gptq's fallback note when it is first)
-        rtn_modules(model, ctx, outside, note=RTN_FALLBACK if first_q == "gptq" else None)
+    for s in recipe.stages:  # no layer inputs to calibrate on: magnitude pruning, RTN (stage gptq's fallback note)
+        if s in pruning:
+            s.prune_outside(model, ctx, pruning[s][1])
+        elif s.name in QUANTIZERS:
+            rtn_modules(model, ctx, outside, note=RTN_FALLBACK if s.name == "gptq" else None)
+            break
     batches = None
     runner = None
-    if gptq is not None:
-        runner = LayerwiseRunner(model, arch, calib.tokens, batch_size=gptq.batch_size or batch_size, device=device)
+    if calibrating is not None:
+        runner = LayerwiseRunner(model, arch, calib.tokens, batch_size=calibrating.batch_size or batch_size, device=device)
         batches = runner.capture()
     saved_layers = layers
     set_module(model, arch0.layers, nn.ModuleList())  # packed_state over everything but the layers
@@ -406,7 +424,9 @@ def compress_lazy(
                 return outs
             step = LayerStep(index=i, name=f"{arch0.layers}.{i}", layer=layer, inputs=acts.mem or [], _run=run_all)
         for s in recipe.stages:
-            if s.name == "rtn":
+            if s in pruning and pruning[s][0].get(i):
+                s.prune_layer(ctx, layer, pruning[s][0][i], step)
+            elif s.name == "rtn":
                 rtn_modules(model, ctx, mine_fqns)
             elif s.name == "gptq":
                 todo, fallback = s.targets(model, ctx, n, mine_fqns)

@@ -15,7 +15,7 @@ Scheme-map keys are a module's full name, a name suffix (`down_proj` matches eve
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,6 +36,14 @@ class RecipeError(ValueError):
 
 def _scheme_spec_to_yaml(spec: Any) -> Any:
     return spec.to_dict() if isinstance(spec, QuantScheme) else spec
+
+
+def matches(pattern: str, fqn: str) -> bool:
+    """The module-name patterns of recipes (scheme maps, pins, per-module options): "re:<regex>"
+    matches the whole name; otherwise the name itself or any name ending in "." + pattern."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], fqn) is not None
+    return fqn == pattern or fqn.endswith("." + pattern)
 
 
 @dataclass(frozen=True)
@@ -75,13 +83,7 @@ class Recipe:
     # ---- the scheme map ---------------------------------------------------------------
     def scheme_for(self, fqn: str) -> QuantScheme | None:
         """First matching entry wins; unmatched modules stay in high precision."""
-        for pattern, scheme in self._resolved:
-            if pattern.startswith("re:"):
-                if re.fullmatch(pattern[3:], fqn):
-                    return scheme
-            elif fqn == pattern or fqn.endswith("." + pattern):
-                return scheme
-        return None
+        return next((scheme for pattern, scheme in self._resolved if matches(pattern, fqn)), None)
 
     @property
     def kv_args(self) -> KVCacheArgs | None:
@@ -177,3 +179,17 @@ def builtin_recipes() -> dict[str, str]:
             data = yaml.safe_load(entry.read_text())
             out[entry.name[:-5]] = data.get("description", "")
     return out
+
+
+def freeze_plan(recipe, plan: dict[str, QuantScheme]):
+    """The recipe with the plan written out as exact per-module scheme entries (first in the map)
+    and without the `mixed_precision` stage: compressing with it reproduces the plan. Modules
+    wrapped by an online transform (`<fqn>.linear`) are written under their original name."""
+    exact = {}
+    for fqn, s in plan.items():
+        key = fqn[: -len(".linear")] if fqn.endswith(".linear") else fqn
+        exact[key] = s.to_dict() if s is not None else None
+    schemes = tuple(exact.items()) + tuple((k, v) for k, v in recipe.schemes if k not in exact)
+    stages = tuple(s for s in recipe.stages if s.name != "mixed_precision")
+    return replace(recipe, schemes=schemes, stages=stages,
+                   name=(recipe.name + "-frozen") if recipe.name else "", _resolved=())

@@ -92,6 +92,22 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
     return mask.reshape(rows, cols)
 
 
+def outlier_ratio(scores: torch.Tensor, m: float) -> float:
+    """OWL's layer outlier ratio D_l: the fraction of (Wanda) scores above m times their mean
+    (Yin et al., 2023, "Outlier Weighed Layerwise Sparsity")."""
+    return float((scores > m * scores.mean()).float().mean())
+
+
+def owl_shifts(ratios, lam: float) -> list[float]:
+    """Per-layer sparsity shifts from the outlier ratios: (D_l - min D) scaled into [0, 2λ], then
+    centred (mean 0), so the average sparsity stays the target; a layer's sparsity becomes
+    target - shift (more outliers: denser)."""
+    d = torch.tensor(list(ratios), dtype=torch.float64)
+    span = float(d.max() - d.min())
+    shift = ((d - d.min()) / span * 2 * lam) if span > 0 else torch.zeros_like(d)
+    return (shift - shift.mean()).tolist()
+
+
 def check_nm(mask_or_weight: torch.Tensor, n: int, m: int, exact: bool = True) -> None:
     """Raise if a group of `m` columns holds more than `n` kept (nonzero) entries, or, with
     `exact`, if a full group holds fewer than `n` or a tail group fewer than min(n, r)."""

@@ -40,7 +40,7 @@ import torch
 from lmpress.kernels.formats import packed_cols
 
 from .gptq import layer_objective
-from .primitives import dequantize, n_groups
+from .primitives import dequantize, fake_quantize, n_groups
 from .rtn import rtn_quantize
 from .scheme import QuantArgs, QuantScheme
 
@@ -208,6 +208,82 @@ def input_proxy(W: torch.Tensor, E: torch.Tensor) -> float:
     E = (2/N) Σ δxᵀδx (in, in) collected on the calibration inputs."""
     W64 = W.to(E.device, torch.float64)  # (out, in)
     return float(((W64 @ E.double()) * W64).sum())
+
+
+def fisher_scores(model: torch.nn.Module, mods: Mapping[str, torch.nn.Module], embed_weight: torch.Tensor,
+                  tokens: torch.Tensor, device, cands: Mapping[str, Sequence[QuantScheme | None]]) -> dict:
+    """½ Σ F ⊙ ΔW² with F the empirical Fisher diagonal (squared per-sequence gradients of the
+    calibration loss; SqueezeLLM's sensitivity) for the weight part, ½ Σ_t (g_t ⊙ δx_t)² with
+    g_t the loss gradient at the module's input for the activation part. One forward and
+    backward pass per calibration sequence (`tokens` (n, T)). `mods`: {name: linear} to score;
+    `embed_weight`: the embedding table (autograd must reach layer 0's inputs). Returns {name:
+    {candidate label: score}}."""
+    names = list(mods)
+    params = [m.weight for m in mods.values()] + [embed_weight]
+    was = [p.requires_grad for p in params]
+    fisher = {f: torch.zeros_like(m.weight, dtype=torch.float32) for f, m in mods.items()}
+    act = {(f, c.inputs): 0.0 for f in names for c in cands[f] if c is not None and c.inputs is not None}
+    hooks = []
+    for f, m in mods.items():
+        alist = [a for (g, a) in act if g == f]
+        if not alist:
+            continue
+
+        def pre(_m, args, f=f, alist=alist):
+            x = args[0]
+            if not x.requires_grad:
+                return
+            dxs = [(a, (x - fake_quantize(x, a)).detach().float()) for a in alist]
+
+            def grad_hook(g, dxs=dxs, f=f):
+                for a, dx in dxs:
+                    act[(f, a)] += 0.5 * float((g.float() * dx).pow(2).double().sum())
+
+            x.register_hook(grad_hook)
+        hooks.append(m.register_forward_pre_hook(pre))
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for seq in tokens.split(1):  # (1, T): one gradient per sequence
+                logits = model(input_ids=seq.to(device), use_cache=False).logits
+                lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                loss = -lp.gather(-1, seq[:, 1:, None].to(lp.device)).mean()
+                # the embedding too, so autograd reaches (and fires the hooks on) layer 0's inputs
+                grads = torch.autograd.grad(loss, [m.weight for m in mods.values()] + [embed_weight])
+                for (f, _), g in zip(mods.items(), grads):
+                    fisher[f] += g.float().pow(2)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    scores = {}
+    for f in names:
+        W = mods[f].weight.detach().float()
+        wpart = {}
+        scores[f] = {}
+        for c in cands[f]:
+            w = None if c is None else c.weights
+            if w not in wpart:
+                wpart[w] = 0.0 if w is None else 0.5 * float((fisher[f] * (W - rtn_weight(W, w)).pow(2)).double().sum())
+            scores[f][label(c)] = wpart[w] + (0.0 if c is None or c.inputs is None else act[(f, c.inputs)])
+    return scores
+
+
+def proxy_scores(W: torch.Tensor, H: torch.Tensor, E: Mapping[QuantArgs, torch.Tensor],
+                 cands: Sequence[QuantScheme | None], kind: str = "full") -> dict[str, float]:
+    """{candidate label: `hessian_proxy` of its weights + `input_proxy` of its inputs} for one
+    module: `H` the second moment of its input, `E[args]` that of the input's quantization error
+    under input args `args`."""
+    wp: dict = {}
+    out = {}
+    for c in cands:
+        w = None if c is None else c.weights
+        if w not in wp:
+            wp[w] = hessian_proxy(W, H, w, kind)
+        out[label(c)] = wp[w] + (0.0 if c is None or c.inputs is None else input_proxy(W, E[c.inputs]))
+    return out
 
 
 def kl_to_reference(logits: torch.Tensor, ref_logp: torch.Tensor) -> tuple[float, int]:

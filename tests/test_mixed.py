@@ -10,7 +10,7 @@ import torch
 from lmpress.calibration.data import CalibrationSet, fingerprint
 from lmpress.compress import Recipe, compress, inspect, load, save
 from lmpress.compress.pipeline import build_plan
-from lmpress.compress.stages.mixed_precision import freeze_plan
+from lmpress.compress.recipe import freeze_plan
 from lmpress.kernels.linear import PackedLinear
 from lmpress.quant import mixed as mx
 from lmpress.quant.primitives import fake_quantize

@@ -9,7 +9,8 @@ from lmpress.compress import lazy
 from lmpress.compress.lazy import LazyError, compress_lazy
 from lmpress.compress.models import tiny_llama
 
-RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq"]
+RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq",
+           "sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-w4a16"]  # every per-layer stage
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,41 @@ def test_whole_model_stage_is_refused(src, tmp_path):
         compress_lazy(src, "w4a4kv4-spinquant-rtn", calib(), tmp_path / "out")
     with pytest.raises(LazyError, match="smoothquant"):
         compress_lazy(src, "w8a8-smoothquant-rtn", calib(), tmp_path / "out")
+
+
+MAGNITUDE_HEAD = """
+version: 1
+schemes: {re:.*: {preset: W4A16, sparsity: '2:4'}}
+stages: [{magnitude: {structure: '2:4'}}, {rtn: {}}]
+"""
+
+
+def test_lazy_magnitude_prunes_the_head_too_and_equals_in_memory(src, tmp_path):
+    """No calibration: magnitude 2:4 on every linear, lm_head included (pruned with the embeddings'
+    shard, before its RTN), then RTN; bitwise the in-memory artifact."""
+    from lmpress.compress import Recipe
+
+    recipe = Recipe.from_yaml(MAGNITUDE_HEAD)
+    model, _ = tiny_llama(seed=0, num_hidden_layers=3)
+    compress(model, recipe)
+    ref = save(model, tmp_path / "mem")
+    rep = compress_lazy(src, recipe, None, tmp_path / "lazy")
+    a, b = tensors(ref), tensors(tmp_path / "lazy")
+    assert set(a) == set(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert rep.modules["lm_head"]["structure"] == "2:4" and rep.modules["lm_head"]["sparsity"] >= 0.5
+
+
+def test_lazy_refuses_owl_and_a_pruner_after_a_quantizer(src, tmp_path):
+    from lmpress.compress import Recipe
+
+    owl = Recipe.from_yaml("version: 1\nschemes: {re:.*: {preset: W4A16}}\n"
+                           "stages: [{wanda: {structure: unstructured, sparsity: 0.5, owl_lambda: 0.08}}]\n")
+    with pytest.raises(LazyError, match="owl_lambda needs a dense pass"):
+        compress_lazy(src, owl, calib(), tmp_path / "out")
+    late = Recipe.from_yaml("version: 1\nschemes: {re:.*: {preset: W4A16, sparsity: '2:4'}}\n"
+                            "stages: [{rtn: {}}, {magnitude: {structure: '2:4'}}]\n")
+    with pytest.raises(LazyError, match="in the order transforms"):
+        compress_lazy(src, late, None, tmp_path / "out")
 
 
 def test_gptq_needs_calibration(src, tmp_path):

@@ -36,7 +36,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from lmpress.calibration.layerwise import LayerwiseRunner
+from lmpress.calibration.layerwise import LayerwiseRunner, group_passes
 from lmpress.calibration.stats import capture_input_stats
 from lmpress.quant.gptq import gptq_quantize_shared, layer_objective, single_thread
 from lmpress.quant.primitives import dequantize, fake_quantize, quant_error
@@ -188,16 +188,8 @@ class GPTQ:
         `step`, group by group in `arch.sequential_groups` order (true-sequential), or all from one
         pass. With `dist` (`compress.distributed`), solve u runs on rank `u % world` and is
         broadcast from there. The in-memory walk and the larger-than-memory path both call it."""
-        groups = ctx.arch.sequential_groups
-        if not self.true_sequential:
-            return self._collect_and_quantize(step, ctx, mine, [rel for g in groups for rel in g if rel in mine], [], dist)
-        figures = []
-        for gi, group in enumerate(groups):
-            targets = [rel for rel in group if rel in mine]
-            if targets:
-                later = [rel for g in groups[gi + 1:] for rel in g]
-                figures += self._collect_and_quantize(step, ctx, mine, targets, later, dist)
-        return figures
+        return [fig for targets, later in group_passes(ctx.arch.sequential_groups, mine, self.true_sequential)
+                for fig in self._collect_and_quantize(step, ctx, mine, targets, later, dist)]
 
     def _collect_and_quantize(self, step, ctx, mine: dict, targets: list[str], later: list[str], dist) -> list[dict]:
         """One Hessian per distinct input, one solve per (input, weight scheme): modules with the

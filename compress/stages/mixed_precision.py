@@ -44,12 +44,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from lmpress.quant import mixed as mx
@@ -58,6 +56,9 @@ from lmpress.quant.rtn import rtn_quantize
 from lmpress.quant.scheme import QuantScheme
 from lmpress.quant.sim import SimQuantLinear
 
+from lmpress.calibration.layerwise import LayerReplay
+
+from ..recipe import matches
 from ..stage import register_stage
 from ..surgery import get_module, set_module
 
@@ -66,12 +67,6 @@ log = logging.getLogger(__name__)
 SENSITIVITIES = ("measured", "fisher", "hessian", "hessian_trace")
 METRICS = ("kl", "loss")
 REFERENCES = ("fp", "base")
-
-
-def _matches(pattern: str, fqn: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], fqn) is not None
-    return fqn == pattern or fqn.endswith("." + pattern)
 
 
 def _pin_ok(pin: dict, cand: QuantScheme | None) -> bool:
@@ -165,7 +160,7 @@ class MixedPrecision:
         cands = {fqn: mx.candidate_schemes(ctx.plan[fqn], self.weights, self.inputs) for fqn in names}
         allowed = {fqn: [True] * len(cands[fqn]) for fqn in names}
         for pat, pin in (self.pins or {}).items():
-            hit = [fqn for fqn in names if _matches(pat, fqn)]
+            hit = [fqn for fqn in names if matches(pat, fqn)]
             if not hit:
                 raise ValueError(f"mixed_precision: pin {pat!r} matches no module of the plan (e.g. {names[:2]})")
             for fqn in hit:
@@ -174,7 +169,7 @@ class MixedPrecision:
                     raise ValueError(f"mixed_precision: pin {pat!r} = {pin} leaves {fqn} no candidate among {[mx.label(c) for c in cands[fqn]]}")
 
         tokens = ctx.calib.tokens[: self.samples]
-        runner = _Runner(model, arch, tokens, self.batch_size, ctx.device)
+        runner = LayerReplay(model, arch, tokens, self.batch_size, ctx.device)
         need = self.tolerance is not None or (not self.scores_file and self.sensitivity != "fisher")
         fp = runner.capture(keep_logp=self.metric == "kl" and self.sensitivity == "measured") if need else {}
         if self.scores_file:
@@ -182,7 +177,8 @@ class MixedPrecision:
         elif self.sensitivity == "measured":
             scores = self._measured(model, ctx, runner, fp, names, where, cands)
         elif self.sensitivity == "fisher":
-            scores = self._fisher(model, runner, names, cands)
+            scores = mx.fisher_scores(model, {f: get_module(model, f) for f in names},
+                                      model.get_submodule(arch.embed).weight, tokens, ctx.device, cands)
         else:
             scores = self._proxies(model, ctx, runner, names, where, cands)
         t_scores = time.perf_counter() - t0
@@ -255,7 +251,7 @@ class MixedPrecision:
             raise ValueError(f"mixed_precision: scores_file {self.scores_file} has no score for {missing[:3]} ({len(missing)} missing)")
         return {f: {mx.label(c): float(data[f][mx.label(c)]) for c in cands[f]} for f in names}
 
-    def _measured(self, model, ctx, runner: "_Runner", fp: dict, names, where, cands) -> dict:
+    def _measured(self, model, ctx, runner: LayerReplay, fp: dict, names, where, cands) -> dict:
         originals = {f: get_module(model, f) for f in names}
         wcache: dict = {}
         base_ref = None
@@ -289,65 +285,7 @@ class MixedPrecision:
                 set_module(model, f, originals[f])
             runner.restore_fp()
 
-    def _fisher(self, model, runner: "_Runner", names, cands) -> dict:
-        """½ Σ F ⊙ ΔW² with F the empirical Fisher diagonal (squared per-sequence gradients of the
-        calibration loss; SqueezeLLM's sensitivity) for the weight part, ½ Σ_t (g_t ⊙ δx_t)² with
-        g_t the loss gradient at the module's input for the activation part. One forward and
-        backward pass per calibration sequence."""
-        mods = {f: get_module(model, f) for f in names}
-        embed = model.get_submodule(runner.arch.embed)
-        params = [m.weight for m in mods.values()] + [embed.weight]
-        was = [p.requires_grad for p in params]
-        fisher = {f: torch.zeros_like(m.weight, dtype=torch.float32) for f, m in mods.items()}
-        act = {(f, c.inputs): 0.0 for f in names for c in cands[f] if c is not None and c.inputs is not None}
-        hooks = []
-        for f, m in mods.items():
-            alist = [a for (g, a) in act if g == f]
-            if not alist:
-                continue
-
-            def pre(_m, args, f=f, alist=alist):
-                x = args[0]
-                if not x.requires_grad:
-                    return
-                dxs = [(a, (x - fake_quantize(x, a)).detach().float()) for a in alist]
-
-                def grad_hook(g, dxs=dxs, f=f):
-                    for a, dx in dxs:
-                        act[(f, a)] += 0.5 * float((g.float() * dx).pow(2).double().sum())
-
-                x.register_hook(grad_hook)
-            hooks.append(m.register_forward_pre_hook(pre))
-        try:
-            for p in params:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                for seq in runner.tokens.split(1):  # (1, T): one gradient per sequence
-                    logits = model(input_ids=seq.to(runner.device), use_cache=False).logits
-                    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                    loss = -lp.gather(-1, seq[:, 1:, None].to(lp.device)).mean()
-                    # the embedding too, so autograd reaches (and fires the hooks on) layer 0's inputs
-                    grads = torch.autograd.grad(loss, [m.weight for m in mods.values()] + [embed.weight])
-                    for (f, _), g in zip(mods.items(), grads):
-                        fisher[f] += g.float().pow(2)
-        finally:
-            for h in hooks:
-                h.remove()
-            for p, w in zip(params, was):
-                p.requires_grad_(w)
-        scores = {}
-        for f in names:
-            W = mods[f].weight.detach().float()
-            wpart = {}
-            scores[f] = {}
-            for c in cands[f]:
-                w = None if c is None else c.weights
-                if w not in wpart:
-                    wpart[w] = 0.0 if w is None else 0.5 * float((fisher[f] * (W - mx.rtn_weight(W, w)).pow(2)).double().sum())
-                scores[f][mx.label(c)] = wpart[w] + (0.0 if c is None or c.inputs is None else act[(f, c.inputs)])
-        return scores
-
-    def _proxies(self, model, ctx, runner: "_Runner", names, where, cands) -> dict:
+    def _proxies(self, model, ctx, runner: LayerReplay, names, where, cands) -> dict:
         arch = ctx.arch
         kind = "trace" if self.sensitivity == "hessian_trace" else "full"
         scores = {f: {} for f in names}
@@ -369,15 +307,8 @@ class MixedPrecision:
             with capture_input_stats(mods, transforms=transforms, norms=False) as stats:
                 runner.run_layer(idx)
             for f in fs:
-                W = get_module(model, f).weight.detach()
-                H = stats[f].hessian
-                wp = {}
-                for c in cands[f]:
-                    w = None if c is None else c.weights
-                    if w not in wp:
-                        wp[w] = mx.hessian_proxy(W, H, w, kind)
-                    ip = 0.0 if c is None or c.inputs is None else mx.input_proxy(W, stats[keys[(f, c.inputs)]].hessian)
-                    scores[f][mx.label(c)] = wp[w] + ip
+                E = {a: stats[key].hessian for (g, a), key in keys.items() if g == f}
+                scores[f] = mx.proxy_scores(get_module(model, f).weight.detach(), stats[f].hessian, E, cands[f], kind)
             for acc in stats.values():
                 acc.release()
         return scores
@@ -454,103 +385,3 @@ def _sim(linear: nn.Module, scheme: QuantScheme, fqn: str, wcache: dict) -> SimQ
             wcache[key] = rtn_quantize(linear.weight.detach().float(), scheme.weights)
         sim.set_quantized(*wcache[key])
     return sim
-
-
-class _Runner:
-    """The calibration subset, cut at every decoder layer: `capture` runs the model once and keeps
-    each layer's input (hidden states and keyword arguments) per batch, and the full-precision
-    log-probabilities / NLL; `metric(l, ...)` reruns the model from layer `l` on those inputs."""
-
-    def __init__(self, model, arch, tokens: torch.Tensor, batch_size: int, device):
-        self.model, self.arch, self.tokens = model, arch, tokens
-        self.layers = arch.decoder_layers(model)
-        self.batches = list(tokens.split(batch_size))  # (B, T) each
-        self.device = device
-        self.inputs: list[list[tuple[torch.Tensor, dict]]] = []
-        self._fp_inputs = None
-
-    @torch.no_grad()
-    def capture(self, keep_logp: bool, ref_logp=None) -> dict:
-        L = len(self.layers)
-        stash: list[list] = [[] for _ in range(L + 1)]
-        hooks = []
-        for i, layer in enumerate(self.layers):
-            def pre(_m, args, kwargs, i=i):
-                h = args[0] if args else kwargs["hidden_states"]
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                stash[i].append((h.detach(), kw))
-            hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-        norm = self.model.get_submodule(self.arch.final_norm)
-        hooks.append(norm.register_forward_pre_hook(lambda _m, args: stash[L].append((args[0].detach(), {}))))
-        nll = count = 0.0
-        logps = []
-        try:
-            for b in self.batches:
-                logits = self.model(input_ids=b.to(self.device), use_cache=False).logits
-                s, n = mx.token_nll(logits, b)
-                nll, count = nll + s, count + n
-                if keep_logp:
-                    logps.append(torch.log_softmax(logits.float(), dim=-1))
-        finally:
-            for h in hooks:
-                h.remove()
-        self.inputs = stash
-        if self._fp_inputs is None:
-            self._fp_inputs = stash
-        return {"nll": nll / count, "logp": logps if keep_logp else ref_logp}
-
-    def restore_fp(self) -> None:
-        if self._fp_inputs is not None:
-            self.inputs = self._fp_inputs
-
-    @torch.no_grad()
-    def run_layer(self, idx: int) -> None:
-        """Run decoder layer `idx` (or the final norm + head for idx == L) on its captured inputs."""
-        L = len(self.layers)
-        for h, kw in self.inputs[idx]:
-            if idx < L:
-                self.layers[idx](h, **kw)
-            else:
-                self.model.get_submodule(self.arch.lm_head)(self.model.get_submodule(self.arch.final_norm)(h))
-
-    @torch.no_grad()
-    def metric(self, start: int, metric: str, fp: dict) -> float:
-        """Mean KL to the FP model ("kl") or mean next-token NLL ("loss") with the model as it is
-        now, run from layer `start` on the captured inputs."""
-        L = len(self.layers)
-        norm = self.model.get_submodule(self.arch.final_norm)
-        head = self.model.get_submodule(self.arch.lm_head)
-        total = count = 0.0
-        for bi, b in enumerate(self.batches):
-            h = self.inputs[start][bi][0]
-            for i in range(start, L):
-                out = self.layers[i](h, **self.inputs[i][bi][1])
-                h = out[0] if isinstance(out, (tuple, list)) else out
-            logits = head(norm(h))
-            s, n = mx.kl_to_reference(logits, fp["logp"][bi]) if metric == "kl" else mx.token_nll(logits, b)
-            total, count = total + s, count + n
-        return total / count
-
-
-def freeze_plan(recipe, plan: dict[str, QuantScheme]):
-    """The recipe with the plan written out as exact per-module scheme entries (first in the map)
-    and without the `mixed_precision` stage: compressing with it reproduces the plan. Modules
-    wrapped by an online transform (`<fqn>.linear`) are written under their original name."""
-    exact = {}
-    for fqn, s in plan.items():
-        key = fqn[: -len(".linear")] if fqn.endswith(".linear") else fqn
-        exact[key] = s.to_dict() if s is not None else None
-    schemes = tuple(exact.items()) + tuple((k, v) for k, v in recipe.schemes if k not in exact)
-    stages = tuple(s for s in recipe.stages if s.name != "mixed_precision")
-    return replace(recipe, schemes=schemes, stages=stages,
-                   name=(recipe.name + "-frozen") if recipe.name else "", _resolved=())
-
-
-def manifest_block(meta: dict) -> dict | None:
-    """The `mixed_precision` entry of the checkpoint manifest's `lmpress` block (no scores)."""
-    rep = meta.get("report")
-    extra = getattr(rep, "extra", None) or {}
-    mp = extra.get("mixed_precision")
-    if mp is None:
-        mp = ((meta.get("manifest") or {}).get("lmpress") or {}).get("mixed_precision")
-    return None if mp is None else {k: v for k, v in mp.items() if k != "scores"}

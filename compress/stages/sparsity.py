@@ -33,25 +33,22 @@ from functools import partial
 
 import torch
 
-from lmpress.calibration.layerwise import LayerwiseRunner
+from lmpress.calibration.layerwise import LayerwiseRunner, group_passes
 from lmpress.calibration.stats import capture_input_stats
-from lmpress.prune.masks import magnitude_scores, nm_mask, parse_structure, sparsity_of, unstructured_mask, wanda_scores
+from lmpress.prune.masks import (
+    magnitude_scores, nm_mask, outlier_ratio, owl_shifts, parse_structure, sparsity_of, unstructured_mask, wanda_scores,
+)
 from lmpress.prune.sparsegpt import sparsegpt_prune
 from lmpress.quant.primitives import fake_quantize, quant_error
 from lmpress.quant.rtn import rtn_quantize
 from lmpress.quant.sim import SimQuantLinear
 
+from ..recipe import matches
 from ..stage import register_stage
 from ..surgery import get_module, to_sim
 from .gptq import stubbed
 
 log = logging.getLogger(__name__)
-
-
-def _match(pattern: str, fqn: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], fqn) is not None
-    return fqn == pattern or fqn.endswith("." + pattern)
 
 
 @dataclass(frozen=True)
@@ -118,7 +115,7 @@ class _Pruning:
     def spec_for(self, fqn: str) -> _Spec | None:
         value = self.structure
         for pat, v in (self.targets or {}).items():
-            if _match(pat, fqn):
+            if matches(pat, fqn):
                 value = v
                 break
         if value is None:
@@ -128,9 +125,13 @@ class _Pruning:
         nm = parse_structure(value)
         return _Spec(nm, 1 - nm[0] / nm[1]) if nm else _Spec(None, float(self.sparsity))
 
-    def apply(self, model, ctx) -> None:
+    def plan(self, model, ctx) -> tuple[dict[int, dict[str, tuple[str, _Spec]]], list[tuple[str, _Spec]]]:
+        """The structural half of `apply`: every planned module becomes a SimQuantLinear whose scheme
+        carries the stage's N:M (ctx.plan too). Returns ({layer: {path in the layer: (fqn, spec)}},
+        [(fqn, spec) outside the decoder layers' known linears]). Works on a meta-device skeleton
+        (the larger-than-memory path plans before any weight is read)."""
         arch = ctx.arch
-        layers = arch.decoder_layers(model)
+        n_layers = len(arch.decoder_layers(model))
         known = set(arch.linears)
         todo: dict[int, dict[str, tuple[str, _Spec]]] = {}
         outside: list[tuple[str, _Spec]] = []
@@ -153,22 +154,30 @@ class _Pruning:
             else:
                 to_sim(model, fqn, new)
             ctx.plan[fqn] = new
-            idx, rel = arch.layer_of(fqn, len(layers))
+            idx, rel = arch.layer_of(fqn, n_layers)
             if idx is not None and rel in known:
                 todo.setdefault(idx, {})[rel] = (fqn, spec)
             else:
                 outside.append((fqn, spec))
+        return todo, outside
+
+    def apply(self, model, ctx) -> None:
+        todo, outside = self.plan(model, ctx)
         if self.owl_lambda is not None:
             if any(s.nm for mods in todo.values() for _, s in mods.values()):
                 raise ValueError(f"{self.name}: owl_lambda allocates unstructured sparsity; set structure: unstructured")
             todo = self._owl(model, ctx, todo)
         t0 = time.perf_counter()
         self.walk(model, ctx, todo)
+        self.prune_outside(model, ctx, outside)
+        log.info("%s: done in %.1fs", self.name, time.perf_counter() - t0)
+
+    def prune_outside(self, model, ctx, outside: list[tuple[str, _Spec]]) -> None:
+        """Magnitude pruning of the planned modules outside the decoder layers (no layer inputs)."""
         for fqn, spec in outside:
             log.info("%s: %s is outside the decoder layers' known linears: magnitude pruning", self.name, fqn)
             sim = get_module(model, fqn)
             self.install(ctx, fqn, sim, spec, self.mask(sim.weight.detach().float(), spec, None), method="magnitude")
-        log.info("%s: done in %.1fs", self.name, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ OWL
     def _owl(self, model, ctx, todo):
@@ -184,13 +193,10 @@ class _Pruning:
             with capture_input_stats(mods, hessian=False, norms=True) as stats:
                 step.forward()
             scores = torch.cat([wanda_scores(m.weight, stats[rel].col_norms).flatten() for rel, m in mods.items()])
-            ratios[step.index] = float((scores > self.owl_m * scores.mean()).float().mean())
-        d = torch.tensor([ratios[i] for i in sorted(ratios)], dtype=torch.float64)
-        span = float(d.max() - d.min())
-        shift = ((d - d.min()) / span * 2 * self.owl_lambda) if span > 0 else torch.zeros_like(d)
-        shift = shift - shift.mean()  # more outliers -> denser
+            ratios[step.index] = outlier_ratio(scores, self.owl_m)
+        shift = owl_shifts([ratios[i] for i in sorted(ratios)], self.owl_lambda)
         out = {}
-        for (i, mine), delta in zip(sorted(todo.items()), shift.tolist()):
+        for (i, mine), delta in zip(sorted(todo.items()), shift):
             out[i] = {rel: (fqn, _Spec(None, min(max(spec.sparsity - delta, 0.0), 0.99))) for rel, (fqn, spec) in mine.items()}
             log.info("%s: OWL layer %d: outlier ratio %.4f, sparsity %+.4f", self.name, i, ratios[i], -delta)
         return out
@@ -199,7 +205,6 @@ class _Pruning:
     def walk(self, model, ctx, todo) -> None:
         if ctx.calib is None:
             raise ValueError(f"stage {self.name!r} needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
-        groups = ctx.arch.sequential_groups
         runner = LayerwiseRunner(model, ctx.arch, ctx.calib.tokens, batch_size=self.batch_size or ctx.batch_size, device=ctx.device)
         n_layers = len(runner)
         for step in runner:
@@ -207,14 +212,15 @@ class _Pruning:
             if not mine:
                 continue
             t0 = time.perf_counter()
-            if self.true_sequential:
-                for gi, group in enumerate(groups):
-                    targets = [rel for rel in group if rel in mine]
-                    if targets:
-                        self._collect_and_prune(step, ctx, mine, targets, [r for g in groups[gi + 1:] for r in g])
-            else:
-                self._collect_and_prune(step, ctx, mine, [r for g in groups for r in g if r in mine], [])
+            self.prune_layer(ctx, step.layer, mine, step)
             log.info("%s: layer %d/%d pruned in %.1fs", self.name, step.index + 1, n_layers, time.perf_counter() - t0)
+
+    def prune_layer(self, ctx, layer, mine: dict[str, tuple[str, _Spec]], step=None) -> None:
+        """Prune the modules `mine` ({path in `layer`: (fqn, spec)}) of one decoder layer, group by
+        group on the statistics of `step` (its calibration inputs). The in-memory walk and the
+        larger-than-memory path both call it."""
+        for targets, later in group_passes(ctx.arch.sequential_groups, mine, self.true_sequential):
+            self._collect_and_prune(step, ctx, mine, targets, later)
 
     def _collect_and_prune(self, step, ctx, mine, targets, later) -> None:
         layer = step.layer
@@ -270,10 +276,14 @@ class _Pruning:
 @dataclass(frozen=True)
 class Magnitude(_Pruning):
     def walk(self, model, ctx, todo) -> None:
-        for mine in todo.values():
-            for fqn, spec in mine.values():
-                sim = get_module(model, fqn)
-                self.install(ctx, fqn, sim, spec, self.mask(sim.weight.detach().float(), spec, None), method="magnitude")
+        layers = ctx.arch.decoder_layers(model)
+        for i, mine in todo.items():
+            self.prune_layer(ctx, layers[i], mine)
+
+    def prune_layer(self, ctx, layer, mine, step=None) -> None:
+        for rel, (fqn, spec) in mine.items():
+            sim = layer.get_submodule(rel)
+            self.install(ctx, fqn, sim, spec, self.mask(sim.weight.detach().float(), spec, None), method="magnitude")
 
 
 @register_stage("wanda", needs_calibration=True)
