@@ -38,6 +38,8 @@ from .formats import from_kn_layout, packed_cols, unpack
 try:
     import triton
     import triton.language as tl
+
+    from .tiles import grouped_tile
 except ImportError:  # pragma: no cover - triton is a dependency; the reference still works
     triton = None
 
@@ -58,11 +60,7 @@ def w4a16_gemm_ref(
     weight_scale: torch.Tensor,
     weight_zero_point: torch.Tensor | None = None,
     *,
-    in_features: int,
-    group_size: int | None,
-    bits: int = 4,
-    bias: torch.Tensor | None = None,
-    layout: str = "nk",
+    in_features: int, group_size: int | None, bits: int = 4, bias: torch.Tensor | None = None, layout: str = "nk",
 ) -> torch.Tensor:
     """Torch oracle: F.linear(x, dequantize(unpack(W)) in x.dtype, bias)."""
     packed = from_kn_layout(weight_packed, bits) if layout == "kn" else weight_packed
@@ -90,26 +88,15 @@ if triton is not None:
         HAS_BIAS: tl.constexpr,
         PARTIAL: tl.constexpr,  # split-K: store fp32 partial sums at out + pid_k * stride_os, no bias
         DOT_FP32: tl.constexpr,  # interpreter: run the dot on fp32 copies (its bf16 dot is unreliable)
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         PER: tl.constexpr = 32 // BITS
         OFFSET: tl.constexpr = 1 << (BITS - 1)
         FIELD: tl.constexpr = (1 << BITS) - 1
         IS_FP32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
 
-        # grouped tile order: GROUP_M row-tiles share the weight columns they read (L2 reuse)
-        pid = tl.program_id(0)
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
@@ -247,11 +234,7 @@ def w4a16_gemm(
     weight_scale: torch.Tensor,
     weight_zero_point: torch.Tensor | None = None,
     *,
-    in_features: int,
-    group_size: int | None,
-    bits: int = 4,
-    bias: torch.Tensor | None = None,
-    layout: str = "nk",
+    in_features: int, group_size: int | None, bits: int = 4, bias: torch.Tensor | None = None, layout: str = "nk",
     split_k: int | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:

@@ -26,6 +26,8 @@ from .formats import packed_cols, unpack
 try:
     import triton
     import triton.language as tl
+
+    from .tiles import grouped_tile
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -87,23 +89,13 @@ if triton is not None:
         W_BITS: tl.constexpr,  # 4 or 8: width of the weight fields in the int32 words
         HAS_BIAS: tl.constexpr,
         EPILOGUE: tl.constexpr,  # False: store the int32 accumulator
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         W_PER: tl.constexpr = 32 // W_BITS
         W_OFF: tl.constexpr = 1 << (W_BITS - 1)
         W_FIELD: tl.constexpr = (1 << W_BITS) - 1
 
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * num_n
-        first_m = (pid // width) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % size_m
-        pid_n = (pid % width) // size_m
+        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -183,10 +183,7 @@ def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
     args: QuantArgs,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = False,
-    static_groups: bool = True,
+    block_size: int = 128, damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
     *,
     objective: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
@@ -264,10 +261,7 @@ def gptq_quantize_shared(
     weights: list[torch.Tensor],
     H: torch.Tensor,
     args: QuantArgs,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = False,
-    static_groups: bool = True,
+    block_size: int = 128, damp: float = 0.01, act_order: bool = False, static_groups: bool = True,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
     """`gptq_quantize` for several weights that read the same input (e.g. q, k and v).
 
