@@ -34,6 +34,8 @@ from unittest import mock
 
 import torch
 
+from .heap import trim_heap
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("calib", "eval")
@@ -202,6 +204,7 @@ def sample_calibration(tokenizer, source: str = "wiki", n: int = 128, seqlen: in
     if n < 1 or seqlen < 1:
         raise ValueError(f"n and seqlen must be positive, got n={n}, seqlen={seqlen}")
     ids = tokenize(tokenizer, load_text(source, split))
+    trim_heap()  # the tokenizer's buffers for the whole split
     if ids.numel() < seqlen + 1:
         raise ValueError(
             f"calibration source {source!r} ({split}) has {ids.numel()} tokens; "

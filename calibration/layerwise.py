@@ -19,6 +19,7 @@ Peak memory is one layer on `device` plus the cached activations, which stay on 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -27,11 +28,33 @@ from torch import nn
 
 from lmpress.quant.mixed import kl_to_reference, token_nll
 
+from .heap import trim_heap
+
 log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
     """Raised by the capture hook to stop the model after layer 0's inputs are stashed."""
+
+
+@contextmanager
+def stop_after(modules: list[nn.Module]):
+    """While active, a forward raises `_StopForward` once every module of `modules` has received
+    its input (a forward pre-hook registered after any already there, so those run first)."""
+    seen: set[int] = set()
+
+    def hook(module, _args):
+        seen.add(id(module))
+        if len(seen) == len({id(m) for m in modules}):
+            seen.clear()
+            raise _StopForward
+
+    handles = [m.register_forward_pre_hook(hook) for m in {id(m): m for m in modules}.values()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _to(obj: Any, device: torch.device | str) -> Any:
@@ -69,9 +92,12 @@ class LayerStep:
     inputs: list[torch.Tensor]  # one (B, T, hidden) tensor per batch, on CPU
     _run: Callable[[], list[torch.Tensor]] = field(repr=False)
 
-    def forward(self) -> list[torch.Tensor]:
-        """Run every input batch through the current `layer` (no_grad); outputs on CPU."""
-        return self._run()
+    def forward(self, until: list[nn.Module] | None = None) -> list[torch.Tensor]:
+        """Run every input batch through the current `layer` (no_grad); outputs on CPU. With
+        `until`, each batch stops as soon as every module in it has received its input (their
+        forward pre-hooks, e.g. statistics, have run): a collection pass that needs nothing
+        after those modules skips the rest of the layer, and returns no outputs."""
+        return self._run(until)
 
 
 def group_passes(groups, mine, true_sequential: bool = True) -> list[tuple[list[str], list[str]]]:
@@ -143,9 +169,19 @@ class LayerwiseRunner:
     # ----------------------------------------------------------------- running a layer
 
     @torch.no_grad()
-    def _run_layer(self, layer: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]:
-        """`layer` applied to every batch; outputs (B, T, hidden) on CPU."""
+    def _run_layer(self, layer: nn.Module, batches: list[_Batch], until: list[nn.Module] | None = None) -> list[torch.Tensor]:
+        """`layer` applied to every batch; outputs (B, T, hidden) on CPU (none with `until`: see
+        `LayerStep.forward`)."""
         dev = self.device if self.device is not None else _device_of(layer)
+        if until:
+            with stop_after(until):
+                for b in batches:
+                    try:
+                        layer(b.hidden.to(dev), **_to(b.kwargs, dev))
+                    except _StopForward:
+                        continue
+                    raise RuntimeError("the layer finished without calling every module of `until`")
+            return []
         outs = []
         for b in batches:
             out = layer(b.hidden.to(dev), **_to(b.kwargs, dev))
@@ -160,9 +196,9 @@ class LayerwiseRunner:
         Only the modules before layer 0 run (the layers themselves may be on the meta device)."""
         return self._capture()
 
-    def run_layer(self, layer: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]:
+    def run_layer(self, layer: nn.Module, batches: list[_Batch], until: list[nn.Module] | None = None) -> list[torch.Tensor]:
         """`layer` applied to every batch (no_grad, on the runner's device); outputs on CPU."""
-        return self._run_layer(layer, batches)
+        return self._run_layer(layer, batches, until)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -180,7 +216,7 @@ class LayerwiseRunner:
                 layer.to(self.device)
             step = LayerStep(index=i, name=f"{self.arch.layers}.{i}", layer=layer,
                              inputs=[b.hidden for b in batches],
-                             _run=lambda i=i, bs=batches: self._run_layer(self.layers[i], bs))
+                             _run=lambda until=None, i=i, bs=batches: self._run_layer(self.layers[i], bs, until))
             try:
                 yield step
             except GeneratorExit:  # the caller stopped early: put the layer back where it was
@@ -195,6 +231,7 @@ class LayerwiseRunner:
             if self.device is not None:
                 layer.to(home)
             batches = [_Batch(o, b.kwargs) for o, b in zip(outs, batches)]
+            trim_heap()  # the layer's freed inputs, activations and working tensors
         self.outputs = [b.hidden for b in batches]
 
 

@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmpress.calibration.heap import trim_heap
 from lmpress.calibration.layerwise import Batch, LayerStep, LayerwiseRunner
 from lmpress.kernels.online import RotatedInput
 from lmpress.quant.rotate import Rotation, fusable, fuse_layer_norms, place_online, rotate_layer, sub_seed
@@ -191,16 +192,7 @@ def free(module: nn.Module) -> None:
     """Back to the meta device (the memory is released; the structure stays), and hand the
     allocator's free heap pages back to the OS so the next layer starts from the same RSS."""
     module.to("meta")
-    _trim()
-
-
-def _trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    trim_heap()
 
 
 # --------------------------------------------------------------------------- activations
@@ -415,12 +407,12 @@ def compress_lazy(
         mine_fqns = [f for f in ctx.plan if f.startswith(prefix)]
         step = None
         if batches is not None:
-            def run_all(layer=layer, keep_out=keep):
+            def run_all(until=None, layer=layer, keep_out=keep):
                 outs = []
                 for j in range(nb):
-                    o = runner.run_layer(layer, [Batch(acts.get(j), kwargs[j])])[0]
-                    if keep_out:
-                        outs.append(o)
+                    o = runner.run_layer(layer, [Batch(acts.get(j), kwargs[j])], until)
+                    if keep_out and not until:
+                        outs.append(o[0])
                 return outs
             step = LayerStep(index=i, name=f"{arch0.layers}.{i}", layer=layer, inputs=acts.mem or [], _run=run_all)
         for s in recipe.stages:

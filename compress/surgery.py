@@ -29,7 +29,7 @@ def to_sim(model: nn.Module, fqn: str, scheme: QuantScheme) -> SimQuantLinear:
         return mod
     if not isinstance(mod, nn.Linear):
         raise TypeError(f"{fqn} is a {type(mod).__name__}, not a linear layer")
-    sim = SimQuantLinear(mod, scheme)
+    sim = SimQuantLinear(mod, scheme, copy=False)  # it replaces `mod`: no second copy of the weights
     set_module(model, fqn, sim)
     return sim
 

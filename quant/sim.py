@@ -18,12 +18,15 @@ class SimQuantLinear(nn.Module):
     no weight args keeps the float weight and only fake-quantizes the inputs.
     """
 
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme):
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, copy: bool = True):
+        """`copy=False` takes the linear's tensors without copying them: for a linear this module
+        replaces (`compress.surgery.to_sim`), so the model does not hold its weights twice."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.scheme = scheme
-        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        own = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
+        self.weight = nn.Parameter(own(linear.weight), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(own(linear.bias), requires_grad=False)
         self.register_buffer("weight_codes", None)
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_zero_point", None)
@@ -33,7 +36,8 @@ class SimQuantLinear(nn.Module):
         return self.weight_codes is not None
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        """Install integer codes (out, in) and qparams; `weight` becomes their dequantization."""
+        """Install integer codes (out, in) and qparams; `weight` becomes their dequantization,
+        written into its own storage."""
         args = self.scheme.weights
         if args is None:
             raise ValueError("this SimQuantLinear's scheme quantizes no weights")
@@ -42,7 +46,13 @@ class SimQuantLinear(nn.Module):
         self.weight_codes = q.to(torch.int8).contiguous()
         self.weight_scale = scale.float().contiguous()
         self.weight_zero_point = zero.float().contiguous()
-        self.weight.data = dequantize(q, scale, zero, args, dtype=self.weight.dtype)
+        deq = dequantize(q, scale, zero, args, dtype=self.weight.dtype)
+        if self.weight.device == deq.device and self.weight.is_contiguous():
+            # in place: the model holds one copy of its weights (pages of a memory-mapped checkpoint
+            # are replaced, not added to); a caller keeping the old values must have copied them
+            self.weight.data.copy_(deq)
+        else:
+            self.weight.data = deq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme.inputs is not None:

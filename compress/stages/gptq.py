@@ -103,7 +103,7 @@ def collect_hessians(step, ctx, targets: list[str], later: list[str]):
     hooked = {rels[0]: sims[rels[0]] for rels in by_input.values()}
     transforms = {rels[0]: partial(fake_quantize, args=inp) for (_, inp), rels in by_input.items() if inp is not None}
     with stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
-        step.forward()
+        step.forward(until=list(hooked.values()))  # nothing after the hooked inputs is needed
     return sims, by_input, stats
 
 
@@ -217,7 +217,7 @@ class GPTQ:
         figures = []
         for u, (H, args, same) in enumerate(units):
             for rel, (q, scale, zero, st) in zip(same, results[u]):
-                W = sims[rel].weight.detach().float()
+                W = sims[rel].weight.detach().to(torch.float32, copy=True)  # set_quantized overwrites the weight
                 figures.append(self._install(ctx, sims[rel], mine[rel][0], W, H, q, scale, zero, st, seconds[u]))
         for rels in by_input.values():
             stats[rels[0]].release()
