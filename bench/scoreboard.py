@@ -17,7 +17,9 @@ Rows (`--rows`, comma-separated; every row by default) and what runs in each, ou
           backends, 2 bits, groups of 64, 128 recent tokens in full precision (bench/kv_cache.py)
   decode  decode tokens/s at batch 1, packed W4A16 checkpoint against the fp32 base, alternating in one
           process (lmpress.eval.latency); the checkpoint is w4a16-rtn's: the same format as w4a16-gptq's
-The compress-time / peak-RSS row comes with w4a16 (ours and the llm-compressor GPTQ peer).
+The compress-time / peak-RSS row comes with w4a16 (ours and the llm-compressor GPTQ peer): the
+compression's seconds, and the process's peak RSS after it (model load, calibration sampling and
+compression; the eval text is tokenized afterwards, for both).
 
 Protocol: every configuration is a child process of bench/_runner.py (same --threads, fresh model).
 Calibration is `sample_calibration(tok, "wiki", n, seqlen, seed)` for ours and the peers alike (the
@@ -98,13 +100,19 @@ SIDES = {
 # --------------------------------------------------------------------------- in the child
 
 
-def _data(args):
-    """The model, its tokenizer and the eval ids (1-D): the same for every configuration."""
+def _eval_ids(tok, args):
+    """The eval ids (1-D): the same for every configuration."""
     from lmpress.calibration.data import load_text, tokenize
+
+    return tokenize(tok, load_text(args.eval_data or "wiki", "eval"))  # (N,)
+
+
+def _data(args):
+    """The model, its tokenizer and the eval ids."""
     from lmpress.compress.models import load_model
 
     model, tok = load_model(args.model)
-    return model, tok, tokenize(tok, load_text(args.eval_data or "wiki", "eval"))  # (N,)
+    return model, tok, _eval_ids(tok, args)
 
 
 def _ppl(model, ids, args) -> dict:
@@ -118,17 +126,20 @@ def _ppl(model, ids, args) -> dict:
 
 
 def _compressed(args, apply) -> dict:
-    """Load, sample the calibration set, `apply(model, tok, calib)` (timed, memory sampled), evaluate."""
+    """Load, sample the calibration set, `apply(model, tok, calib)` (timed, memory sampled), evaluate.
+    `peak_rss_mib` is the process's peak after compressing: model load, calibration sampling and
+    compression (the eval text is tokenized after it, for both sides)."""
     from lmpress.calibration.data import sample_calibration
+    from lmpress.compress.models import load_model
 
-    model, tok, ids = _data(args)
+    model, tok = load_model(args.model)
     calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed)
     t0 = time.perf_counter()
     with _runner.RssPeak() as peak:
         apply(model, tok, calib)
     row = {"compress_s": time.perf_counter() - t0, "peak_rss_mib": _runner.rss_mib(), "peak_compress_mib": peak.mib,
            "calib_fingerprint": calib.fingerprint}
-    row.update(_ppl(model, ids, args))
+    row.update(_ppl(model, _eval_ids(tok, args), args))
     return row
 
 

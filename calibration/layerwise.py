@@ -91,6 +91,7 @@ class LayerStep:
     layer: nn.Module
     inputs: list[torch.Tensor]  # one (B, T, hidden) tensor per batch, on CPU
     _run: Callable[[], list[torch.Tensor]] = field(repr=False)
+    _replayed: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     def forward(self, until: list[nn.Module] | None = None) -> list[torch.Tensor]:
         """Run every input batch through the current `layer` (no_grad); outputs on CPU. With
@@ -98,6 +99,61 @@ class LayerStep:
         forward pre-hooks, e.g. statistics, have run): a collection pass that needs nothing
         after those modules skips the rest of the layer, and returns no outputs."""
         return self._run(until)
+
+    def replay(self, path: str) -> None:
+        """The submodule at `path` is final for this step (its weights and its inputs no longer
+        change): the next pass over the batches computes and records its outputs, later passes
+        (more collection, the propagation to the next layer) get copies of them. `restore()` (the
+        runner calls it after propagating) puts the module back."""
+        if path not in self._replayed and self.inputs:  # (a driver that spills its inputs gives none: no replay)
+            module = self.layer.get_submodule(path)
+            self._replayed[path] = module
+            self.layer.set_submodule(path, _Replay(module, len(self.inputs)))
+
+    def last_pass(self) -> None:
+        """The next pass over the batches is the last: replayed outputs are dropped as they are used."""
+        for path in self._replayed:
+            self.layer.get_submodule(path).last = True
+
+    def restore(self) -> None:
+        for path, module in self._replayed.items():
+            self.layer.set_submodule(path, module)
+        self._replayed.clear()
+
+
+def _copy(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_copy(o) for o in out)
+    return out
+
+
+class _Replay(nn.Module):
+    """Stands in for a module whose outputs are known: the first `n` calls (one pass over the
+    batches, in order) run it and record the outputs; each later call k returns a copy of
+    recording k mod n. A call interrupted by an exception records nothing."""
+
+    def __init__(self, module: nn.Module, n: int):
+        super().__init__()
+        self.module, self.n = module, n
+        self.outputs: list[Any] = []
+        self.calls = 0
+        self.last = False  # set for the last pass: each recording is handed over, not copied
+
+    def forward(self, *args, **kwargs):
+        if self.calls < self.n:
+            out = self.module(*args, **kwargs)
+            self.calls += 1
+            if not self.last:
+                self.outputs.append(out)
+            return _copy(out)
+        k = self.calls % self.n
+        self.calls += 1
+        if self.last:
+            out, self.outputs[k] = self.outputs[k], None
+            return out
+        return _copy(self.outputs[k])
 
 
 def group_passes(groups, mine, true_sequential: bool = True) -> list[tuple[list[str], list[str]]]:
@@ -220,17 +276,24 @@ class LayerwiseRunner:
             try:
                 yield step
             except GeneratorExit:  # the caller stopped early: put the layer back where it was
+                step.restore()
                 if self.device is not None:
                     self.layers[i].to(home)
                 raise
-            # The caller is done with layer i (maybe replaced linears): propagate through it as it is now.
+            # The caller is done with layer i (maybe replaced linears): propagate through it as it is now,
+            # a batch at a time, each input dropped as its output arrives (and each replayed output
+            # with it: this is the last pass over them).
             layer = self.layers[i]
             if self.device is not None:
                 layer.to(self.device)  # modules swapped in on another device follow the layer
-            outs = self._run_layer(layer, batches)
+            step.inputs.clear()
+            step.last_pass()
+            for j, b in enumerate(batches):
+                batches[j] = _Batch(self._run_layer(layer, [b])[0], b.kwargs)
+                del b
+            step.restore()
             if self.device is not None:
                 layer.to(home)
-            batches = [_Batch(o, b.kwargs) for o, b in zip(outs, batches)]
             trim_heap()  # the layer's freed inputs, activations and working tensors
         self.outputs = [b.hidden for b in batches]
 

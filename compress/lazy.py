@@ -425,6 +425,8 @@ def compress_lazy(
                 if todo:
                     s.quantize_layer(step, ctx, todo[i], dist)
                 rtn_modules(model, ctx, fallback, note=RTN_FALLBACK)
+        if step is not None:
+            step.restore()  # modules a stage replayed go back before the layer is packed and propagated
         tensors, modules, _ = packed_state(layer)
         tensors = {prefix + k: v for k, v in tensors.items()}
         modules = {prefix + k: v for k, v in modules.items()}

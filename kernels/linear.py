@@ -86,7 +86,7 @@ class PackedLinear(nn.Module):
             raise ValueError("symmetric scheme with a non-zero zero point: the packed form stores no zero point")
         out = cls(sim.in_features, sim.out_features, sim.scheme, sim.bias is not None,
                   dtype=sim.weight.dtype, device=sim.weight.device)
-        out.weight_packed = pack(sim.weight_codes, args.bits)
+        out.weight_packed = sim.weight_codes_packed.detach().clone()  # the same layout (kernels.formats.pack)
         out.weight_scale = sim.weight_scale.detach().float().clone()
         if not args.symmetric:
             out.weight_zero_point = sim.weight_zero_point.detach().float().clone()

@@ -1,10 +1,12 @@
-"""The simulated form of a quantized linear: fake-quant weights (kept with their integer codes
-and qparams, so packing is exact) and dynamic per-token activation fake-quant."""
+"""The simulated form of a quantized linear: fake-quant weights (kept with their integer codes,
+packed, and qparams, so packing is exact) and dynamic per-token activation fake-quant."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmpress.kernels.formats import pack, unpack
 
 from .primitives import dequantize, fake_quantize
 from .scheme import QuantScheme
@@ -13,9 +15,12 @@ from .scheme import QuantScheme
 class SimQuantLinear(nn.Module):
     """y = fq_in(x) @ dequant(W_q)^T + b.
 
-    Buffers: `weight` (the dequantized weight, in the original dtype), `weight_codes` (int8,
-    (out, in)), `weight_scale` / `weight_zero_point` (float32, (out|1, n_groups)). A scheme with
-    no weight args keeps the float weight and only fake-quantizes the inputs.
+    Buffers: `weight` (the dequantized weight, in the original dtype), `weight_codes_packed` (the
+    int8 codes (out, in) packed into int32 words by `kernels.formats.pack`: 8 to a word at 4 bits,
+    so a model being compressed holds an eighth of a byte per weight for them, not a byte;
+    `weight_codes` unpacks them), `weight_scale` / `weight_zero_point` (float32, (out|1,
+    n_groups)). A scheme with no weight args keeps the float weight and only fake-quantizes the
+    inputs.
     """
 
     def __init__(self, linear: nn.Linear, scheme: QuantScheme, copy: bool = True):
@@ -27,13 +32,20 @@ class SimQuantLinear(nn.Module):
         own = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
         self.weight = nn.Parameter(own(linear.weight), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(own(linear.bias), requires_grad=False)
-        self.register_buffer("weight_codes", None)
+        self.register_buffer("weight_codes_packed", None)
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_zero_point", None)
 
     @property
     def quantized(self) -> bool:
-        return self.weight_codes is not None
+        return self.weight_codes_packed is not None
+
+    @property
+    def weight_codes(self) -> torch.Tensor | None:
+        """The integer codes, int8 (out, in), or None before `set_quantized`."""
+        if self.weight_codes_packed is None:
+            return None
+        return unpack(self.weight_codes_packed, self.scheme.weights.bits, self.in_features)
 
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Install integer codes (out, in) and qparams; `weight` becomes their dequantization,
@@ -43,7 +55,7 @@ class SimQuantLinear(nn.Module):
             raise ValueError("this SimQuantLinear's scheme quantizes no weights")
         if tuple(q.shape) != (self.out_features, self.in_features):
             raise ValueError(f"codes of shape {tuple(q.shape)} do not match weight ({self.out_features}, {self.in_features})")
-        self.weight_codes = q.to(torch.int8).contiguous()
+        self.weight_codes_packed = pack(q.to(torch.int8).contiguous(), args.bits)
         self.weight_scale = scale.float().contiguous()
         self.weight_zero_point = zero.float().contiguous()
         deq = dequantize(q, scale, zero, args, dtype=self.weight.dtype)

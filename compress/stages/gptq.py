@@ -188,8 +188,15 @@ class GPTQ:
         `step`, group by group in `arch.sequential_groups` order (true-sequential), or all from one
         pass. With `dist` (`compress.distributed`), solve u runs on rank `u % world` and is
         broadcast from there. The in-memory walk and the larger-than-memory path both call it."""
-        return [fig for targets, later in group_passes(ctx.arch.sequential_groups, mine, self.true_sequential)
-                for fig in self._collect_and_quantize(step, ctx, mine, targets, later, dist)]
+        arch = ctx.arch
+        attention = [rel for rel in arch.linears if rel.startswith(arch.attention + ".")]
+        figures, done = [], set()
+        for targets, later in group_passes(arch.sequential_groups, mine, self.true_sequential):
+            figures += self._collect_and_quantize(step, ctx, mine, targets, later, dist)
+            done.update(targets)
+            if later and not any(rel in mine and rel not in done for rel in attention):
+                step.replay(arch.attention)  # final now: later passes and the propagation reuse its outputs
+        return figures
 
     def _collect_and_quantize(self, step, ctx, mine: dict, targets: list[str], later: list[str], dist) -> list[dict]:
         """One Hessian per distinct input, one solve per (input, weight scheme): modules with the
@@ -229,7 +236,7 @@ class GPTQ:
         sim.set_quantized(q.to(dev), scale.to(dev), zero.to(dev))
         with single_thread(H.device):  # RTN on the same H, for the report
             rq, rs, rz = rtn_quantize(W.to(H.device), args)
-            rtn_loss = layer_objective(W, dequantize(rq, rs, rz, args), H)
+        rtn_loss = layer_objective(W, dequantize(rq, rs, rz, args), H)
         fig = {"gptq_loss": st["loss"], "rtn_loss": rtn_loss}
         extra = {"damp": st["damp"]} if st["damp"] != self.damp else {}  # raised after a failed Cholesky
         if st["dead"]:
