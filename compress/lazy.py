@@ -58,7 +58,6 @@ from .report import Report
 from .resume import RunState, fingerprint
 from .stage import Context
 from .stages.gptq import RTN_FALLBACK
-from .stages.kv_cache import KVCache
 from .stages.rotate import record_rotation
 from .stages.rtn import rtn_modules
 from .stream_save import finalize, shard_name, write_shard
@@ -302,7 +301,7 @@ def compress_lazy(
     pruning = {}  # stage -> (todo {layer: {path: (fqn, spec)}}, outside [(fqn, spec)])
     for s in recipe.stages:
         if s.name == "kv_cache":
-            KVCache().apply(model, ctx)
+            s.apply(model, ctx)
         elif s.name in PRUNERS:
             pruning[s] = s.plan(model, ctx)
     for fqn, scheme in ctx.plan.items():

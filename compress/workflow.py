@@ -160,7 +160,8 @@ def compress_and_eval(
 ) -> dict:
     """Compress `model` (built-in name, Hugging Face directory or .gguf) with `recipe` into `out`
     and evaluate base against the reloaded packed artifact; returns the report (as written to
-    `out/report.json`, plus "report_md"). `tasks`: lm-eval task names (() to skip); `windows`:
+    `out/report.json`, plus "report_md"). `tasks`: lm-eval task names, a sequence or one
+    comma-separated string (() or "" to skip); `windows`:
     perplexity windows (None or 0 = all); `export`: "gguf:TYPE"; `thresholds` / `min_recovery`:
     the quality gate, whose verdict is in result["thresholds"]; `announce(label)` is called as
     each step starts; `progress` shows progress bars."""
@@ -175,7 +176,7 @@ def compress_and_eval(
     check_out(out, overwrite)
     gguf_type = parse_export(export, model)
     gate = Thresholds.load(thresholds, min_recovery) if thresholds else Thresholds(min_recovery=min_recovery)
-    task_list = tuple(tasks)
+    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip()) if isinstance(tasks, str) else tuple(tasks)
     plan = EvalPlan(ppl=ppl, data=eval_data, seqlen=seqlen, windows=windows or None, tasks=task_list,
                     task_limit=task_limit or None, task_dirs=tuple(str(d) for d in task_dirs),
                     latency=LatencyConfig(prompt_len=prompt_len, repeats=latency_repeats) if latency else None)
