@@ -28,7 +28,7 @@ from torch import nn
 
 from lmpress.quant.mixed import kl_to_reference, token_nll
 
-from .heap import trim_heap
+from .heap import map_large_blocks, trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ class LayerwiseRunner:
         self.device = torch.device(device) if device is not None else None
         self.layers = arch.decoder_layers(model)
         self.outputs: list[torch.Tensor] | None = None  # hidden states after the last layer
+        map_large_blocks()  # a layer's activations are mapped blocks, returned when freed (calibration.heap)
 
     # ----------------------------------------------------------------- capture
 
