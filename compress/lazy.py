@@ -20,13 +20,16 @@ activations stay in memory below `spill_bytes` and are read back from disk, one 
 time, above it. They are written to disk after every layer anyway: that is what `--resume`
 continues from. Several processes can share the work (`compress.distributed`).
 
-Supported stages: the transforms fuse_norms and rotate, kv_cache, the pruners magnitude, wanda
-and sparsegpt (N:M or unstructured; not OWL), the quantizers rtn and gptq, in that order. Each
-runs through the same per-layer method as in memory (`quant.rotate.fuse_layer_norms` /
-`rotate_layer`, `plan` / `prune_layer` of the pruners, `rtn_modules`, `GPTQ.quantize_layer`).
-Stages that need the whole model at once (learn_rotation, smoothquant's statistics pass,
-rotate_kv, structured pruning, OWL, mixed precision, flatquant) are refused with a message that
-says to run without `--lazy`.
+Supported stages: the transforms fuse_norms, rotate and smoothquant, kv_cache, the pruners
+magnitude, wanda and sparsegpt (N:M or unstructured; not OWL), the quantizers rtn and gptq, in
+that order. Each runs through the same per-layer method as in memory (`quant.rotate.
+fuse_layer_norms` / `rotate_layer`, `SmoothQuant.smooth_layer`, `plan` / `prune_layer` of the
+pruners, `rtn_modules`, `GPTQ.quantize_layer`). As in memory, smoothquant measures its ranges on
+the "transform stream" (the inputs through the earlier layers transformed, not compressed, their
+linears plain `nn.Linear`s: `surgery.plain_linears`), the pruners and gptq on the "compressed
+stream"; a recipe with both keeps both. Stages that need the whole model at once (learn_rotation,
+rotate_kv's statistics pass, structured pruning, OWL, mixed precision, flatquant) are refused
+with a message that says to run without `--lazy`.
 """
 from __future__ import annotations
 
@@ -61,13 +64,13 @@ from .stages.gptq import RTN_FALLBACK
 from .stages.rotate import record_rotation
 from .stages.rtn import rtn_modules
 from .stream_save import finalize, shard_name, write_shard
-from .surgery import set_module, to_sim, untie_embeddings
+from .surgery import plain_linears, set_module, to_sim, untie_embeddings
 
 log = logging.getLogger(__name__)
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
-SUPPORTED = ("fuse_norms", "rotate", "kv_cache", *PRUNERS, "rtn", "gptq")
-TRANSFORMS = ("fuse_norms", "rotate")
+TRANSFORMS = ("fuse_norms", "rotate", "smoothquant")  # in this order
+SUPPORTED = (*TRANSFORMS, "kv_cache", *PRUNERS, "rtn", "gptq")
 QUANTIZERS = ("rtn", "gptq")
 DEFAULT_SPILL_BYTES = 2 << 30  # calibration activations above this size are read back from disk
 CHUNK_ROWS = 8192  # rows of the embeddings/head rotated at a time (bounds the float64 working copy)
@@ -84,12 +87,13 @@ def check_recipe(recipe: Recipe) -> None:
         raise LazyError(
             f"stage {bad[0]!r} needs the whole model at once, so it cannot run layer by layer (--lazy); "
             f"lazy mode runs the stages {list(SUPPORTED)}: compress without --lazy (the model must fit in memory)")
-    for n in ("rotate", "gptq", "fuse_norms", *PRUNERS):
+    for n in (*TRANSFORMS, "gptq", *PRUNERS):
         if names.count(n) > 1:
             raise LazyError(f"stage {n!r} appears {names.count(n)} times; lazy mode runs each stage once")
     order = [TRANSFORMS, PRUNERS, QUANTIZERS]  # each kind of stage after the ones before it
     kind = [next(k for k, group in enumerate(order) if n in group) for n in names if n != "kv_cache"]
-    if kind != sorted(kind):
+    transforms = [n for n in names if n in TRANSFORMS]
+    if kind != sorted(kind) or transforms != sorted(transforms, key=TRANSFORMS.index):
         raise LazyError(f"lazy mode runs the stages in the order transforms {list(TRANSFORMS)}, pruners {list(PRUNERS)}, "
                         f"quantizers {list(QUANTIZERS)}; the recipe has {names}")
     for s in recipe.stages:
@@ -238,6 +242,23 @@ def _calibrating(recipe: Recipe):
     return next((s for s in recipe.stages if s.needs_calibration), None)
 
 
+def _propagate(runner, layer, acts: Activations, kwargs, folder: Path, keep: bool, writer: bool, dist) -> Activations:
+    """The stream `acts` through `layer`, as the next layer's inputs (written to `folder`: what a
+    resumed run continues from; kept in memory when `keep`)."""
+    outs: list[torch.Tensor | None] = []
+    for j in range(acts.n):
+        o = None
+        if dist is None or dist.owns(j):
+            o = runner.run_layer(layer, [Batch(acts.get(j), kwargs[j])])[0]
+        if dist is not None:
+            h = acts.get(j)
+            o = dist.broadcast_tensor(o, tuple(h.shape), h.dtype, src=dist.owner(j))
+        if writer:
+            Activations.write(folder, j, o)
+        outs.append(o if keep else None)
+    return Activations(acts.n, folder, outs if keep else None)
+
+
 def compress_lazy(
     model_dir: str | Path,
     recipe: Recipe | str,
@@ -262,6 +283,8 @@ def compress_lazy(
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     check_recipe(recipe)
     calibrating = _calibrating(recipe)
+    smooth = next((s for s in recipe.stages if s.name == "smoothquant"), None)
+    compressing = next((s for s in recipe.stages if s.needs_calibration and s.name not in TRANSFORMS), None)
     if calibrating is not None and calib is None:
         raise ValueError(f"stage {calibrating.name!r} needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
     out = Path(out)
@@ -312,7 +335,7 @@ def compress_lazy(
 
     # ---- persisted progress
     options = {"dtype": str(dtype), "batch_size": batch_size,
-               "gptq_batch": calibrating.batch_size if calibrating is not None else None}
+               "gptq_batch": getattr(calibrating, "batch_size", None)}
     fp = fingerprint(reader.fingerprint(), recipe, calib, options)
     work = Path(work_dir) if work_dir is not None else out.with_name(f"{out.name}.partial")
     state = RunState.open(work, fp, resume, writer=writer) if writer else None
@@ -356,7 +379,8 @@ def compress_lazy(
     batches = None
     runner = None
     if calibrating is not None:
-        runner = LayerwiseRunner(model, arch, calib.tokens, batch_size=calibrating.batch_size or batch_size, device=device)
+        runner = LayerwiseRunner(model, arch, calib.tokens, batch_size=getattr(calibrating, "batch_size", None) or batch_size,
+                                 device=device)
         batches = runner.capture()
     saved_layers = layers
     set_module(model, arch0.layers, nn.ModuleList())  # packed_state over everything but the layers
@@ -377,19 +401,36 @@ def compress_lazy(
 
     # ---- decoder layers
     nb = len(batches) if batches is not None else 0
-    act_bytes = sum(b.hidden.numel() * b.hidden.element_size() for b in batches) if batches else 0
+    # the streams: "transform" (smoothquant's: through the transformed layers) and "compressed"
+    # (the pruners' and gptq's: through the finished layers); each is the inputs of the next layer
+    names_of = {"transform": smooth is not None, "compressed": compressing is not None}
+    streams = [k for k, on in names_of.items() if on] if batches is not None else []
+    act_bytes = sum(b.hidden.numel() * b.hidden.element_size() for b in batches) * len(streams) if batches else 0
     keep = act_bytes <= spill_bytes
-    acts = None
-    if batches is not None:
-        if 0 < state.done < n:
-            folder = state.work / state.data["acts"]
-            acts = Activations(nb, folder, None)
-            acts = Activations(nb, folder, [acts.get(j) for j in range(nb)] if keep else None)
-        else:
-            acts = Activations(nb, None, [b.hidden for b in batches])
+    acts: dict[str, Activations] = {}
+    if streams:
+        for k in streams:
+            if 0 < state.done < n:
+                folder = state.work / state.data["acts"] / k
+                a = Activations(nb, folder, None)
+                acts[k] = Activations(nb, folder, [a.get(j) for j in range(nb)] if keep else None)
+            else:
+                acts[k] = Activations(nb, None, [b.hidden for b in batches])
         kwargs = [b.kwargs for b in batches]
-        log.info("lazy: %d calibration batches, %.1f MiB of activations (%s)", nb, act_bytes / 2**20,
-                 "in memory" if keep else f"spilled to {state.work}")
+        batches = None  # the streams hold the layer-0 inputs now
+        log.info("lazy: %d calibration batches, %.1f MiB of activations (%s; streams %s)", nb, act_bytes / 2**20,
+                 "in memory" if keep else f"spilled to {state.work}", streams)
+
+    def step_over(k: str, i: int, layer: nn.Module) -> LayerStep:
+        def run_all(until=None, layer=layer, keep_out=keep):
+            outs = []
+            for j in range(nb):
+                o = runner.run_layer(layer, [Batch(acts[k].get(j), kwargs[j])], until)
+                if keep_out and not until:
+                    outs.append(o[0])
+            return outs
+        return LayerStep(index=i, name=f"{arch0.layers}.{i}", layer=layer, inputs=acts[k].mem or [], _run=run_all)
+
     start = state.done
     for i in range(start, n):
         t0 = time.perf_counter()
@@ -403,17 +444,16 @@ def compress_lazy(
             fuse_layer_norms(layer, arch0, prefix)
         if rot is not None:
             rotate_layer(layer, i, arch0, cfg, R1, rot.kind, rot.seed, rot.r2)
+        folder = state.acts_dir(i) if streams and i < n - 1 else None
+        next_acts: dict[str, Activations] = {}
+        if smooth is not None:
+            with plain_linears(layer):  # the float linears smoothquant sees in memory
+                smooth.smooth_layer(step_over("transform", i, layer), arch)
+                if folder is not None:
+                    next_acts["transform"] = _propagate(runner, layer, acts["transform"], kwargs, folder / "transform",
+                                                        keep, writer, dist)
         mine_fqns = [f for f in ctx.plan if f.startswith(prefix)]
-        step = None
-        if batches is not None:
-            def run_all(until=None, layer=layer, keep_out=keep):
-                outs = []
-                for j in range(nb):
-                    o = runner.run_layer(layer, [Batch(acts.get(j), kwargs[j])], until)
-                    if keep_out and not until:
-                        outs.append(o[0])
-                return outs
-            step = LayerStep(index=i, name=f"{arch0.layers}.{i}", layer=layer, inputs=acts.mem or [], _run=run_all)
+        step = step_over("compressed", i, layer) if compressing is not None else None
         for s in recipe.stages:
             if s in pruning and pruning[s][0].get(i):
                 s.prune_layer(ctx, layer, pruning[s][0][i], step)
@@ -431,27 +471,14 @@ def compress_lazy(
         modules = {prefix + k: v for k, v in modules.items()}
         if ct is not None:
             tensors = ct_format.to_disk(tensors, {f: ctx.plan[f] for f in modules}, ct.format)
-        next_acts = None
-        if batches is not None and i < n - 1:
-            folder = state.acts_dir(i)
-            outs: list[torch.Tensor | None] = []
-            for j in range(nb):
-                o = None
-                if dist is None or dist.owns(j):
-                    o = runner.run_layer(layer, [Batch(acts.get(j), kwargs[j])])[0]
-                if dist is not None:
-                    h = acts.get(j)
-                    o = dist.broadcast_tensor(o, tuple(h.shape), h.dtype, src=dist.owner(j))
-                if writer:
-                    Activations.write(folder, j, o)
-                outs.append(o if keep else None)
-            next_acts = Activations(nb, folder, outs if keep else None)
+        if compressing is not None and folder is not None:
+            next_acts["compressed"] = _propagate(runner, layer, acts["compressed"], kwargs, folder / "compressed",
+                                                 keep, writer, dist)
         if writer:
             name = shard_name(i + 2, total_shards)
             digest = write_shard(state.artifact, name, tensors)
             state.finish_layer(i, name, list(tensors), digest, modules,
-                               {f: report.modules[f] for f in mine_fqns if f in report.modules},
-                               next_acts.folder if next_acts is not None else None)
+                               {f: report.modules[f] for f in mine_fqns if f in report.modules}, folder)
         if dist is not None:
             dist.barrier()
         del tensors

@@ -1,6 +1,8 @@
 """Module swaps: find linears, replace them by name, wrap them in their simulated form."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from torch import nn
 
 from lmpress.quant.scheme import QuantScheme
@@ -13,6 +15,25 @@ def get_module(model: nn.Module, fqn: str) -> nn.Module:
 
 def set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
     model.set_submodule(fqn, new)
+
+
+@contextmanager
+def plain_linears(module: nn.Module):
+    """While active, every not-yet-quantized SimQuantLinear under `module` is a plain nn.Linear
+    holding the same weight and bias (no input fake-quant, no copy): a stage placed before the
+    quantizers sees the float linears it sees in memory. Put back (same scheme) on exit."""
+    swapped = {}
+    for name, m in list(module.named_modules()):
+        if isinstance(m, SimQuantLinear) and not m.quantized:
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            lin.weight, lin.bias = m.weight, m.bias
+            module.set_submodule(name, lin)
+            swapped[name] = (lin, m.scheme)
+    try:
+        yield
+    finally:
+        for name, (lin, scheme) in swapped.items():
+            module.set_submodule(name, SimQuantLinear(lin, scheme, copy=False))
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -9,7 +9,13 @@ from lmpress.compress import lazy
 from lmpress.compress.lazy import LazyError, compress_lazy
 from lmpress.compress.models import tiny_llama
 
-RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq",
+SMOOTH_GPTQ = """
+version: 1
+name: w8a8-smoothquant-gptq
+schemes: {lm_head: null, re:.*: W8A8}
+stages: [{smoothquant: {alpha: 0.8}}, {gptq: {block_size: 8}}]
+"""
+RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq", "w8a8-smoothquant-rtn", SMOOTH_GPTQ,
            "sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-w4a16"]  # every per-layer stage
 
 
@@ -18,8 +24,13 @@ def src(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("src"), layers=3)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r if "\n" not in r else "w8a8-smoothquant-gptq")
 def test_lazy_artifact_equals_in_memory(src, tmp_path, recipe):
+    """Bitwise: smoothquant on its transform stream, gptq on the compressed stream (both kept when
+    the recipe has both), as in memory."""
+    from lmpress.compress import Recipe
+
+    recipe = Recipe.from_yaml(recipe) if "\n" in recipe else recipe
     torch.manual_seed(0)
     cal = calib()
     model, _ = tiny_llama(seed=0, num_hidden_layers=3)
@@ -76,8 +87,8 @@ def test_spilled_activations_give_the_same_artifact(src, tmp_path):
 def test_whole_model_stage_is_refused(src, tmp_path):
     with pytest.raises(LazyError, match="learn_rotation.*needs the whole model.*without --lazy"):
         compress_lazy(src, "w4a4kv4-spinquant-rtn", calib(), tmp_path / "out")
-    with pytest.raises(LazyError, match="smoothquant"):
-        compress_lazy(src, "w8a8-smoothquant-rtn", calib(), tmp_path / "out")
+    with pytest.raises(LazyError, match="rotate_kv"):
+        compress_lazy(src, "kv2-rotatekv", calib(), tmp_path / "out")
 
 
 MAGNITUDE_HEAD = """

@@ -34,8 +34,16 @@ def _crash_at(monkeypatch, layer: int):
     monkeypatch.setattr(lazy, "materialize", materialize)
 
 
-@pytest.mark.parametrize("recipe,crash", [("w4a16-gptq", 2), ("w4a4kv4-quarot-gptq", 1), ("w4a16-rtn", 3)])
+SMOOTH_GPTQ = "version: 1\nschemes: {lm_head: null, re:.*: W8A8}\nstages: [{smoothquant: {}}, {gptq: {block_size: 8}}]\n"
+
+
+@pytest.mark.parametrize("recipe,crash", [("w4a16-gptq", 2), ("w4a4kv4-quarot-gptq", 1), ("w4a16-rtn", 3),
+                                          (SMOOTH_GPTQ, 2)], ids=["w4a16-gptq", "quarot-gptq", "w4a16-rtn", "two-streams"])
 def test_resume_is_bitwise_identical(src, tmp_path, monkeypatch, recipe, crash):
+    """Two streams (smoothquant's and gptq's) are both persisted and both resumed."""
+    from lmpress.compress import Recipe
+
+    recipe = Recipe.from_yaml(recipe) if "\n" in recipe else recipe
     cal = calib()
     compress_lazy(src, recipe, cal, tmp_path / "a", batch_size=2)
     with monkeypatch.context() as m:
