@@ -27,9 +27,12 @@ fuse_layer_norms` / `rotate_layer`, `SmoothQuant.smooth_layer`, `plan` / `prune_
 pruners, `rtn_modules`, `GPTQ.quantize_layer`). As in memory, smoothquant measures its ranges on
 the "transform stream" (the inputs through the earlier layers transformed, not compressed, their
 linears plain `nn.Linear`s: `surgery.plain_linears`), the pruners and gptq on the "compressed
-stream"; a recipe with both keeps both. Stages that need the whole model at once (learn_rotation,
-rotate_kv's statistics pass, structured pruning, OWL, mixed precision, flatquant) are refused
-with a message that says to run without `--lazy`.
+stream"; a recipe with both keeps both. rotate_kv likewise (`RotateKV.layer_key_absmax`,
+`key_rotation`, `fold_values`; the transform stream runs without the KV-cache fake-quant, so
+kv_cache must follow it); its channel orders are recorded per layer and written into the
+manifest at the end. Stages that need the whole model at once (learn_rotation, structured
+pruning, OWL, mixed precision) and flatquant are refused with a message that says to run without
+`--lazy`.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ from torch import nn
 
 from lmpress.calibration.heap import trim_heap
 from lmpress.calibration.layerwise import Batch, LayerStep, LayerwiseRunner
+from lmpress.kernels.attention import attach_attention, cache_quant_off, settings_of
 from lmpress.kernels.online import RotatedInput
 from lmpress.quant.rotate import Rotation, fusable, fuse_layer_norms, place_online, rotate_layer, sub_seed
 
@@ -69,7 +73,8 @@ from .surgery import plain_linears, set_module, to_sim, untie_embeddings
 log = logging.getLogger(__name__)
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
-TRANSFORMS = ("fuse_norms", "rotate", "smoothquant")  # in this order
+TRANSFORMS = ("fuse_norms", "rotate", "smoothquant", "rotate_kv")  # in this order
+ON_TRANSFORM_STREAM = ("smoothquant", "rotate_kv")  # stages calibrating on the transformed, uncompressed layers
 SUPPORTED = (*TRANSFORMS, "kv_cache", *PRUNERS, "rtn", "gptq")
 QUANTIZERS = ("rtn", "gptq")
 DEFAULT_SPILL_BYTES = 2 << 30  # calibration activations above this size are read back from disk
@@ -93,6 +98,9 @@ def check_recipe(recipe: Recipe) -> None:
     order = [TRANSFORMS, PRUNERS, QUANTIZERS]  # each kind of stage after the ones before it
     kind = [next(k for k, group in enumerate(order) if n in group) for n in names if n != "kv_cache"]
     transforms = [n for n in names if n in TRANSFORMS]
+    if "kv_cache" in names and any(names.index(n) > names.index("kv_cache") for n in ON_TRANSFORM_STREAM if n in names):
+        raise LazyError(f"lazy mode calibrates {list(ON_TRANSFORM_STREAM)} without the KV-cache fake-quant: put kv_cache "
+                        f"after them (the recipe has {names})")
     if kind != sorted(kind) or transforms != sorted(transforms, key=TRANSFORMS.index):
         raise LazyError(f"lazy mode runs the stages in the order transforms {list(TRANSFORMS)}, pruners {list(PRUNERS)}, "
                         f"quantizers {list(QUANTIZERS)}; the recipe has {names}")
@@ -284,6 +292,7 @@ def compress_lazy(
     check_recipe(recipe)
     calibrating = _calibrating(recipe)
     smooth = next((s for s in recipe.stages if s.name == "smoothquant"), None)
+    rkv = next((s for s in recipe.stages if s.name == "rotate_kv"), None)
     compressing = next((s for s in recipe.stages if s.needs_calibration and s.name not in TRANSFORMS), None)
     if calibrating is not None and calib is None:
         raise ValueError(f"stage {calibrating.name!r} needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
@@ -325,6 +334,10 @@ def compress_lazy(
     for s in recipe.stages:
         if s.name == "kv_cache":
             s.apply(model, ctx)
+        elif s is rkv:  # identity channel orders for now: each layer's comes from its statistics
+            geo = rkv.geometry(cfg, arch0, layers[0])
+            attach_attention(model, arch0, key_rotation={i: rkv.key_rotation(i, geo) for i in range(n)})
+            rkv.record(ctx, geo)
         elif s.name in PRUNERS:
             pruning[s] = s.plan(model, ctx)
     for fqn, scheme in ctx.plan.items():
@@ -403,7 +416,7 @@ def compress_lazy(
     nb = len(batches) if batches is not None else 0
     # the streams: "transform" (smoothquant's: through the transformed layers) and "compressed"
     # (the pruners' and gptq's: through the finished layers); each is the inputs of the next layer
-    names_of = {"transform": smooth is not None, "compressed": compressing is not None}
+    names_of = {"transform": smooth is not None or (rkv is not None and rkv.reorder), "compressed": compressing is not None}
     streams = [k for k, on in names_of.items() if on] if batches is not None else []
     act_bytes = sum(b.hidden.numel() * b.hidden.element_size() for b in batches) * len(streams) if batches else 0
     keep = act_bytes <= spill_bytes
@@ -446,12 +459,20 @@ def compress_lazy(
             rotate_layer(layer, i, arch0, cfg, R1, rot.kind, rot.seed, rot.r2)
         folder = state.acts_dir(i) if streams and i < n - 1 else None
         next_acts: dict[str, Activations] = {}
-        if smooth is not None:
-            with plain_linears(layer):  # the float linears smoothquant sees in memory
-                smooth.smooth_layer(step_over("transform", i, layer), arch)
-                if folder is not None:
+        if smooth is not None or rkv is not None:
+            with plain_linears(layer), cache_quant_off(layer):  # the layer as these stages see it in memory
+                if smooth is not None:
+                    smooth.smooth_layer(step_over("transform", i, layer), arch)
+                key_absmax = rkv.layer_key_absmax(step_over("transform", i, layer), arch) if "transform" in acts and rkv else None
+                if folder is not None and "transform" in acts:
                     next_acts["transform"] = _propagate(runner, layer, acts["transform"], kwargs, folder / "transform",
                                                         keep, writer, dist)
+                if rkv is not None and rkv.values:  # after the propagation: in memory all statistics come first
+                    rkv.fold_values(layer, i, arch, geo)
+            if rkv is not None:
+                kr = rkv.key_rotation(i, geo, key_absmax).to(device)
+                settings_of(layer.get_submodule(arch0.attention)).key_rotation = kr
+                state.data.setdefault("key_rotation", {})[str(i)] = kr.spec()
         mine_fqns = [f for f in ctx.plan if f.startswith(prefix)]
         step = step_over("compressed", i, layer) if compressing is not None else None
         for s in recipe.stages:
@@ -497,6 +518,10 @@ def compress_lazy(
                           "calibration": calib.provenance() if calib is not None else None, "report": report}
     if writer:
         modules = state.data["modules"]
+        for i, spec in state.data.get("key_rotation", {}).items():  # the channel orders found layer by layer
+            kv = block["attention"]["kv_cache"].get(f"{arch0.layers}.{i}.{arch0.attention}")
+            if kv is not None:
+                kv["key_rotation"] = spec
         finalize(state.artifact, out, model, modules, state.data.get("aliases", {}), state.data["files"],
                  state.data["weight_map"], with_sparsity(block, modules), ct, tokenizer=tokenizer)
         shutil.rmtree(work, ignore_errors=True)

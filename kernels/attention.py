@@ -28,6 +28,7 @@ Modules without settings pass straight through.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Mapping
 
 import torch
@@ -184,6 +185,21 @@ def settings_of(attn: nn.Module, create: bool = False) -> LmpressAttention | Non
         s = LmpressAttention()
         attn.add_module(SETTINGS_ATTR, s)
     return s
+
+
+@contextmanager
+def cache_quant_off(module: nn.Module):
+    """While active, the attention modules under `module` run without their KV fake-quant and
+    RotateKV key rotation (the online Q/K transform stays): the attention as it is before the
+    `kv_cache` and `rotate_kv` stages. Restored on exit."""
+    saved = [(s, s.kv, s.key_rotation) for s in module.modules() if isinstance(s, LmpressAttention)]
+    for s, _, _ in saved:
+        s.kv, s.key_rotation = None, None
+    try:
+        yield
+    finally:
+        for s, kv, kr in saved:
+            s.kv, s.key_rotation = kv, kr
 
 
 def use_lmpress_attention(model: nn.Module) -> None:

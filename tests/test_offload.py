@@ -6,6 +6,7 @@ import torch
 from _lazy_util import calib, tensors, write_tiny
 from lmpress.compress import compress, load, save
 from lmpress.compress import lazy
+from lmpress.compress.checkpoint import read_manifest
 from lmpress.compress.lazy import LazyError, compress_lazy
 from lmpress.compress.models import tiny_llama
 
@@ -15,7 +16,7 @@ name: w8a8-smoothquant-gptq
 schemes: {lm_head: null, re:.*: W8A8}
 stages: [{smoothquant: {alpha: 0.8}}, {gptq: {block_size: 8}}]
 """
-RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq", "w8a8-smoothquant-rtn", SMOOTH_GPTQ,
+RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq", "w8a8-smoothquant-rtn", SMOOTH_GPTQ, "kv2-rotatekv",
            "sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-w4a16"]  # every per-layer stage
 
 
@@ -41,6 +42,7 @@ def test_lazy_artifact_equals_in_memory(src, tmp_path, recipe):
     a, b = tensors(ref), tensors(out)
     assert set(a) == set(b)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []  # bitwise
+    assert read_manifest(ref)[1].get("lmpress") == read_manifest(out)[1].get("lmpress")  # e.g. RotateKV's channel orders
     assert len(list(out.glob("model-*-of-00004.safetensors"))) == 4  # head/embeddings + one shard per layer
     assert (out / "model.safetensors.index.json").is_file()
     assert not (tmp_path / "lazy.partial").exists()  # the work directory is gone
@@ -87,8 +89,8 @@ def test_spilled_activations_give_the_same_artifact(src, tmp_path):
 def test_whole_model_stage_is_refused(src, tmp_path):
     with pytest.raises(LazyError, match="learn_rotation.*needs the whole model.*without --lazy"):
         compress_lazy(src, "w4a4kv4-spinquant-rtn", calib(), tmp_path / "out")
-    with pytest.raises(LazyError, match="rotate_kv"):
-        compress_lazy(src, "kv2-rotatekv", calib(), tmp_path / "out")
+    with pytest.raises(LazyError, match="flatquant"):
+        compress_lazy(src, "w4a4kv4-flatquant", calib(), tmp_path / "out")
 
 
 MAGNITUDE_HEAD = """

@@ -10,6 +10,7 @@ import pytest
 
 from _lazy_util import calib, digests, write_tiny
 from lmpress.compress import lazy
+from lmpress.compress.checkpoint import read_manifest
 from lmpress.compress.lazy import compress_lazy
 from lmpress.compress.resume import ResumeError
 
@@ -38,9 +39,11 @@ SMOOTH_GPTQ = "version: 1\nschemes: {lm_head: null, re:.*: W8A8}\nstages: [{smoo
 
 
 @pytest.mark.parametrize("recipe,crash", [("w4a16-gptq", 2), ("w4a4kv4-quarot-gptq", 1), ("w4a16-rtn", 3),
-                                          (SMOOTH_GPTQ, 2)], ids=["w4a16-gptq", "quarot-gptq", "w4a16-rtn", "two-streams"])
+                                          (SMOOTH_GPTQ, 2), ("kv2-rotatekv", 2)],
+                         ids=["w4a16-gptq", "quarot-gptq", "w4a16-rtn", "two-streams", "rotatekv"])
 def test_resume_is_bitwise_identical(src, tmp_path, monkeypatch, recipe, crash):
-    """Two streams (smoothquant's and gptq's) are both persisted and both resumed."""
+    """Two streams (smoothquant's and gptq's) are both persisted and both resumed; RotateKV's
+    per-layer channel orders of the layers before the crash come from the persisted state."""
     from lmpress.compress import Recipe
 
     recipe = Recipe.from_yaml(recipe) if "\n" in recipe else recipe
@@ -56,6 +59,7 @@ def test_resume_is_bitwise_identical(src, tmp_path, monkeypatch, recipe, crash):
     assert rep.extra["lazy"]["resumed_at"] == crash
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
     assert len(digests(tmp_path / "a")) == 5
+    assert read_manifest(tmp_path / "a")[1].get("lmpress") == read_manifest(tmp_path / "b")[1].get("lmpress")
 
 
 def test_kill_9_then_resume(src, tmp_path):

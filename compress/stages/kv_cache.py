@@ -74,43 +74,89 @@ class RotateKV:
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"rotate_kv.{key}={getattr(self, key)!r} must be true or false")
 
-    def apply(self, model, ctx) -> None:
-        import torch
-
-        from lmpress.quant.kv_cache import KeyRotation, fold_value_rotation, zigzag_order
-        from lmpress.quant.rotate import rotation_matrix, sub_seed
-
-        cfg = model.config
+    def geometry(self, cfg, arch, layer0) -> dict:
+        """The KV heads, head_dim, heads a group and Hadamard block (checked against the model)."""
         n_heads = cfg.num_attention_heads
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-        layers = ctx.arch.decoder_layers(model)
-        head_dim = ctx.arch.head_dim(layers[0], cfg)
+        head_dim = arch.head_dim(layer0, cfg)
         gh = self.group_heads or n_kv
         if n_kv % gh:
             raise ValueError(f"rotate_kv.group_heads={self.group_heads} must divide the {n_kv} KV heads")
         block = self.block or gh * head_dim
         if (gh * head_dim) % block:
             raise ValueError(f"rotate_kv.block={self.block} must divide group_heads*head_dim={gh * head_dim}")
+        return {"n_heads": n_heads, "n_kv": n_kv, "head_dim": head_dim, "group_heads": gh, "block": block}
+
+    def key_rotation(self, i: int, geo: dict, key_absmax=None):
+        """Layer i's KeyRotation; `key_absmax` (n_kv*head_dim,) orders its channels (None: identity)."""
+        from lmpress.quant.kv_cache import KeyRotation, zigzag_order
+        from lmpress.quant.rotate import sub_seed
+
+        gh, block = geo["group_heads"], geo["block"]
+        perm = None
+        if key_absmax is not None:
+            mag = key_absmax.reshape(geo["n_kv"] // gh, gh * geo["head_dim"])  # (groups, size): pre-RoPE key channel abs-max
+            perm = [zigzag_order(m, block).tolist() for m in mag]
+        return KeyRotation(geo["n_kv"], geo["head_dim"], gh, block, sub_seed(self.seed, "rotatekv-k", i), perm)
+
+    def fold_values(self, layer, i: int, arch, geo: dict) -> None:
+        """Layer i's per-head value Hadamard, folded into v_proj and o_proj (`values: true`)."""
+        import torch
+
+        from lmpress.quant.kv_cache import fold_value_rotation
+        from lmpress.quant.rotate import rotation_matrix, sub_seed
+
+        v = layer.get_submodule(arch.v_proj)
+        o = layer.get_submodule(arch.o_proj)
+        o = getattr(o, "linear", o)  # a RotatedInput wrapper keeps the linear inside
+        if not (isinstance(v, torch.nn.Linear) and isinstance(o, torch.nn.Linear)):
+            raise ValueError("rotate_kv with values: true must run before weight quantization (rtn/gptq)")
+        Q = rotation_matrix(geo["head_dim"], "hadamard", sub_seed(self.seed, "rotatekv-v", i))
+        fold_value_rotation(v, o, geo["n_heads"], geo["n_kv"], Q)
+
+    def layer_key_absmax(self, step, arch):
+        """The abs-max of every pre-RoPE key channel of one layer over the first `samples`
+        sequences of its inputs (`step.forward()`): the per-layer form of the statistics pass."""
+        return _absmax_hooked(step.layer.get_submodule(arch.k_proj), self.samples,
+                              lambda: step.forward(until=[step.layer.get_submodule(arch.o_proj)]))
+
+    def apply(self, model, ctx) -> None:
+        layers = ctx.arch.decoder_layers(model)
+        geo = self.geometry(model.config, ctx.arch, layers[0])
         stats = _key_absmax(model, ctx, self.samples) if self.reorder else None
         rotations = {}
         for i, layer in enumerate(layers):
-            perm = None
-            if stats is not None:
-                mag = stats[i].reshape(n_kv // gh, gh * head_dim)  # (groups, size): pre-RoPE key channel abs-max
-                perm = [zigzag_order(m, block).tolist() for m in mag]
-            rotations[i] = KeyRotation(n_kv, head_dim, gh, block, sub_seed(self.seed, "rotatekv-k", i), perm)
+            rotations[i] = self.key_rotation(i, geo, stats[i] if stats is not None else None)
             if self.values:
-                v = layer.get_submodule(ctx.arch.v_proj)
-                o = layer.get_submodule(ctx.arch.o_proj)
-                o = getattr(o, "linear", o)  # a RotatedInput wrapper keeps the linear inside
-                if not (isinstance(v, torch.nn.Linear) and isinstance(o, torch.nn.Linear)):
-                    raise ValueError("rotate_kv with values: true must run before weight quantization (rtn/gptq)")
-                Q = rotation_matrix(head_dim, "hadamard", sub_seed(self.seed, "rotatekv-v", i))
-                fold_value_rotation(v, o, n_heads, n_kv, Q)
+                self.fold_values(layer, i, ctx.arch, geo)
         attach_attention(model, ctx.arch, key_rotation=rotations)
+        self.record(ctx, geo)
+
+    def record(self, ctx, geo: dict) -> None:
         if ctx.report is not None:
-            ctx.report.extra["rotate_kv"] = {"group_heads": gh, "block": block, "reorder": self.reorder,
-                                             "values": self.values, "seed": self.seed}
+            ctx.report.extra["rotate_kv"] = {"group_heads": geo["group_heads"], "block": geo["block"],
+                                             "reorder": self.reorder, "values": self.values, "seed": self.seed}
+
+
+def _absmax_hooked(k_proj, samples: int, run) -> "torch.Tensor":
+    """Abs-max over the first `samples` sequences of k_proj's output channels while `run()` runs."""
+    import torch
+
+    seen = {"rows": 0, "amax": None}
+
+    def hook(_m, _inp, out):
+        take = out[: max(0, samples - seen["rows"])]  # (b, T, n_kv*head_dim): only the first `samples` sequences
+        seen["rows"] += out.shape[0]
+        if take.shape[0]:
+            a = take.detach().abs().reshape(-1, out.shape[-1]).amax(0).float().cpu()
+            seen["amax"] = a if seen["amax"] is None else torch.maximum(seen["amax"], a)
+
+    h = k_proj.register_forward_hook(hook)
+    try:
+        run()
+    finally:
+        h.remove()
+    return seen["amax"]
 
 
 def _key_absmax(model, ctx, samples: int):
