@@ -43,6 +43,7 @@ from .gptq import layer_objective
 from .primitives import dequantize, fake_quantize, n_groups
 from .rtn import rtn_quantize
 from .scheme import QuantArgs, QuantScheme
+from .sim import SimQuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -487,3 +488,57 @@ def tolerance_search(
     ok = [(b, r) for b, r in history if r <= 1 + tolerance]
     b, r = min(ok)
     return SearchResult(b, r, tuple(history), tolerance)
+
+
+# --------------------------------------------------------------------------- plan helpers
+
+
+def pin_allows(pin: Mapping[str, Any], cand: QuantScheme | None) -> bool:
+    """Does `cand` agree with every part the pin names? ({weights: {bits: 8}}, {inputs: null}, {sparsity: ...})"""
+    for part, want in pin.items():
+        got = getattr(cand, part, None) if cand is not None else None
+        if part == "sparsity":
+            if got != want:
+                return False
+        elif want is None:
+            if got is not None:
+                return False
+        else:
+            if got is None or any(getattr(got, k) != v for k, v in want.items()):
+                return False
+    return True
+
+
+def label_counts(plan: Mapping[str, QuantScheme | None]) -> dict[str, int]:
+    """How many modules each candidate label has in `plan`."""
+    out: dict[str, int] = {}
+    for s in plan.values():
+        out[label(s)] = out.get(label(s), 0) + 1
+    return out
+
+
+def simulated(linear: torch.nn.Module, scheme: QuantScheme, fqn: str, wcache: dict):
+    """A throwaway simulated module: RTN weights (cached per module and weight args in `wcache`), fake-quant inputs."""
+    sim = SimQuantLinear(linear, scheme)
+    if scheme.weights is not None:
+        key = (fqn, scheme.weights)
+        if key not in wcache:
+            wcache[key] = rtn_quantize(linear.weight.detach().float(), scheme.weights)
+        sim.set_quantized(*wcache[key])
+    return sim
+
+
+def load_scores(path: str, names: Sequence[str], cands: Mapping[str, Sequence[QuantScheme | None]]) -> dict[str, dict[str, float]]:
+    """The `scores` of an earlier run (a report.json, or a JSON {fqn: {candidate label: score}}),
+    for every (module, candidate) of this one."""
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(path).read_text())
+    for key in ("compression", "mixed_precision", "scores"):
+        if isinstance(data, dict) and key in data and isinstance(data[key], dict):
+            data = data[key]
+    missing = [(f, label(c)) for f in names for c in cands[f] if label(c) not in data.get(f, {})]
+    if missing:
+        raise ValueError(f"mixed_precision: scores_file {path} has no score for {missing[:3]} ({len(missing)} missing)")
+    return {f: {label(c): float(data[f][label(c)]) for c in cands[f]} for f in names}

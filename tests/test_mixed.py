@@ -343,3 +343,18 @@ def test_measured_scores_against_the_base_model(tiny):
     want = kl_with(f) - kl_with(None)
     assert abs(want) > 1e-7  # a real difference (on this random tiny model its sign is noise)
     assert scores[f]["W4A8"] == pytest.approx(want, rel=1e-3)
+
+
+def test_scores_file_reads_a_report_and_names_what_is_missing(tmp_path):
+    import json
+
+    from lmpress.quant.scheme import QuantArgs, QuantScheme
+
+    w3, w4 = QuantScheme(weights=QuantArgs(bits=3)), QuantScheme(weights=QuantArgs(bits=4))
+    cands = {"a": [w3, w4], "b": [w3, None]}
+    scores = {"a": {mx.label(w3): 2.0, mx.label(w4): 1.0}, "b": {mx.label(w3): 0.5, mx.label(None): 0.0}}
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"compression": {"mixed_precision": {"scores": scores}}}))
+    assert mx.load_scores(str(report), ["a", "b"], cands) == scores
+    with pytest.raises(ValueError, match=r"has no score for \[\('c'"):
+        mx.load_scores(str(report), ["a", "c"], {**cands, "c": [w3]})

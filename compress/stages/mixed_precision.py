@@ -41,22 +41,17 @@ The report (`report.extra["mixed_precision"]`) and the checkpoint manifest (`lmp
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import nn
 
-from lmpress.quant import mixed as mx
-from lmpress.quant.primitives import fake_quantize
-from lmpress.quant.rtn import rtn_quantize
-from lmpress.quant.scheme import QuantScheme
-from lmpress.quant.sim import SimQuantLinear
-
 from lmpress.calibration.layerwise import LayerReplay
+from lmpress.calibration.sensitivity import measured_scores, plan_ppl_ratio, proxy_scores_by_layer
+from lmpress.quant import mixed as mx
+from lmpress.quant.sim import SimQuantLinear
 
 from ..recipe import matches
 from ..stage import register_stage
@@ -67,22 +62,6 @@ log = logging.getLogger(__name__)
 SENSITIVITIES = ("measured", "fisher", "hessian", "hessian_trace")
 METRICS = ("kl", "loss")
 REFERENCES = ("fp", "base")
-
-
-def _pin_ok(pin: dict, cand: QuantScheme | None) -> bool:
-    """Does `cand` agree with every part the pin names? ({weights: {bits: 8}}, {inputs: null}, {sparsity: ...})"""
-    for part, want in pin.items():
-        got = getattr(cand, part, None) if cand is not None else None
-        if part == "sparsity":
-            if got != want:
-                return False
-        elif want is None:
-            if got is not None:
-                return False
-        else:
-            if got is None or any(getattr(got, k) != v for k, v in want.items()):
-                return False
-    return True
 
 
 @register_stage("mixed_precision", needs_calibration=True)
@@ -164,7 +143,7 @@ class MixedPrecision:
             if not hit:
                 raise ValueError(f"mixed_precision: pin {pat!r} matches no module of the plan (e.g. {names[:2]})")
             for fqn in hit:
-                allowed[fqn] = [a and _pin_ok(pin, c) for a, c in zip(allowed[fqn], cands[fqn])]
+                allowed[fqn] = [a and mx.pin_allows(pin, c) for a, c in zip(allowed[fqn], cands[fqn])]
                 if not any(allowed[fqn]):
                     raise ValueError(f"mixed_precision: pin {pat!r} = {pin} leaves {fqn} no candidate among {[mx.label(c) for c in cands[fqn]]}")
 
@@ -173,14 +152,15 @@ class MixedPrecision:
         need = self.tolerance is not None or (not self.scores_file and self.sensitivity != "fisher")
         fp = runner.capture(keep_logp=self.metric == "kl" and self.sensitivity == "measured") if need else {}
         if self.scores_file:
-            scores = self._load_scores(names, cands)
+            scores = mx.load_scores(self.scores_file, names, cands)
         elif self.sensitivity == "measured":
-            scores = self._measured(model, ctx, runner, fp, names, where, cands)
+            scores = measured_scores(model, ctx.plan, runner, fp, names, where, cands, self.metric, self.reference)
         elif self.sensitivity == "fisher":
             scores = mx.fisher_scores(model, {f: get_module(model, f) for f in names},
                                       model.get_submodule(arch.embed).weight, tokens, ctx.device, cands)
         else:
-            scores = self._proxies(model, ctx, runner, names, where, cands)
+            scores = proxy_scores_by_layer(model, runner, names, where, cands,
+                                           "trace" if self.sensitivity == "hessian_trace" else "full")
         t_scores = time.perf_counter() - t0
 
         ties = []
@@ -226,7 +206,7 @@ class MixedPrecision:
                                     "fp_calib_ppl": math.exp(fp["nll"])}
         log.info("mixed_precision: %d modules, avg %.4f weight bits, avg %.3f act bits, %d weight bytes; %s",
                  len(names), summary["avg_weight_bits"], summary["avg_act_bits"], totals["bytes"],
-                 ", ".join(f"{k}: {v}" for k, v in _counts(plan).items()))
+                 ", ".join(f"{k}: {v}" for k, v in mx.label_counts(plan).items()))
         if ctx.report is not None:
             ctx.report.extra["mixed_precision"] = {**summary, "scores": scores}
 
@@ -240,78 +220,6 @@ class MixedPrecision:
         if fqn == arch.lm_head:
             return n_layers  # after every decoder layer
         raise ValueError(f"mixed_precision allocates the decoder layers' linears and {arch.lm_head}; {fqn} is neither")
-
-    def _load_scores(self, names, cands) -> dict:
-        data = json.loads(Path(self.scores_file).read_text())
-        for key in ("compression", "mixed_precision", "scores"):
-            if isinstance(data, dict) and key in data and isinstance(data[key], dict):
-                data = data[key]
-        missing = [(f, mx.label(c)) for f in names for c in cands[f] if mx.label(c) not in data.get(f, {})]
-        if missing:
-            raise ValueError(f"mixed_precision: scores_file {self.scores_file} has no score for {missing[:3]} ({len(missing)} missing)")
-        return {f: {mx.label(c): float(data[f][mx.label(c)]) for c in cands[f]} for f in names}
-
-    def _measured(self, model, ctx, runner: LayerReplay, fp: dict, names, where, cands) -> dict:
-        originals = {f: get_module(model, f) for f in names}
-        wcache: dict = {}
-        base_ref = None
-        try:
-            if self.reference == "base":  # every module on its base scheme; layer inputs recaptured in that model
-                for f in names:
-                    set_module(model, f, _sim(originals[f], ctx.plan[f], f, wcache))
-                runner.capture(keep_logp=False, ref_logp=fp.get("logp"))
-                base_ref = runner.metric(0, self.metric, fp)
-            ref = base_ref if base_ref is not None else (0.0 if self.metric == "kl" else fp["nll"])
-            todo = [(f, c) for f in names for c in cands[f]
-                    if not (self.reference == "base" and c == ctx.plan[f])]
-            log.info("mixed_precision: measuring %d (module, candidate) pairs on %d x %d tokens (%s, reference %s)",
-                     len(todo), runner.tokens.shape[0], runner.tokens.shape[1], self.metric, self.reference)
-            scores = {f: {} for f in names}
-            t0 = time.perf_counter()
-            for k, (f, c) in enumerate(todo):
-                home = get_module(model, f)
-                set_module(model, f, originals[f] if c is None else _sim(originals[f], c, f, wcache))
-                scores[f][mx.label(c)] = runner.metric(where[f], self.metric, fp) - ref
-                set_module(model, f, home)
-                if (k + 1) % 20 == 0 or k + 1 == len(todo):
-                    el = time.perf_counter() - t0
-                    log.info("mixed_precision: %d/%d scores, %.0fs (eta %.0fs)", k + 1, len(todo), el, el / (k + 1) * (len(todo) - k - 1))
-            for f in names:
-                for c in cands[f]:
-                    scores[f].setdefault(mx.label(c), 0.0)  # the base candidate under reference "base"
-            return scores
-        finally:
-            for f in names:
-                set_module(model, f, originals[f])
-            runner.restore_fp()
-
-    def _proxies(self, model, ctx, runner: LayerReplay, names, where, cands) -> dict:
-        arch = ctx.arch
-        kind = "trace" if self.sensitivity == "hessian_trace" else "full"
-        scores = {f: {} for f in names}
-        by_layer: dict[int, list[str]] = {}
-        for f in names:
-            by_layer.setdefault(where[f], []).append(f)
-        from lmpress.calibration.stats import capture_input_stats
-
-        for idx, fs in sorted(by_layer.items()):
-            mods, transforms, keys = {}, {}, {}
-            for f in fs:
-                mod = get_module(model, f)
-                mods[f] = mod
-                for a in {c.inputs for c in cands[f] if c is not None and c.inputs is not None}:
-                    key = f"{f}@{a}"
-                    mods[key] = mod
-                    transforms[key] = (lambda x, a=a: x - fake_quantize(x, a))
-                    keys[(f, a)] = key
-            with capture_input_stats(mods, transforms=transforms, norms=False) as stats:
-                runner.run_layer(idx)
-            for f in fs:
-                E = {a: stats[key].hessian for (g, a), key in keys.items() if g == f}
-                scores[f] = mx.proxy_scores(get_module(model, f).weight.detach(), stats[f].hessian, E, cands[f], kind)
-            for acc in stats.values():
-                acc.release()
-        return scores
 
     def _tolerance(self, model, runner, fp, names, cands, problem, shape_list):
         key = self.search
@@ -332,14 +240,8 @@ class MixedPrecision:
             alloc = mx.allocate(limits=mx.budget_limits(budget, shape_list), **problem)
             allocs[b] = alloc
             if alloc.choice not in memo:
-                try:
-                    for f, j in zip(names, alloc.choice):
-                        c = cands[f][j]
-                        set_module(model, f, originals[f] if c is None else _sim(originals[f], c, f, wcache))
-                    memo[alloc.choice] = math.exp(runner.metric(0, "loss", fp) - fp["nll"])
-                finally:
-                    for f in names:
-                        set_module(model, f, originals[f])
+                chosen = {f: cands[f][j] for f, j in zip(names, alloc.choice)}
+                memo[alloc.choice] = plan_ppl_ratio(model, runner, fp, chosen, originals, wcache)
             return memo[alloc.choice]
 
         search = mx.tolerance_search(evaluate, lo, hi, float(self.tolerance), resolution=resolution)
@@ -367,21 +269,3 @@ class MixedPrecision:
                 ctx.plan.pop(f)
             else:
                 ctx.plan[f] = s
-
-
-def _counts(plan: dict) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for s in plan.values():
-        out[mx.label(s)] = out.get(mx.label(s), 0) + 1
-    return out
-
-
-def _sim(linear: nn.Module, scheme: QuantScheme, fqn: str, wcache: dict) -> SimQuantLinear:
-    """A throwaway simulated module: RTN weights (cached per module and weight args), fake-quant inputs."""
-    sim = SimQuantLinear(linear, scheme)
-    if scheme.weights is not None:
-        key = (fqn, scheme.weights)
-        if key not in wcache:
-            wcache[key] = rtn_quantize(linear.weight.detach().float(), scheme.weights)
-        sim.set_quantized(*wcache[key])
-    return sim
