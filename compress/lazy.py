@@ -20,19 +20,23 @@ activations stay in memory below `spill_bytes` and are read back from disk, one 
 time, above it. They are written to disk after every layer anyway: that is what `--resume`
 continues from. Several processes can share the work (`compress.distributed`).
 
-Supported stages: the transforms fuse_norms, rotate and smoothquant, kv_cache, the pruners
-magnitude, wanda and sparsegpt (N:M or unstructured; not OWL), the quantizers rtn and gptq, in
-that order. Each runs through the same per-layer method as in memory (`quant.rotate.
-fuse_layer_norms` / `rotate_layer`, `SmoothQuant.smooth_layer`, `plan` / `prune_layer` of the
-pruners, `rtn_modules`, `GPTQ.quantize_layer`). As in memory, smoothquant measures its ranges on
-the "transform stream" (the inputs through the earlier layers transformed, not compressed, their
-linears plain `nn.Linear`s: `surgery.plain_linears`), the pruners and gptq on the "compressed
-stream"; a recipe with both keeps both. rotate_kv likewise (`RotateKV.layer_key_absmax`,
-`key_rotation`, `fold_values`; the transform stream runs without the KV-cache fake-quant, so
-kv_cache must follow it); its channel orders are recorded per layer and written into the
-manifest at the end. Stages that need the whole model at once (learn_rotation, structured
-pruning, OWL, mixed precision) and flatquant are refused with a message that says to run without
-`--lazy`.
+Supported stages: the transforms fuse_norms, rotate, smoothquant and rotate_kv, or flatquant
+alone; kv_cache; the pruners magnitude, wanda and sparsegpt (N:M or unstructured; not OWL); the
+quantizers rtn and gptq; in that order. Each runs through the same per-layer method as in memory
+(`quant.rotate.fuse_layer_norms` / `rotate_layer`, `SmoothQuant.smooth_layer`, RotateKV's
+`layer_key_absmax` / `key_rotation` / `fold_values`, `FlatQuant.train_layer` / `finish_layer`,
+`plan` / `prune_layer` of the pruners, `rtn_modules`, `GPTQ.quantize_layer`), and the artifact
+is bitwise the in-memory one. Each calibrating stage sees the stream it sees in memory, captured
+as it captures it (sequences, batch size): smoothquant and rotate_kv a "transform stream"
+(through the transformed layers, linears plain (`surgery.plain_linears`), no KV-cache fake-quant
+(`kernels.attention.cache_quant_off`): kv_cache must follow them), flatquant its float targets
+and its quantized training inputs, the pruners and gptq the "compressed stream" (through the
+finished layers); a run keeps the streams its recipe needs, all persisted for `--resume`. The
+structure a stage leaves is placed on the skeleton up front (rotate's and flatquant's wrappers,
+from their shapes: `quant.flatquant.runtime_specs`); what is learned per layer (RotateKV's channel
+orders, FlatQuant's activation clips) is recorded per layer and written at the end. Stages that
+need the whole model at once (learn_rotation, structured pruning, OWL, mixed precision) are
+refused with a message that says to run without `--lazy`.
 """
 from __future__ import annotations
 
@@ -52,8 +56,9 @@ from torch import nn
 
 from lmpress.calibration.heap import trim_heap
 from lmpress.calibration.layerwise import Batch, LayerStep, LayerwiseRunner
-from lmpress.kernels.attention import attach_attention, cache_quant_off, settings_of
-from lmpress.kernels.online import RotatedInput
+from lmpress.kernels.attention import attach_attention, cache_quant_off, settings_of, use_lmpress_attention
+from lmpress.kernels.online import RotatedInput, TransformedOutput, restore_transforms
+from lmpress.quant.flatquant import runtime_specs
 from lmpress.quant.rotate import Rotation, fusable, fuse_layer_norms, place_online, rotate_layer, sub_seed
 
 from . import ct_format
@@ -68,12 +73,12 @@ from .stages.gptq import RTN_FALLBACK
 from .stages.rotate import record_rotation
 from .stages.rtn import rtn_modules
 from .stream_save import finalize, shard_name, write_shard
-from .surgery import plain_linears, set_module, to_sim, untie_embeddings
+from .surgery import get_module, plain_linears, set_module, to_sim, untie_embeddings
 
 log = logging.getLogger(__name__)
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
-TRANSFORMS = ("fuse_norms", "rotate", "smoothquant", "rotate_kv")  # in this order
+TRANSFORMS = ("fuse_norms", "rotate", "smoothquant", "rotate_kv", "flatquant")  # in this order
 ON_TRANSFORM_STREAM = ("smoothquant", "rotate_kv")  # stages calibrating on the transformed, uncompressed layers
 SUPPORTED = (*TRANSFORMS, "kv_cache", *PRUNERS, "rtn", "gptq")
 QUANTIZERS = ("rtn", "gptq")
@@ -98,6 +103,9 @@ def check_recipe(recipe: Recipe) -> None:
     order = [TRANSFORMS, PRUNERS, QUANTIZERS]  # each kind of stage after the ones before it
     kind = [next(k for k, group in enumerate(order) if n in group) for n in names if n != "kv_cache"]
     transforms = [n for n in names if n in TRANSFORMS]
+    if "flatquant" in names and len(transforms) > 1:
+        raise LazyError(f"flatquant takes the place of {[t for t in TRANSFORMS if t != 'flatquant']}: the recipe has "
+                        f"{transforms} (as in memory, give flatquant alone)")
     if "kv_cache" in names and any(names.index(n) > names.index("kv_cache") for n in ON_TRANSFORM_STREAM if n in names):
         raise LazyError(f"lazy mode calibrates {list(ON_TRANSFORM_STREAM)} without the KV-cache fake-quant: put kv_cache "
                         f"after them (the recipe has {names})")
@@ -242,6 +250,43 @@ def _rotate_rows(W: torch.Tensor, R1: Rotation | None, gain: torch.Tensor | None
             rows.copy_(R1.right(rows.to(torch.float64)).to(W.dtype))
 
 
+# --------------------------------------------------------------------------- flatquant, one layer
+
+
+def _flatquant_layer(fq, layer, i: int, prefix: str, arch0, cfg, ctx, runner, acts, kwargs, next_acts, folder, keep: bool,
+                     writer: bool, dist, device) -> dict:
+    """FlatQuant on decoder layer i as in memory (`FlatQuant.train_layer` / `finish_layer`): the
+    skeleton's runtime wrappers are taken off (and the linears made plain) for the training,
+    which puts its own back; the quantized stream is propagated through the trained layer before
+    the fold, the float targets are the next float stream. Returns the layer's figures."""
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    with plain_linears(layer):
+        for path, m in [(p, m) for p, m in layer.named_modules() if isinstance(m, (RotatedInput, TransformedOutput))]:
+            layer.set_submodule(path, m.linear if isinstance(m, RotatedInput) else m.module)
+        inside = {f[: -len(".linear")]: f for f in ctx.plan if f.startswith(prefix) and f.endswith(".linear")}
+        plain = {f[: -len(".linear")] if f in inside.values() else f: s  # names as FlatLayer sees them
+                 for f, s in ctx.plan.items() if f.startswith(prefix)}
+        fstream = [acts["flat_float"].get(j).to(device) for j in range(acts["flat_float"].n)]
+        qstream = [acts["flat_quant"].get(j).to(device) for j in range(acts["flat_quant"].n)]
+        flat, targets, row = fq.train_layer(layer, i, prefix[:-1], arch0, plain, cfg, ctx.kv_cache, fstream, qstream,
+                                            kwargs["flat_float"])
+        del fstream, qstream
+        if folder is not None:
+            next_acts["flat_quant"] = _propagate(runner, layer, acts["flat_quant"], kwargs["flat_quant"], folder / "flat_quant",
+                                                 keep, writer, dist)
+            if writer:
+                for j, t in enumerate(targets):
+                    Activations.write(folder / "flat_float", j, t.to("cpu"))
+            next_acts["flat_float"] = Activations(len(targets), folder / "flat_float", targets if keep else None)
+        summary = {"act_clip": {}, "wrapped": []}
+        fq.finish_layer(flat, plain, summary)
+    for f, s in plain.items():  # the learned activation clips, in the plan and on the simulated linears
+        ctx.plan[inside.get(f, f)] = s
+        get_module(layer, inside.get(f, f)[len(prefix):]).scheme = s
+    return {"row": row, "act_clip": summary["act_clip"]}
+
+
 # --------------------------------------------------------------------------- the driver
 
 
@@ -293,6 +338,7 @@ def compress_lazy(
     calibrating = _calibrating(recipe)
     smooth = next((s for s in recipe.stages if s.name == "smoothquant"), None)
     rkv = next((s for s in recipe.stages if s.name == "rotate_kv"), None)
+    fq = next((s for s in recipe.stages if s.name == "flatquant"), None)
     compressing = next((s for s in recipe.stages if s.needs_calibration and s.name not in TRANSFORMS), None)
     if calibrating is not None and calib is None:
         raise ValueError(f"stage {calibrating.name!r} needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
@@ -338,6 +384,13 @@ def compress_lazy(
             geo = rkv.geometry(cfg, arch0, layers[0])
             attach_attention(model, arch0, key_rotation={i: rkv.key_rotation(i, geo) for i in range(n)})
             rkv.record(ctx, geo)
+        elif s is fq:  # the runtime structure its training leaves (shapes only; the tensors come per layer)
+            fq.attach_qk(model, arch0, device)
+            if not fq.qk_hadamard and ctx.kv_cache is not None:
+                use_lmpress_attention(model)
+            specs = [sp for i in range(n) for sp in runtime_specs(layers[i], arch0, f"{arch0.layers}.{i}.")]
+            restore_transforms(model, [sp for sp in specs if sp["apply"] == "output"], "output")
+            fq.wrap_names(ctx, restore_transforms(model, [sp for sp in specs if sp["apply"] == "input"], "input"))
         elif s.name in PRUNERS:
             pruning[s] = s.plan(model, ctx)
     for fqn, scheme in ctx.plan.items():
@@ -389,12 +442,25 @@ def compress_lazy(
         elif s.name in QUANTIZERS:
             rtn_modules(model, ctx, outside, note=RTN_FALLBACK if s.name == "gptq" else None)
             break
-    batches = None
+    # the calibration streams, each the inputs of the next layer: "transform" (smoothquant's and
+    # rotate_kv's: through the transformed layers), "flat_float" / "flat_quant" (flatquant's float
+    # targets and quantized training inputs), "compressed" (the pruners' and gptq's: through the
+    # finished layers); each captured as its stage captures it in memory (sequences, batch size)
+    wanted: dict[str, tuple[str, torch.Tensor, int]] = {}
+    if calib is not None:
+        if smooth is not None or (rkv is not None and rkv.reorder):
+            wanted["transform"] = ("all", calib.tokens, batch_size)
+        if fq is not None:
+            fq_tokens = fq.calib_tokens(calib)
+            wanted["flat_float"] = wanted["flat_quant"] = ("flat", fq_tokens, fq.batch_size)
+        if compressing is not None:
+            wanted["compressed"] = ("all", calib.tokens, getattr(compressing, "batch_size", None) or batch_size)
     runner = None
-    if calibrating is not None:
-        runner = LayerwiseRunner(model, arch, calib.tokens, batch_size=getattr(calibrating, "batch_size", None) or batch_size,
-                                 device=device)
-        batches = runner.capture()
+    captured: dict[tuple[str, int], list] = {}
+    for tag, tokens, bs in wanted.values():
+        if (tag, bs) not in captured:
+            runner = LayerwiseRunner(model, arch, tokens, batch_size=bs, device=device)
+            captured[(tag, bs)] = runner.capture()
     saved_layers = layers
     set_module(model, arch0.layers, nn.ModuleList())  # packed_state over everything but the layers
     try:
@@ -413,32 +479,31 @@ def compress_lazy(
         free(model.get_submodule(owner))
 
     # ---- decoder layers
-    nb = len(batches) if batches is not None else 0
-    # the streams: "transform" (smoothquant's: through the transformed layers) and "compressed"
-    # (the pruners' and gptq's: through the finished layers); each is the inputs of the next layer
-    names_of = {"transform": smooth is not None or (rkv is not None and rkv.reorder), "compressed": compressing is not None}
-    streams = [k for k, on in names_of.items() if on] if batches is not None else []
-    act_bytes = sum(b.hidden.numel() * b.hidden.element_size() for b in batches) * len(streams) if batches else 0
+    streams = list(wanted)
+    first = {k: captured[(tag, bs)] for k, (tag, _, bs) in wanted.items()}
+    act_bytes = sum(b.hidden.numel() * b.hidden.element_size() for k in streams for b in first[k])
     keep = act_bytes <= spill_bytes
     acts: dict[str, Activations] = {}
+    kwargs = {k: [b.kwargs for b in first[k]] for k in streams}
+    for k in streams:
+        nb = len(first[k])
+        if 0 < state.done < n:
+            folder = state.work / state.data["acts"] / k
+            a = Activations(nb, folder, None)
+            acts[k] = Activations(nb, folder, [a.get(j) for j in range(nb)] if keep else None)
+        else:
+            acts[k] = Activations(nb, None, [b.hidden for b in first[k]])
+    del first, captured  # the streams hold the layer-0 inputs now
     if streams:
-        for k in streams:
-            if 0 < state.done < n:
-                folder = state.work / state.data["acts"] / k
-                a = Activations(nb, folder, None)
-                acts[k] = Activations(nb, folder, [a.get(j) for j in range(nb)] if keep else None)
-            else:
-                acts[k] = Activations(nb, None, [b.hidden for b in batches])
-        kwargs = [b.kwargs for b in batches]
-        batches = None  # the streams hold the layer-0 inputs now
-        log.info("lazy: %d calibration batches, %.1f MiB of activations (%s; streams %s)", nb, act_bytes / 2**20,
+        log.info("lazy: %.1f MiB of calibration activations (%s; streams %s)", act_bytes / 2**20,
                  "in memory" if keep else f"spilled to {state.work}", streams)
+    flat_rows: dict[str, dict] = state.data.setdefault("flatquant", {})  # per layer: figures, clips, wrapped linears
 
     def step_over(k: str, i: int, layer: nn.Module) -> LayerStep:
         def run_all(until=None, layer=layer, keep_out=keep):
             outs = []
-            for j in range(nb):
-                o = runner.run_layer(layer, [Batch(acts[k].get(j), kwargs[j])], until)
+            for j in range(acts[k].n):
+                o = runner.run_layer(layer, [Batch(acts[k].get(j), kwargs[k][j])], until)
                 if keep_out and not until:
                     outs.append(o[0])
             return outs
@@ -449,8 +514,8 @@ def compress_lazy(
         t0 = time.perf_counter()
         layer = layers[i]
         prefix = f"{arch0.layers}.{i}."
-        rename = {f"{p}.linear.": f"{p}." for p in (arch0.down_proj, arch0.o_proj)
-                  if isinstance(layer.get_submodule(p), RotatedInput)}
+        rename = {f"{p}.{inner}.": f"{p}." for p, m in layer.named_modules()
+                  for cls, inner in ((RotatedInput, "linear"), (TransformedOutput, "module")) if isinstance(m, cls)}
         materialize(layer, prefix, reader, device, dtype, rename)
         layer.to(device)  # the online transforms' small buffers follow the weights
         if fuse:
@@ -465,7 +530,7 @@ def compress_lazy(
                     smooth.smooth_layer(step_over("transform", i, layer), arch)
                 key_absmax = rkv.layer_key_absmax(step_over("transform", i, layer), arch) if "transform" in acts and rkv else None
                 if folder is not None and "transform" in acts:
-                    next_acts["transform"] = _propagate(runner, layer, acts["transform"], kwargs, folder / "transform",
+                    next_acts["transform"] = _propagate(runner, layer, acts["transform"], kwargs["transform"], folder / "transform",
                                                         keep, writer, dist)
                 if rkv is not None and rkv.values:  # after the propagation: in memory all statistics come first
                     rkv.fold_values(layer, i, arch, geo)
@@ -473,6 +538,9 @@ def compress_lazy(
                 kr = rkv.key_rotation(i, geo, key_absmax).to(device)
                 settings_of(layer.get_submodule(arch0.attention)).key_rotation = kr
                 state.data.setdefault("key_rotation", {})[str(i)] = kr.spec()
+        if fq is not None:
+            flat_rows[str(i)] = _flatquant_layer(fq, layer, i, prefix, arch0, cfg, ctx, runner, acts, kwargs, next_acts, folder,
+                                                 keep, writer, dist, device)
         mine_fqns = [f for f in ctx.plan if f.startswith(prefix)]
         step = step_over("compressed", i, layer) if compressing is not None else None
         for s in recipe.stages:
@@ -493,7 +561,7 @@ def compress_lazy(
         if ct is not None:
             tensors = ct_format.to_disk(tensors, {f: ctx.plan[f] for f in modules}, ct.format)
         if compressing is not None and folder is not None:
-            next_acts["compressed"] = _propagate(runner, layer, acts["compressed"], kwargs, folder / "compressed",
+            next_acts["compressed"] = _propagate(runner, layer, acts["compressed"], kwargs["compressed"], folder / "compressed",
                                                  keep, writer, dist)
         if writer:
             name = shard_name(i + 2, total_shards)
@@ -511,6 +579,11 @@ def compress_lazy(
     for part in state.data["reports"].values():
         for fqn, figs in part.items():
             report.modules.setdefault(fqn, figs)
+    if fq is not None:
+        done = [flat_rows[str(i)] for i in range(n)]
+        fq.record(ctx, fq_tokens, [d["row"] for d in done],
+                  {"act_clip": {f: c for d in done for f, c in d["act_clip"].items()}, "wrapped": []},
+                  sum(d["row"]["seconds"] for d in done))
     report.extra["lazy"] = {"layers": n, "resumed_at": start, "activation_bytes": act_bytes,
                             "spilled": not keep, "world": dist.world if dist is not None else 1}
     report.stages.append({"stage": "lazy", "seconds": round(time.perf_counter() - t_start, 3)})

@@ -323,6 +323,34 @@ class SteKVAttention(LmpressAttention):
 # --------------------------------------------------------------------------- one layer
 
 
+def layer_groups(arch) -> list[tuple[str, str | None, tuple[str, ...]]]:
+    """The transform groups of a decoder layer: (name, the norm producing their input or None,
+    the linears reading it); a group with a norm gets its transform on the norm's output, one
+    without (o_proj, down_proj) on its single linear's input."""
+    norm_of = {r: norm for norm, readers in arch.norm_readers.items() for r in readers}
+    groups = []
+    for g, group in enumerate(arch.sequential_groups):
+        norms = {norm_of.get(r) for r in group}
+        norm = norms.pop() if len(norms) == 1 else None
+        if norm is None and len(group) > 1:
+            raise ValueError(f"flatquant: linears {group} share an input but no single norm produces it")
+        groups.append((f"g{g}", norm, tuple(group)))
+    return groups
+
+
+def runtime_specs(layer: nn.Module, arch, prefix: str) -> list[dict[str, Any]]:
+    """The online-transform specs `FlatLayer.finalize` leaves on a decoder layer (shapes only, as
+    `KronTransform.spec` records them): {"where": prefix + path, "apply": "output" | "input", ...}.
+    `kernels.online.restore_transforms` places them, e.g. on a meta skeleton before training."""
+    out = []
+    for _, norm, group in layer_groups(arch):
+        m, p = closest_factors(layer.get_submodule(group[0]).in_features)
+        spec = KronTransform(m, p).spec()
+        out.append({"where": prefix + (norm if norm is not None else group[0]), "apply": "output" if norm else "input", **spec})
+    return out
+
+
+
 class FlatLayer:
     """The training structure of one decoder layer, installed in place, and its fold."""
 
@@ -336,15 +364,7 @@ class FlatLayer:
         self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.n_heads
         seed = sub_seed(args.seed, "flatquant", index)
         self.heads = HeadTransform(self.head_dim, sub_seed(seed, "v")) if args.v_transform else None
-        # groups: (name, norm path or None, reader paths)
-        norm_of = {r: norm for norm, readers in arch.norm_readers.items() for r in readers}
-        self.groups: list[tuple[str, str | None, tuple[str, ...]]] = []
-        for g, group in enumerate(arch.sequential_groups):
-            norms = {norm_of.get(r) for r in group}
-            norm = norms.pop() if len(norms) == 1 else None
-            if norm is None and len(group) > 1:
-                raise ValueError(f"flatquant: linears {group} share an input but no single norm produces it")
-            self.groups.append((f"g{g}", norm, group))
+        self.groups = layer_groups(arch)  # (name, norm path or None, reader paths)
         self.plain = {}
         for _, _, group in self.groups:
             for rel in group:
@@ -517,6 +537,6 @@ def calibrate_layer(flat: FlatLayer, q_inputs: list[torch.Tensor], kwargs: list[
 
 
 __all__ = [
-    "FlatArgs", "FlatLayer", "GroupQuant", "HeadTransform", "LearnableTransform", "SteKVAttention", "TrainLinear",
+    "FlatArgs", "FlatLayer", "layer_groups", "runtime_specs", "GroupQuant", "HeadTransform", "LearnableTransform", "SteKVAttention", "TrainLinear",
     "act_quant_ste", "calibrate_layer", "closest_factors", "kron_matmul", "layer_loss", "round_ste", "smooth_scale", "weight_quant_ste",
 ]

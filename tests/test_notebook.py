@@ -28,6 +28,8 @@ def test_quickstart_notebook_runs_on_the_tiny_model(tmp_path, text_file):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "tiny-llama" and set(report["recovery"]) >= {"ppl", "lmpress_wiki_mc/acc", "latency/ttft_s"}
     assert (out / "report.md").is_file() and (out / "plots" / "layer_error.png").is_file()
+    job = json.loads((tmp_path / "out" / "quickstart-job" / "report.json").read_text())  # compress_and_eval's
+    assert job["model"] == "tiny-llama" and set(job["recovery"]) >= {"ppl", "lmpress_wiki_mc/acc"}
     assert any(o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {}) for o in nb.cells[-1].outputs)
 
 

@@ -16,7 +16,17 @@ name: w8a8-smoothquant-gptq
 schemes: {lm_head: null, re:.*: W8A8}
 stages: [{smoothquant: {alpha: 0.8}}, {gptq: {block_size: 8}}]
 """
+
+
+def _quick(name: str) -> str:
+    """A built-in flatquant recipe trained for one epoch on 4 sequences: the same code, the test's time."""
+    from lmpress.compress import Recipe
+
+    return Recipe.load(name).to_yaml().replace("epochs: 2", "epochs: 1").replace("samples: 32", "samples: 4")
+
+
 RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq", "w8a8-smoothquant-rtn", SMOOTH_GPTQ, "kv2-rotatekv",
+           _quick("w4a4kv4-flatquant"), _quick("w4a4kv4-flatquant-gptq"),
            "sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-w4a16"]  # every per-layer stage
 
 
@@ -25,10 +35,17 @@ def src(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("src"), layers=3)
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r if "\n" not in r else "w8a8-smoothquant-gptq")
+def _name(recipe: str) -> str:
+    from lmpress.compress import Recipe
+
+    return recipe if "\n" not in recipe else Recipe.from_yaml(recipe).name
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=_name)
 def test_lazy_artifact_equals_in_memory(src, tmp_path, recipe):
-    """Bitwise: smoothquant on its transform stream, gptq on the compressed stream (both kept when
-    the recipe has both), as in memory."""
+    """Bitwise: smoothquant and rotate_kv on their transform stream, flatquant on its float and
+    quantized streams, the pruners and gptq on the compressed stream (all kept that the recipe
+    needs), as in memory."""
     from lmpress.compress import Recipe
 
     recipe = Recipe.from_yaml(recipe) if "\n" in recipe else recipe
@@ -89,8 +106,8 @@ def test_spilled_activations_give_the_same_artifact(src, tmp_path):
 def test_whole_model_stage_is_refused(src, tmp_path):
     with pytest.raises(LazyError, match="learn_rotation.*needs the whole model.*without --lazy"):
         compress_lazy(src, "w4a4kv4-spinquant-rtn", calib(), tmp_path / "out")
-    with pytest.raises(LazyError, match="flatquant"):
-        compress_lazy(src, "w4a4kv4-flatquant", calib(), tmp_path / "out")
+    with pytest.raises(LazyError, match="mixed_precision.*needs the whole model"):
+        compress_lazy(src, "mixed-w3.5-gptq", calib(), tmp_path / "out")
 
 
 MAGNITUDE_HEAD = """
@@ -122,6 +139,9 @@ def test_lazy_refuses_owl_and_a_pruner_after_a_quantizer(src, tmp_path):
                            "stages: [{wanda: {structure: unstructured, sparsity: 0.5, owl_lambda: 0.08}}]\n")
     with pytest.raises(LazyError, match="owl_lambda needs a dense pass"):
         compress_lazy(src, owl, calib(), tmp_path / "out")
+    both = Recipe.from_yaml("version: 1\nschemes: {re:.*: W4A4}\nstages: [fuse_norms, flatquant, rtn]\n")
+    with pytest.raises(LazyError, match="flatquant takes the place of"):
+        compress_lazy(src, both, calib(), tmp_path / "out")
     late = Recipe.from_yaml("version: 1\nschemes: {re:.*: {preset: W4A16, sparsity: '2:4'}}\n"
                             "stages: [{rtn: {}}, {magnitude: {structure: '2:4'}}]\n")
     with pytest.raises(LazyError, match="in the order transforms"):

@@ -35,15 +35,22 @@ def _crash_at(monkeypatch, layer: int):
     monkeypatch.setattr(lazy, "materialize", materialize)
 
 
+FLAT_GPTQ = """
+version: 1
+schemes: {lm_head: null, re:.*: {preset: W4A4, inputs: {clip_ratio: 0.9}}}
+kv_cache: {bits: 4, group_size: 64, symmetric: false, residual: 0, key_granularity: token}
+stages: [{flatquant: {epochs: 1, samples: 4, batch_size: 2}}, kv_cache, {gptq: {block_size: 8}}]
+"""
 SMOOTH_GPTQ = "version: 1\nschemes: {lm_head: null, re:.*: W8A8}\nstages: [{smoothquant: {}}, {gptq: {block_size: 8}}]\n"
 
 
 @pytest.mark.parametrize("recipe,crash", [("w4a16-gptq", 2), ("w4a4kv4-quarot-gptq", 1), ("w4a16-rtn", 3),
-                                          (SMOOTH_GPTQ, 2), ("kv2-rotatekv", 2)],
-                         ids=["w4a16-gptq", "quarot-gptq", "w4a16-rtn", "two-streams", "rotatekv"])
+                                          (SMOOTH_GPTQ, 2), ("kv2-rotatekv", 2), (FLAT_GPTQ, 2)],
+                         ids=["w4a16-gptq", "quarot-gptq", "w4a16-rtn", "two-streams", "rotatekv", "flatquant-gptq"])
 def test_resume_is_bitwise_identical(src, tmp_path, monkeypatch, recipe, crash):
-    """Two streams (smoothquant's and gptq's) are both persisted and both resumed; RotateKV's
-    per-layer channel orders of the layers before the crash come from the persisted state."""
+    """Every stream (smoothquant's and gptq's; flatquant's two and gptq's) is persisted and
+    resumed; RotateKV's channel orders and FlatQuant's figures of the layers before the crash come
+    from the persisted state."""
     from lmpress.compress import Recipe
 
     recipe = Recipe.from_yaml(recipe) if "\n" in recipe else recipe
@@ -57,6 +64,8 @@ def test_resume_is_bitwise_identical(src, tmp_path, monkeypatch, recipe, crash):
     assert state["done"] == crash and not (tmp_path / "b").exists()
     rep = compress_lazy(src, recipe, cal, tmp_path / "b", batch_size=2, resume=True)
     assert rep.extra["lazy"]["resumed_at"] == crash
+    if "flatquant" in rep.extra:  # the figures of the layers before the crash, from the persisted state
+        assert len(rep.extra["flatquant"]["layers"]) == 4
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
     assert len(digests(tmp_path / "a")) == 5
     assert read_manifest(tmp_path / "a")[1].get("lmpress") == read_manifest(tmp_path / "b")[1].get("lmpress")

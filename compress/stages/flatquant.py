@@ -56,21 +56,73 @@ def _out(o):
 class FlatQuant(FlatArgs):
     """The options are `FlatArgs`' fields (validated there)."""
 
+    def calib_tokens(self, calib):
+        """The training sequences: the first `samples`, cut to `seqlen` tokens."""
+        tokens = calib.tokens[: self.samples] if self.samples else calib.tokens
+        return tokens[:, : self.seqlen] if self.seqlen else tokens  # (n, seqlen)
+
+    def attach_qk(self, model, arch, device) -> None:
+        """QuaRot's R3 on Q and K after RoPE (`qk_hadamard`), else the lmpress attention function."""
+        layers = arch.decoder_layers(model)
+        if self.qk_hadamard:
+            head_dim = arch.head_dim(layers[0], model.config)
+            attach_attention(model, arch, qk={i: OnlineHadamard(head_dim, sub_seed(self.seed, "r3", i)).to(device)
+                                              for i in range(len(layers))})
+
+    def train_layer(self, layer, index: int, name: str, arch, plan: dict, cfg, kv, fstream, qstream, kwargs):
+        """Install the training structure on one decoder layer, take the float targets on the float
+        stream `fstream`, train on `qstream` (or the float stream, `train_inputs: float`). Returns
+        (the FlatLayer, still installed and quantizing: propagate the quantized stream through it,
+        then `finish_layer`), the targets (the next layer's float stream), the layer's figures."""
+        flat = FlatLayer(layer, index, arch, plan, name, cfg, kv, self)
+        flat.install()
+        for g in flat.gq.values():
+            g.collect = True
+        with torch.no_grad():  # float targets on the float stream (+ the smoothing statistics)
+            targets = [_out(layer(x, **kw)) for x, kw in zip(fstream, kwargs)]
+        flat.init_from_stats(self.smooth_alpha)
+        st = calibrate_layer(flat, fstream if self.train_inputs == "float" else qstream, kwargs, targets, self)
+        log.info("flatquant: layer %d: mse %.4g -> %.4g (%d steps, %.1fs)", index + 1,
+                 st["init_loss"], st["final_loss"], st["steps"], st["seconds"])
+        return flat, targets, {k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in st.items()}
+
+    @staticmethod
+    def finish_layer(flat: FlatLayer, plan: dict, summary: dict) -> None:
+        """Fold the trained layer (`FlatLayer.finalize`): its learned activation clips become the
+        `clip_ratio` of the input schemes in `plan` (plain module names); `summary` collects them."""
+        res = flat.finalize()
+        for rel, c in res["act_clip"].items():
+            fqn = f"{flat.prefix}.{rel}"
+            s = plan.get(fqn)
+            if s is not None and s.inputs is not None:
+                plan[fqn] = dataclasses.replace(s, inputs=dataclasses.replace(s.inputs, clip_ratio=c))
+            summary["act_clip"][fqn] = round(c, 4)
+        summary["wrapped"] += [f"{flat.prefix}.{rel}" for rel in res["wrapped"]]
+
+    @staticmethod
+    def wrap_names(ctx, wrapped) -> None:
+        """Plan entries and `ctx.arch` point inside the RotatedInput wrappers (`wrapped`: their fqns)."""
+        wrapped = set(wrapped)
+        ctx.plan = {(f"{k}.linear" if k in wrapped else k): v for k, v in ctx.plan.items()}
+        arch = ctx.arch
+        ctx.arch = dataclasses.replace(arch, o_proj=f"{arch.o_proj}.linear", down_proj=f"{arch.down_proj}.linear")
+
+    def record(self, ctx, tokens, rows: list, summary: dict, seconds: float) -> None:
+        """The report's figures."""
+        if ctx.report is not None:
+            ctx.report.extra["flatquant"] = {
+                "options": dataclasses.asdict(self), "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
+                "seconds": round(seconds, 1), "layers": rows, "act_clip": summary["act_clip"],
+            }
+
     def apply(self, model, ctx) -> None:
         check_unquantized(model, "flatquant")
         if ctx.calib is None:
             raise ValueError("flatquant needs calibration data (pass calib=sample_calibration(...))")
         arch = ctx.arch
-        tokens = ctx.calib.tokens[: self.samples] if self.samples else ctx.calib.tokens
-        tokens = tokens[:, : self.seqlen] if self.seqlen else tokens  # (n, seqlen)
-        layers = arch.decoder_layers(model)
-        cfg = model.config
-        if self.qk_hadamard:
-            attn0 = layers[0].get_submodule(arch.attention)
-            head_dim = getattr(attn0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            attach_attention(model, arch, qk={i: OnlineHadamard(head_dim, sub_seed(self.seed, "r3", i)).to(ctx.device)
-                                              for i in range(len(layers))})
-        elif ctx.kv_cache is not None:
+        tokens = self.calib_tokens(ctx.calib)
+        self.attach_qk(model, arch, ctx.device)
+        if not self.qk_hadamard and ctx.kv_cache is not None:
             use_lmpress_attention(model)
         kv = ctx.kv_cache
         if kv is not None and not kv.per_token_only:
@@ -83,21 +135,10 @@ class FlatQuant(FlatArgs):
         t_all = time.perf_counter()
         rows, kwargs, fstream, pending = [], None, None, None
         summary = {"act_clip": {}, "wrapped": []}
-
-        def finish(flat: FlatLayer) -> None:
-            res = flat.finalize()
-            for rel, c in res["act_clip"].items():
-                fqn = f"{flat.prefix}.{rel}"
-                s = ctx.plan.get(fqn)
-                if s is not None and s.inputs is not None:
-                    ctx.plan[fqn] = dataclasses.replace(s, inputs=dataclasses.replace(s.inputs, clip_ratio=c))
-                summary["act_clip"][fqn] = round(c, 4)
-            summary["wrapped"] += [f"{flat.prefix}.{rel}" for rel in res["wrapped"]]
-
         try:
             for step in runner:
-                if pending is not None:
-                    finish(pending)
+                if pending is not None:  # the runner has propagated the quantized layer's outputs
+                    self.finish_layer(pending, ctx.plan, summary)
                     pending = None
                 layer = step.layer
                 if kwargs is None:  # layer 0: its keyword arguments per batch, and the float stream starts here
@@ -108,33 +149,16 @@ class FlatQuant(FlatArgs):
                     finally:
                         h.remove()
                     fstream = [x.to(dev) for x in step.inputs]
-                flat = FlatLayer(layer, step.index, arch, ctx.plan, step.name, cfg, kv, self)
-                flat.install()
-                for g in flat.gq.values():
-                    g.collect = True
-                with torch.no_grad():  # float targets on the float stream (+ the smoothing statistics)
-                    targets = [_out(layer(x, **kw)) for x, kw in zip(fstream, kwargs)]
-                flat.init_from_stats(self.smooth_alpha)
-                inputs = fstream if self.train_inputs == "float" else [x.to(dev) for x in step.inputs]
-                st = calibrate_layer(flat, inputs, kwargs, targets, self)
-                fstream = targets
-                pending = flat  # the runner now propagates the quantized layer's outputs
-                rows.append({k: (float(f"{v:.5g}") if isinstance(v, float) else v) for k, v in st.items()})
-                log.info("flatquant: layer %d/%d: mse %.4g -> %.4g (%d steps, %.1fs)", step.index + 1, len(layers),
-                         st["init_loss"], st["final_loss"], st["steps"], st["seconds"])
+                pending, fstream, row = self.train_layer(layer, step.index, step.name, arch, ctx.plan, model.config, kv,
+                                                         fstream, [x.to(dev) for x in step.inputs], kwargs)
+                rows.append(row)
             if pending is not None:
-                finish(pending)
+                self.finish_layer(pending, ctx.plan, summary)
         finally:
             for p, f in flags:
                 p.requires_grad_(f)
-        wrapped = set(summary["wrapped"])
-        ctx.plan = {(f"{k}.linear" if k in wrapped else k): v for k, v in ctx.plan.items()}
-        ctx.arch = dataclasses.replace(arch, o_proj=f"{arch.o_proj}.linear", down_proj=f"{arch.down_proj}.linear")
         seconds = time.perf_counter() - t_all
-        if ctx.report is not None:
-            ctx.report.extra["flatquant"] = {
-                "options": dataclasses.asdict(self), "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
-                "seconds": round(seconds, 1), "layers": rows, "act_clip": summary["act_clip"],
-            }
-        log.info("flatquant: %d layers in %.0f s (%d x %d tokens, %d epochs)", len(layers), seconds,
+        self.wrap_names(ctx, summary["wrapped"])
+        self.record(ctx, tokens, rows, summary, seconds)
+        log.info("flatquant: %d layers in %.0f s (%d x %d tokens, %d epochs)", len(rows), seconds,
                  tokens.shape[0], tokens.shape[1], self.epochs)
