@@ -20,23 +20,29 @@ activations stay in memory below `spill_bytes` and are read back from disk, one 
 time, above it. They are written to disk after every layer anyway: that is what `--resume`
 continues from. Several processes can share the work (`compress.distributed`).
 
-Supported stages: the transforms fuse_norms, rotate, smoothquant and rotate_kv, or flatquant
-alone; kv_cache; the pruners magnitude, wanda and sparsegpt (N:M or unstructured; not OWL); the
-quantizers rtn and gptq; in that order. Each runs through the same per-layer method as in memory
-(`quant.rotate.fuse_layer_norms` / `rotate_layer`, `SmoothQuant.smooth_layer`, RotateKV's
+Supported stages: structured (first; not with rotate's online transforms or flatquant, whose
+wrappers are placed at their pruned sizes before any layer is read); the transforms fuse_norms,
+rotate, smoothquant and rotate_kv, or flatquant alone; kv_cache; the pruners magnitude, wanda
+and sparsegpt (N:M or unstructured; not OWL); the quantizers rtn and gptq; in that order. Each
+runs through the same per-layer method as in memory (`Structured.shrink_layer`,
+`quant.rotate.fuse_layer_norms` / `rotate_layer`, `SmoothQuant.smooth_layer`, RotateKV's
 `layer_key_absmax` / `key_rotation` / `fold_values`, `FlatQuant.train_layer` / `finish_layer`,
 `plan` / `prune_layer` of the pruners, `rtn_modules`, `GPTQ.quantize_layer`), and the artifact
 is bitwise the in-memory one. Each calibrating stage sees the stream it sees in memory, captured
-as it captures it (sequences, batch size): smoothquant and rotate_kv a "transform stream"
-(through the transformed layers, linears plain (`surgery.plain_linears`), no KV-cache fake-quant
-(`kernels.attention.cache_quant_off`): kv_cache must follow them), flatquant its float targets
-and its quantized training inputs, the pruners and gptq the "compressed stream" (through the
-finished layers); a run keeps the streams its recipe needs, all persisted for `--resume`. The
-structure a stage leaves is placed on the skeleton up front (rotate's and flatquant's wrappers,
-from their shapes: `quant.flatquant.runtime_specs`); what is learned per layer (RotateKV's channel
-orders, FlatQuant's activation clips) is recorded per layer and written at the end. Stages that
-need the whole model at once (learn_rotation, structured pruning, OWL, mixed precision) are
-refused with a message that says to run without `--lazy`.
+as it captures it (sequences, batch size): structured its own (from the embeddings before R1),
+smoothquant and rotate_kv a "transform stream" (through the transformed layers, linears plain
+(`surgery.plain_linears`), no KV-cache fake-quant (`kernels.attention.cache_quant_off`):
+kv_cache must follow them), flatquant its float targets and its quantized training inputs, the
+pruners their stream (through the pruned layers, before quantization), gptq the "compressed
+stream" (through the finished layers); a run keeps the streams its recipe needs, all persisted
+for `--resume`. The structure a stage leaves is placed on the skeleton up front (structured's
+smaller linears and config, read at the shards' shapes and cut per layer; rotate's and
+flatquant's wrappers, from their shapes: `quant.flatquant.runtime_specs`); what is learned per
+layer (RotateKV's channel orders, FlatQuant's activation clips) is recorded per layer and
+written at the end. Stages that need the whole model at once (learn_rotation: R1 trained through
+every layer; OWL: every layer's outlier ratio before the first is pruned; mixed precision:
+scores and a search over the whole model) are refused with a message that says to run without
+`--lazy`.
 """
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ log = logging.getLogger(__name__)
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 TRANSFORMS = ("fuse_norms", "rotate", "smoothquant", "rotate_kv", "flatquant")  # in this order
 ON_TRANSFORM_STREAM = ("smoothquant", "rotate_kv")  # stages calibrating on the transformed, uncompressed layers
-SUPPORTED = (*TRANSFORMS, "kv_cache", *PRUNERS, "rtn", "gptq")
+SUPPORTED = ("structured", *TRANSFORMS, "kv_cache", *PRUNERS, "rtn", "gptq")
 QUANTIZERS = ("rtn", "gptq")
 DEFAULT_SPILL_BYTES = 2 << 30  # calibration activations above this size are read back from disk
 CHUNK_ROWS = 8192  # rows of the embeddings/head rotated at a time (bounds the float64 working copy)
@@ -97,17 +103,23 @@ def check_recipe(recipe: Recipe) -> None:
         raise LazyError(
             f"stage {bad[0]!r} needs the whole model at once, so it cannot run layer by layer (--lazy); "
             f"lazy mode runs the stages {list(SUPPORTED)}: compress without --lazy (the model must fit in memory)")
-    for n in (*TRANSFORMS, "gptq", *PRUNERS):
+    for n in ("structured", *TRANSFORMS, "gptq", *PRUNERS):
         if names.count(n) > 1:
             raise LazyError(f"stage {n!r} appears {names.count(n)} times; lazy mode runs each stage once")
-    order = [TRANSFORMS, PRUNERS, QUANTIZERS]  # each kind of stage after the ones before it
+    order = [("structured",), TRANSFORMS, PRUNERS, QUANTIZERS]  # each kind of stage after the ones before it
     kind = [next(k for k, group in enumerate(order) if n in group) for n in names if n != "kv_cache"]
     transforms = [n for n in names if n in TRANSFORMS]
+    rot = next((s for s in recipe.stages if s.name == "rotate"), None)
+    if "structured" in names and ("flatquant" in names or (rot is not None and rot.online)):
+        raise LazyError("structured changes the shapes that rotate's online transforms and flatquant's are sized for, and "
+                        "lazy mode places those before reading any layer: compress without --lazy, or use rotate with "
+                        "online: []")
     if "flatquant" in names and len(transforms) > 1:
         raise LazyError(f"flatquant takes the place of {[t for t in TRANSFORMS if t != 'flatquant']}: the recipe has "
                         f"{transforms} (as in memory, give flatquant alone)")
-    if "kv_cache" in names and any(names.index(n) > names.index("kv_cache") for n in ON_TRANSFORM_STREAM if n in names):
-        raise LazyError(f"lazy mode calibrates {list(ON_TRANSFORM_STREAM)} without the KV-cache fake-quant: put kv_cache "
+    plain = ("structured", *ON_TRANSFORM_STREAM)
+    if "kv_cache" in names and any(names.index(n) > names.index("kv_cache") for n in plain if n in names):
+        raise LazyError(f"lazy mode calibrates {list(plain)} without the KV-cache fake-quant: put kv_cache "
                         f"after them (the recipe has {names})")
     if kind != sorted(kind) or transforms != sorted(transforms, key=TRANSFORMS.index):
         raise LazyError(f"lazy mode runs the stages in the order transforms {list(TRANSFORMS)}, pruners {list(PRUNERS)}, "
@@ -339,7 +351,9 @@ def compress_lazy(
     smooth = next((s for s in recipe.stages if s.name == "smoothquant"), None)
     rkv = next((s for s in recipe.stages if s.name == "rotate_kv"), None)
     fq = next((s for s in recipe.stages if s.name == "flatquant"), None)
-    compressing = next((s for s in recipe.stages if s.needs_calibration and s.name not in TRANSFORMS), None)
+    st = next((s for s in recipe.stages if s.name == "structured"), None)
+    pruner = next((s for s in recipe.stages if s.name in PRUNERS and s.needs_calibration), None)
+    gptq = next((s for s in recipe.stages if s.name == "gptq"), None)
     if calibrating is not None and calib is None:
         raise ValueError(f"stage {calibrating.name!r} needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
     out = Path(out)
@@ -366,7 +380,18 @@ def compress_lazy(
     layers = arch0.decoder_layers(model)
     n = len(layers)
 
-    # ---- structure, on the meta skeleton: online wrappers, attention settings, simulated linears
+    # ---- structure, on the meta skeleton: pruned shapes, online wrappers, attention settings, simulated linears
+    sz = st.sizes(cfg) if st is not None else None
+    cut, before = {}, {}  # structured: {path: new (out, in)}, {path: (out, in, bias) in the shards}
+    if sz is not None:
+        cut = st.shrinks(arch0, sz)
+        for rel, (o, i_) in cut.items():
+            m = layers[0].get_submodule(rel)
+            before[rel] = (m.out_features, m.in_features, m.bias is not None)
+            for layer in layers:
+                layer.set_submodule(rel, nn.Linear(i_ or m.in_features, o or m.out_features, bias=m.bias is not None,
+                                                   device="meta", dtype=dtype))
+        st.finish(cfg, sz, ctx)  # the config the later stages (and the artifact) see
     R1 = None
     if rot is not None:
         R1 = Rotation(cfg.hidden_size, rot.kind, rot.seed, device=device)
@@ -426,6 +451,35 @@ def compress_lazy(
         set_module_tensor_to_device(model, nm, "cpu", value=reader.load([key])[key], dtype=dtype)
     if tied:  # materializing replaced the shared parameter: share it again
         head.weight = embed.weight
+    # the calibration streams, each the inputs of the next layer: "structured" (through the cut
+    # layers), "transform" (smoothquant's and rotate_kv's: through the transformed layers),
+    # "flat_float" / "flat_quant" (flatquant's float targets and quantized training inputs),
+    # "pruned" (wanda's / sparsegpt's: through the pruned layers), "compressed" (gptq's: through the
+    # finished layers); each captured as its stage captures it in memory (sequences, batch size)
+    wanted: dict[str, tuple[str, torch.Tensor, int]] = {}
+    if calib is not None:
+        if sz is not None:
+            wanted["structured"] = ("all", calib.tokens, st.batch_size or batch_size)
+        if smooth is not None or (rkv is not None and rkv.reorder):
+            wanted["transform"] = ("all", calib.tokens, batch_size)
+        if fq is not None:
+            fq_tokens = fq.calib_tokens(calib)
+            wanted["flat_float"] = wanted["flat_quant"] = ("flat", fq_tokens, fq.batch_size)
+        if pruner is not None:
+            wanted["pruned"] = ("all", calib.tokens, getattr(pruner, "batch_size", None) or batch_size)
+        if gptq is not None:
+            wanted["compressed"] = ("all", calib.tokens, gptq.batch_size or batch_size)
+    runner = None
+    captured: dict[tuple[str, int], list] = {}
+
+    def capture(keys) -> None:
+        nonlocal runner
+        for tag, tokens, bs in (wanted[k] for k in keys):
+            if (tag, bs) not in captured:
+                runner = LayerwiseRunner(model, arch, tokens, batch_size=bs, device=device)
+                captured[(tag, bs)] = runner.capture()
+
+    capture([k for k in wanted if k == "structured"])  # as in memory: before the embeddings are rotated
     if fuse:
         norm_w = model.get_submodule(arch0.final_norm).weight
         if not bool((norm_w == 1).all()):
@@ -442,25 +496,7 @@ def compress_lazy(
         elif s.name in QUANTIZERS:
             rtn_modules(model, ctx, outside, note=RTN_FALLBACK if s.name == "gptq" else None)
             break
-    # the calibration streams, each the inputs of the next layer: "transform" (smoothquant's and
-    # rotate_kv's: through the transformed layers), "flat_float" / "flat_quant" (flatquant's float
-    # targets and quantized training inputs), "compressed" (the pruners' and gptq's: through the
-    # finished layers); each captured as its stage captures it in memory (sequences, batch size)
-    wanted: dict[str, tuple[str, torch.Tensor, int]] = {}
-    if calib is not None:
-        if smooth is not None or (rkv is not None and rkv.reorder):
-            wanted["transform"] = ("all", calib.tokens, batch_size)
-        if fq is not None:
-            fq_tokens = fq.calib_tokens(calib)
-            wanted["flat_float"] = wanted["flat_quant"] = ("flat", fq_tokens, fq.batch_size)
-        if compressing is not None:
-            wanted["compressed"] = ("all", calib.tokens, getattr(compressing, "batch_size", None) or batch_size)
-    runner = None
-    captured: dict[tuple[str, int], list] = {}
-    for tag, tokens, bs in wanted.values():
-        if (tag, bs) not in captured:
-            runner = LayerwiseRunner(model, arch, tokens, batch_size=bs, device=device)
-            captured[(tag, bs)] = runner.capture()
+    capture([k for k in wanted if k != "structured"])
     saved_layers = layers
     set_module(model, arch0.layers, nn.ModuleList())  # packed_state over everything but the layers
     try:
@@ -516,14 +552,25 @@ def compress_lazy(
         prefix = f"{arch0.layers}.{i}."
         rename = {f"{p}.{inner}.": f"{p}." for p, m in layer.named_modules()
                   for cls, inner in ((RotatedInput, "linear"), (TransformedOutput, "module")) if isinstance(m, cls)}
+        for rel, (o, i_, bias) in before.items():  # structured: read at the shards' shapes, cut below
+            layer.set_submodule(rel, nn.Linear(i_, o, bias=bias, device="meta", dtype=dtype))
         materialize(layer, prefix, reader, device, dtype, rename)
         layer.to(device)  # the online transforms' small buffers follow the weights
+        folder = state.acts_dir(i) if streams and i < n - 1 else None
+        next_acts: dict[str, Activations] = {}
+        if sz is not None:
+            with plain_linears(layer), cache_quant_off(layer):  # as in memory: the first stage, on the plain layer
+                st.shrink_layer(step_over("structured", i, layer), arch0, sz)
+                if folder is not None:
+                    next_acts["structured"] = _propagate(runner, layer, acts["structured"], kwargs["structured"],
+                                                         folder / "structured", keep, writer, dist)
+            for rel in cut:
+                if prefix + rel in ctx.plan:
+                    to_sim(model, prefix + rel, ctx.plan[prefix + rel])
         if fuse:
             fuse_layer_norms(layer, arch0, prefix)
         if rot is not None:
             rotate_layer(layer, i, arch0, cfg, R1, rot.kind, rot.seed, rot.r2)
-        folder = state.acts_dir(i) if streams and i < n - 1 else None
-        next_acts: dict[str, Activations] = {}
         if smooth is not None or rkv is not None:
             with plain_linears(layer), cache_quant_off(layer):  # the layer as these stages see it in memory
                 if smooth is not None:
@@ -542,11 +589,18 @@ def compress_lazy(
             flat_rows[str(i)] = _flatquant_layer(fq, layer, i, prefix, arch0, cfg, ctx, runner, acts, kwargs, next_acts, folder,
                                                  keep, writer, dist, device)
         mine_fqns = [f for f in ctx.plan if f.startswith(prefix)]
-        step = step_over("compressed", i, layer) if compressing is not None else None
+        step = step_over("pruned", i, layer) if "pruned" in acts else None
         for s in recipe.stages:
             if s in pruning and pruning[s][0].get(i):
                 s.prune_layer(ctx, layer, pruning[s][0][i], step)
-            elif s.name == "rtn":
+        if step is not None:
+            step.restore()  # modules a stage replayed go back before the layer is propagated
+            if folder is not None:  # as in memory: the pruners' stream goes through the pruned, not yet quantized layers
+                next_acts["pruned"] = _propagate(runner, layer, acts["pruned"], kwargs["pruned"], folder / "pruned",
+                                                 keep, writer, dist)
+        step = step_over("compressed", i, layer) if "compressed" in acts else None
+        for s in recipe.stages:
+            if s.name == "rtn":
                 rtn_modules(model, ctx, mine_fqns)
             elif s.name == "gptq":
                 todo, fallback = s.targets(model, ctx, n, mine_fqns)
@@ -560,7 +614,7 @@ def compress_lazy(
         modules = {prefix + k: v for k, v in modules.items()}
         if ct is not None:
             tensors = ct_format.to_disk(tensors, {f: ctx.plan[f] for f in modules}, ct.format)
-        if compressing is not None and folder is not None:
+        if "compressed" in acts and folder is not None:
             next_acts["compressed"] = _propagate(runner, layer, acts["compressed"], kwargs["compressed"], folder / "compressed",
                                                  keep, writer, dist)
         if writer:

@@ -21,7 +21,8 @@ def set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
 def plain_linears(module: nn.Module):
     """While active, every not-yet-quantized SimQuantLinear under `module` is a plain nn.Linear
     holding the same weight and bias (no input fake-quant, no copy): a stage placed before the
-    quantizers sees the float linears it sees in memory. Put back (same scheme) on exit."""
+    quantizers sees the float linears it sees in memory. On exit the linear at each such path (the
+    same one, or one a stage put there, e.g. a pruned smaller one) is simulated again, same scheme."""
     swapped = {}
     for name, m in list(module.named_modules()):
         if isinstance(m, SimQuantLinear) and not m.quantized:
@@ -32,8 +33,8 @@ def plain_linears(module: nn.Module):
     try:
         yield
     finally:
-        for name, (lin, scheme) in swapped.items():
-            module.set_submodule(name, SimQuantLinear(lin, scheme, copy=False))
+        for name, (_, scheme) in swapped.items():  # the linear there now (a stage may have replaced it)
+            module.set_submodule(name, SimQuantLinear(module.get_submodule(name), scheme, copy=False))
 
 
 def linear_names(model: nn.Module) -> list[str]:

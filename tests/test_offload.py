@@ -25,8 +25,33 @@ def _quick(name: str) -> str:
     return Recipe.load(name).to_yaml().replace("epochs: 2", "epochs: 1").replace("samples: 32", "samples: 4")
 
 
+STRUCTURED_GPTQ = """
+version: 1
+name: structured-w4a16-gptq
+schemes: {lm_head: null, re:.*: W4A16}
+stages: [{structured: {ffn_keep: 0.5, heads_keep: 0.5}}, {gptq: {block_size: 8}}]
+"""
+STRUCTURED_QUAROT = """
+version: 1
+name: structured-quarot-rtn
+schemes: {lm_head: null, re:.*: W4A16}
+stages: [{structured: {ffn_keep: 0.75}}, fuse_norms, {rotate: {online: []}}, rtn]
+"""
+SPARSEGPT_RTN = """
+version: 1
+name: sparsegpt-w4a16-rtn
+schemes: {lm_head: null, re:.*: {preset: W4A16, sparsity: '2:4'}}
+stages: [{sparsegpt: {structure: '2:4', block_size: 16}}, rtn]
+"""
+WANDA_GPTQ = """
+version: 1
+name: wanda-w4a16-gptq
+schemes: {lm_head: null, re:.*: {preset: W4A16, sparsity: '2:4'}}
+stages: [{wanda: {structure: '2:4'}}, {gptq: {block_size: 8}}]
+"""
 RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq", "w8a8-smoothquant-rtn", SMOOTH_GPTQ, "kv2-rotatekv",
-           _quick("w4a4kv4-flatquant"), _quick("w4a4kv4-flatquant-gptq"),
+           _quick("w4a4kv4-flatquant"), _quick("w4a4kv4-flatquant-gptq"), STRUCTURED_GPTQ, STRUCTURED_QUAROT,
+           SPARSEGPT_RTN, WANDA_GPTQ,
            "sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-w4a16"]  # every per-layer stage
 
 
@@ -43,9 +68,10 @@ def _name(recipe: str) -> str:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=_name)
 def test_lazy_artifact_equals_in_memory(src, tmp_path, recipe):
-    """Bitwise: smoothquant and rotate_kv on their transform stream, flatquant on its float and
-    quantized streams, the pruners and gptq on the compressed stream (all kept that the recipe
-    needs), as in memory."""
+    """Bitwise: structured on its stream (captured before the embeddings are rotated), smoothquant
+    and rotate_kv on their transform stream, flatquant on its float and quantized streams, the
+    pruners on theirs (before quantization), gptq on the compressed stream (all kept that the
+    recipe needs), as in memory."""
     from lmpress.compress import Recipe
 
     recipe = Recipe.from_yaml(recipe) if "\n" in recipe else recipe
@@ -139,6 +165,9 @@ def test_lazy_refuses_owl_and_a_pruner_after_a_quantizer(src, tmp_path):
                            "stages: [{wanda: {structure: unstructured, sparsity: 0.5, owl_lambda: 0.08}}]\n")
     with pytest.raises(LazyError, match="owl_lambda needs a dense pass"):
         compress_lazy(src, owl, calib(), tmp_path / "out")
+    online = Recipe.from_yaml("version: 1\nschemes: {re:.*: W4A16}\nstages: [{structured: {ffn_keep: 0.5}}, rotate, rtn]\n")
+    with pytest.raises(LazyError, match="structured changes the shapes"):
+        compress_lazy(src, online, calib(), tmp_path / "out")
     both = Recipe.from_yaml("version: 1\nschemes: {re:.*: W4A4}\nstages: [fuse_norms, flatquant, rtn]\n")
     with pytest.raises(LazyError, match="flatquant takes the place of"):
         compress_lazy(src, both, calib(), tmp_path / "out")

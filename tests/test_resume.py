@@ -41,12 +41,13 @@ schemes: {lm_head: null, re:.*: {preset: W4A4, inputs: {clip_ratio: 0.9}}}
 kv_cache: {bits: 4, group_size: 64, symmetric: false, residual: 0, key_granularity: token}
 stages: [{flatquant: {epochs: 1, samples: 4, batch_size: 2}}, kv_cache, {gptq: {block_size: 8}}]
 """
+STRUCTURED = "version: 1\nschemes: {re:.*: W4A16}\nstages: [{structured: {ffn_keep: 0.5, heads_keep: 0.5}}, gptq]\n"
 SMOOTH_GPTQ = "version: 1\nschemes: {lm_head: null, re:.*: W8A8}\nstages: [{smoothquant: {}}, {gptq: {block_size: 8}}]\n"
 
 
 @pytest.mark.parametrize("recipe,crash", [("w4a16-gptq", 2), ("w4a4kv4-quarot-gptq", 1), ("w4a16-rtn", 3),
-                                          (SMOOTH_GPTQ, 2), ("kv2-rotatekv", 2), (FLAT_GPTQ, 2)],
-                         ids=["w4a16-gptq", "quarot-gptq", "w4a16-rtn", "two-streams", "rotatekv", "flatquant-gptq"])
+                                          (SMOOTH_GPTQ, 2), ("kv2-rotatekv", 2), (FLAT_GPTQ, 2), (STRUCTURED, 1)],
+                         ids=["w4a16-gptq", "quarot-gptq", "w4a16-rtn", "two-streams", "rotatekv", "flatquant-gptq", "structured"])
 def test_resume_is_bitwise_identical(src, tmp_path, monkeypatch, recipe, crash):
     """Every stream (smoothquant's and gptq's; flatquant's two and gptq's) is persisted and
     resumed; RotateKV's channel orders and FlatQuant's figures of the layers before the crash come

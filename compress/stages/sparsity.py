@@ -347,16 +347,8 @@ class Structured:
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"structured: option batch_size={b!r} must be a positive integer or null")
 
-    def apply(self, model, ctx) -> None:
-        from lmpress.prune.structured import (ffn_channel_scores, head_columns, head_scores, keep_heads, keep_top,
-                                              shrink_linear)
-        from torch import nn
-
-        from ..surgery import set_module
-
-        if ctx.calib is None:
-            raise ValueError("stage 'structured' needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
-        arch, cfg = ctx.arch, model.config
+    def sizes(self, cfg) -> dict | None:
+        """The FFN width and query heads per KV group before and after (None: nothing to remove)."""
         inter = cfg.intermediate_size
         n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
@@ -365,38 +357,76 @@ class Structured:
         new_inter = min(new_inter, inter)
         new_group = max(1, round(group * self.heads_keep))
         if new_inter == inter and new_group == group:
+            return None
+        return {"inter": inter, "new_inter": new_inter, "n_heads": n_heads, "n_kv": n_kv, "head_dim": head_dim,
+                "group": group, "new_group": new_group}
+
+    def shrinks(self, arch, sz: dict) -> dict[str, tuple[int, int]]:
+        """{linear path in a layer: its (out, in) after}: the linears this stage cuts."""
+        hidden_q = sz["n_kv"] * sz["new_group"] * sz["head_dim"]
+        out = {}
+        if sz["new_inter"] < sz["inter"]:
+            out.update({arch.gate_proj: (sz["new_inter"], None), arch.up_proj: (sz["new_inter"], None),
+                        arch.down_proj: (None, sz["new_inter"])})
+        if sz["new_group"] < sz["group"]:
+            out.update({arch.q_proj: (hidden_q, None), arch.o_proj: (None, hidden_q)})
+        return out
+
+    def shrink_layer(self, step, arch, sz: dict) -> None:
+        """Rank one decoder layer's FFN channels and query heads on its calibration inputs
+        (`step.forward()`) and cut the lowest: the per-layer body, which `--lazy` calls too."""
+        from lmpress.prune.structured import (ffn_channel_scores, head_columns, head_scores, keep_heads, keep_top,
+                                              shrink_linear)
+        from torch import nn
+
+        from ..surgery import set_module
+
+        layer = step.layer
+        mods = {rel: layer.get_submodule(rel) for rel in arch.linears}
+        odd = [rel for rel, m in mods.items() if type(m) is not nn.Linear]
+        if odd:
+            raise ValueError(f"structured: {step.name}.{odd[0]} is a {type(mods[odd[0]]).__name__}; run stage "
+                             f"'structured' first, on the plain model")
+        hooked = {arch.o_proj: mods[arch.o_proj], arch.down_proj: mods[arch.down_proj]}
+        with capture_input_stats(hooked, hessian=False, norms=True) as stats:
+            step.forward()
+        if sz["new_inter"] < sz["inter"]:
+            keep = keep_top(ffn_channel_scores(mods[arch.down_proj].weight, stats[arch.down_proj].col_norms), sz["new_inter"])
+            for rel in (arch.gate_proj, arch.up_proj):
+                set_module(layer, rel, shrink_linear(mods[rel], rows=keep))
+            set_module(layer, arch.down_proj, shrink_linear(mods[arch.down_proj], cols=keep))
+        if sz["new_group"] < sz["group"]:
+            heads = keep_heads(head_scores(mods[arch.o_proj].weight, stats[arch.o_proj].col_norms, sz["head_dim"]),
+                               sz["n_kv"], sz["new_group"])
+            cols = head_columns(heads, sz["head_dim"])
+            set_module(layer, arch.q_proj, shrink_linear(mods[arch.q_proj], rows=cols))
+            set_module(layer, arch.o_proj, shrink_linear(mods[arch.o_proj], cols=cols))
+            attn = layer.get_submodule(arch.attention)
+            attn.num_key_value_groups = sz["new_group"]
+            if hasattr(attn, "num_heads"):
+                attn.num_heads = sz["n_kv"] * sz["new_group"]
+        log.info("structured: layer %d: FFN %d -> %d channels, %d -> %d query heads", step.index, sz["inter"],
+                 sz["new_inter"], sz["n_heads"], sz["n_kv"] * sz["new_group"])
+
+    def finish(self, cfg, sz: dict, ctx) -> None:
+        """The new sizes in `model.config` (so `save`/`load` rebuild the shapes) and the report."""
+        cfg.intermediate_size = sz["new_inter"]
+        cfg.num_attention_heads = sz["n_kv"] * sz["new_group"]
+        cfg.head_dim = sz["head_dim"]  # explicit: hidden_size // num_attention_heads no longer gives it
+        if ctx.report is not None:
+            ctx.report.extra["structured"] = {"intermediate_size": [sz["inter"], sz["new_inter"]],
+                                              "num_attention_heads": [sz["n_heads"], cfg.num_attention_heads],
+                                              "head_dim": sz["head_dim"]}
+
+    def apply(self, model, ctx) -> None:
+        if ctx.calib is None:
+            raise ValueError("stage 'structured' needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
+        sz = self.sizes(model.config)
+        if sz is None:
             log.info("structured: nothing to remove (ffn_keep=%s, heads_keep=%s)", self.ffn_keep, self.heads_keep)
             return
-        runner = LayerwiseRunner(model, arch, ctx.calib.tokens, batch_size=self.batch_size or ctx.batch_size, device=ctx.device)
+        runner = LayerwiseRunner(model, ctx.arch, ctx.calib.tokens, batch_size=self.batch_size or ctx.batch_size,
+                                 device=ctx.device)
         for step in runner:
-            layer = step.layer
-            mods = {rel: layer.get_submodule(rel) for rel in arch.linears}
-            odd = [rel for rel, m in mods.items() if type(m) is not nn.Linear]
-            if odd:
-                raise ValueError(f"structured: {step.name}.{odd[0]} is a {type(mods[odd[0]]).__name__}; run stage "
-                                 f"'structured' first, on the plain model")
-            hooked = {arch.o_proj: mods[arch.o_proj], arch.down_proj: mods[arch.down_proj]}
-            with capture_input_stats(hooked, hessian=False, norms=True) as stats:
-                step.forward()
-            if new_inter < inter:
-                keep = keep_top(ffn_channel_scores(mods[arch.down_proj].weight, stats[arch.down_proj].col_norms), new_inter)
-                for rel in (arch.gate_proj, arch.up_proj):
-                    set_module(layer, rel, shrink_linear(mods[rel], rows=keep))
-                set_module(layer, arch.down_proj, shrink_linear(mods[arch.down_proj], cols=keep))
-            if new_group < group:
-                heads = keep_heads(head_scores(mods[arch.o_proj].weight, stats[arch.o_proj].col_norms, head_dim), n_kv, new_group)
-                cols = head_columns(heads, head_dim)
-                set_module(layer, arch.q_proj, shrink_linear(mods[arch.q_proj], rows=cols))
-                set_module(layer, arch.o_proj, shrink_linear(mods[arch.o_proj], cols=cols))
-                attn = layer.get_submodule(arch.attention)
-                attn.num_key_value_groups = new_group
-                if hasattr(attn, "num_heads"):
-                    attn.num_heads = n_kv * new_group
-            log.info("structured: layer %d: FFN %d -> %d channels, %d -> %d query heads", step.index, inter, new_inter,
-                     n_heads, n_kv * new_group)
-        cfg.intermediate_size = new_inter
-        cfg.num_attention_heads = n_kv * new_group
-        cfg.head_dim = head_dim  # explicit: hidden_size // num_attention_heads no longer gives it
-        if ctx.report is not None:
-            ctx.report.extra["structured"] = {"intermediate_size": [inter, new_inter],
-                                              "num_attention_heads": [n_heads, n_kv * new_group], "head_dim": head_dim}
+            self.shrink_layer(step, ctx.arch, sz)
+        self.finish(model.config, sz, ctx)
