@@ -57,11 +57,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmpress.calibration.heap import trim_heap
-from lmpress.calibration.layerwise import Batch, LayerStep, LayerwiseRunner
 from lmpress.kernels.attention import attach_attention, cache_quant_off, settings_of, use_lmpress_attention
 from lmpress.kernels.online import RotatedInput, TransformedOutput, restore_transforms
 from lmpress.quant.flatquant import runtime_specs
@@ -79,6 +77,7 @@ from .stages.gptq import RTN_FALLBACK
 from .stages.rotate import record_rotation
 from .stages.rtn import rtn_modules
 from .stream_save import finalize, shard_name, write_shard
+from .streams import Streams
 from .surgery import get_module, plain_linears, set_module, to_sim, untie_embeddings
 
 log = logging.getLogger(__name__)
@@ -226,27 +225,6 @@ def free(module: nn.Module) -> None:
     trim_heap()
 
 
-# --------------------------------------------------------------------------- activations
-
-
-class Activations:
-    """The calibration hidden states entering one layer: in memory, or on disk (one
-    safetensors file per batch in `folder`) when `keep` is false."""
-
-    def __init__(self, n: int, folder: Path | None, mem: list[torch.Tensor] | None):
-        self.n, self.folder, self.mem = n, folder, mem
-
-    def get(self, j: int) -> torch.Tensor:
-        if self.mem is not None:
-            return self.mem[j]
-        return load_file(str(self.folder / f"b{j:05d}.safetensors"))["h"]
-
-    @staticmethod
-    def write(folder: Path, j: int, t: torch.Tensor) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({"h": t.contiguous()}, str(folder / f"b{j:05d}.safetensors"))
-
-
 # --------------------------------------------------------------------------- embeddings and head
 
 
@@ -265,8 +243,7 @@ def _rotate_rows(W: torch.Tensor, R1: Rotation | None, gain: torch.Tensor | None
 # --------------------------------------------------------------------------- flatquant, one layer
 
 
-def _flatquant_layer(fq, layer, i: int, prefix: str, arch0, cfg, ctx, runner, acts, kwargs, next_acts, folder, keep: bool,
-                     writer: bool, dist, device) -> dict:
+def _flatquant_layer(fq, layer, i: int, prefix: str, arch0, cfg, ctx, streams: Streams) -> dict:
     """FlatQuant on decoder layer i as in memory (`FlatQuant.train_layer` / `finish_layer`): the
     skeleton's runtime wrappers are taken off (and the linears made plain) for the training,
     which puts its own back; the quantized stream is propagated through the trained layer before
@@ -279,18 +256,10 @@ def _flatquant_layer(fq, layer, i: int, prefix: str, arch0, cfg, ctx, runner, ac
         inside = {f[: -len(".linear")]: f for f in ctx.plan if f.startswith(prefix) and f.endswith(".linear")}
         plain = {f[: -len(".linear")] if f in inside.values() else f: s  # names as FlatLayer sees them
                  for f, s in ctx.plan.items() if f.startswith(prefix)}
-        fstream = [acts["flat_float"].get(j).to(device) for j in range(acts["flat_float"].n)]
-        qstream = [acts["flat_quant"].get(j).to(device) for j in range(acts["flat_quant"].n)]
-        flat, targets, row = fq.train_layer(layer, i, prefix[:-1], arch0, plain, cfg, ctx.kv_cache, fstream, qstream,
-                                            kwargs["flat_float"])
-        del fstream, qstream
-        if folder is not None:
-            next_acts["flat_quant"] = _propagate(runner, layer, acts["flat_quant"], kwargs["flat_quant"], folder / "flat_quant",
-                                                 keep, writer, dist)
-            if writer:
-                for j, t in enumerate(targets):
-                    Activations.write(folder / "flat_float", j, t.to("cpu"))
-            next_acts["flat_float"] = Activations(len(targets), folder / "flat_float", targets if keep else None)
+        flat, targets, row = fq.train_layer(layer, i, prefix[:-1], arch0, plain, cfg, ctx.kv_cache, streams.inputs("flat_float"),
+                                            streams.inputs("flat_quant"), streams.kwargs["flat_float"])
+        streams.propagate("flat_quant", layer)
+        streams.put("flat_float", targets)
         summary = {"act_clip": {}, "wrapped": []}
         fq.finish_layer(flat, plain, summary)
     for f, s in plain.items():  # the learned activation clips, in the plan and on the simulated linears
@@ -305,23 +274,6 @@ def _flatquant_layer(fq, layer, i: int, prefix: str, arch0, cfg, ctx, runner, ac
 def _calibrating(recipe: Recipe):
     """The first stage that needs calibration inputs (its batch_size sets the runner's)."""
     return next((s for s in recipe.stages if s.needs_calibration), None)
-
-
-def _propagate(runner, layer, acts: Activations, kwargs, folder: Path, keep: bool, writer: bool, dist) -> Activations:
-    """The stream `acts` through `layer`, as the next layer's inputs (written to `folder`: what a
-    resumed run continues from; kept in memory when `keep`)."""
-    outs: list[torch.Tensor | None] = []
-    for j in range(acts.n):
-        o = None
-        if dist is None or dist.owns(j):
-            o = runner.run_layer(layer, [Batch(acts.get(j), kwargs[j])])[0]
-        if dist is not None:
-            h = acts.get(j)
-            o = dist.broadcast_tensor(o, tuple(h.shape), h.dtype, src=dist.owner(j))
-        if writer:
-            Activations.write(folder, j, o)
-        outs.append(o if keep else None)
-    return Activations(acts.n, folder, outs if keep else None)
 
 
 def compress_lazy(
@@ -451,11 +403,7 @@ def compress_lazy(
         set_module_tensor_to_device(model, nm, "cpu", value=reader.load([key])[key], dtype=dtype)
     if tied:  # materializing replaced the shared parameter: share it again
         head.weight = embed.weight
-    # the calibration streams, each the inputs of the next layer: "structured" (through the cut
-    # layers), "transform" (smoothquant's and rotate_kv's: through the transformed layers),
-    # "flat_float" / "flat_quant" (flatquant's float targets and quantized training inputs),
-    # "pruned" (wanda's / sparsegpt's: through the pruned layers), "compressed" (gptq's: through the
-    # finished layers); each captured as its stage captures it in memory (sequences, batch size)
+    # the calibration streams (compress.streams), each captured as its stage captures it in memory
     wanted: dict[str, tuple[str, torch.Tensor, int]] = {}
     if calib is not None:
         if sz is not None:
@@ -469,17 +417,8 @@ def compress_lazy(
             wanted["pruned"] = ("all", calib.tokens, getattr(pruner, "batch_size", None) or batch_size)
         if gptq is not None:
             wanted["compressed"] = ("all", calib.tokens, gptq.batch_size or batch_size)
-    runner = None
-    captured: dict[tuple[str, int], list] = {}
-
-    def capture(keys) -> None:
-        nonlocal runner
-        for tag, tokens, bs in (wanted[k] for k in keys):
-            if (tag, bs) not in captured:
-                runner = LayerwiseRunner(model, arch, tokens, batch_size=bs, device=device)
-                captured[(tag, bs)] = runner.capture()
-
-    capture([k for k in wanted if k == "structured"])  # as in memory: before the embeddings are rotated
+    streams = Streams(wanted, device, writer, dist)
+    streams.capture(model, arch, [k for k in wanted if k == "structured"])  # as in memory: before the embeddings are rotated
     if fuse:
         norm_w = model.get_submodule(arch0.final_norm).weight
         if not bool((norm_w == 1).all()):
@@ -496,7 +435,7 @@ def compress_lazy(
         elif s.name in QUANTIZERS:
             rtn_modules(model, ctx, outside, note=RTN_FALLBACK if s.name == "gptq" else None)
             break
-    capture([k for k in wanted if k != "structured"])
+    streams.capture(model, arch, [k for k in wanted if k != "structured"])
     saved_layers = layers
     set_module(model, arch0.layers, nn.ModuleList())  # packed_state over everything but the layers
     try:
@@ -515,35 +454,8 @@ def compress_lazy(
         free(model.get_submodule(owner))
 
     # ---- decoder layers
-    streams = list(wanted)
-    first = {k: captured[(tag, bs)] for k, (tag, _, bs) in wanted.items()}
-    act_bytes = sum(b.hidden.numel() * b.hidden.element_size() for k in streams for b in first[k])
-    keep = act_bytes <= spill_bytes
-    acts: dict[str, Activations] = {}
-    kwargs = {k: [b.kwargs for b in first[k]] for k in streams}
-    for k in streams:
-        nb = len(first[k])
-        if 0 < state.done < n:
-            folder = state.work / state.data["acts"] / k
-            a = Activations(nb, folder, None)
-            acts[k] = Activations(nb, folder, [a.get(j) for j in range(nb)] if keep else None)
-        else:
-            acts[k] = Activations(nb, None, [b.hidden for b in first[k]])
-    del first, captured  # the streams hold the layer-0 inputs now
-    if streams:
-        log.info("lazy: %.1f MiB of calibration activations (%s; streams %s)", act_bytes / 2**20,
-                 "in memory" if keep else f"spilled to {state.work}", streams)
-    flat_rows: dict[str, dict] = state.data.setdefault("flatquant", {})  # per layer: figures, clips, wrapped linears
-
-    def step_over(k: str, i: int, layer: nn.Module) -> LayerStep:
-        def run_all(until=None, layer=layer, keep_out=keep):
-            outs = []
-            for j in range(acts[k].n):
-                o = runner.run_layer(layer, [Batch(acts[k].get(j), kwargs[k][j])], until)
-                if keep_out and not until:
-                    outs.append(o[0])
-            return outs
-        return LayerStep(index=i, name=f"{arch0.layers}.{i}", layer=layer, inputs=acts[k].mem or [], _run=run_all)
+    streams.start(state, n, spill_bytes)
+    flat_rows: dict[str, dict] = state.data.setdefault("flatquant", {})  # per layer: figures and learned clips
 
     start = state.done
     for i in range(start, n):
@@ -556,14 +468,12 @@ def compress_lazy(
             layer.set_submodule(rel, nn.Linear(i_, o, bias=bias, device="meta", dtype=dtype))
         materialize(layer, prefix, reader, device, dtype, rename)
         layer.to(device)  # the online transforms' small buffers follow the weights
-        folder = state.acts_dir(i) if streams and i < n - 1 else None
-        next_acts: dict[str, Activations] = {}
+        streams.begin_layer(state.acts_dir(i) if streams.wanted and i < n - 1 else None)
+        name_i = f"{arch0.layers}.{i}"
         if sz is not None:
             with plain_linears(layer), cache_quant_off(layer):  # as in memory: the first stage, on the plain layer
-                st.shrink_layer(step_over("structured", i, layer), arch0, sz)
-                if folder is not None:
-                    next_acts["structured"] = _propagate(runner, layer, acts["structured"], kwargs["structured"],
-                                                         folder / "structured", keep, writer, dist)
+                st.shrink_layer(streams.step("structured", i, layer, name_i), arch0, sz)
+                streams.propagate("structured", layer)
             for rel in cut:
                 if prefix + rel in ctx.plan:
                     to_sim(model, prefix + rel, ctx.plan[prefix + rel])
@@ -574,11 +484,12 @@ def compress_lazy(
         if smooth is not None or rkv is not None:
             with plain_linears(layer), cache_quant_off(layer):  # the layer as these stages see it in memory
                 if smooth is not None:
-                    smooth.smooth_layer(step_over("transform", i, layer), arch)
-                key_absmax = rkv.layer_key_absmax(step_over("transform", i, layer), arch) if "transform" in acts and rkv else None
-                if folder is not None and "transform" in acts:
-                    next_acts["transform"] = _propagate(runner, layer, acts["transform"], kwargs["transform"], folder / "transform",
-                                                        keep, writer, dist)
+                    smooth.smooth_layer(streams.step("transform", i, layer, name_i), arch)
+                key_absmax = None
+                if rkv is not None and "transform" in streams:
+                    key_absmax = rkv.layer_key_absmax(streams.step("transform", i, layer, name_i), arch)
+                if "transform" in streams:
+                    streams.propagate("transform", layer)
                 if rkv is not None and rkv.values:  # after the propagation: in memory all statistics come first
                     rkv.fold_values(layer, i, arch, geo)
             if rkv is not None:
@@ -586,19 +497,16 @@ def compress_lazy(
                 settings_of(layer.get_submodule(arch0.attention)).key_rotation = kr
                 state.data.setdefault("key_rotation", {})[str(i)] = kr.spec()
         if fq is not None:
-            flat_rows[str(i)] = _flatquant_layer(fq, layer, i, prefix, arch0, cfg, ctx, runner, acts, kwargs, next_acts, folder,
-                                                 keep, writer, dist, device)
+            flat_rows[str(i)] = _flatquant_layer(fq, layer, i, prefix, arch0, cfg, ctx, streams)
         mine_fqns = [f for f in ctx.plan if f.startswith(prefix)]
-        step = step_over("pruned", i, layer) if "pruned" in acts else None
+        step = streams.step("pruned", i, layer, name_i) if "pruned" in streams else None
         for s in recipe.stages:
             if s in pruning and pruning[s][0].get(i):
                 s.prune_layer(ctx, layer, pruning[s][0][i], step)
         if step is not None:
             step.restore()  # modules a stage replayed go back before the layer is propagated
-            if folder is not None:  # as in memory: the pruners' stream goes through the pruned, not yet quantized layers
-                next_acts["pruned"] = _propagate(runner, layer, acts["pruned"], kwargs["pruned"], folder / "pruned",
-                                                 keep, writer, dist)
-        step = step_over("compressed", i, layer) if "compressed" in acts else None
+            streams.propagate("pruned", layer)  # as in memory: through the pruned, not yet quantized layer
+        step = streams.step("compressed", i, layer, name_i) if "compressed" in streams else None
         for s in recipe.stages:
             if s.name == "rtn":
                 rtn_modules(model, ctx, mine_fqns)
@@ -614,19 +522,18 @@ def compress_lazy(
         modules = {prefix + k: v for k, v in modules.items()}
         if ct is not None:
             tensors = ct_format.to_disk(tensors, {f: ctx.plan[f] for f in modules}, ct.format)
-        if "compressed" in acts and folder is not None:
-            next_acts["compressed"] = _propagate(runner, layer, acts["compressed"], kwargs["compressed"], folder / "compressed",
-                                                 keep, writer, dist)
+        if "compressed" in streams:
+            streams.propagate("compressed", layer)
         if writer:
             name = shard_name(i + 2, total_shards)
             digest = write_shard(state.artifact, name, tensors)
             state.finish_layer(i, name, list(tensors), digest, modules,
-                               {f: report.modules[f] for f in mine_fqns if f in report.modules}, folder)
+                               {f: report.modules[f] for f in mine_fqns if f in report.modules}, streams.folder)
         if dist is not None:
             dist.barrier()
         del tensors
         free(layer)
-        acts = next_acts
+        streams.end_layer()
         log.info("lazy: layer %d/%d done in %.1fs", i + 1, n, time.perf_counter() - t0)
 
     # ---- finish: metadata, rename into place
@@ -638,8 +545,8 @@ def compress_lazy(
         fq.record(ctx, fq_tokens, [d["row"] for d in done],
                   {"act_clip": {f: c for d in done for f, c in d["act_clip"].items()}, "wrapped": []},
                   sum(d["row"]["seconds"] for d in done))
-    report.extra["lazy"] = {"layers": n, "resumed_at": start, "activation_bytes": act_bytes,
-                            "spilled": not keep, "world": dist.world if dist is not None else 1}
+    report.extra["lazy"] = {"layers": n, "resumed_at": start, "activation_bytes": streams.bytes,
+                            "spilled": not streams.keep, "world": dist.world if dist is not None else 1}
     report.stages.append({"stage": "lazy", "seconds": round(time.perf_counter() - t_start, 3)})
     model.lmpress_meta = {"recipe": recipe, "plan": ctx.plan, "kv_cache": ctx.kv_cache,
                           "calibration": calib.provenance() if calib is not None else None, "report": report}

@@ -129,6 +129,19 @@ def test_spilled_activations_give_the_same_artifact(src, tmp_path):
     assert not (tmp_path / "offload").exists()
 
 
+def test_spilled_streams_give_the_same_artifact(src, tmp_path):
+    """Every stream read back from disk (flatquant's float targets written by the stage itself)."""
+    from lmpress.compress import Recipe
+
+    recipe = Recipe.from_yaml(_quick("w4a4kv4-flatquant-gptq"))
+    cal = calib()
+    compress_lazy(src, recipe, cal, tmp_path / "mem", batch_size=2)
+    rep = compress_lazy(src, recipe, cal, tmp_path / "disk", batch_size=2, spill_bytes=0)
+    assert rep.extra["lazy"]["spilled"] is True
+    a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "disk")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 def test_whole_model_stage_is_refused(src, tmp_path):
     with pytest.raises(LazyError, match="learn_rotation.*needs the whole model.*without --lazy"):
         compress_lazy(src, "w4a4kv4-spinquant-rtn", calib(), tmp_path / "out")
