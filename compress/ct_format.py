@@ -89,6 +89,8 @@ def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], 
         return f"{s.sparsity} sparsity"
     if w is None:
         return "activation-only quantized linears"
+    if w.type == "float" or (a is not None and a.type == "float"):
+        return "floating-point formats (FP8, NVFP4, MXFP4) are not written in compressed-tensors form yet"
     if w.granularity not in ("channel", "group"):
         return f"{w.granularity}-wise weight scales"
     if w.granularity == "group":

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from lmpress.quant.primitives import compute_qparams, dequantize, quantize
 from lmpress.quant.scheme import QuantArgs
 
-from .formats import unsigned_codes
+from .formats import unpack, unsigned_codes
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
 SMALL_M = 16  # rows up to which the bf16 weight-only ops beat dequantize + fp32 matmul (measured: 1536x576, 576x1536)
@@ -92,6 +92,8 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
     ``int8pack`` (torch's bf16 weight-only ops, up to `SMALL_M` rows; above it the caller takes
     ``dequant``), or ``dequant`` (exact: on-the-fly dequantization + F.linear) with the reason the
     ops do not fit."""
+    if weights.type == "float" or (inputs is not None and inputs.type == "float"):
+        return "dequant", "floating-point formats: exact grid lookup + fp32 GEMM (torch has no CPU FP8/FP4 GEMM)"
     if inputs is not None:
         if os.environ.get(INT8MM_ENV, "") != "1":
             return "dequant", (f"quantized activations: exact fake-quant + fp32 GEMM ({INT8MM_ENV}=1 opts into oneDNN's "
@@ -277,6 +279,8 @@ def dequantize_fast(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     ``u - (z + 2^(b-1))`` is the same exact small integer as the reference's ``q - z``.
     """
     K, bits = int(in_features), args.bits
+    if args.type == "float":  # codes are bit patterns: the reference's grid lookup
+        return dequantize(unpack(packed, bits, K), scale, torch.zeros_like(scale), args, dtype)
     N = packed.shape[0]
     u = unsigned_codes(packed, bits, K, torch.uint8 if 32 % bits == 0 else torch.int32)  # (N, K)
     w = torch.empty(N, K, dtype=torch.float32, device=packed.device)

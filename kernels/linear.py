@@ -199,6 +199,9 @@ class PackedLinear(nn.Module):
         from .w4a4_gemm import int_gemm
         from .w4a16_gemm import KERNEL_BITS, w4a16_gemm
 
+        if self.scheme.weights.type == "float" or (self.scheme.inputs is not None and self.scheme.inputs.type == "float"):
+            return self._forward_ref(transform(x) if transform is not None else x,
+                                     "floating-point formats: no Triton kernel yet (exact reference)")
         w, a = self.scheme.weights, self.scheme.inputs
         token = a is not None and a.granularity == "token" and a.symmetric and a.bits in (4, 8)
         if transform is not None and not (token and w.bits in KERNEL_BITS and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):

@@ -41,7 +41,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .primitives import compute_qparams, dequantize, expand_qparam, mse_clip_qparams, n_groups
+from .fp import round_to_grid
+from .primitives import compute_qparams, dequantize, element_format, encode_fp, expand_qparam, mse_clip_qparams, n_groups
 from .scheme import QuantArgs
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def _quantize_block(W1, E1, U1, Q, i1, i2, gs, lazy, args, scale, zero, S, Z) ->
     W1 (out, b) the block's weights, updated in place; E1 (out, b) receives the scaled errors;
     U1 (b, b) the block of the inverse-Hessian factor; Q (out, in) receives the codes."""
     qmin, qmax = float(args.qmin), float(args.qmax)
+    fmt = element_format(args) if args.type == "float" else None
     for i in range(i2 - i1):
         j = i1 + i
         if lazy:
@@ -172,9 +174,14 @@ def _quantize_block(W1, E1, U1, Q, i1, i2, gs, lazy, args, scale, zero, S, Z) ->
         else:
             s, z = S[:, j], Z[:, j]
         w = W1[:, i]  # (out,)
-        q = torch.clamp(torch.round(w / s) + z, qmin, qmax)  # as primitives.quantize
-        Q[:, j] = q
-        e = (w - (q - z) * s) / U1[i, i]  # (out,)
+        if fmt is not None:  # a float grid: the codes are bit patterns, the value is grid · scale
+            v = round_to_grid(w / s, fmt)
+            Q[:, j] = encode_fp(v, args).float()
+            e = (w - v * s) / U1[i, i]  # (out,)
+        else:
+            q = torch.clamp(torch.round(w / s) + z, qmin, qmax)  # as primitives.quantize
+            Q[:, j] = q
+            e = (w - (q - z) * s) / U1[i, i]  # (out,)
         W1[:, i:].addmm_(e[:, None], U1[i:i + 1, i:], alpha=-1.0)  # rank-1 (addr_ is far slower on CPU)
         E1[:, i] = e
 
@@ -212,7 +219,8 @@ def _solve(W, H, args, block_size, damp, act_order, static_groups, objective):
 
     grouped = args.granularity == "group"
     gs = args.group_size if grouped else cols
-    lazy = grouped and not static_groups and not act_order
+    # block float formats take their scales from the whole weight (NVFP4's per-tensor scale): static
+    lazy = grouped and not static_groups and not act_order and args.block_format is None
     ng = n_groups(cols, args)
     if lazy:
         scale = torch.empty(rows, ng, dtype=torch.float32, device=dev)

@@ -6,14 +6,19 @@ Conventions (shared by every form: simulated, packed, runtime):
 - qparams of a 2-D tensor (rows, cols) have shape (rows, n_groups): n_groups = 1 for
   channel/token granularity, ceil(cols / group_size) for group (the last group may be
   partial), and scale/zero_point are (1, 1) for tensor granularity;
-- activations (..., cols) are flattened to (rows, cols) for qparams and reshaped back.
+- activations (..., cols) are flattened to (rows, cols) for qparams and reshaped back;
+- `type: float` schemes (FP8, NVFP4, MXFP4: `lmpress.quant.fp`) use the same shapes, zero_point
+  0, and as codes the format's bit patterns (sign bit over the magnitude's index in the grid)
+  as signed int8 in [qmin, qmax]: `encode_fp` / `decode_fp`.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+from .fp import BLOCK_FORMATS, E2M1, E4M3, FORMATS, FPFormat, block_scales, round_to_grid
 from .scheme import QuantArgs
 
 
@@ -49,9 +54,54 @@ def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tu
     return scale, zero
 
 
+# --------------------------------------------------------------------------- floating-point grids
+
+
+def element_format(args: QuantArgs) -> FPFormat:
+    """The element grid of a `type: float` scheme: E4M3 at 8 bits, E2M1 at 4."""
+    return E4M3 if args.bits == 8 else E2M1
+
+
+@functools.lru_cache(maxsize=None)
+def _grid(name: str, device: str) -> torch.Tensor:
+    return FORMATS[name].grid().to(device=device, dtype=torch.float32)
+
+
+def encode_fp(v: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Values on the element grid -> their bit patterns as int8 in [qmin, qmax] (-0 is +0)."""
+    fmt = element_format(args)
+    idx = torch.searchsorted(_grid(fmt.name, str(v.device)), v.abs().float().contiguous())
+    code = idx + (v < 0).long() * (1 << (args.bits - 1))  # sign bit over the magnitude index
+    return torch.where(code > args.qmax, code - (1 << args.bits), code).to(torch.int8)
+
+
+def decode_fp(q: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Bit patterns (int8) -> their values, float32."""
+    fmt = element_format(args)
+    u = q.long() % (1 << args.bits)
+    half = 1 << (args.bits - 1)
+    mag = _grid(fmt.name, str(q.device))[u % half]
+    return torch.where(u >= half, -mag, mag)
+
+
+def _float_qparams(x2: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale = absmax·clip / the grid's largest value per tensor / row / token, or the block
+    format's scales (E8M0 powers of two; NVFP4's E4M3 scale under a per-tensor scale)."""
+    x2 = x2 * args.clip_ratio if args.clip_ratio != 1.0 else x2
+    if args.block_format is not None:
+        scale = block_scales(x2, BLOCK_FORMATS[args.block_format])  # (rows, n_groups)
+    else:
+        amax = torch.cat([b.abs().amax(dim=1, keepdim=True) for b in _group_view(x2, args)], 1)
+        scale = amax / element_format(args).max
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.zeros_like(scale)
+
+
 def compute_qparams(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max qparams of `x` (..., cols) -> (scale, zero_point), each (rows, n_groups) float32."""
     x2 = x.reshape(-1, x.shape[-1]).float()  # (rows, cols)
+    if args.type == "float":
+        return _float_qparams(x2, args)
     los, his = [], []
     for block in _group_view(x2, args):
         los.append(block.amin(dim=1, keepdim=True))
@@ -71,6 +121,8 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: Qua
     x2 = x.reshape(-1, x.shape[-1]).float()  # (rows, cols)
     rows, cols = x2.shape
     s = expand_qparam(scale.float(), rows, cols, args)
+    if args.type == "float":
+        return encode_fp(round_to_grid(x2 / s, element_format(args)), args).reshape(x.shape)
     z = expand_qparam(zero.float(), rows, cols, args)
     q = torch.clamp(torch.round(x2 / s) + z, args.qmin, args.qmax)
     return q.to(torch.int8).reshape(x.shape)
@@ -83,6 +135,8 @@ def dequantize(
     q2 = q.reshape(-1, q.shape[-1])  # (rows, cols)
     rows, cols = q2.shape
     s = expand_qparam(scale.float(), rows, cols, args)
+    if args.type == "float":
+        return (decode_fp(q2, args) * s).to(dtype).reshape(q.shape)
     z = expand_qparam(zero.float(), rows, cols, args)
     return ((q2.float() - z) * s).to(dtype).reshape(q.shape)
 
@@ -111,6 +165,10 @@ def fake_quantize_ste(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     rows, cols = x2.shape
     scale, zero = compute_qparams(x2, args)  # (rows|1, n_groups), differentiable in x2
     s = expand_qparam(scale, rows, cols, args)
+    if args.type == "float":
+        v = x2 / s
+        v = v + (round_to_grid(v.detach(), element_format(args)) - v).detach()  # straight-through
+        return (v * s).to(x.dtype).reshape(x.shape)
     z = expand_qparam(zero.detach(), rows, cols, args)
     q = torch.clamp(round_ste(x2 / s) + z, args.qmin, args.qmax)
     return ((q - z) * s).to(x.dtype).reshape(x.shape)
@@ -134,7 +192,7 @@ def mse_clip_qparams(
     w2 = w.reshape(-1, w.shape[-1]).float()  # (rows, cols)
     rows, cols = w2.shape
     gs = args.group_size if args.granularity == "group" else cols
-    if args.granularity in ("channel", "group") and cols % gs == 0:
+    if args.granularity in ("channel", "group") and cols % gs == 0 and args.type == "int":
         step = max(1, MSE_CLIP_BLOCK // cols)
         parts = [_mse_clip_grouped(w2[r:r + step].reshape(-1, cols // gs, gs), args, grid, min_ratio, norm)
                  for r in range(0, rows, step)]  # each block: (block rows, n_groups, gs)

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 GRANULARITIES = ("tensor", "channel", "group", "token", "head")
 WEIGHT_BITS = (2, 3, 4, 8)
+TYPES = ("int", "float")
 KV_BITS = (2, 4, 8)
 
 
@@ -33,6 +34,13 @@ class QuantArgs:
     W8A8 artifact runs identically in stock transformers; the default is absmax / qmax (int8:
     /127, vLLM's kernels). The extreme value then rounds to qmax + 1 and is clamped: at most
     half a step of clipping, on one element per token.
+
+    `type: float` puts the values on a minifloat grid instead (`lmpress.quant.fp`), symmetric,
+    scale = absmax / the format's largest value: 8 bits is FP8 E4M3 (per tensor, channel or
+    token, float32 scales; or groups of 32 with power-of-two E8M0 scales: MXFP8); 4 bits is E2M1
+    in groups of 16 with E4M3 scales under a float32 per-tensor scale (`scale_format: e4m3`,
+    NVFP4) or in groups of 32 with E8M0 scales (`scale_format: e8m0`, MXFP4). The codes are the
+    format's bit patterns (sign and magnitude), held in int8 like the integer codes.
     """
 
     bits: int
@@ -43,8 +51,16 @@ class QuantArgs:
     clip_ratio: float = 1.0
     mse_clip: bool = False
     full_range: bool = False
+    type: str = "int"
+    scale_format: str | None = None
 
     def __post_init__(self) -> None:
+        if self.type not in TYPES:
+            raise ValueError(f"QuantArgs.type={self.type!r} is not known; use one of {list(TYPES)}")
+        if self.type == "float":
+            self._check_float()
+        elif self.scale_format is not None:
+            raise ValueError(f"QuantArgs.scale_format={self.scale_format!r} belongs to type: float (NVFP4 e4m3, MX e8m0); drop it")
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
             raise ValueError(f"QuantArgs.bits={self.bits!r} is not supported; use one of {list(WEIGHT_BITS)}")
         if self.granularity not in GRANULARITIES:
@@ -71,6 +87,36 @@ class QuantArgs:
         if self.full_range and not self.symmetric:
             raise ValueError("QuantArgs.full_range sets the symmetric scale divisor; asymmetric schemes use the full range already")
 
+    def _check_float(self) -> None:
+        allowed = {8: "FP8 (E4M3; or MXFP8: group_size 32, scale_format e8m0)",
+                   4: "FP4 (E2M1: NVFP4 = group_size 16 + scale_format e4m3, MXFP4 = group_size 32 + scale_format e8m0)"}
+        if self.bits not in allowed:
+            raise ValueError(f"QuantArgs: type float with bits={self.bits!r}; use bits 8 ({allowed[8]}) or 4 ({allowed[4]})")
+        if not self.symmetric or self.full_range:
+            raise ValueError("QuantArgs: type float is symmetric (scale = absmax / the format's largest value); "
+                             "set symmetric: true and drop full_range")
+        if self.scale_format not in (None, "e4m3", "e8m0"):
+            raise ValueError(f"QuantArgs.scale_format={self.scale_format!r}: use e4m3 (NVFP4) or e8m0 (MX), or leave it out")
+        block = {(4, 16, "e4m3"): "nvfp4", (4, 32, "e8m0"): "mxfp4", (8, 32, "e8m0"): "mxfp8"}
+        if self.granularity == "group" or self.scale_format is not None:
+            key = (self.bits, self.group_size, self.scale_format)
+            if self.granularity != "group" or key not in block:
+                raise ValueError(
+                    f"QuantArgs: type float, bits {self.bits}, granularity {self.granularity!r}, group_size "
+                    f"{self.group_size!r}, scale_format {self.scale_format!r} is no format: the block formats are NVFP4 "
+                    "(bits 4, group_size 16, scale_format e4m3), MXFP4 (bits 4, group_size 32, scale_format e8m0) and MXFP8 "
+                    "(bits 8, group_size 32, scale_format e8m0)")
+        elif self.bits == 4:
+            raise ValueError("QuantArgs: FP4 needs block scales: NVFP4 (granularity group, group_size 16, scale_format e4m3) "
+                             "or MXFP4 (group_size 32, scale_format e8m0)")
+
+    @property
+    def block_format(self) -> str | None:
+        """"nvfp4", "mxfp4" or "mxfp8" for a block-scaled float format, else None."""
+        if self.type != "float" or self.scale_format is None:
+            return None
+        return {("e4m3", 16): "nvfp4", ("e8m0", 32): "mxfp4" if self.bits == 4 else "mxfp8"}[(self.scale_format, self.group_size)]
+
     @property
     def qmin(self) -> int:
         return -(1 << (self.bits - 1))
@@ -86,7 +132,11 @@ class QuantArgs:
 
     def to_dict(self) -> dict[str, Any]:
         # `full_range` only when set, so manifests and recipes written before it existed stay identical
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "full_range" or self.full_range}
+        # `full_range`, `type` and `scale_format` only when set, so manifests and recipes written
+        # before they existed stay identical
+        defaults = {"full_range": False, "type": "int", "scale_format": None}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in defaults or getattr(self, f.name) != defaults[f.name]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: "QuantArgs | None" = None) -> "QuantArgs":
@@ -234,6 +284,16 @@ def _a(bits: int, full_range: bool = False) -> QuantArgs:
     return QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True, full_range=full_range)
 
 
+def _fw(bits: int, group: int | None = None, scale_format: str | None = None) -> QuantArgs:
+    return QuantArgs(bits=bits, type="float", granularity="group" if group else "channel", group_size=group,
+                     scale_format=scale_format)
+
+
+def _fa(bits: int, group: int | None = None, scale_format: str | None = None) -> QuantArgs:
+    return QuantArgs(bits=bits, type="float", granularity="group" if group else "token", group_size=group,
+                     scale_format=scale_format, dynamic=True)
+
+
 PRESETS: dict[str, QuantScheme] = {
     # W8A8 takes compressed-tensors' activation rule (absmax/127.5): its artifacts are exported in
     # that format and must run identically in stock transformers
@@ -244,6 +304,13 @@ PRESETS: dict[str, QuantScheme] = {
     "W4A4": QuantScheme(weights=_w(4), inputs=_a(4)),
     "W3A16": QuantScheme(weights=_w(3, 128)),
     "W2A16": QuantScheme(weights=_w(2, 64)),
+    # the floating-point formats, named as compressed-tensors' presets (FP8_DYNAMIC: FP8 E4M3
+    # per-channel weights, per-token dynamic activations; NVFP4 / MXFP4: FP4 E2M1 block formats)
+    "FP8_DYNAMIC": QuantScheme(weights=_fw(8), inputs=_fa(8)),
+    "NVFP4A16": QuantScheme(weights=_fw(4, 16, "e4m3")),
+    "NVFP4": QuantScheme(weights=_fw(4, 16, "e4m3"), inputs=_fa(4, 16, "e4m3")),
+    "MXFP4A16": QuantScheme(weights=_fw(4, 32, "e8m0")),
+    "MXFP4": QuantScheme(weights=_fw(4, 32, "e8m0"), inputs=_fa(4, 32, "e8m0")),
 }
 
 KV_PRESETS: dict[str, KVCacheArgs] = {

@@ -20,8 +20,9 @@ ALLOWED = {  # package -> the lmpress packages it may import
     "eval": {"calibration", "kernels", "quant"},
     "kernels": set(),
 }
-# quant's vocabulary (schemes) and pure tensor maths (qparams and fake-quant, Hadamard matrices, KV quantization)
-KERNEL_VOCABULARY = {"lmpress.quant.scheme", "lmpress.quant.primitives", "lmpress.quant.hadamard", "lmpress.quant.kv_cache"}
+# quant's vocabulary (schemes) and pure tensor maths (qparams and fake-quant, FP grids, Hadamard matrices, KV quantization)
+KERNEL_VOCABULARY = {"lmpress.quant.scheme", "lmpress.quant.primitives", "lmpress.quant.fp", "lmpress.quant.hadamard",
+                     "lmpress.quant.kv_cache"}
 
 
 def _imports(path: str, root: str) -> set[str]:

@@ -1,0 +1,128 @@
+"""Floating-point formats against integers on SmolLM2-135M: FP8 vs INT8 (W8A8), NVFP4 / MXFP4
+vs INT4 (W4A4 and weight-only), each by RTN and by GPTQ on the format's grid, with and without
+QuaRot's rotation.
+
+    python bench/fp_formats.py                        # 128 x 512 calibration, 64 x 512 eval windows
+    python bench/fp_formats.py --n 32 --windows 16    # a quicker look
+    python bench/fp_formats.py --configs base,fp8-rtn,nvfp4-gptq
+
+Configurations: `base`, and `<format>-<method>[-rot]`:
+- format: `int8` (W8A8: int8 per-channel weights, int8 per-token activations), `fp8`
+  (FP8_DYNAMIC: E4M3 per-channel weights, E4M3 per-token activations), `nvfp4` / `mxfp4`
+  (W4A4 in the block format), `int4` (W4A4: int4 per-channel symmetric weights, int4 per-token
+  activations), `nvfp4a16` / `mxfp4a16` (weight-only);
+- method: `rtn` (min-max scales; FP8 and FP4 round to nearest on their grid) or `gptq`
+  (act-order, static groups, on the format's grid);
+- `-rot`: QuaRot first (fuse_norms, then the randomized Hadamard R1/R2 and the online R4 on
+  down_proj's input), as in `w4a4kv4-quarot-gptq` without the KV cache.
+lm_head stays in high precision. Columns: perplexity (simulated model), its ratio to the base,
+the format's bits per weight (codes plus its own scale width per group: FP8/INT per-channel
+float32 scales over 576 or 1536 inputs, NVFP4 4 + 8/16, MXFP4 4 + 8/32), the lmpress checkpoint's
+MiB (`save`: packed codes, float32 scales; the embeddings and lm_head in fp32 dominate), and
+whether the reloaded packed model's logits equal the simulated ones on one window.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import _runner
+
+FORMATS = {
+    "int8": "W8A8", "fp8": "FP8_DYNAMIC", "nvfp4": "NVFP4", "mxfp4": "MXFP4",
+    "int4": "W4A4", "nvfp4a16": "NVFP4A16", "mxfp4a16": "MXFP4A16",
+}
+METHODS = {"rtn": {"rtn": {}}, "gptq": {"gptq": {"act_order": True, "block_size": 128, "damp": 0.01}}}
+ROTATION = ["fuse_norms", {"rotate": {"kind": "hadamard", "seed": 0, "online": ["down_proj"], "r2": True}}]
+DEFAULT_CONFIGS = ("base,int8-rtn,fp8-rtn,fp8-gptq,nvfp4a16-rtn,nvfp4a16-gptq,mxfp4a16-gptq,"
+                   "int4-gptq,int4-gptq-rot,nvfp4-rtn,nvfp4-gptq,nvfp4-gptq-rot,mxfp4-rtn,mxfp4-gptq,mxfp4-gptq-rot")
+
+
+def recipe_for(config: str):
+    from lmpress.compress import Recipe
+
+    parts = config.split("-")
+    rot = parts[-1] == "rot"
+    parts = parts[:-1] if rot else parts
+    if len(parts) != 2 or parts[0] not in FORMATS or parts[1] not in METHODS:
+        raise SystemExit(f"unknown configuration {config!r}: use base or <{'|'.join(FORMATS)}>-<{'|'.join(METHODS)}>[-rot]")
+    return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": FORMATS[parts[0]]},
+                             "stages": (ROTATION if rot else []) + [METHODS[parts[1]]]})
+
+
+def format_bits(config: str) -> float | None:
+    """Codes plus the format's own scale bits per weight (SmolLM2's linears: 576 or 1536 inputs, weighted by size)."""
+    if config == "base":
+        return None
+    from lmpress.quant.scheme import preset
+
+    w = preset(FORMATS[config.split("-")[0]]).weights
+    if w.block_format is not None:
+        return w.bits + 8 / w.group_size
+    # per-channel float32 scales, one per output row: SmolLM2's (out, in) q, k, v, o, gate, up, down
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    return w.bits + 32 * sum(o for o, _ in shapes) / sum(o * i for o, i in shapes)
+
+
+def run_one(config: str, args) -> dict:
+    import torch
+
+    from lmpress.calibration.data import load_text, sample_calibration
+    from lmpress.compress import compress, load, save
+    from lmpress.compress.models import load_model
+    from lmpress.eval.ppl import perplexity
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model)
+    row = {"config": config, "compress_s": 0.0, "format_bpw": format_bits(config)}
+    if config != "base":
+        recipe = recipe_for(config)
+        calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed) if recipe.needs_calibration else None
+        t0 = time.perf_counter()
+        compress(model, recipe, calib)
+        row["compress_s"] = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(prefix="lmpress-fp-") as d:
+            out = save(model, os.path.join(d, "ckpt"))
+            row["checkpoint_mib"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+            x = torch.randint(0, model.config.vocab_size, (1, args.seqlen), generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                row["packed_equal"] = bool(torch.equal(model(x).logits, load(out)(x).logits))
+    t0 = time.perf_counter()
+    res = perplexity(model, tok, load_text("wiki", "eval"), seqlen=args.seqlen, windows=args.windows)
+    row.update(ppl=res.ppl, windows=res.windows, eval_s=time.perf_counter() - t0)
+    return row
+
+
+def table(rows: list[dict], args) -> str:
+    base = next((r["ppl"] for r in rows if r["config"] == "base" and "ppl" in r), None)
+    lines = [
+        f"SmolLM2-135M, wiki eval split, {args.windows} windows x {args.seqlen} tokens; calibration {args.n} x "
+        f"{args.seqlen} (seed {args.seed}); lm_head kept; CPU fp32 simulation",
+        "",
+        "| config | scheme | method | ppl | vs base | format bits/weight | checkpoint MiB | packed = simulated | compress s |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        c = r["config"]
+        if "error" in r:
+            lines.append(f"| {c} | | | error: {r['error'][:80]} | | | | | |")
+            continue
+        fmt, _, rest = c.partition("-")
+        scheme = "fp32" if c == "base" else FORMATS[fmt]
+        method = "-" if c == "base" else rest.replace("-rot", " + QuaRot").upper().replace("QUAROT", "QuaRot")
+        vs = f"{r['ppl'] / base:.3f}x" if base else "-"
+        bpw = f"{r['format_bpw']:.3f}" if r.get("format_bpw") else "32"
+        mib = f"{r['checkpoint_mib']:.1f}" if "checkpoint_mib" in r else "-"
+        eq = {True: "yes", False: "NO"}.get(r.get("packed_equal"), "-")
+        lines.append(f"| {c} | {scheme} | {method} | {r['ppl']:.3f} | {vs} | {bpw} | {mib} | {eq} | {r['compress_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def check(config: str, args) -> None:
+    if config != "base":
+        recipe_for(config)
+
+
+if __name__ == "__main__":
+    _runner.main(run_one, table, doc=__doc__, configs=DEFAULT_CONFIGS, add_args=_runner.protocol_args, check=check)

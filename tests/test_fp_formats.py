@@ -1,0 +1,179 @@
+"""quant.fp: the FP8/FP6/FP4 grids and the MXFP4 / NVFP4 block formats, exact in float32."""
+import pytest
+import torch
+
+from lmpress.quant import fp
+
+
+def test_grids_have_the_published_values():
+    assert fp.E2M1.grid().tolist() == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    assert len(fp.E4M3.grid()) == 127 and fp.E4M3.grid()[-1] == 448 and fp.E4M3.grid()[1] == 2.0 ** -9
+    assert fp.E2M3.grid()[-1] == 7.5 and fp.E3M2.grid()[-1] == 28 and len(fp.E2M3.grid()) == 32 == len(fp.E3M2.grid())
+
+
+@pytest.mark.parametrize("fmt,dtype", [(fp.E4M3, torch.float8_e4m3fn), (fp.E5M2, torch.float8_e5m2)])
+def test_fp8_rounding_equals_torch_casts(fmt, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g) * s for s in (1e-3, 0.1, 1.0, 30.0, 300.0)])
+    x = x[x.abs() <= fmt.max]
+    grid = fmt.grid()
+    mids = (grid[1:] + grid[:-1]) / 2  # every tie, both signs
+    x = torch.cat([x, mids.float(), -mids.float(), grid.float()])
+    assert torch.equal(fp.round_to_grid(x, fmt), x.to(dtype).float())
+
+
+@pytest.mark.parametrize("fmt", [fp.E2M1, fp.E2M3, fp.E3M2])
+def test_small_formats_round_to_nearest_ties_to_even_and_saturate(fmt):
+    grid = fp.E2M1.grid() if fmt is fp.E2M1 else fmt.grid()
+    x = torch.linspace(-1.5 * fmt.max, 1.5 * fmt.max, 100001, dtype=torch.float64)
+    q = fp.round_to_grid(x.float(), fmt).double()
+    both = torch.cat([-grid.flip(0), grid])
+    d = (x[:, None] - both[None, :]).abs()
+    best = d.min(1).values
+    assert torch.all((q[:, None] == both[None, :]).any(1))  # on the grid
+    inside = x.abs() <= fmt.max
+    assert torch.all((q - x).abs()[inside] <= best[inside] + 1e-12)  # nearest
+    assert torch.all(q[~inside].abs() == fmt.max)  # saturated
+    mids = (grid[1:] + grid[:-1]) / 2
+    r = fp.round_to_grid(mids.float(), fmt).double()
+    codes = torch.searchsorted(grid, r)
+    assert torch.all(codes % 2 == 0)  # a tie goes to the even code (mantissa LSB 0)
+
+
+def test_mxfp4_scales_are_powers_of_two_with_the_shared_exponent_rule():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 96, generator=g) * torch.logspace(-3, 3, 6)[:, None]
+    s = fp.block_scales(x, fp.MXFP4)  # (6, 3)
+    amax = x.abs().reshape(6, 3, 32).amax(-1)
+    assert torch.equal(s, torch.exp2(torch.floor(torch.log2(amax)) - 2))
+    q, _ = fp.quantize_block(x, fp.MXFP4)
+    assert torch.all((q.abs()[..., None] == fp.E2M1.grid().float()).any(-1))
+    err = (fp.dequantize_block(q, s, fp.MXFP4) - x).abs().reshape(6, 3, 32).amax(-1)
+    assert torch.all(err <= amax / 4)  # within a quarter of the group's range (E2M1 steps are at most 2 of 8)
+
+
+def test_nvfp4_two_level_scale():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 64, generator=g)
+    s_t = fp.tensor_scale(x)
+    assert torch.isclose(s_t, x.abs().amax() / (448 * 6))
+    s_g, s_t2 = fp.nvfp4_scales(x)  # (8, 4), ()
+    assert torch.equal(s_t2, s_t) and torch.equal(fp.round_to_grid(s_g, fp.E4M3), s_g)  # the group scales are E4M3 values
+    assert torch.equal(fp.block_scales(x, fp.NVFP4), s_g * s_t)
+    assert s_g.max() <= 448 and s_g.max() >= 224  # the largest group uses the top of E4M3's range
+    y = fp.fake_quantize_block(x, fp.NVFP4)
+    sqnr = 10 * torch.log10(x.pow(2).sum() / (x - y).pow(2).sum())
+    assert sqnr > 18  # measured on 256 x 1024 Gaussian: NVFP4 20.4 dB, MXFP4 18.8, INT4 g16 sym 21.4, INT4 g32 sym 20.3
+    with pytest.raises(ValueError, match="multiple of the format's group size 16"):
+        fp.block_scales(torch.randn(2, 24), fp.NVFP4)
+
+
+def test_fp8_fake_quant_per_channel():
+    x = torch.randn(4, 32) * torch.tensor([1e-2, 1.0, 1e2, 1e4])[:, None]
+    s = fp.fp8_scale(x, dim=1)
+    y = fp.fake_quantize_fp8(x, s)
+    rel = ((y - x).abs() / x.abs().clamp_min(1e-30))[x.abs() > s * 2.0 ** -6]  # normal range of E4M3 after scaling
+    assert rel.max() <= 2.0 ** -4 + 1e-6  # E4M3: 3 mantissa bits, half a step relative
+
+
+# --------------------------------------------------------------------------- the schemes
+
+
+from lmpress.quant.primitives import (compute_qparams, decode_fp, dequantize, encode_fp, fake_quantize,  # noqa: E402
+                                      quantize)
+from lmpress.quant.scheme import PRESETS, QuantArgs, QuantScheme  # noqa: E402
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bits=4, type="float"), "FP4 needs block scales"),
+    (dict(bits=4, type="float", granularity="group", group_size=32, scale_format="e4m3"), "is no format"),
+    (dict(bits=4, type="float", granularity="group", group_size=64, scale_format="e8m0"), "is no format"),
+    (dict(bits=3, type="float"), "use bits 8"),
+    (dict(bits=8, type="float", symmetric=False), "symmetric"),
+    (dict(bits=4, scale_format="e8m0", granularity="group", group_size=32), "belongs to type: float"),
+    (dict(bits=8, type="fp"), "type='fp' is not known"),
+])
+def test_float_args_refuse_what_no_format_is(kw, match):
+    with pytest.raises(ValueError, match=match):
+        QuantArgs(**kw)
+
+
+def test_presets_round_trip_and_old_dicts_stay_identical():
+    for name in ("FP8_DYNAMIC", "NVFP4", "NVFP4A16", "MXFP4", "MXFP4A16"):
+        s = PRESETS[name]
+        assert QuantScheme.from_dict(s.to_dict()) == s and s.name == name
+    assert "type" not in QuantArgs(bits=4).to_dict() and "scale_format" not in QuantArgs(bits=4).to_dict()
+    assert PRESETS["NVFP4"].weights.block_format == "nvfp4" and PRESETS["MXFP4A16"].weights.block_format == "mxfp4"
+
+
+@pytest.mark.parametrize("args", [PRESETS["FP8_DYNAMIC"].weights, PRESETS["NVFP4A16"].weights])
+def test_codes_are_the_formats_bit_patterns(args):
+    q = torch.arange(args.qmin, args.qmax + 1, dtype=torch.int8)
+    if args.bits == 8:
+        q = q[(q.long() % 256) % 128 != 127]  # E4M3's NaN patterns are never produced
+        assert torch.equal(decode_fp(q, args), q.view(torch.uint8).view(torch.float8_e4m3fn).float())
+    else:  # E2M1: s e e m
+        mag = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+        want = [(-1.0 if (c % 16) >= 8 else 1.0) * mag[(c % 16) % 8] for c in q.tolist()]
+        assert decode_fp(q, args).tolist() == want
+    v = decode_fp(q, args)
+    back = encode_fp(v, args)
+    keep = v != 0  # -0 encodes as +0
+    assert torch.equal(back[keep], q[keep])
+
+
+@pytest.mark.parametrize("name", ["FP8_DYNAMIC", "NVFP4A16", "MXFP4A16"])
+def test_quantize_dequantize_is_the_grid_reference(name):
+    args = PRESETS[name].weights
+    W = torch.randn(24, 64) * torch.logspace(-2, 2, 24)[:, None]
+    s, z = compute_qparams(W, args)
+    got = dequantize(quantize(W, s, z, args), s, z, args)
+    if args.block_format:
+        want = fp.fake_quantize_block(W, fp.BLOCK_FORMATS[args.block_format])
+    else:
+        want = fp.fake_quantize_fp8(W, fp.fp8_scale(W, dim=1))
+    assert torch.equal(got, want)
+    assert torch.equal(fake_quantize(W, args), want)
+
+
+@pytest.mark.parametrize("name", ["FP8_DYNAMIC", "NVFP4A16", "MXFP4A16"])
+def test_gptq_on_the_float_grids_lowers_the_objective(name):
+    from lmpress.quant.gptq import gptq_quantize, layer_objective
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(1024, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    H = X.T @ X / 1024
+    W = torch.randn(32, 64, generator=g)
+    args = PRESETS[name].weights
+    s, z = compute_qparams(W, args)
+    rtn = layer_objective(W, dequantize(quantize(W, s, z, args), s, z, args), H)
+    for act_order in (False, True):
+        q, sc, ze, st = gptq_quantize(W, H, args, block_size=16, act_order=act_order)
+        assert st["loss"] < 0.8 * rtn
+        assert torch.equal(decode_fp(q, args), fp.round_to_grid(decode_fp(q, args), fp.E4M3 if args.bits == 8 else fp.E2M1))
+
+
+@pytest.mark.parametrize("name", ["FP8_DYNAMIC", "NVFP4", "MXFP4A16"])
+@pytest.mark.parametrize("backend", ["ref", "cpu", "triton"])
+def test_packed_linear_runs_float_formats_as_the_simulation(name, backend, monkeypatch):
+    from torch import nn
+
+    from lmpress.kernels.linear import PackedLinear
+    from lmpress.quant.rtn import rtn_quantize
+    from lmpress.quant.sim import SimQuantLinear
+
+    monkeypatch.setenv("LMPRESS_KERNELS", backend)
+    lin = nn.Linear(256, 96)
+    sim = SimQuantLinear(lin, PRESETS[name])
+    sim.set_quantized(*rtn_quantize(lin.weight.detach(), PRESETS[name].weights))
+    packed = PackedLinear.from_sim(sim)
+    x = torch.randn(3, 7, 256)
+    with torch.no_grad():
+        assert torch.equal(packed(x), sim(x))
+    assert packed.kernel_path.kind in ("ref", "cpu-dequant")
+
+
+def test_float_artifacts_are_lmpress_only_for_now():
+    from lmpress.compress.ct_format import why_not
+
+    assert "floating-point formats" in why_not({"a": PRESETS["NVFP4"]}, {"a": 64}, None, None)
