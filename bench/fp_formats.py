@@ -68,8 +68,8 @@ def format_bits(config: str) -> float | None:
 def run_one(config: str, args) -> dict:
     import torch
 
-    from lmpress.calibration.data import load_text, sample_calibration
-    from lmpress.compress import compress, load, save
+    from lmpress.calibration.data import load_text
+    from lmpress.compress import load, save
     from lmpress.compress.models import load_model
     from lmpress.eval.ppl import perplexity
 
@@ -77,11 +77,7 @@ def run_one(config: str, args) -> dict:
     model, tok = load_model(args.model)
     row = {"config": config, "compress_s": 0.0, "format_bpw": format_bits(config)}
     if config != "base":
-        recipe = recipe_for(config)
-        calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed) if recipe.needs_calibration else None
-        t0 = time.perf_counter()
-        compress(model, recipe, calib)
-        row["compress_s"] = time.perf_counter() - t0
+        row["compress_s"] = _runner.compress_timed(model, tok, recipe_for(config), args)
         with tempfile.TemporaryDirectory(prefix="lmpress-fp-") as d:
             out = save(model, os.path.join(d, "ckpt"))
             row["checkpoint_mib"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20

@@ -111,7 +111,6 @@ def run_one(config: str, args) -> dict:
     import torch
 
     from lmpress.calibration.data import load_text, sample_calibration, tokenize
-    from lmpress.compress import compress
     from lmpress.compress.models import load_model
     from lmpress.eval.ppl import perplexity
     from lmpress.prune.masks import check_nm
@@ -131,11 +130,7 @@ def run_one(config: str, args) -> dict:
             check_nm(m.weight, 2, 4, exact=False)
         row["sparsity"] = sum(int((m.weight == 0).sum()) for m in lin) / sum(m.weight.numel() for m in lin)
     elif config != "base":
-        recipe = recipe_for(config)
-        calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed) if recipe.needs_calibration else None
-        t0 = time.perf_counter()
-        compress(model, recipe, calib)
-        row["compress_s"] = time.perf_counter() - t0
+        row["compress_s"] = _runner.compress_timed(model, tok, recipe_for(config), args)
         n, m = (int(v) for v in config.split("-")[1].split(":"))
         zeros = total = 0
         for _, mod in model.named_modules():
