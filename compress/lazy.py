@@ -74,7 +74,7 @@ from .report import Report
 from .resume import RunState, fingerprint
 from .stage import Context
 from .stages.gptq import RTN_FALLBACK
-from .stages.rotate import record_rotation
+from .stages.rotate import check_block_sizes, record_rotation
 from .stages.rtn import rtn_modules
 from .stream_save import finalize, shard_name, write_shard
 from .streams import Streams
@@ -346,12 +346,15 @@ def compress_lazy(
         st.finish(cfg, sz, ctx)  # the config the later stages (and the artifact) see
     R1 = None
     if rot is not None:
-        R1 = Rotation(cfg.hidden_size, rot.kind, rot.seed, device=device)
-        summary: dict[str, Any] = {"r1": R1.spec(), "r2": None, **place_online(model, arch0, rot.seed, rot.online)}
+        check_block_sizes(model, arch0, rot.block)
+        R1 = Rotation(cfg.hidden_size, rot.kind, rot.seed, device=device, block=rot.block)
+        summary: dict[str, Any] = {"r1": R1.spec(), "r2": None, **place_online(model, arch0, rot.seed, rot.online, block=rot.block)}
         if rot.r2:
             n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            summary["r2"] = {"kind": rot.kind, "size": arch0.head_dim(layers[0], cfg),
-                             "seeds": [[sub_seed(rot.seed, "r2", i, h) for h in range(n_kv)] for i in range(n)]}
+            head_dim = arch0.head_dim(layers[0], cfg)
+            summary["r2"] = {"kind": rot.kind, "size": head_dim,
+                             "seeds": [[sub_seed(rot.seed, "r2", i, h) for h in range(n_kv)] for i in range(n)],
+                             **({"block": rot.block} if rot.block is not None and rot.block < head_dim else {})}
         record_rotation(ctx, summary, rot.online)  # renames plan entries / ctx.arch for the wrapped linears
     pruning = {}  # stage -> (todo {layer: {path: (fqn, spec)}}, outside [(fqn, spec)])
     for s in recipe.stages:
@@ -425,7 +428,7 @@ def compress_lazy(
             _rotate_rows(head.weight.data, None, norm_w.detach())
             norm_w.data.fill_(1.0)
     if R1 is not None:
-        R1cpu = Rotation(cfg.hidden_size, rot.kind, rot.seed)
+        R1cpu = Rotation(cfg.hidden_size, rot.kind, rot.seed, block=rot.block)
         _rotate_rows(model.get_submodule(arch0.embed).weight.data, R1cpu, None)
         _rotate_rows(head.weight.data, R1cpu, None)
     outside = [f for f in ctx.plan if not f.startswith(layers_prefix)]
@@ -480,7 +483,7 @@ def compress_lazy(
         if fuse:
             fuse_layer_norms(layer, arch0, prefix)
         if rot is not None:
-            rotate_layer(layer, i, arch0, cfg, R1, rot.kind, rot.seed, rot.r2)
+            rotate_layer(layer, i, arch0, cfg, R1, rot.kind, rot.seed, rot.r2, block=rot.block)
         if smooth is not None or rkv is not None:
             with plain_linears(layer), cache_quant_off(layer):  # the layer as these stages see it in memory
                 if smooth is not None:

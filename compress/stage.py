@@ -66,8 +66,14 @@ def make_stage(name: str, options: Mapping[str, Any] | None) -> Stage:
         raise ValueError(f"stage {name!r}: {e}") from None
 
 
+OPTIONAL = {"optional": True}  # field metadata: an option added later, written only when set
+
+
 def stage_options(stage: Stage) -> dict[str, Any]:
-    return {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
+    """The stage's options as a recipe writes them: every field, except an `OPTIONAL` one at its
+    default (so recipes and artifacts written before the option existed stay byte-identical)."""
+    return {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)
+            if not (f.metadata.get("optional") and getattr(stage, f.name) == f.default)}
 
 
 @dataclass

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from lmpress.quant.hadamard import (
-    hadamard_factors, hadamard_matrix, hadamard_transform, has_hadamard, random_hadamard, random_orthogonal, random_signs,
+    check_block, hadamard_factors, hadamard_matrix, hadamard_transform, has_hadamard, random_block_hadamard, random_hadamard,
+    random_orthogonal, random_signs,
 )
 
 KINDS = ("hadamard", "kron")
@@ -42,17 +43,20 @@ class OnlineHadamard(nn.Module):
 
     kind = "hadamard"
 
-    def __init__(self, size: int, seed: int | None = None):
+    def __init__(self, size: int, seed: int | None = None, block: int | None = None):
         super().__init__()
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"OnlineHadamard: size must be a positive integer, got {size!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"OnlineHadamard: seed must be an integer or None, got {seed!r}")
-        self.size, self.seed = size, seed
-        self.fast = has_hadamard(size)
+        if block is not None:
+            check_block(size, block)
+            block = None if block == size else block
+        self.size, self.seed, self.block = size, seed, block  # block: Q = diag(s) (I ⊗ H_block) / sqrt(block)
+        self.fast = has_hadamard(size if block is None else block)
         self._kron: dict = {}  # device -> kron_factors(), built on first use
         if self.fast:
-            Hm, p = hadamard_factors(size)
+            Hm, p = hadamard_factors(size if block is None else block)
             self.p = p
             self.register_buffer("Hm", Hm.to(torch.float64), persistent=False)  # (m, m) ±1
             signs = random_signs(size, seed) if seed is not None else None
@@ -71,6 +75,8 @@ class OnlineHadamard(nn.Module):
             return torch.matmul(x, self.dense.to(x.dtype))
         if self.signs is not None:
             x = x * self.signs.to(x.dtype)
+        if self.block is not None:  # (..., n) -> (..., n / b, b): each block on its own
+            return hadamard_transform(x.reshape(*x.shape[:-1], -1, self.block), self.Hm, self.p).reshape(x.shape)
         return hadamard_transform(x, self.Hm, self.p)  # fwht over 2^k, a small matmul for H_m
 
     @torch.no_grad()
@@ -79,6 +85,11 @@ class OnlineHadamard(nn.Module):
         Equal to `random_hadamard(size, seed)` when seeded."""
         if self.dense is not None:
             return self.dense.to(dtype=dtype, copy=True)
+        if self.block is not None:
+            Q = (random_block_hadamard(self.size, self.seed, self.block) if self.seed is not None else
+                 torch.kron(torch.eye(self.size // self.block, dtype=torch.float64),
+                            hadamard_matrix(self.block).to(torch.float64) / math.sqrt(self.block)))
+            return Q.to(device=self._device(), dtype=dtype)
         if self.seed is not None:
             Q = random_hadamard(self.size, self.seed)
         else:
@@ -97,6 +108,10 @@ class OnlineHadamard(nn.Module):
             return None
         dev = torch.device(device) if device is not None else self._device()
         cache = self._kron
+        if dev not in cache and self.block is not None:  # A = I: the blocks are independent
+            signs = self.signs.to(dev, torch.float32) if self.signs is not None else None
+            cache[dev] = (torch.eye(self.size // self.block, device=dev), hadamard_matrix(self.block).to(dev, torch.float32),
+                          signs, math.sqrt(self.block))
         if dev not in cache:
             m, p = self.Hm.shape[0], self.p
             b = min((1 << j for j in range(p.bit_length())), key=lambda b: (abs(math.log(m * p / (b * b))), b))
@@ -113,11 +128,12 @@ class OnlineHadamard(nn.Module):
         return torch.device("cpu")
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "size": self.size, "seed": self.seed}
+        spec = {"kind": self.kind, "size": self.size, "seed": self.seed}
+        return spec if self.block is None else {**spec, "block": self.block}
 
     def extra_repr(self) -> str:
-        how = f"fast {self.size // self.p}x{self.p}" if self.fast else "dense random orthogonal"
-        return f"size={self.size}, seed={self.seed}, {how}"
+        how = f"fast {self.Hm.shape[0]}x{self.p}" if self.fast else "dense random orthogonal"
+        return f"size={self.size}, seed={self.seed}, {how}" + (f", blocks of {self.block}" if self.block else "")
 
 
 class KronTransform(nn.Module):
@@ -190,8 +206,8 @@ def transform_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     or {"kind": "kron", "size", "factors": [m, p]} (an identity whose tensors the checkpoint assigns)."""
     kind = spec.get("kind")
     if kind == "hadamard":
-        seed = spec.get("seed")
-        return OnlineHadamard(int(spec["size"]), None if seed is None else int(seed))
+        seed, block = spec.get("seed"), spec.get("block")
+        return OnlineHadamard(int(spec["size"]), None if seed is None else int(seed), None if block is None else int(block))
     if kind == "kron":
         m, p = (int(v) for v in spec["factors"])
         if m * p != int(spec["size"]):

@@ -140,6 +140,23 @@ def random_hadamard(n: int, seed: int, dtype: torch.dtype = torch.float64) -> to
     return (random_signs(n, seed)[:, None] * H).to(dtype)
 
 
+def random_block_hadamard(n: int, seed: int, block: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Orthonormal diag(s) · (I_{n/b} ⊗ H_b) / sqrt(b): a randomized Hadamard inside each block of
+    `block` consecutive channels (the block rotations MXFP4/NVFP4 need: a rotation mixing no two
+    scale groups keeps each group's power-of-two / E4M3 scale fitted; BRQ, arXiv 2511.04214).
+    The signs are `random_signs(n, seed)`, as the full rotation's."""
+    check_block(n, block)
+    H = hadamard_matrix(block).to(torch.float64) / math.sqrt(block)
+    Q = torch.kron(torch.eye(n // block, dtype=torch.float64), H)
+    return (random_signs(n, seed)[:, None] * Q).to(dtype)
+
+
+def check_block(n: int, block: int) -> None:
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1 or n % block or not has_hadamard(block):
+        raise ValueError(f"a block rotation of {block!r} channels needs a Hadamard order that divides {n} "
+                         "(e.g. 16, 32, 64 or 128)")
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalized fast Walsh–Hadamard transform over the last dim (a power of two):
     x @ H_p for the Sylvester H_p, in O(p log p)."""

@@ -36,17 +36,18 @@ from torch import nn
 
 from lmpress.kernels.online import KronTransform, OnlineHadamard, RotatedInput
 
-from .hadamard import has_hadamard, random_hadamard, random_orthogonal
+from .hadamard import has_hadamard, random_block_hadamard, random_hadamard, random_orthogonal
 
 KINDS = ("hadamard", "random")
 ONLINE = ("down_proj", "qk", "o_proj")  # every online transform the rotate stage knows
 DEFAULT_ONLINE = ("down_proj", "qk")  # QuaRot's R4 and R3
 
 
-def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> torch.Tensor:
-    """An (n, n) float64 orthogonal matrix: randomized Hadamard or Haar-random orthogonal."""
+def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0, block: int | None = None) -> torch.Tensor:
+    """An (n, n) float64 orthogonal matrix: randomized Hadamard (within blocks of `block`
+    channels when given and smaller than n) or Haar-random orthogonal."""
     if kind == "hadamard":
-        return random_hadamard(n, seed)
+        return random_block_hadamard(n, seed, block) if block is not None and block < n else random_hadamard(n, seed)
     if kind == "random":
         return random_orthogonal(n, seed)
     raise ValueError(f"rotation kind {kind!r} is not known; use one of {list(KINDS)}")
@@ -60,11 +61,12 @@ class Rotation:
     multiply-adds a row instead of a dense GEMM's n² (3072 = 48·64: 27× fewer). Any other
     rotation is one dense GEMM with Q."""
 
-    def __init__(self, n: int, kind: str = "hadamard", seed: int = 0, device=None):
+    def __init__(self, n: int, kind: str = "hadamard", seed: int = 0, device=None, block: int | None = None):
         self.n, self.kind, self.seed = n, kind, seed
+        self.block = block if kind == "hadamard" and block is not None and block < n else None
         self._fast = None
-        if kind == "hadamard" and has_hadamard(n):  # Q = diag(s) (A ⊗ B) / sqrt(n), A and B ±1
-            A, B, s, norm = OnlineHadamard(n, seed).kron_factors("cpu")
+        if kind == "hadamard" and (self.block is not None or has_hadamard(n)):  # Q = diag(s) (A ⊗ B) / norm
+            A, B, s, norm = OnlineHadamard(n, seed, self.block).kron_factors("cpu")
             self._fast = KronTransform.from_factors(A.double(), B.double() / norm, s.double(), dtype=torch.float64).to(device)
         self.Q = None if self._fast is not None else rotation_matrix(n, kind, seed).to(device)
 
@@ -81,14 +83,15 @@ class Rotation:
         return self.Q.T @ W
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "size": self.n, "seed": self.seed}
+        spec = {"kind": self.kind, "size": self.n, "seed": self.seed}
+        return spec if self.block is None else {**spec, "block": self.block}
 
 
 def fuse_input_transform(W: torch.Tensor, T: nn.Module) -> torch.Tensor:
     """W @ T.matrix() (float64): the offline half of an online input transform x ↦ x Q, structured
     (as `Rotation`) for a seeded Hadamard, dense otherwise."""
     if isinstance(T, OnlineHadamard) and T.fast and T.seed is not None:
-        return Rotation(T.size, "hadamard", T.seed, device=W.device).right(W)
+        return Rotation(T.size, "hadamard", T.seed, device=W.device, block=T.block).right(W)
     return W @ T.matrix().to(W.device)
 
 
@@ -98,7 +101,7 @@ class Given(Rotation):
     def __init__(self, Q: torch.Tensor, device=None):
         if Q.dim() != 2 or Q.shape[0] != Q.shape[1]:
             raise ValueError(f"a rotation must be a square matrix, got shape {tuple(Q.shape)}")
-        self.n, self.kind, self.seed, self._fast = Q.shape[0], "given", None, None
+        self.n, self.kind, self.seed, self.block, self._fast = Q.shape[0], "given", None, None, None
         self.Q = Q.detach().to(device=device, dtype=torch.float64)
 
 
@@ -236,11 +239,13 @@ def norms_fused(model: nn.Module, arch) -> bool:
 INPUT_TRANSFORMS = (("down_proj", "r4"), ("o_proj", "ro"))  # online input transforms: (arch field, seed tag)
 
 
-def place_online(model: nn.Module, arch, seed: int, online: Iterable[str], device=None) -> dict[str, Any]:
+def place_online(model: nn.Module, arch, seed: int, online: Iterable[str], device=None,
+                 block: int | None = None) -> dict[str, Any]:
     """The structural half of `rotate_model`: wrap down_proj / o_proj of every layer in a
     `RotatedInput` with its seeded online Hadamard (R4, the o_proj transform) and attach the Q/K
     Hadamard (R3) to the attention, as `online` asks. Works on a meta-device skeleton (the
-    larger-than-memory path places them before any weight is read). Returns the summary's
+    larger-than-memory path places them before any weight is read). `block`: R4 / the o_proj
+    transform rotate within blocks of that many channels. Returns the summary's
     {"online": [...], "wrapped": [...]}."""
     from lmpress.kernels.attention import attach_attention  # registers the "lmpress" attention function
 
@@ -252,7 +257,7 @@ def place_online(model: nn.Module, arch, seed: int, online: Iterable[str], devic
             if key in online:
                 path = getattr(arch, key)
                 lin = layer.get_submodule(path)
-                T = OnlineHadamard(lin.in_features, sub_seed(seed, tag, i)).to(device)
+                T = OnlineHadamard(lin.in_features, sub_seed(seed, tag, i), block).to(device)
                 layer.set_submodule(path, RotatedInput(T, lin))
                 out["online"].append({"where": f"{prefix}.{path}", "apply": "input", **T.spec()})
                 out["wrapped"].append(f"{prefix}.{path}")
@@ -266,7 +271,7 @@ def place_online(model: nn.Module, arch, seed: int, online: Iterable[str], devic
 
 @torch.no_grad()
 def rotate_layer(layer: nn.Module, i: int, arch, config, R1: Rotation, kind: str = "hadamard", seed: int = 0,
-                 r2: bool = True, r2_matrix: torch.Tensor | None = None) -> list[int]:
+                 r2: bool = True, r2_matrix: torch.Tensor | None = None, block: int | None = None) -> list[int]:
     """Fuse R1, R2 and the already placed online input transforms (`place_online`) into decoder
     layer `i`'s weights (float64, cast back once). The per-layer body of `rotate_model`, also run
     by the larger-than-memory path on each layer as it is read. Returns the R2 seeds (one per KV
@@ -294,7 +299,7 @@ def rotate_layer(layer: nn.Module, i: int, arch, config, R1: Rotation, kind: str
         if r2_matrix is not None:
             R2s = r2_matrix.detach().to(device, torch.float64).expand(n_kv, head_dim, head_dim)  # (kv heads, d, d)
         else:
-            R2s = torch.stack([rotation_matrix(head_dim, kind, s2) for s2 in seeds]).to(device)  # (kv heads, d, d)
+            R2s = torch.stack([rotation_matrix(head_dim, kind, s2, block) for s2 in seeds]).to(device)  # (kv heads, d, d)
         Wv = work.get(v.weight).reshape(n_kv, head_dim, -1)  # (kv heads, d, hidden)
         work.set(v.weight, torch.matmul(R2s.transpose(1, 2), Wv).reshape(n_kv * head_dim, -1))
         if v.bias is not None:
@@ -322,8 +327,11 @@ def rotate_model(
     r2: bool = True,
     r1_matrix: torch.Tensor | None = None,
     r2_matrices: list[torch.Tensor] | None = None,
+    block: int | None = None,
 ) -> dict[str, Any]:
     """Apply R1 (+ R2, + online R3/R4 as asked) to a model whose norms are fused. In place.
+    `block`: the Hadamard rotations (R1, R2, R4, the o_proj transform; not R3) act within blocks of
+    that many channels (`rotation_matrix`), for block-scaled formats (MXFP4, NVFP4).
 
     `r1_matrix` (hidden, hidden) and `r2_matrices` (one (head_dim, head_dim) per layer, shared
     by its KV heads) replace the seeded R1/R2 with given orthogonal matrices (learned ones,
@@ -349,18 +357,20 @@ def rotate_model(
     embed = model.get_submodule(arch.embed)
     head = _plain_linear(model.get_submodule(arch.lm_head), arch.lm_head)
     device = embed.weight.device
-    R1 = Given(r1_matrix, device) if r1_matrix is not None else Rotation(model.config.hidden_size, kind, seed, device=device)
+    R1 = (Given(r1_matrix, device) if r1_matrix is not None
+          else Rotation(model.config.hidden_size, kind, seed, device=device, block=block))
 
     work = _Fused()
     work.set(embed.weight, R1.right(work.get(embed.weight)))  # rows of E are residual vectors
     work.set(head.weight, R1.right(work.get(head.weight)))
     work.commit()
 
-    summary: dict[str, Any] = {"r1": R1.spec(), "r2": None, **place_online(model, arch, seed, online, device)}
+    summary: dict[str, Any] = {"r1": R1.spec(), "r2": None, **place_online(model, arch, seed, online, device, block)}
     r2_seeds = [rotate_layer(layer, i, arch, model.config, R1, kind, seed, r2,
-                             r2_matrices[i] if r2_matrices is not None else None) for i, layer in enumerate(layers)]
+                             r2_matrices[i] if r2_matrices is not None else None, block) for i, layer in enumerate(layers)]
     if r2:
         head_dim = arch.head_dim(layers[0], model.config)
         summary["r2"] = ({"kind": "given", "size": head_dim} if r2_matrices is not None
-                         else {"kind": kind, "size": head_dim, "seeds": r2_seeds})
+                         else {"kind": kind, "size": head_dim, "seeds": r2_seeds,
+                               **({"block": block} if block is not None and block < head_dim else {})})
     return summary

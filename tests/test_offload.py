@@ -49,9 +49,15 @@ name: wanda-w4a16-gptq
 schemes: {lm_head: null, re:.*: {preset: W4A16, sparsity: '2:4'}}
 stages: [{wanda: {structure: '2:4'}}, {gptq: {block_size: 8}}]
 """
+NVFP4_BLOCK_GPTQ = """
+version: 1
+name: nvfp4-block-rotation-gptq
+schemes: {lm_head: null, re:.*: NVFP4}
+stages: [fuse_norms, {rotate: {online: [down_proj], block: 16}}, {gptq: {block_size: 16}}]
+"""
 RECIPES = ["w4a16-rtn", "w4a16-gptq", "w4a4kv4-quarot-rtn", "w4a4kv4-quarot-gptq", "w8a8-smoothquant-rtn", SMOOTH_GPTQ, "kv2-rotatekv",
            _quick("w4a4kv4-flatquant"), _quick("w4a4kv4-flatquant-gptq"), STRUCTURED_GPTQ, STRUCTURED_QUAROT,
-           SPARSEGPT_RTN, WANDA_GPTQ,
+           SPARSEGPT_RTN, WANDA_GPTQ, NVFP4_BLOCK_GPTQ, "w8a8-fp8",
            "sparse24-wanda", "sparse24-sparsegpt", "sparse24-sparsegpt-w4a16"]  # every per-layer stage
 
 

@@ -79,6 +79,8 @@ def test_fuse_norms_keeps_logits_float64(f64_rmsnorm, tokens):
         ({"kind": "hadamard", "online": [], "r2": False}, {}),
         ({"kind": "hadamard", "online": ["qk"], "r2": True, "seed": 7}, {"attention_bias": True, "mlp_bias": True}),
         ({"kind": "hadamard", "online": ["down_proj"], "r2": True}, {"num_key_value_heads": 3, "intermediate_size": 192}),
+        ({"kind": "hadamard", "online": ["down_proj", "qk", "o_proj"], "r2": True, "block": 8}, {}),  # R2 in blocks too
+        ({"kind": "hadamard", "online": ["down_proj"], "r2": True, "block": 32}, {}),
     ],
 )
 def test_rotations_keep_logits_float64(f64_rmsnorm, tokens, opts, overrides):
@@ -154,6 +156,27 @@ def test_online_hadamard_is_orthogonal_and_rebuilt_from_its_spec(size, seed):
     assert h(x32).dtype == torch.float32
 
 
+@pytest.mark.parametrize("size, block", [(1536, 32), (576, 16), (96, 8)])
+def test_block_hadamard_is_block_diagonal_orthogonal_and_rebuilt_from_its_spec(size, block):
+    from lmpress.quant.hadamard import random_block_hadamard
+
+    h = OnlineHadamard(size, 3, block)
+    Q = h.matrix()
+    assert torch.allclose(Q @ Q.T, torch.eye(size, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(Q, random_block_hadamard(size, 3, block))
+    mask = torch.kron(torch.eye(size // block), torch.ones(block, block)).bool()
+    assert bool((Q[~mask] == 0).all())  # no two blocks mix
+    x = torch.randn(2, 3, size, dtype=torch.float64)
+    assert torch.allclose(h(x), x @ Q, atol=1e-12)
+    assert h.spec() == {"kind": "hadamard", "size": size, "seed": 3, "block": block}
+    assert torch.equal(transform_from_spec(json.loads(json.dumps(h.spec())))(x), h(x))
+    A, B, signs, norm = h.kron_factors("cpu")  # the fused kernel's factors: ((x ∘ s)(A ⊗ B)) / norm
+    y = ((x.float() * signs).reshape(2, 3, A.shape[0], B.shape[0]) @ B).transpose(-1, -2) @ A
+    assert torch.allclose(y.transpose(-1, -2).reshape(2, 3, size).double() / norm, x @ Q, atol=1e-5)
+    with pytest.raises(ValueError, match="divides 100"):
+        OnlineHadamard(100, 0, 32)
+
+
 def test_online_hadamard_validates():
     with pytest.raises(ValueError, match="positive integer"):
         OnlineHadamard(0)
@@ -195,6 +218,8 @@ def test_rotated_input_quantizes_the_rotated_activation():
         ({"r2": "yes"}, "rotate.r2"),
         ({"seed": -1}, "rotate.seed"),
         ({"angle": 3}, "unknown option"),
+        ({"block": 24}, "a power of two"),
+        ({"block": 32, "kind": "random"}, "kind: hadamard"),
     ],
 )
 def test_rotate_stage_options_are_validated(opts, match):
@@ -285,6 +310,25 @@ def test_save_load_with_online_transforms_reproduces_logits(tiny, tokens, tmp_pa
     loaded2 = load(out2)
     assert isinstance(loaded2.model.layers[1].self_attn.o_proj, RotatedInput)
     assert (_logits(loaded2, tokens) - _logits(model2, tokens)).abs().max().item() <= 1e-4
+
+
+def test_block_rotation_with_nvfp4_saves_loads_and_refuses_a_block_that_does_not_divide(tiny, tokens, tmp_path):
+    """NVFP4 W4A4 after block-16 rotations (online R4 in blocks too): the packed model reproduces
+    the simulated logits, and the manifest records the block; a block of 64 does not divide the
+    tiny model's FFN width (160) and is refused before anything changes."""
+    model, tok = tiny
+    recipe = {"schemes": {"lm_head": None, "re:.*": "NVFP4"},
+              "stages": ["fuse_norms", {"rotate": {"online": ["down_proj"], "block": 16}}, "rtn"]}
+    compress(model, Recipe.from_dict(recipe))
+    out = save(model, tmp_path / "b", tokenizer=tok)
+    online = json.loads((out / "config.json").read_text())["quantization_config"]["lmpress"]["online_transforms"]
+    assert {o["block"] for o in online} == {16}
+    assert (_logits(load(out), tokens) - _logits(model, tokens)).abs().max().item() <= 1e-4
+    assert Recipe.from_dict(recipe).to_dict()["stages"][1]["rotate"]["block"] == 16
+    assert "block" not in Recipe.from_dict({"schemes": {}, "stages": ["rotate"]}).to_dict()["stages"][0]["rotate"]
+    bad, _ = tiny_llama(seed=0)
+    with pytest.raises(ValueError, match="rotate.block=64 does not divide"):
+        compress(bad, Recipe.from_dict({**recipe, "stages": ["fuse_norms", {"rotate": {"block": 64}}, "rtn"]}))
 
 
 def test_version_1_manifest_without_lmpress_block_still_loads(tiny, tokens, tmp_path):

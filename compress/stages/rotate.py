@@ -3,8 +3,12 @@ on down_proj's input), fused offline in float64; see `lmpress.quant.rotate`.
 
 ```yaml
 - fuse_norms: {}
-- rotate: {kind: hadamard, seed: 0, online: [down_proj, qk], r2: true}
+- rotate: {kind: hadamard, seed: 0, online: [down_proj, qk], r2: true, block: null}
 ```
+`block` (16, 32, 64, 128): R1, R2 and the online input transforms rotate within blocks of that
+many channels (block-diagonal randomized Hadamards) instead of the whole width: a rotation that
+mixes no two scale groups suits the block-scaled formats (MXFP4 groups of 32 with power-of-two
+scales, NVFP4 groups of 16; BRQ, arXiv 2511.04214). R3 (Q/K) stays full-size.
 `kind`: "hadamard" (seeded randomized Hadamard; a seeded random orthogonal matrix for orders
 with no construction) or "random" (seeded Haar-random orthogonal) for R1 and R2; the online
 transforms are always (seeded, randomized) Hadamards, rebuilt from their seed at load time.
@@ -31,7 +35,7 @@ from lmpress.quant.rotate import DEFAULT_ONLINE, KINDS, ONLINE, norms_fused, rot
 
 from lmpress.quant.sim import SimQuantLinear
 
-from ..stage import register_stage
+from ..stage import OPTIONAL, register_stage
 from .fuse_norms import fuse_model_norms
 
 log = logging.getLogger(__name__)
@@ -44,10 +48,17 @@ class Rotate:
     seed: int = 0
     online: tuple[str, ...] = DEFAULT_ONLINE
     r2: bool = True
+    block: int | None = dataclasses.field(default=None, metadata=OPTIONAL)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"rotate.kind={self.kind!r}: use one of {list(KINDS)}")
+        if self.block is not None and (not isinstance(self.block, int) or isinstance(self.block, bool)
+                                       or self.block < 2 or self.block & (self.block - 1)):
+            raise ValueError(f"rotate.block={self.block!r}: a power of two (16, 32, 64, 128: the block format's group "
+                             "size, e.g. 32 for MXFP4, 16 for NVFP4), or null for full-size rotations")
+        if self.block is not None and self.kind != "hadamard":
+            raise ValueError("rotate.block applies to kind: hadamard (block-diagonal randomized Hadamards)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"rotate.seed={self.seed!r} must be a non-negative integer")
         object.__setattr__(self, "online", check_online("rotate", self.online, ONLINE))
@@ -57,9 +68,24 @@ class Rotate:
     def apply(self, model, ctx) -> None:
         check_unquantized(model, "rotate")
         prepare_norms(model, ctx, "rotate")
-        summary = rotate_model(model, ctx.arch, kind=self.kind, seed=self.seed, online=self.online, r2=self.r2)
+        check_block_sizes(model, ctx.arch, self.block)
+        summary = rotate_model(model, ctx.arch, kind=self.kind, seed=self.seed, online=self.online, r2=self.r2, block=self.block)
         record_rotation(ctx, summary, self.online)
-        log.info("rotate: R1 %s(%d), R2 %s, online %s", self.kind, summary["r1"]["size"], bool(self.r2), list(self.online))
+        log.info("rotate: R1 %s(%d%s), R2 %s, online %s", self.kind, summary["r1"]["size"],
+                 f", blocks of {self.block}" if self.block else "", bool(self.r2), list(self.online))
+
+
+def check_block_sizes(model, arch, block: int | None) -> None:
+    """The block must divide the residual width and every rotated linear's input width."""
+    if block is None:
+        return
+    layer = arch.decoder_layers(model)[0]
+    widths = {"hidden_size": model.config.hidden_size,
+              "down_proj inputs": layer.get_submodule(arch.down_proj).in_features}
+    bad = {k: v for k, v in widths.items() if v % block}
+    if bad:
+        raise ValueError(f"rotate.block={block} does not divide {bad}; use a block that divides them (16 or 32 for "
+                         "most models)")
 
 
 def check_online(stage: str, online, allowed) -> tuple[str, ...]:
