@@ -14,7 +14,9 @@ Configurations: `base`, and `<format>-<method>[-rot]`:
 - method: `rtn` (min-max scales; FP8 and FP4 round to nearest on their grid) or `gptq`
   (act-order, static groups, on the format's grid);
 - `-rot`: QuaRot first (fuse_norms, then the randomized Hadamard R1/R2 and the online R4 on
-  down_proj's input), as in `w4a4kv4-quarot-gptq` without the KV cache.
+  down_proj's input), as in `w4a4kv4-quarot-gptq` without the KV cache; `-brot`: the same with
+  block-diagonal Hadamards of the format's group size (`rotate.block`: 16 for NVFP4, 32 for
+  MXFP4 and the integer formats), as BRQ (arXiv 2511.04214) proposes for MXFP4.
 lm_head stays in high precision. Columns: perplexity (simulated model), its ratio to the base,
 the format's bits per weight (codes plus its own scale width per group: FP8/INT per-channel
 float32 scales over 576 or 1536 inputs, NVFP4 4 + 8/16, MXFP4 4 + 8/32), the lmpress checkpoint's
@@ -39,16 +41,23 @@ DEFAULT_CONFIGS = ("base,int8-rtn,fp8-rtn,fp8-gptq,nvfp4a16-rtn,nvfp4a16-gptq,mx
                    "int4-gptq,int4-gptq-rot,nvfp4-rtn,nvfp4-gptq,nvfp4-gptq-rot,mxfp4-rtn,mxfp4-gptq,mxfp4-gptq-rot")
 
 
+BLOCK = {"nvfp4": 16, "nvfp4a16": 16, "mxfp4": 32, "mxfp4a16": 32, "int4": 32, "fp8": 32, "int8": 32}
+
+
 def recipe_for(config: str):
     from lmpress.compress import Recipe
 
     parts = config.split("-")
-    rot = parts[-1] == "rot"
+    rot = parts[-1] if parts[-1] in ("rot", "brot") else None
     parts = parts[:-1] if rot else parts
     if len(parts) != 2 or parts[0] not in FORMATS or parts[1] not in METHODS:
-        raise SystemExit(f"unknown configuration {config!r}: use base or <{'|'.join(FORMATS)}>-<{'|'.join(METHODS)}>[-rot]")
+        raise SystemExit(f"unknown configuration {config!r}: use base or <{'|'.join(FORMATS)}>-<{'|'.join(METHODS)}>[-rot|-brot]")
+    stages = []
+    if rot:
+        rotate = {**ROTATION[1]["rotate"], **({"block": BLOCK[parts[0]]} if rot == "brot" else {})}
+        stages = [ROTATION[0], {"rotate": rotate}]
     return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": FORMATS[parts[0]]},
-                             "stages": (ROTATION if rot else []) + [METHODS[parts[1]]]})
+                             "stages": stages + [METHODS[parts[1]]]})
 
 
 def format_bits(config: str) -> float | None:
@@ -106,7 +115,8 @@ def table(rows: list[dict], args) -> str:
             continue
         fmt, _, rest = c.partition("-")
         scheme = "fp32" if c == "base" else FORMATS[fmt]
-        method = "-" if c == "base" else rest.replace("-rot", " + QuaRot").upper().replace("QUAROT", "QuaRot")
+        method = "-" if c == "base" else (rest.replace("-brot", " + block QuaRot").replace("-rot", " + QuaRot")
+                                          .upper().replace("QUAROT", "QuaRot").replace("BLOCK", "block"))
         vs = f"{r['ppl'] / base:.3f}x" if base else "-"
         bpw = f"{r['format_bpw']:.3f}" if r.get("format_bpw") else "32"
         mib = f"{r['checkpoint_mib']:.1f}" if "checkpoint_mib" in r else "-"
