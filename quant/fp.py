@@ -24,6 +24,7 @@ Optimizer docs and the Blackwell blog "Introducing NVFP4", 2025) for the two-lev
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -67,17 +68,29 @@ E2M1 = FPFormat("e2m1", 2, 1, 6.0)
 FORMATS = {f.name: f for f in (E4M3, E5M2, E3M2, E2M3, E2M1)}
 
 
+@functools.lru_cache(maxsize=None)
+def _table(name: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid, boundaries) in float32: boundary k separates grid[k] and grid[k + 1]; at a tie the
+    even code wins, so the boundary after an odd code is moved one ulp down (a value equal to
+    the midpoint then lies above it and rounds up to the even code)."""
+    grid = FORMATS[name].grid().float()
+    mids = (grid[1:] + grid[:-1]) / 2  # exact in float32: the grid values have few mantissa bits
+    odd = torch.arange(len(mids)) % 2 == 1
+    mids = torch.where(odd, torch.nextafter(mids, torch.full_like(mids, -1.0)), mids)
+    return grid.to(device), mids.to(device)
+
+
+def grid_index(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
+    """The index in `fmt.grid()` of |x| rounded to nearest (ties to the even code), saturated."""
+    _, bounds = _table(fmt.name, str(x.device))
+    return torch.bucketize(x.abs().float(), bounds)  # |x| <= bounds[k] -> k
+
+
 def round_to_grid(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     """`x` rounded to the nearest value of `fmt` (ties to even mantissa), saturated at ±max;
-    same dtype and shape. NaN stays NaN."""
-    xf = x.float()
-    a = xf.abs().clamp(max=fmt.max)
-    # the exponent of each value's binade, floored at the subnormal binade
-    e = (torch.frexp(a.clamp_min(2.0 ** fmt.emin)).exponent - 1).float().clamp(fmt.emin, fmt.emax)  # exact floor(log2)
-    step = torch.exp2(e - fmt.man)  # the spacing of the binade (exact powers of two)
-    q = torch.round(a / step) * step  # torch.round: half to even, and a / step is exact
-    q = q.clamp(max=fmt.max)
-    return (torch.sign(xf) * q).to(x.dtype)
+    same dtype and shape."""
+    grid, _ = _table(fmt.name, str(x.device))
+    return torch.copysign(grid[grid_index(x, fmt)], x.float()).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- block formats
@@ -170,4 +183,4 @@ def fp8_scale(x: torch.Tensor, dim: int | None = None, fmt: FPFormat = E4M3) -> 
 
 __all__ = ["BLOCK_FORMATS", "BlockFormat", "E2M1", "E2M3", "E3M2", "E4M3", "E5M2", "FORMATS", "FPFormat", "MXFP4", "MXFP6",
            "MXFP8", "NVFP4", "block_scales", "dequantize_block", "nvfp4_scales", "fake_quantize_block", "fake_quantize_fp8", "fp8_scale",
-           "quantize_block", "round_to_grid", "tensor_scale"]
+           "grid_index", "quantize_block", "round_to_grid", "tensor_scale"]

@@ -174,9 +174,9 @@ def _quantize_block(W1, E1, U1, Q, i1, i2, gs, lazy, args, scale, zero, S, Z) ->
         else:
             s, z = S[:, j], Z[:, j]
         w = W1[:, i]  # (out,)
-        if fmt is not None:  # a float grid: the codes are bit patterns, the value is grid · scale
+        if fmt is not None:  # a float grid: Q holds the grid values (encoded once at the end)
             v = round_to_grid(w / s, fmt)
-            Q[:, j] = encode_fp(v, args).float()
+            Q[:, j] = v
             e = (w - v * s) / U1[i, i]  # (out,)
         else:
             q = torch.clamp(torch.round(w / s) + z, qmin, qmax)  # as primitives.quantize
@@ -239,7 +239,7 @@ def _solve(W, H, args, block_size, damp, act_order, static_groups, objective):
         if perm is not None:
             S, Z = S[:, perm], Z[:, perm]
         S, Z = S.contiguous(), Z.contiguous()
-    Q = torch.empty(rows, cols, dtype=torch.float32, device=dev)  # codes in processing order
+    Q = torch.empty(rows, cols, dtype=torch.float32, device=dev)  # codes (float formats: grid values) in processing order
 
     step = max(1, block_size // gs) * gs if lazy else block_size  # lazy groups never straddle blocks
     for i1 in range(0, cols, step):
@@ -254,7 +254,7 @@ def _solve(W, H, args, block_size, damp, act_order, static_groups, objective):
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    q = Q.to(torch.int8)
+    q = encode_fp(Q, args) if args.type == "float" else Q.to(torch.int8)
     stats = {
         "loss": layer_objective(W0, dequantize(q, scale, zero, args), H) if objective else None,
         "damp": damp_used,
