@@ -272,7 +272,7 @@ def _flatquant_layer(fq, layer, i: int, prefix: str, arch0, cfg, ctx, streams: S
 
 
 def _calibrating(recipe: Recipe):
-    """The first stage that needs calibration inputs (its batch_size sets the runner's)."""
+    """The first stage that needs calibration inputs (None: the recipe needs no calibration set)."""
     return next((s for s in recipe.stages if s.needs_calibration), None)
 
 

@@ -80,6 +80,11 @@ def _table(name: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return grid.to(device), mids.to(device)
 
 
+def grid_values(fmt: FPFormat, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`fmt.grid()` in float32 on `device` (cached): index k is the magnitude of code k."""
+    return _table(fmt.name, str(device))[0]
+
+
 def grid_index(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     """The index in `fmt.grid()` of |x| rounded to nearest (ties to the even code), saturated."""
     _, bounds = _table(fmt.name, str(x.device))
@@ -169,18 +174,6 @@ def fake_quantize_block(x: torch.Tensor, fmt: BlockFormat, scales: torch.Tensor 
     return dequantize_block(q, s, fmt, x.dtype)
 
 
-def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor, fmt: FPFormat = E4M3) -> torch.Tensor:
-    """x / scale on the FP8 grid, times scale (per-tensor, per-channel or per-token `scale`, broadcast)."""
-    return (round_to_grid(x.float() / scale, fmt) * scale).to(x.dtype)
-
-
-def fp8_scale(x: torch.Tensor, dim: int | None = None, fmt: FPFormat = E4M3) -> torch.Tensor:
-    """amax / fmt.max over all of x (dim None) or along `dim` (kept), float32, never zero."""
-    a = x.detach().abs().float()
-    amax = a.amax() if dim is None else a.amax(dim=dim, keepdim=True)
-    return (amax / fmt.max).clamp_min(torch.finfo(torch.float32).tiny)
-
-
 __all__ = ["BLOCK_FORMATS", "BlockFormat", "E2M1", "E2M3", "E3M2", "E4M3", "E5M2", "FORMATS", "FPFormat", "MXFP4", "MXFP6",
-           "MXFP8", "NVFP4", "block_scales", "dequantize_block", "nvfp4_scales", "fake_quantize_block", "fake_quantize_fp8", "fp8_scale",
-           "grid_index", "quantize_block", "round_to_grid", "tensor_scale"]
+           "MXFP8", "NVFP4", "block_scales", "dequantize_block", "fake_quantize_block", "grid_index", "grid_values",
+           "nvfp4_scales", "quantize_block", "round_to_grid", "tensor_scale"]

@@ -13,12 +13,11 @@ Conventions (shared by every form: simulated, packed, runtime):
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from .fp import BLOCK_FORMATS, E2M1, E4M3, FORMATS, FPFormat, block_scales, round_to_grid
+from .fp import BLOCK_FORMATS, E2M1, E4M3, FPFormat, block_scales, grid_index, grid_values, round_to_grid
 from .scheme import QuantArgs
 
 
@@ -62,25 +61,19 @@ def element_format(args: QuantArgs) -> FPFormat:
     return E4M3 if args.bits == 8 else E2M1
 
 
-@functools.lru_cache(maxsize=None)
-def _grid(name: str, device: str) -> torch.Tensor:
-    return FORMATS[name].grid().to(device=device, dtype=torch.float32)
-
-
 def encode_fp(v: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Values on the element grid -> their bit patterns as int8 in [qmin, qmax] (-0 is +0)."""
-    fmt = element_format(args)
-    idx = torch.searchsorted(_grid(fmt.name, str(v.device)), v.abs().float().contiguous())
-    code = idx + (v < 0).long() * (1 << (args.bits - 1))  # sign bit over the magnitude index
+    """Values -> the bit patterns of their nearest grid values (ties to even, saturating) as int8
+    in [qmin, qmax]: the sign bit over the magnitude's index (a value rounding to 0 is +0)."""
+    idx = grid_index(v, element_format(args))
+    code = idx + ((v < 0) & (idx > 0)).long() * (1 << (args.bits - 1))
     return torch.where(code > args.qmax, code - (1 << args.bits), code).to(torch.int8)
 
 
 def decode_fp(q: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Bit patterns (int8) -> their values, float32."""
-    fmt = element_format(args)
     u = q.long() % (1 << args.bits)
     half = 1 << (args.bits - 1)
-    mag = _grid(fmt.name, str(q.device))[u % half]
+    mag = grid_values(element_format(args), q.device)[u % half]
     return torch.where(u >= half, -mag, mag)
 
 
@@ -122,7 +115,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, args: Qua
     rows, cols = x2.shape
     s = expand_qparam(scale.float(), rows, cols, args)
     if args.type == "float":
-        return encode_fp(round_to_grid(x2 / s, element_format(args)), args).reshape(x.shape)
+        return encode_fp(x2 / s, args).reshape(x.shape)
     z = expand_qparam(zero.float(), rows, cols, args)
     q = torch.clamp(torch.round(x2 / s) + z, args.qmin, args.qmax)
     return q.to(torch.int8).reshape(x.shape)

@@ -131,7 +131,6 @@ class QuantArgs:
         return (self.qmax - self.qmin) / 2 if self.full_range else float(self.qmax)
 
     def to_dict(self) -> dict[str, Any]:
-        # `full_range` only when set, so manifests and recipes written before it existed stay identical
         # `full_range`, `type` and `scale_format` only when set, so manifests and recipes written
         # before they existed stay identical
         defaults = {"full_range": False, "type": "int", "scale_format": None}
