@@ -285,6 +285,8 @@ def runtimes(manifest: dict, in_features: dict[str, int] | None = None) -> dict[
     if manifest.get("quant_method") == ct_format.QUANT_METHOD:
         fmt, bits = manifest["format"], {s.weights.bits for s in _schemes(manifest["modules"]).values()}
         out["transformers"] = f"yes, without lmpress (compressed-tensors {fmt}; needs `pip install compressed-tensors`)"
+        if fmt in (ct_format.NVFP4, ct_format.MXFP4) and not manifest.get("dequantize"):
+            out["transformers"] += f"; {ct_format.FP4_FLOAT32_NOTE}"
         out["vLLM"] = (f"yes (compressed-tensors {fmt})" if bits <= {4, 8} else
                        f"no kernel for {sorted(bits)}-bit weights (vLLM's compressed-tensors WNA16 path takes 4 and 8 bits)")
         return out
@@ -397,8 +399,11 @@ def inspect(out_dir: str | Path) -> dict[str, Any]:
             row["bytes"] += nbytes
             if key.endswith(".weight_shape"):
                 row["shape"] = [int(v) for v in f.get_tensor(key).tolist()]
-            elif key.endswith(".weight"):  # compressed-tensors int-quantized: int8 codes, no weight_shape
+            elif key.endswith(".weight"):  # compressed-tensors int/float-quantized: 8-bit codes, no weight_shape
                 row["shape"] = [int(v) for v in sl.get_shape()]
+            elif key.endswith(".weight_packed") and sl.get_dtype() == "U8":  # compressed-tensors FP4: two codes a byte
+                rows_, cols = sl.get_shape()
+                row["shape"] = [int(rows_), 2 * int(cols)]
     q_params = q_bytes = 0
     for row in rows.values():
         n = row["shape"][0] * row["shape"][1]
@@ -437,4 +442,5 @@ def _each_tensor(out: Path, manifest: dict):
                 yield key, f
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}

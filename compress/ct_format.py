@@ -8,6 +8,12 @@ so stock `transformers` + `compressed-tensors` (and vLLM) load it without lmpres
   input width, symmetric or asymmetric (offline clipping and GPTQ leave nothing to describe);
 - activations either kept in high precision (``pack-quantized``), or int8 per-token dynamic
   symmetric without clipping on int8 per-channel symmetric weights (W8A8, ``int-quantized``);
+- floating-point weights: FP8 E4M3 per channel or per tensor, alone or with FP8 per-token
+  dynamic activations (``float-quantized``: FP8_DYNAMIC); NVFP4 weights alone
+  (``nvfp4-pack-quantized``: NVFP4A16); MXFP4 weights, alone or with MXFP4 dynamic activations
+  (``mxfp4-pack-quantized``: MXFP4A16, MXFP4). NVFP4 activations are not written: the format
+  takes a calibrated static activation global scale (``input_global_scale``), lmpress's is
+  dynamic per tensor;
 - no online transform, no attention settings (KV quantization), no N:M sparsity. Rotations and
   smoothing fused into the weights offline leave a plain model and are fine.
 
@@ -19,7 +25,16 @@ Tensors, as compressed-tensors 0.20 reads them (``compressors/pack_quantized/bas
   ``weight_shape`` int64 [2]; an asymmetric ``weight_zero_point`` holds the signed int8 zero
   points packed the same way *along the output dimension*: int32 [ceil(out*b/32), n_groups];
 - ``int-quantized``: ``weight`` int8 [out, in] (the signed codes), ``weight_scale`` [out, 1]; no
-  ``weight_shape``.
+  ``weight_shape``;
+- ``float-quantized``: ``weight`` float8_e4m3fn [out, in] (our FP8 codes are its bit patterns),
+  ``weight_scale`` float32 [out, 1] (per tensor: [1]); no ``weight_shape``;
+- ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (``compressors/nvfp4``, ``compressors/mxfp4``):
+  ``weight_packed`` uint8 [out, in/2], two E2M1 codes a byte, the even column in the low nibble,
+  each code sign << 3 | magnitude index (our 4-bit codes' two's-complement nibbles: our int32
+  words viewed as bytes, each nibble's top bit flipped, as `pack` stores code + 8); NVFP4 adds ``weight_scale`` float8_e4m3fn [out, in/16] and
+  ``weight_global_scale`` float32 [1] = 1 / s_t (dequantized scale = weight_scale /
+  weight_global_scale), MXFP4 ``weight_scale`` uint8 [out, in/32], the E8M0 biased exponent
+  (scale = 2^(e - 127)); no ``weight_shape``.
 
 Activation quantization at run time is the reader's own: compressed-tensors' reference forward
 in transformers takes scale = absmax/127.5 per token (``calculate_qparams``: (q_max - q_min)/2),
@@ -41,11 +56,18 @@ import torch
 from torch import nn
 
 from lmpress.kernels.formats import pack, unpack
-from lmpress.quant.scheme import QuantScheme
+from lmpress.quant.fp import split_nvfp4
+from lmpress.quant.scheme import QuantArgs, QuantScheme
 
 QUANT_METHOD = "compressed-tensors"
-PACKED, INT = "pack-quantized", "int-quantized"
+PACKED, INT, FLOAT = "pack-quantized", "int-quantized", "float-quantized"
+NVFP4, MXFP4 = "nvfp4-pack-quantized", "mxfp4-pack-quantized"
+FP4_FORMATS = {"nvfp4": NVFP4, "mxfp4": MXFP4}
 TESTED_VERSION = "0.20.0"  # the compressed-tensors release these layouts were checked against
+
+
+FP4_FLOAT32_NOTE = ("compressed-tensors 0.20 decompresses FP4 weights to bfloat16 on the first forward: load with "
+                    "dtype=torch.bfloat16, or for float32 run one forward, cast the Linear weights to float32 and run again")
 
 
 @dataclass(frozen=True)
@@ -65,11 +87,36 @@ def _ct_version() -> str:
         return TESTED_VERSION
 
 
-def _args(a) -> dict[str, Any]:
-    """Our QuantArgs -> compressed-tensors QuantizationArgs fields (the set every release knows)."""
-    strategy = {"group": "group", "channel": "channel", "token": "token"}[a.granularity]
-    return {"num_bits": a.bits, "type": "int", "symmetric": a.symmetric, "group_size": a.group_size,
-            "strategy": strategy, "dynamic": a.dynamic}
+def _args(a: QuantArgs) -> dict[str, Any]:
+    """Our QuantArgs -> compressed-tensors QuantizationArgs fields (as its presets dump them)."""
+    strategy = {"group": "group", "channel": "channel", "token": "token", "tensor": "tensor"}[a.granularity]
+    out = {"num_bits": a.bits, "type": a.type, "symmetric": a.symmetric, "group_size": a.group_size,
+           "strategy": strategy, "dynamic": a.dynamic}
+    if a.block_format == "nvfp4":
+        out.update(strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
+    elif a.block_format is not None:
+        out["scale_dtype"] = "torch.uint8"  # E8M0: the biased exponent
+    return out
+
+
+def _why_not_float(w: QuantArgs, a: QuantArgs | None) -> str | None:
+    if w.type != "float":
+        return "integer weights with floating-point activations"
+    fmt = w.block_format
+    if fmt is None:  # FP8 E4M3 per channel / tensor
+        if a is None or (a.type == "float" and a.bits == 8 and a.granularity == "token" and a.clip_ratio == 1.0):
+            return None
+        return "FP8 weights take FP8 per-token dynamic activations or none (FP8_DYNAMIC, FP8 W8A16)"
+    if fmt not in FP4_FORMATS:
+        return f"{fmt.upper()} has no compressed-tensors form here"
+    if a is None:
+        return None
+    if fmt == "nvfp4":
+        return ("NVFP4 activations: compressed-tensors takes a calibrated static activation global scale "
+                "(input_global_scale); lmpress's is dynamic per tensor")
+    if a.block_format == "mxfp4" and a.clip_ratio == 1.0:
+        return None
+    return "MXFP4 weights take MXFP4 dynamic activations or none (MXFP4, MXFP4A16)"
 
 
 def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], block: Any, kv: Any) -> str | None:
@@ -90,7 +137,7 @@ def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], 
     if w is None:
         return "activation-only quantized linears"
     if w.type == "float" or (a is not None and a.type == "float"):
-        return "floating-point formats (FP8, NVFP4, MXFP4) are not written in compressed-tensors form yet"
+        return _why_not_float(w, a)
     if w.granularity not in ("channel", "group"):
         return f"{w.granularity}-wise weight scales"
     if w.granularity == "group":
@@ -105,6 +152,13 @@ def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], 
     return None
 
 
+def format_for(s: QuantScheme) -> str:
+    """The compressed-tensors format of an expressible scheme (`why_not` is None)."""
+    if s.weights.type == "float":
+        return FP4_FORMATS.get(s.weights.block_format, FLOAT)
+    return INT if s.inputs is not None else PACKED
+
+
 def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv: Any) -> tuple[CTForm | None, str | None]:
     """(form, None) when the model's quantized linears `schemes` are expressible, else (None, reason)."""
     in_features = {n: model.get_submodule(n).in_features for n in schemes}
@@ -112,7 +166,7 @@ def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv
     if reason is not None:
         return None, reason
     s = next(iter(schemes.values()))
-    fmt = INT if s.inputs is not None else PACKED
+    fmt = format_for(s)
     group = {"targets": ["Linear"], "weights": _args(s.weights),
              "input_activations": _args(s.inputs) if s.inputs is not None else None, "output_activations": None}
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in schemes)
@@ -126,6 +180,13 @@ def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv
         # for weight-only schemes it gives the same dense weights the default route would. vLLM
         # ignores the key.
         config["dequantize"] = True
+    if fmt in (NVFP4, MXFP4) and s.inputs is None:
+        # compressed-tensors 0.20 decompresses FP4 weights on the first forward into bfloat16 whatever
+        # dtype the model was loaded in (`unpack_fp4_from_uint8`'s default), so a float32 model fails
+        # with a dtype mismatch; its dequantize-at-load route builds them in the model's dtype. That
+        # route also drops activation quantization, so W4A4 (MXFP4) keeps the default: it runs in
+        # bfloat16, or in float32 once the decompressed weights are cast (`FP4_FLOAT32_NOTE`)
+        config["dequantize"] = True
     return CTForm(fmt, config), None
 
 
@@ -134,10 +195,24 @@ def to_disk(tensors: dict[str, torch.Tensor], schemes: Mapping[str, QuantScheme]
     out = dict(tensors)
     for fqn, s in schemes.items():
         w = s.weights
-        if fmt == INT:
+        if fmt in (INT, FLOAT):
             shape = out.pop(f"{fqn}.weight_shape")
             codes = unpack(out.pop(f"{fqn}.weight_packed"), w.bits, int(shape[1]))  # (out, in) int8
-            out[f"{fqn}.weight"] = codes.contiguous()
+            out[f"{fqn}.weight"] = codes.view(torch.float8_e4m3fn) if fmt == FLOAT else codes.contiguous()
+            if fmt == FLOAT and w.granularity == "tensor":
+                out[f"{fqn}.weight_scale"] = out[f"{fqn}.weight_scale"].reshape(1)  # (1, 1) -> (1,)
+        elif fmt in (NVFP4, MXFP4):
+            del out[f"{fqn}.weight_shape"]
+            # (out, in/8) int32 -> (out, in/2) bytes; `pack` stores code + 8 (offset binary): flipping
+            # each nibble's top bit gives the two's-complement nibble, compressed-tensors' sign bit
+            out[f"{fqn}.weight_packed"] = out[f"{fqn}.weight_packed"].view(torch.uint8) ^ 0x88
+            scale = out[f"{fqn}.weight_scale"]  # (out, groups) float32
+            if fmt == NVFP4:
+                s_g, s_t = split_nvfp4(scale)
+                out[f"{fqn}.weight_scale"] = s_g.to(torch.float8_e4m3fn)  # exact: E4M3 values
+                out[f"{fqn}.weight_global_scale"] = (1.0 / s_t).reshape(1)  # a power of two: exact
+            else:
+                out[f"{fqn}.weight_scale"] = (torch.log2(scale) + 127).to(torch.uint8)  # 2^(e - 127) -> e
         zkey = f"{fqn}.weight_zero_point"
         if zkey in out:
             z = out[zkey]  # (out, n_groups) float, integer-valued
@@ -149,10 +224,22 @@ def from_disk(state: dict[str, torch.Tensor], schemes: Mapping[str, QuantScheme]
     """compressed-tensors tensors -> lmpress runtime tensors (exact inverse of `to_disk`), in place."""
     for fqn, s in schemes.items():
         w = s.weights
-        if fmt == INT:
-            codes = state.pop(f"{fqn}.weight")  # (out, in) int8
+        if fmt in (INT, FLOAT):
+            codes = state.pop(f"{fqn}.weight")  # (out, in) int8 | float8_e4m3fn
+            codes = codes.view(torch.int8) if fmt == FLOAT else codes
             state[f"{fqn}.weight_packed"] = pack(codes, w.bits)
             state[f"{fqn}.weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
+            if fmt == FLOAT and w.granularity == "tensor":
+                state[f"{fqn}.weight_scale"] = state[f"{fqn}.weight_scale"].reshape(1, 1)
+        elif fmt in (NVFP4, MXFP4):
+            packed = state[f"{fqn}.weight_packed"]  # (out, in/2) uint8
+            state[f"{fqn}.weight_packed"] = (packed ^ 0x88).view(torch.int32)  # (out, in/8)
+            state[f"{fqn}.weight_shape"] = torch.tensor([packed.shape[0], packed.shape[1] * 2], dtype=torch.int64)
+            scale = state[f"{fqn}.weight_scale"]
+            if fmt == NVFP4:
+                state[f"{fqn}.weight_scale"] = scale.float() / state.pop(f"{fqn}.weight_global_scale").float()
+            else:
+                state[f"{fqn}.weight_scale"] = torch.exp2(scale.float() - 127)
         zkey = f"{fqn}.weight_zero_point"
         if zkey in state:
             rows = int(state[f"{fqn}.weight_shape"][0])

@@ -57,6 +57,8 @@ def gptq_why_not(manifest: dict) -> str | None:
     s = next(iter(schemes))
     if s.inputs is not None or s.sparsity is not None or s.weights is None:
         return f"GPTQ is weight-only; {s.name} quantizes activations or is sparse"
+    if s.weights.type == "float":
+        return f"GPTQ's format holds integer codes; {s.name} has floating-point weights (compressed-tensors form instead)"
     if s.weights.bits not in GPTQ_BITS:
         return f"{s.weights.bits}-bit weights: GPTQ's layout is written here for {list(GPTQ_BITS)} bits"
     if s.weights.granularity not in ("channel", "group"):

@@ -11,12 +11,23 @@ saturation, and of torch's float8 casts, which the tests use as the reference fo
 
 Block formats (scales along the last dimension, in groups):
 - **MXFP4** (OCP Microscaling v1.0): groups of 32, a shared power-of-two scale (E8M0)
-  2^(floor(log2(amax)) - emax_elem) with emax_elem = 2 for E2M1; elements saturate at ±6.
+  2^(E - emax_elem), emax_elem = floor(log2(element max)) (2 for E2M1, 8 for E4M3). E is the
+  exponent of the group's amax rounded to a power of two the way compressed-tensors and vLLM do
+  (`generate_mx_scales` / `round_to_power_2` in compressed-tensors 0.20, after vLLM's
+  tests/quantization/reference_mxfp4.py): floor(log2 amax), plus one when amax's mantissa is at
+  least 2 - 2^-(m+1) with m the element's mantissa bits taken as 3 for E2M3 and 1 otherwise
+  (E2M1: 1.75). OCP's own example conversion takes the floor alone; this rule is the one the
+  engines apply to dynamic activations, so an artifact's activations quantize here as they do
+  there. Elements saturate at the element max.
 - **NVFP4** (NVIDIA): groups of 16, an E4M3 scale per group and one float32 scale per tensor:
-  the group scale is amax_group / 6 expressed relative to the tensor scale
-  s_t = amax_tensor / (448·6), i.e. s_g = E4M3(amax_group / 6 / s_t), so the group scales use
-  E4M3's whole range; the dequantized value is element · s_g · s_t. (compressed-tensors stores
-  the reciprocal 1 / s_t as `weight_global_scale`.)
+  the group scale is amax_group / 6 expressed relative to the tensor scale s_t, i.e.
+  s_g = E4M3(amax_group / 6 / s_t); the dequantized value is element · s_g · s_t. NVIDIA and
+  compressed-tensors take s_t = amax_tensor / (448·6), so the largest group scale is 448.
+  lmpress rounds that s_t up to a power of two, so the largest group scale lies in (224, 448]:
+  s_g · s_t is then exact in float32 (the runtime keeps the product as one scale) and the two
+  levels are recovered from the product exactly at export (`split_nvfp4`). It costs less than
+  one of E4M3's 17 binades at the bottom of the range and none of its precision.
+  (compressed-tensors stores the reciprocal 1 / s_t as `weight_global_scale`.)
 
 Sources: OCP 8-bit Floating Point Specification (OFP8) rev 1.0 and OCP Microscaling Formats (MX)
 v1.0 (grids, saturation, the shared-exponent rule); NVIDIA's NVFP4 description (TensorRT Model
@@ -125,10 +136,11 @@ def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def tensor_scale(x: torch.Tensor, fmt: BlockFormat = NVFP4) -> torch.Tensor:
-    """NVFP4's float32 per-tensor scale s_t = amax / (448·6) (1 where the tensor is all zero)."""
+    """NVFP4's float32 per-tensor scale: amax / (448·6) rounded up to a power of two (1 where the
+    tensor is all zero)."""
     amax = x.detach().abs().amax().float()
     s = amax / (E4M3.max * fmt.element.max)
-    return torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, torch.exp2(torch.ceil(torch.log2(s))), torch.ones_like(s))
 
 
 def nvfp4_scales(x: torch.Tensor, global_scale: torch.Tensor | None = None, fmt: BlockFormat = NVFP4):
@@ -147,13 +159,28 @@ def block_scales(x: torch.Tensor, fmt: BlockFormat, global_scale: torch.Tensor |
     g = _groups(x.detach().float(), fmt.group_size)
     amax = g.abs().amax(-1)  # (..., groups)
     if fmt.scale == "e8m0":
-        tiny = torch.finfo(torch.float32).tiny
-        e = (torch.frexp(amax.clamp_min(tiny)).exponent - 1).float() - fmt.element.emax  # floor(log2 amax) - emax_elem
+        frac, exp = torch.frexp(amax.clamp_min(torch.finfo(torch.float32).tiny))  # amax = frac · 2^exp, frac in [0.5, 1)
+        man = 3 if fmt.element is E2M3 else 1  # compressed-tensors' rounding width (see the module doc)
+        up = (2 * frac >= 2 - 2.0 ** -(man + 1)).int()  # the mantissa rounds up to the next power of two
+        e = (exp - 1 + up).float() - fmt.element.emax  # round(log2 amax) - emax_elem
         return torch.exp2(e.clamp(-127, 127))
     if fmt.scale == "e4m3":
         s_g, s_t = nvfp4_scales(x, global_scale, fmt)
         return s_g * s_t
     raise ValueError(f"unknown scale kind {fmt.scale!r}; use 'e8m0' or 'e4m3'")
+
+
+def split_nvfp4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 group scales s_g · s_t (as `block_scales` makes them, s_t a power of two) -> (s_g, E4M3
+    values, same shape; s_t, float32 ()), exactly: s_t is the power of two that puts the largest
+    product in (224, 448]."""
+    top = scales.detach().float().amax()
+    s_t = torch.exp2(torch.ceil(torch.log2(top / E4M3.max))) if top > 0 else torch.ones((), dtype=torch.float32)
+    s_g = scales.float() / s_t
+    if not torch.equal(round_to_grid(s_g, E4M3), s_g):
+        raise ValueError("these scales are not NVFP4 scales with a power-of-two tensor scale (E4M3 values times 2^k); "
+                         "re-quantize with this version of lmpress")
+    return s_g, s_t
 
 
 def quantize_block(x: torch.Tensor, fmt: BlockFormat, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,4 +203,4 @@ def fake_quantize_block(x: torch.Tensor, fmt: BlockFormat, scales: torch.Tensor 
 
 __all__ = ["BLOCK_FORMATS", "BlockFormat", "E2M1", "E2M3", "E3M2", "E4M3", "E5M2", "FORMATS", "FPFormat", "MXFP4", "MXFP6",
            "MXFP8", "NVFP4", "block_scales", "dequantize_block", "fake_quantize_block", "grid_index", "grid_values",
-           "nvfp4_scales", "quantize_block", "round_to_grid", "tensor_scale"]
+           "nvfp4_scales", "quantize_block", "round_to_grid", "split_nvfp4", "tensor_scale"]

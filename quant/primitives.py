@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .fp import BLOCK_FORMATS, E2M1, E4M3, FPFormat, block_scales, grid_index, grid_values, round_to_grid
+from .fp import BLOCK_FORMATS, E2M1, E4M3, FPFormat, block_scales, grid_index, grid_values, round_to_grid, tensor_scale
 from .scheme import QuantArgs
 
 
@@ -80,9 +80,13 @@ def decode_fp(q: torch.Tensor, args: QuantArgs) -> torch.Tensor:
 def _float_qparams(x2: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """scale = absmax·clip / the grid's largest value per tensor / row / token, or the block
     format's scales (E8M0 powers of two; NVFP4's E4M3 scale under a per-tensor scale)."""
+    fmt = BLOCK_FORMATS.get(args.block_format)
+    # NVFP4's per-tensor scale is the unclipped tensor's, so every clip ratio (mse_clip's trials)
+    # shares it and the group scales stay E4M3 values under one tensor scale
+    s_t = tensor_scale(x2, fmt) if fmt is not None and fmt.scale == "e4m3" else None
     x2 = x2 * args.clip_ratio if args.clip_ratio != 1.0 else x2
-    if args.block_format is not None:
-        scale = block_scales(x2, BLOCK_FORMATS[args.block_format])  # (rows, n_groups)
+    if fmt is not None:
+        scale = block_scales(x2, fmt, s_t)  # (rows, n_groups)
     else:
         amax = torch.cat([b.abs().amax(dim=1, keepdim=True) for b in _group_view(x2, args)], 1)
         scale = amax / element_format(args).max

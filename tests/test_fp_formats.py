@@ -45,7 +45,12 @@ def test_mxfp4_scales_are_powers_of_two_with_the_shared_exponent_rule():
     x = torch.randn(6, 96, generator=g) * torch.logspace(-3, 3, 6)[:, None]
     s = fp.block_scales(x, fp.MXFP4)  # (6, 3)
     amax = x.abs().reshape(6, 3, 32).amax(-1)
-    assert torch.equal(s, torch.exp2(torch.floor(torch.log2(amax)) - 2))
+    e = torch.floor(torch.log2(amax))
+    up = amax / torch.exp2(e) >= 1.75  # compressed-tensors' / vLLM's rounding of amax to a power of two
+    assert torch.equal(s, torch.exp2(e + up.float() - 2))
+    assert up.any() and (~up).any()
+    edge = torch.tensor([[1.75 - 2 ** -20] + [0.0] * 31, [1.75] + [0.0] * 31])  # (2, 32): just below / at the threshold
+    assert fp.block_scales(edge, fp.MXFP4).flatten().tolist() == [0.25, 0.5]
     q, _ = fp.quantize_block(x, fp.MXFP4)
     assert torch.all((q.abs()[..., None] == fp.E2M1.grid().float()).any(-1))
     err = (fp.dequantize_block(q, s, fp.MXFP4) - x).abs().reshape(6, 3, 32).amax(-1)
@@ -56,11 +61,16 @@ def test_nvfp4_two_level_scale():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(8, 64, generator=g)
     s_t = fp.tensor_scale(x)
-    assert torch.isclose(s_t, x.abs().amax() / (448 * 6))
+    ratio = (s_t / (x.abs().amax() / (448 * 6))).item()  # NVIDIA's amax / (448·6), rounded up to a power of two
+    assert 1 <= ratio < 2 and torch.equal(s_t, torch.exp2(torch.log2(s_t).round()))
     s_g, s_t2 = fp.nvfp4_scales(x)  # (8, 4), ()
     assert torch.equal(s_t2, s_t) and torch.equal(fp.round_to_grid(s_g, fp.E4M3), s_g)  # the group scales are E4M3 values
     assert torch.equal(fp.block_scales(x, fp.NVFP4), s_g * s_t)
-    assert s_g.max() <= 448 and s_g.max() >= 224  # the largest group uses the top of E4M3's range
+    assert s_g.max() <= 448 and s_g.max() >= 224  # the largest group uses the top binade of E4M3's range
+    s_g2, s_t3 = fp.split_nvfp4(s_g * s_t)  # the two levels back from their product, exactly
+    assert torch.equal(s_g2 * s_t3, s_g * s_t) and torch.equal(fp.round_to_grid(s_g2, fp.E4M3), s_g2)
+    with pytest.raises(ValueError, match="not NVFP4 scales"):
+        fp.split_nvfp4(s_g * s_t * 1.1)
     y = fp.fake_quantize_block(x, fp.NVFP4)
     sqnr = 10 * torch.log10(x.pow(2).sum() / (x - y).pow(2).sum())
     assert sqnr > 18  # measured on 256 x 1024 Gaussian: NVFP4 20.4 dB, MXFP4 18.8, INT4 g16 sym 21.4, INT4 g32 sym 20.3
@@ -179,7 +189,16 @@ def test_packed_linear_runs_float_formats_as_the_simulation(name, backend, monke
     assert packed.kernel_path.kind in ("ref", "cpu-dequant")
 
 
-def test_float_artifacts_are_lmpress_only_for_now():
+def test_which_float_schemes_compressed_tensors_describes():
     from lmpress.compress.ct_format import why_not
 
-    assert "floating-point formats" in why_not({"a": PRESETS["NVFP4"]}, {"a": 64}, None, None)
+    def reason(scheme):
+        return why_not({"a": scheme}, {"a": 64}, None, None)
+
+    for name in ("FP8_DYNAMIC", "NVFP4A16", "MXFP4A16", "MXFP4"):
+        assert reason(PRESETS[name]) is None, name
+    assert "input_global_scale" in reason(PRESETS["NVFP4"])  # dynamic per-tensor here, calibrated static there
+    mxfp8 = QuantArgs(bits=8, type="float", granularity="group", group_size=32, scale_format="e8m0")
+    assert "MXFP8 has no compressed-tensors form" in reason(QuantScheme(weights=mxfp8))
+    assert "integer weights with floating-point" in reason(QuantScheme(weights=PRESETS["W8A8"].weights, inputs=PRESETS["FP8_DYNAMIC"].inputs))
+    assert "MXFP4 dynamic activations" in reason(QuantScheme(weights=PRESETS["MXFP4"].weights, inputs=PRESETS["FP8_DYNAMIC"].inputs))
