@@ -11,9 +11,9 @@ so stock `transformers` + `compressed-tensors` (and vLLM) load it without lmpres
 - floating-point weights: FP8 E4M3 per channel or per tensor, alone or with FP8 per-token
   dynamic activations (``float-quantized``: FP8_DYNAMIC); NVFP4 weights alone
   (``nvfp4-pack-quantized``: NVFP4A16); MXFP4 weights, alone or with MXFP4 dynamic activations
-  (``mxfp4-pack-quantized``: MXFP4A16, MXFP4). NVFP4 activations are not written: the format
-  takes a calibrated static activation global scale (``input_global_scale``), lmpress's is
-  dynamic per tensor;
+  (``mxfp4-pack-quantized``: MXFP4A16, MXFP4); FP8 static per-tensor activations (FP8:
+  ``input_scale`` [1]) and NVFP4 activations with a calibrated tensor scale (NVFP4:
+  ``input_global_scale`` [1] = 1 / s_t, group scales computed at run time, ``dynamic: local``);
 - no online transform, no attention settings (KV quantization), no N:M sparsity. Rotations and
   smoothing fused into the weights offline leave a plain model and are fine.
 
@@ -87,13 +87,15 @@ def _ct_version() -> str:
         return TESTED_VERSION
 
 
-def _args(a: QuantArgs) -> dict[str, Any]:
+def _args(a: QuantArgs, inputs: bool = False) -> dict[str, Any]:
     """Our QuantArgs -> compressed-tensors QuantizationArgs fields (as its presets dump them)."""
     strategy = {"group": "group", "channel": "channel", "token": "token", "tensor": "tensor"}[a.granularity]
     out = {"num_bits": a.bits, "type": a.type, "symmetric": a.symmetric, "group_size": a.group_size,
            "strategy": strategy, "dynamic": a.dynamic}
     if a.block_format == "nvfp4":
         out.update(strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
+        if inputs and not a.dynamic:  # calibrated tensor scale, group scales at run time
+            out["dynamic"] = "local"
     elif a.block_format is not None:
         out["scale_dtype"] = "torch.uint8"  # E8M0: the biased exponent
     return out
@@ -104,16 +106,19 @@ def _why_not_float(w: QuantArgs, a: QuantArgs | None) -> str | None:
         return "integer weights with floating-point activations"
     fmt = w.block_format
     if fmt is None:  # FP8 E4M3 per channel / tensor
-        if a is None or (a.type == "float" and a.bits == 8 and a.granularity == "token" and a.clip_ratio == 1.0):
+        if a is None or (a.type == "float" and a.bits == 8 and a.block_format is None and a.clip_ratio == 1.0
+                         and (a.granularity == "token" or not a.dynamic)):
             return None
-        return "FP8 weights take FP8 per-token dynamic activations or none (FP8_DYNAMIC, FP8 W8A16)"
+        return "FP8 weights take FP8 per-token dynamic or static per-tensor activations, or none (FP8_DYNAMIC, FP8, FP8 W8A16)"
     if fmt not in FP4_FORMATS:
         return f"{fmt.upper()} has no compressed-tensors form here"
     if a is None:
         return None
     if fmt == "nvfp4":
-        return ("NVFP4 activations: compressed-tensors takes a calibrated static activation global scale "
-                "(input_global_scale); lmpress's is dynamic per tensor")
+        if a.block_format == "nvfp4" and not a.dynamic and a.clip_ratio == 1.0:
+            return None
+        return ("NVFP4 activations need a calibrated tensor scale (compressed-tensors' input_global_scale): "
+                "inputs dynamic: false, as the NVFP4 preset has")
     if a.block_format == "mxfp4" and a.clip_ratio == 1.0:
         return None
     return "MXFP4 weights take MXFP4 dynamic activations or none (MXFP4, MXFP4A16)"
@@ -168,7 +173,7 @@ def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv
     s = next(iter(schemes.values()))
     fmt = format_for(s)
     group = {"targets": ["Linear"], "weights": _args(s.weights),
-             "input_activations": _args(s.inputs) if s.inputs is not None else None, "output_activations": None}
+             "input_activations": _args(s.inputs, inputs=True) if s.inputs is not None else None, "output_activations": None}
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in schemes)
     config = {"quant_method": QUANT_METHOD, "format": fmt, "config_groups": {"group_0": group}, "ignore": ignore,
               "kv_cache_scheme": None, "quantization_status": "compressed", "global_compression_ratio": None,
@@ -213,6 +218,12 @@ def to_disk(tensors: dict[str, torch.Tensor], schemes: Mapping[str, QuantScheme]
                 out[f"{fqn}.weight_global_scale"] = (1.0 / s_t).reshape(1)  # a power of two: exact
             else:
                 out[f"{fqn}.weight_scale"] = (torch.log2(scale) + 127).to(torch.uint8)  # 2^(e - 127) -> e
+        ikey = f"{fqn}.input_scale"
+        if ikey in out:  # static activations: FP8's scale, or NVFP4's tensor scale as its reciprocal
+            if fmt == NVFP4:
+                out[f"{fqn}.input_global_scale"] = (1.0 / out.pop(ikey)).reshape(1)  # a power of two: exact
+            else:
+                out[ikey] = out[ikey].reshape(1)
         zkey = f"{fqn}.weight_zero_point"
         if zkey in out:
             z = out[zkey]  # (out, n_groups) float, integer-valued
@@ -240,6 +251,11 @@ def from_disk(state: dict[str, torch.Tensor], schemes: Mapping[str, QuantScheme]
                 state[f"{fqn}.weight_scale"] = scale.float() / state.pop(f"{fqn}.weight_global_scale").float()
             else:
                 state[f"{fqn}.weight_scale"] = torch.exp2(scale.float() - 127)
+        gkey = f"{fqn}.input_global_scale"
+        if gkey in state:
+            state[f"{fqn}.input_scale"] = (1.0 / state.pop(gkey).float()).reshape(1, 1)
+        elif f"{fqn}.input_scale" in state:
+            state[f"{fqn}.input_scale"] = state[f"{fqn}.input_scale"].float().reshape(1, 1)
         zkey = f"{fqn}.weight_zero_point"
         if zkey in state:
             rows = int(state[f"{fqn}.weight_shape"][0])

@@ -98,6 +98,9 @@ class LazyError(ValueError):
 def check_recipe(recipe: Recipe) -> None:
     names = [s.name for s in recipe.stages]
     bad = [n for n in names if n not in SUPPORTED]
+    if "act_scales" in bad:
+        raise LazyError("stage 'act_scales' does not run layer by layer (--lazy) yet; use stage gptq, which calibrates "
+                        "the static activation scales of the modules it quantizes, or compress without --lazy")
     if bad:
         raise LazyError(
             f"stage {bad[0]!r} needs the whole model at once, so it cannot run layer by layer (--lazy); "

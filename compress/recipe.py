@@ -79,6 +79,10 @@ class Recipe:
             raise RecipeError(f"kv_cache: {e}") from None
         if not self.stages:
             raise RecipeError("stages: a recipe needs at least one stage (e.g. `- rtn: {}`)")
+        static = [p for p, sch in resolved if sch is not None and sch.inputs is not None and not sch.inputs.dynamic]
+        if static and not any(st.name in ("gptq", "act_scales") for st in self.stages):
+            raise RecipeError(f"schemes[{static[0]!r}]: static activation scales (inputs dynamic: false) are calibrated by "
+                              "stage gptq or act_scales; add `- act_scales: {}` after the weight stage")
 
     # ---- the scheme map ---------------------------------------------------------------
     def scheme_for(self, fqn: str) -> QuantScheme | None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmpress.quant.primitives import dequantize, fake_quantize, n_groups
+from lmpress.quant.primitives import dequantize, fake_quantize, fake_quantize_input, n_groups
 from lmpress.quant.scheme import QuantScheme
 
 from . import cpu
@@ -71,6 +71,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight_zero_point", zero)
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        static = scheme.inputs is not None and not scheme.inputs.dynamic  # a calibrated activation scale
+        self.register_buffer("input_scale", torch.ones(1, 1, dtype=torch.float32, device=device) if static else None)
         self.cache_weight = True
         self._cached: tuple | None = None  # (key, dequantized weight): reference path only
         self._fast: tuple | None = None  # (key, cpu.Int4Pack | cpu.Int8Pack | cpu.Int8MM): CPU fast paths only
@@ -92,7 +94,16 @@ class PackedLinear(nn.Module):
             out.weight_zero_point = sim.weight_zero_point.detach().float().clone()
         if sim.bias is not None:
             out.bias = sim.bias.detach().clone()
+        if out.input_scale is not None:
+            if sim.input_scale is None:
+                raise ValueError(f"{sim.scheme.name} has static activation scales that were never calibrated: "
+                                 "add stage `act_scales` (or use `gptq`) to the recipe")
+            out.input_scale = sim.input_scale.detach().float().clone()
         return out
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The scheme's activation fake-quant (dynamic, or with the calibrated `input_scale`)."""
+        return fake_quantize_input(x, self.scheme.inputs, self.input_scale)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(out, in) weight in `dtype`, through the same `dequantize` every form uses."""
@@ -147,7 +158,7 @@ class PackedLinear(nn.Module):
     def _forward_ref(self, x: torch.Tensor, reason: str) -> torch.Tensor:
         self._note("ref", reason)
         if self.scheme.inputs is not None:
-            x = fake_quantize(x, self.scheme.inputs)
+            x = self.quantize_input(x)
         return F.linear(x, self._weight_for(x.dtype), self.bias)
 
     # ---- CPU fast path -------------------------------------------------------------------
@@ -163,7 +174,7 @@ class PackedLinear(nn.Module):
         kind, why = cpu.plan(self.scheme.weights, inputs, x.dtype)
         if kind == "dequant" or (M > cpu.SMALL_M and kind != "int8mm"):  # exact: the simulation's operations
             self._note("cpu-dequant", why or f"{M} rows > {cpu.SMALL_M}")
-            xin = fake_quantize(x, inputs) if inputs is not None else x
+            xin = self.quantize_input(x) if inputs is not None else x
             return cpu.linear_dequant(xin, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                       self.scheme.weights, K, self.bias)
         self._note("cpu-" + kind)
@@ -230,7 +241,7 @@ class PackedLinear(nn.Module):
             self._note(f"triton-{rot}actquant+w4a16", "; ".join(
                 r for r in ("group-wise or asymmetric weights do not factor out of the integer sum", why) if r))
         else:
-            xq = fake_quantize(x, a)
+            xq = self.quantize_input(x)
             self._note("triton-w4a16", f"activation scheme {a.granularity}/{'sym' if a.symmetric else 'asym'} fake-quantized in torch")
         return w4a16_gemm(xq, self.weight_packed, self.weight_scale, self.weight_zero_point, **kw)
 

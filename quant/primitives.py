@@ -77,13 +77,16 @@ def decode_fp(q: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     return torch.where(u >= half, -mag, mag)
 
 
-def _float_qparams(x2: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def _float_qparams(x2: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """scale = absmax·clip / the grid's largest value per tensor / row / token, or the block
-    format's scales (E8M0 powers of two; NVFP4's E4M3 scale under a per-tensor scale)."""
+    format's scales (E8M0 powers of two; NVFP4's E4M3 scale under a per-tensor scale, x2's own
+    unless `global_scale` is given)."""
     fmt = BLOCK_FORMATS.get(args.block_format)
     # NVFP4's per-tensor scale is the unclipped tensor's, so every clip ratio (mse_clip's trials)
     # shares it and the group scales stay E4M3 values under one tensor scale
-    s_t = tensor_scale(x2, fmt) if fmt is not None and fmt.scale == "e4m3" else None
+    s_t = global_scale
+    if s_t is None and fmt is not None and fmt.scale == "e4m3":
+        s_t = tensor_scale(x2, fmt)
     x2 = x2 * args.clip_ratio if args.clip_ratio != 1.0 else x2
     if fmt is not None:
         scale = block_scales(x2, fmt, s_t)  # (rows, n_groups)
@@ -94,11 +97,12 @@ def _float_qparams(x2: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, tor
     return scale, torch.zeros_like(scale)
 
 
-def compute_qparams(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max qparams of `x` (..., cols) -> (scale, zero_point), each (rows, n_groups) float32."""
+def compute_qparams(x: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max qparams of `x` (..., cols) -> (scale, zero_point), each (rows, n_groups) float32.
+    `global_scale`: NVFP4's tensor scale, when it is not x's own (a calibrated activation scale)."""
     x2 = x.reshape(-1, x.shape[-1]).float()  # (rows, cols)
     if args.type == "float":
-        return _float_qparams(x2, args)
+        return _float_qparams(x2, args, global_scale)
     los, his = [], []
     for block in _group_view(x2, args):
         los.append(block.amin(dim=1, keepdim=True))
@@ -143,6 +147,30 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, scale=None, zero=None) -> to
     if scale is None:
         scale, zero = compute_qparams(x, args)
     return dequantize(quantize(x, scale, zero, args), scale, zero, args, dtype=x.dtype)
+
+
+def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A scheme's activation fake-quant. Dynamic args, or a static scheme not calibrated yet
+    (`input_scale` None): qparams from `x`. Calibrated static: the per-tensor `input_scale` (1, 1),
+    or for NVFP4 the group scales of `x` under the tensor scale `input_scale`."""
+    if args.dynamic or input_scale is None:
+        return fake_quantize(x, args)
+    if args.block_format is not None:
+        scale, zero = compute_qparams(x, args, global_scale=input_scale.reshape(()))
+    else:
+        scale = input_scale.float().reshape(1, 1)
+        zero = torch.zeros_like(scale)
+    return fake_quantize(x, args, scale, zero)
+
+
+def static_input_scale(amax: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """The calibrated scale (1, 1) of static activation args from the inputs' absmax over the
+    calibration set: absmax·clip / the format's largest value (int: / qmax), or NVFP4's tensor
+    scale (a power of two, `fp.tensor_scale`)."""
+    x = torch.stack([amax, -amax]).reshape(1, 2).float()  # a tensor with exactly this range
+    if args.block_format is not None:
+        return tensor_scale(x, BLOCK_FORMATS[args.block_format]).reshape(1, 1)
+    return compute_qparams(x, args)[0].reshape(1, 1)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

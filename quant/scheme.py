@@ -164,8 +164,18 @@ class QuantScheme:
             raise ValueError("QuantScheme: nothing to do; give weights, inputs or sparsity (or map the module to null)")
         if self.weights is not None and self.weights.dynamic:
             raise ValueError("QuantScheme.weights cannot be dynamic; weights are quantized offline")
-        if self.inputs is not None and not self.inputs.dynamic:
-            raise ValueError("QuantScheme.inputs must be dynamic (per-token, computed at run time); static activation scales are not supported yet")
+        a = self.inputs
+        if a is not None and not a.dynamic:
+            # static: one calibrated per-tensor scale (`input_scale`), or NVFP4's calibrated tensor
+            # scale over group scales still computed at run time
+            if not ((a.granularity == "tensor" and a.symmetric and not a.mse_clip) or a.block_format == "nvfp4"):
+                raise ValueError("QuantScheme.inputs with dynamic: false takes one calibrated scale: granularity tensor, symmetric "
+                                 "(FP8 / INT8 static), or NVFP4 (its tensor scale calibrated, group scales at run time); "
+                                 f"got {a.granularity} {'sym' if a.symmetric else 'asym'}{' ' + a.block_format if a.block_format else ''}; "
+                                 "set dynamic: true for per-token or per-group scales")
+            if self.sparsity is not None or self.weights is None:
+                raise ValueError("QuantScheme: static activation scales go with quantized dense weights (not N:M sparsity, "
+                                 "not activation-only schemes); set inputs.dynamic: true")
         if self.sparsity is not None:
             n, _, m = str(self.sparsity).partition(":")
             if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
@@ -283,9 +293,9 @@ def _a(bits: int, full_range: bool = False) -> QuantArgs:
     return QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True, full_range=full_range)
 
 
-def _fw(bits: int, group: int | None = None, scale_format: str | None = None) -> QuantArgs:
-    return QuantArgs(bits=bits, type="float", granularity="group" if group else "channel", group_size=group,
-                     scale_format=scale_format)
+def _fw(bits: int, group: int | None = None, scale_format: str | None = None, per_tensor: bool = False) -> QuantArgs:
+    return QuantArgs(bits=bits, type="float", granularity="group" if group else "tensor" if per_tensor else "channel",
+                     group_size=group, scale_format=scale_format)
 
 
 def _fa(bits: int, group: int | None = None, scale_format: str | None = None) -> QuantArgs:
@@ -304,10 +314,14 @@ PRESETS: dict[str, QuantScheme] = {
     "W3A16": QuantScheme(weights=_w(3, 128)),
     "W2A16": QuantScheme(weights=_w(2, 64)),
     # the floating-point formats, named as compressed-tensors' presets (FP8_DYNAMIC: FP8 E4M3
-    # per-channel weights, per-token dynamic activations; NVFP4 / MXFP4: FP4 E2M1 block formats)
+    # per-channel weights, per-token dynamic activations; FP8: per-tensor weights and a calibrated
+    # static per-tensor activation scale; NVFP4 / MXFP4: FP4 E2M1 block formats, NVFP4's activation
+    # tensor scale calibrated (static) under group scales computed at run time)
     "FP8_DYNAMIC": QuantScheme(weights=_fw(8), inputs=_fa(8)),
     "NVFP4A16": QuantScheme(weights=_fw(4, 16, "e4m3")),
-    "NVFP4": QuantScheme(weights=_fw(4, 16, "e4m3"), inputs=_fa(4, 16, "e4m3")),
+    "FP8": QuantScheme(weights=_fw(8, per_tensor=True), inputs=QuantArgs(bits=8, type="float", granularity="tensor")),
+    "NVFP4": QuantScheme(weights=_fw(4, 16, "e4m3"), inputs=QuantArgs(bits=4, type="float", granularity="group", group_size=16,
+                                                                      scale_format="e4m3")),
     "MXFP4A16": QuantScheme(weights=_fw(4, 32, "e8m0")),
     "MXFP4": QuantScheme(weights=_fw(4, 32, "e8m0"), inputs=_fa(4, 32, "e8m0")),
 }

@@ -8,7 +8,7 @@ from torch import nn
 
 from lmpress.kernels.formats import pack, unpack
 
-from .primitives import dequantize, fake_quantize
+from .primitives import dequantize, fake_quantize_input, static_input_scale
 from .scheme import QuantScheme
 
 
@@ -20,7 +20,9 @@ class SimQuantLinear(nn.Module):
     so a model being compressed holds an eighth of a byte per weight for them, not a byte;
     `weight_codes` unpacks them), `weight_scale` / `weight_zero_point` (float32, (out|1,
     n_groups)). A scheme with no weight args keeps the float weight and only fake-quantizes the
-    inputs.
+    inputs. A scheme with static inputs (`inputs.dynamic: false`) gets `input_scale` (float32
+    (1, 1)) from `set_input_scale` (calibration: stage `act_scales` or `gptq`); until then its
+    inputs are quantized dynamically.
     """
 
     def __init__(self, linear: nn.Linear, scheme: QuantScheme, copy: bool = True):
@@ -35,6 +37,22 @@ class SimQuantLinear(nn.Module):
         self.register_buffer("weight_codes_packed", None)
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_zero_point", None)
+        self.register_buffer("input_scale", None)
+
+    @property
+    def static_inputs(self) -> bool:
+        """The scheme quantizes inputs with a calibrated scale (`inputs.dynamic: false`)."""
+        return self.scheme.inputs is not None and not self.scheme.inputs.dynamic
+
+    def set_input_scale(self, amax: torch.Tensor) -> None:
+        """Calibrate a static input scale from the inputs' absmax over the calibration set."""
+        if not self.static_inputs:
+            raise ValueError(f"{self.scheme.name} quantizes inputs dynamically; there is no input scale to calibrate")
+        self.input_scale = static_input_scale(amax.detach().float().to(self.weight.device), self.scheme.inputs)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The scheme's activation fake-quant (dynamic, or with the calibrated `input_scale`)."""
+        return fake_quantize_input(x, self.scheme.inputs, self.input_scale)
 
     @property
     def quantized(self) -> bool:
@@ -68,7 +86,7 @@ class SimQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme.inputs is not None:
-            x = fake_quantize(x, self.scheme.inputs)
+            x = self.quantize_input(x)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -132,6 +132,61 @@ def test_float_artifacts_load_in_stock_transformers(tmp_path, tokens):
     assert "cast" not in inspect(paths["nvfp4a16"])["runtimes"]["transformers"]
 
 
+def test_static_activation_scales_load_in_stock_transformers(tmp_path, tokens):
+    """FP8 (per-tensor weights, a calibrated static activation scale) and NVFP4 W4A4 (the activation
+    tensor scale calibrated, group scales at run time) by GPTQ and by RTN + act_scales."""
+    pytest.importorskip("compressed_tensors")
+    from safetensors.torch import load_file
+
+    from lmpress.calibration.data import CalibrationSet, fingerprint
+    from lmpress.compress.models import tiny_llama
+
+    toks = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(5))
+    calib = CalibrationSet(tokens=toks, source="random", split="calib", n=8, seqlen=32, seed=5, fingerprint=fingerprint(toks))
+    paths, ours = {}, {}
+    for scheme in ("FP8", "NVFP4"):
+        for stages in ("[gptq]", "[rtn, act_scales]"):
+            model, tok = tiny_llama(seed=0)
+            recipe = Recipe.from_yaml(f'version: 1\nname: t\nschemes: {{lm_head: null, "re:.*": {scheme}}}\nstages: {stages}\n')
+            compress(model, recipe, calib)
+            sims = [m for m in model.modules() if hasattr(m, "static_inputs")]
+            assert sims and all(m.input_scale is not None and m.input_scale.shape == (1, 1) for m in sims)
+            name = f"{scheme}-{stages[1:4]}"
+            paths[name] = path = save(model, tmp_path / name, tokenizer=tok)
+            state = load_file(str(path / "model.safetensors"))
+            key = "model.layers.1.self_attn.o_proj"
+            scale = model.get_submodule(key).input_scale
+            if scheme == "FP8":
+                assert _qc(path)["format"] == "float-quantized" and torch.equal(state[f"{key}.input_scale"], scale.reshape(1))
+            else:
+                assert _qc(path)["format"] == "nvfp4-pack-quantized"
+                assert _qc(path)["config_groups"]["group_0"]["input_activations"]["dynamic"] == "local"
+                assert torch.equal(state[f"{key}.input_global_scale"], 1 / scale.reshape(1))
+            with torch.no_grad():
+                ours[name] = load(path)(tokens).logits
+                assert torch.equal(ours[name], model(tokens).logits), name
+    stock = _stock_logits(paths.values(), tokens, tmp_path)
+    for name, path in paths.items():
+        key = str(path) + (":cast" if name.startswith("NVFP4") else "")  # W4A4 FP4: see test_float_artifacts_...
+        diff = ((stock[key] - ours[name]).abs().max() / ours[name].abs().max()).item()
+        assert diff <= 1e-4, (name, diff)
+
+
+def test_static_activation_scales_are_refused_where_they_cannot_be_calibrated(tiny):
+    from lmpress.calibration.data import CalibrationSet, fingerprint
+    from lmpress.quant.scheme import QuantScheme
+
+    model, _ = tiny
+    toks = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    calib = CalibrationSet(tokens=toks, source="random", split="calib", n=2, seqlen=16, seed=0, fingerprint=fingerprint(toks))
+    with pytest.raises(ValueError, match="add `- act_scales: {}` after the weight stage"):
+        Recipe.from_yaml('version: 1\nname: t\nschemes: {lm_head: null, "re:.*": FP8}\nstages: [rtn]\n')
+    with pytest.raises(ValueError, match="static activation scales are calibrated on the decoder layers' linears only"):
+        compress(model, Recipe.from_yaml('version: 1\nname: t\nschemes: {"re:.*": FP8}\nstages: [rtn, act_scales]\n'), calib)
+    with pytest.raises(ValueError, match="dynamic: false takes one calibrated scale"):
+        QuantScheme(weights=QuantArgs(bits=8), inputs=QuantArgs(bits=8, granularity="channel"))
+
+
 @pytest.mark.parametrize("name", ["fp8-dynamic", "fp8-w8a16-tensor", "nvfp4a16", "mxfp4"])
 def test_float_tensor_layout_is_compressed_tensors(tmp_path, name):
     pytest.importorskip("compressed_tensors")

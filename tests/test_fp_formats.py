@@ -169,8 +169,8 @@ def test_gptq_on_the_float_grids_lowers_the_objective(name):
         assert torch.equal(decode_fp(q, args), fp.round_to_grid(decode_fp(q, args), fp.E4M3 if args.bits == 8 else fp.E2M1))
 
 
-@pytest.mark.parametrize("name", ["FP8_DYNAMIC", "NVFP4", "MXFP4A16"])
-@pytest.mark.parametrize("backend", ["ref", "cpu", "triton"])
+@pytest.mark.parametrize("name", ["FP8_DYNAMIC", "FP8", "NVFP4", "MXFP4A16"])
+@pytest.mark.parametrize("backend", ["ref", "cpu"])  # triton: tests/test_fp_gemm.py, under the interpreter
 def test_packed_linear_runs_float_formats_as_the_simulation(name, backend, monkeypatch):
     from torch import nn
 
@@ -182,8 +182,13 @@ def test_packed_linear_runs_float_formats_as_the_simulation(name, backend, monke
     lin = nn.Linear(256, 96)
     sim = SimQuantLinear(lin, PRESETS[name])
     sim.set_quantized(*rtn_quantize(lin.weight.detach(), PRESETS[name].weights))
-    packed = PackedLinear.from_sim(sim)
     x = torch.randn(3, 7, 256)
+    if sim.static_inputs:  # FP8's static scale, NVFP4's activation tensor scale: calibrated on x
+        with pytest.raises(ValueError, match="never calibrated"):
+            PackedLinear.from_sim(sim)
+        sim.set_input_scale(x.abs().amax() * 0.5)  # half the range: the static scale saturates, as calibrated ones can
+        assert not torch.equal(sim(x), fake_quantize(x, sim.scheme.inputs) @ sim.weight.T + sim.bias)
+    packed = PackedLinear.from_sim(sim)
     with torch.no_grad():
         assert torch.equal(packed(x), sim(x))
     assert packed.kernel_path.kind in ("ref", "cpu-dequant")
@@ -195,9 +200,10 @@ def test_which_float_schemes_compressed_tensors_describes():
     def reason(scheme):
         return why_not({"a": scheme}, {"a": 64}, None, None)
 
-    for name in ("FP8_DYNAMIC", "NVFP4A16", "MXFP4A16", "MXFP4"):
+    for name in ("FP8_DYNAMIC", "FP8", "NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4"):
         assert reason(PRESETS[name]) is None, name
-    assert "input_global_scale" in reason(PRESETS["NVFP4"])  # dynamic per-tensor here, calibrated static there
+    dynamic_nvfp4 = QuantScheme(weights=PRESETS["NVFP4"].weights, inputs=QuantArgs(**{**PRESETS["NVFP4"].inputs.to_dict(), "dynamic": True}))
+    assert "input_global_scale" in reason(dynamic_nvfp4)  # a per-tensor scale of each batch has no compressed-tensors form
     mxfp8 = QuantArgs(bits=8, type="float", granularity="group", group_size=32, scale_format="e8m0")
     assert "MXFP8 has no compressed-tensors form" in reason(QuantScheme(weights=mxfp8))
     assert "integer weights with floating-point" in reason(QuantScheme(weights=PRESETS["W8A8"].weights, inputs=PRESETS["FP8_DYNAMIC"].inputs))

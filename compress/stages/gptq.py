@@ -14,7 +14,8 @@ Inside a layer the linears go in `arch.sequential_groups` order:
   are quantized.
 
 The Hessian is collected on the input a module really computes with: for a scheme with input
-quantization, the fake-quantized input. Modules that read the same input with the same input
+quantization, the fake-quantized input; a static input scale (`inputs.dynamic: false`) is first
+calibrated on the same inputs (`observe_inputs`, one extra pass of the group). Modules that read the same input with the same input
 scheme share one Hessian, and are solved together when their weight schemes agree (GPTQ treats
 rows independently, so this gives the same codes in one pass).
 
@@ -39,7 +40,7 @@ from torch import nn
 from lmpress.calibration.layerwise import LayerwiseRunner, group_passes
 from lmpress.calibration.stats import capture_input_stats
 from lmpress.quant.gptq import gptq_quantize_shared, layer_objective, single_thread
-from lmpress.quant.primitives import dequantize, fake_quantize, quant_error
+from lmpress.quant.primitives import dequantize, quant_error
 from lmpress.quant.rtn import rtn_quantize
 from lmpress.quant.sim import SimQuantLinear
 
@@ -89,6 +90,41 @@ def stubbed(layer: nn.Module, rels: list[str]):
             set_module(layer, rel, mod)
 
 
+def observe_inputs(step, rels: list[str], later: list[str]) -> None:
+    """Calibrate the static input scales of the linears `rels` (paths in the layer of `step`): one
+    pass with `later` stubbed, the absmax of each one's input over the calibration batches. The
+    body of stage `act_scales`; stage `gptq` runs it before collecting a group's Hessians."""
+    layer = step.layer
+    sims = {rel: layer.get_submodule(rel) for rel in rels}
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(rel, _m, args):
+        a = args[0].detach().abs().amax().float()
+        amax[rel] = torch.maximum(amax[rel], a) if rel in amax else a
+
+    hooks = [sim.register_forward_pre_hook(partial(hook, rel)) for rel, sim in sims.items()]
+    try:
+        with stubbed(layer, later):
+            step.forward(until=list(sims.values()))
+    finally:
+        for h in hooks:
+            h.remove()
+    for rel, sim in sims.items():
+        sim.set_input_scale(amax[rel])
+
+
+def static_outside_layers(model: nn.Module, ctx, fqns) -> None:
+    """Refuse static activation scales on modules outside the decoder layers' known linears: the
+    layer-by-layer calibration never sees their inputs."""
+    n_layers = len(ctx.arch.decoder_layers(model))
+    for fqn in fqns:
+        scheme = ctx.plan[fqn]
+        idx, rel = ctx.arch.layer_of(fqn, n_layers)
+        if scheme.inputs is not None and not scheme.inputs.dynamic and (idx is None or rel not in ctx.arch.linears):
+            raise ValueError(f"{fqn}: static activation scales are calibrated on the decoder layers' linears only; "
+                             "give it a dynamic input scheme (inputs: {dynamic: true}) or none")
+
+
 def collect_hessians(step, ctx, targets: list[str], later: list[str]):
     """Run the layer once with `later` stubbed and collect one Hessian per distinct input:
     the modules of a sequential group read the same tensor, and those with the same input
@@ -100,8 +136,11 @@ def collect_hessians(step, ctx, targets: list[str], later: list[str]):
     by_input: dict[tuple, list[str]] = {}
     for rel in targets:
         by_input.setdefault((group_of[rel], sims[rel].scheme.inputs), []).append(rel)
+    static = [rel for rel in targets if sims[rel].static_inputs]
+    if static:
+        observe_inputs(step, static, later)
     hooked = {rels[0]: sims[rels[0]] for rels in by_input.values()}
-    transforms = {rels[0]: partial(fake_quantize, args=inp) for (_, inp), rels in by_input.items() if inp is not None}
+    transforms = {rels[0]: sims[rels[0]].quantize_input for (_, inp), rels in by_input.items() if inp is not None}
     with stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
         step.forward(until=list(hooked.values()))  # nothing after the hooked inputs is needed
     return sims, by_input, stats
@@ -131,6 +170,7 @@ class GPTQ:
     def apply(self, model: nn.Module, ctx) -> None:
         if ctx.calib is None:
             raise ValueError("stage 'gptq' needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
+        static_outside_layers(model, ctx, ctx.plan)
         for fqn, scheme in ctx.plan.items():
             to_sim(model, fqn, scheme)  # every plan module, so activation fake-quant is in place
         n_layers = len(ctx.arch.decoder_layers(model))

@@ -1,0 +1,48 @@
+"""Stage `act_scales`: calibrate static activation scales, layer by layer on the calibration set.
+
+Schemes whose inputs say `dynamic: false` quantize activations with one calibrated scale: FP8 or
+INT8 per tensor (`input_scale` = absmax / the format's largest value), or NVFP4, whose per-tensor
+scale is calibrated while its group scales are still computed at run time (compressed-tensors'
+`input_global_scale`). The scale is the absmax of the module's input over every calibration
+token (the min-max observer). Each decoder layer sees the outputs of the layers before it, with
+their weights and static scales already in place; inside a layer the linears go in
+`arch.sequential_groups` order, so o_proj's scale is measured on an attention output computed
+with q/k/v's static quantization. Put it after the weight stage (`rtn`); stage `gptq` calibrates
+the scales of the modules it quantizes itself (`gptq.observe_inputs`), before their Hessians.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from lmpress.calibration.layerwise import LayerwiseRunner, group_passes
+
+from ..stage import register_stage
+from ..surgery import get_module, to_sim
+from .gptq import observe_inputs, static_outside_layers
+
+log = logging.getLogger(__name__)
+
+
+@register_stage("act_scales", needs_calibration=True)
+@dataclass(frozen=True)
+class ActScales:
+    def apply(self, model, ctx) -> None:
+        static_outside_layers(model, ctx, ctx.plan)
+        for fqn, scheme in ctx.plan.items():
+            to_sim(model, fqn, scheme)
+        n_layers = len(ctx.arch.decoder_layers(model))
+        by_layer: dict[int, list[str]] = {}
+        for fqn in ctx.plan:
+            if get_module(model, fqn).static_inputs:
+                idx, rel = ctx.arch.layer_of(fqn, n_layers)
+                by_layer.setdefault(idx, []).append(rel)
+        if not by_layer:
+            log.info("act_scales: no scheme has static activation scales; nothing to calibrate")
+            return
+        for step in LayerwiseRunner(model, ctx.arch, ctx.calib.tokens, batch_size=ctx.batch_size, device=ctx.device):
+            rels = by_layer.get(step.index)
+            if rels:
+                for targets, later in group_passes(ctx.arch.sequential_groups, set(rels)):
+                    observe_inputs(step, targets, later)
+                log.info("act_scales: %s: %d static scales", step.name, len(rels))
