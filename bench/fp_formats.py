@@ -6,11 +6,14 @@ QuaRot's rotation.
     python bench/fp_formats.py --n 32 --windows 16    # a quicker look
     python bench/fp_formats.py --configs base,fp8-rtn,nvfp4-gptq
 
-Configurations: `base`, and `<format>-<method>[-rot]`:
+Configurations: `base`, `fireq` (the built-in recipe `w4afp8-fireq`: W4AFP8 + KV4 after
+SmoothQuant-style scaling, GPTQ), and `<format>-<method>[-rot|-brot]`:
 - format: `int8` (W8A8: int8 per-channel weights, int8 per-token activations), `fp8`
-  (FP8_DYNAMIC: E4M3 per-channel weights, E4M3 per-token activations), `nvfp4` / `mxfp4`
-  (W4A4 in the block format), `int4` (W4A4: int4 per-channel symmetric weights, int4 per-token
-  activations), `nvfp4a16` / `mxfp4a16` (weight-only);
+  (FP8_DYNAMIC: E4M3 per-channel weights, E4M3 per-token activations), `fp8s` (FP8: E4M3
+  per-tensor weights, a static per-tensor activation scale calibrated by `act_scales` after RTN
+  or inside GPTQ), `nvfp4` / `mxfp4` (W4A4 in the block format; NVFP4's activation tensor scale
+  calibrated), `int4` (W4A4: int4 per-channel symmetric weights, int4 per-token activations),
+  `int4g64` (the same with weights in groups of 64), `nvfp4a16` / `mxfp4a16` (weight-only);
 - method: `rtn` (min-max scales; FP8 and FP4 round to nearest on their grid) or `gptq`
   (act-order, static groups, on the format's grid);
 - `-rot`: QuaRot first (fuse_norms, then the randomized Hadamard R1/R2 and the online R4 on
@@ -31,22 +34,27 @@ import time
 
 import _runner
 
-FORMATS = {
-    "int8": "W8A8", "fp8": "FP8_DYNAMIC", "nvfp4": "NVFP4", "mxfp4": "MXFP4",
-    "int4": "W4A4", "nvfp4a16": "NVFP4A16", "mxfp4a16": "MXFP4A16",
+FORMATS = {  # scheme-map values: a preset name or a mapping
+    "int8": "W8A8", "fp8": "FP8_DYNAMIC", "fp8s": "FP8", "nvfp4": "NVFP4", "mxfp4": "MXFP4",
+    "int4": "W4A4", "int4g64": {"preset": "W4A4", "weights": {"granularity": "group", "group_size": 64}},
+    "nvfp4a16": "NVFP4A16", "mxfp4a16": "MXFP4A16",
 }
+RECIPES = {"fireq": "w4afp8-fireq"}  # whole built-in recipes, run as they are
 METHODS = {"rtn": {"rtn": {}}, "gptq": {"gptq": {"act_order": True, "block_size": 128, "damp": 0.01}}}
 ROTATION = ["fuse_norms", {"rotate": {"kind": "hadamard", "seed": 0, "online": ["down_proj"], "r2": True}}]
-DEFAULT_CONFIGS = ("base,int8-rtn,fp8-rtn,fp8-gptq,nvfp4a16-rtn,nvfp4a16-gptq,mxfp4a16-gptq,"
-                   "int4-gptq,int4-gptq-rot,nvfp4-rtn,nvfp4-gptq,nvfp4-gptq-rot,mxfp4-rtn,mxfp4-gptq,mxfp4-gptq-rot")
+DEFAULT_CONFIGS = ("base,int8-rtn,int8-gptq,fp8-rtn,fp8-gptq,fp8s-rtn,fireq,nvfp4a16-gptq,mxfp4a16-gptq,"
+                   "int4-gptq,int4-gptq-rot,int4g64-gptq-rot,nvfp4-rtn,nvfp4-gptq,nvfp4-gptq-rot,nvfp4-gptq-brot,"
+                   "mxfp4-rtn,mxfp4-gptq,mxfp4-gptq-rot,mxfp4-gptq-brot")
 
 
-BLOCK = {"nvfp4": 16, "nvfp4a16": 16, "mxfp4": 32, "mxfp4a16": 32, "int4": 32, "fp8": 32, "int8": 32}
+BLOCK = {"nvfp4": 16, "nvfp4a16": 16, "mxfp4": 32, "mxfp4a16": 32, "int4": 32, "int4g64": 64, "fp8": 32, "fp8s": 32, "int8": 32}
 
 
 def recipe_for(config: str):
     from lmpress.compress import Recipe
 
+    if config in RECIPES:
+        return Recipe.load(RECIPES[config])
     parts = config.split("-")
     rot = parts[-1] if parts[-1] in ("rot", "brot") else None
     parts = parts[:-1] if rot else parts
@@ -56,19 +64,32 @@ def recipe_for(config: str):
     if rot:
         rotate = {**ROTATION[1]["rotate"], **({"block": BLOCK[parts[0]]} if rot == "brot" else {})}
         stages = [ROTATION[0], {"rotate": rotate}]
+    static = _scheme(parts[0]).inputs is not None and not _scheme(parts[0]).inputs.dynamic
+    calibrate = [{"act_scales": {}}] if static and parts[1] == "rtn" else []  # gptq calibrates them itself
     return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": FORMATS[parts[0]]},
-                             "stages": stages + [METHODS[parts[1]]]})
+                             "stages": stages + [METHODS[parts[1]]] + calibrate})
+
+
+def _scheme(fmt: str):
+    from lmpress.quant.scheme import parse_scheme
+
+    return parse_scheme(FORMATS[fmt])
 
 
 def format_bits(config: str) -> float | None:
     """Codes plus the format's own scale bits per weight (SmolLM2's linears: 576 or 1536 inputs, weighted by size)."""
     if config == "base":
         return None
-    from lmpress.quant.scheme import preset
+    if config in RECIPES:  # fireq: W4AFP8, int4 in groups of 128
+        from lmpress.quant.scheme import preset
 
-    w = preset(FORMATS[config.split("-")[0]]).weights
+        w = preset("W4AFP8").weights
+    else:
+        w = _scheme(config.split("-")[0]).weights
     if w.block_format is not None:
         return w.bits + 8 / w.group_size
+    if w.granularity == "group":  # float32 scales (the last group of 576 inputs is partial at 128)
+        return w.bits + 32 / w.group_size
     # per-channel float32 scales, one per output row: SmolLM2's (out, in) q, k, v, o, gate, up, down
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
     return w.bits + 32 * sum(o for o, _ in shapes) / sum(o * i for o, i in shapes)
@@ -114,8 +135,8 @@ def table(rows: list[dict], args) -> str:
             lines.append(f"| {c} | | | error: {r['error'][:80]} | | | | | |")
             continue
         fmt, _, rest = c.partition("-")
-        scheme = "fp32" if c == "base" else FORMATS[fmt]
-        method = "-" if c == "base" else (rest.replace("-brot", " + block QuaRot").replace("-rot", " + QuaRot")
+        scheme = "fp32" if c == "base" else "W4AFP8 + KV4" if c in RECIPES else _label(fmt)
+        method = "-" if c == "base" else "smoothquant + GPTQ (" + RECIPES[c] + ")" if c in RECIPES else (rest.replace("-brot", " + block QuaRot").replace("-rot", " + QuaRot")
                                           .upper().replace("QUAROT", "QuaRot").replace("BLOCK", "block"))
         vs = f"{r['ppl'] / base:.3f}x" if base else "-"
         bpw = f"{r['format_bpw']:.3f}" if r.get("format_bpw") else "32"
@@ -123,6 +144,11 @@ def table(rows: list[dict], args) -> str:
         eq = {True: "yes", False: "NO"}.get(r.get("packed_equal"), "-")
         lines.append(f"| {c} | {scheme} | {method} | {r['ppl']:.3f} | {vs} | {bpw} | {mib} | {eq} | {r['compress_s']:.0f} |")
     return "\n".join(lines)
+
+
+def _label(fmt: str) -> str:
+    spec = FORMATS[fmt]
+    return spec if isinstance(spec, str) else f"{spec['preset']} g{spec['weights']['group_size']}"
 
 
 def check(config: str, args) -> None:

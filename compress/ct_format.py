@@ -14,6 +14,7 @@ so stock `transformers` + `compressed-tensors` (and vLLM) load it without lmpres
   (``mxfp4-pack-quantized``: MXFP4A16, MXFP4); FP8 static per-tensor activations (FP8:
   ``input_scale`` [1]) and NVFP4 activations with a calibrated tensor scale (NVFP4:
   ``input_global_scale`` [1] = 1 / s_t, group scales computed at run time, ``dynamic: local``);
+  packed integer weights with FP8 per-token dynamic activations (W4AFP8, ``pack-quantized``);
 - no online transform, no attention settings (KV quantization), no N:M sparsity. Rotations and
   smoothing fused into the weights offline leave a plain model and are fine.
 
@@ -102,8 +103,10 @@ def _args(a: QuantArgs, inputs: bool = False) -> dict[str, Any]:
 
 
 def _why_not_float(w: QuantArgs, a: QuantArgs | None) -> str | None:
-    if w.type != "float":
-        return "integer weights with floating-point activations"
+    if w.type != "float":  # W4AFP8: packed integer weights, FP8 per-token activations
+        if a.bits == 8 and a.granularity == "token" and a.clip_ratio == 1.0 and w.symmetric:
+            return None
+        return "integer weights take FP8 activations per token, dynamic, on symmetric weights (W4AFP8)"
     fmt = w.block_format
     if fmt is None:  # FP8 E4M3 per channel / tensor
         if a is None or (a.type == "float" and a.bits == 8 and a.block_format is None and a.clip_ratio == 1.0
@@ -142,7 +145,10 @@ def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], 
     if w is None:
         return "activation-only quantized linears"
     if w.type == "float" or (a is not None and a.type == "float"):
-        return _why_not_float(w, a)
+        reason = _why_not_float(w, a)
+        if reason is not None or w.type == "float":
+            return reason
+        a = None  # W4AFP8: its FP8 activations are fine; the integer weights' checks follow
     if w.granularity not in ("channel", "group"):
         return f"{w.granularity}-wise weight scales"
     if w.granularity == "group":
@@ -161,7 +167,7 @@ def format_for(s: QuantScheme) -> str:
     """The compressed-tensors format of an expressible scheme (`why_not` is None)."""
     if s.weights.type == "float":
         return FP4_FORMATS.get(s.weights.block_format, FLOAT)
-    return INT if s.inputs is not None else PACKED
+    return INT if s.inputs is not None and s.inputs.type == "int" else PACKED
 
 
 def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv: Any) -> tuple[CTForm | None, str | None]:
@@ -174,6 +180,10 @@ def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv
     fmt = format_for(s)
     group = {"targets": ["Linear"], "weights": _args(s.weights),
              "input_activations": _args(s.inputs, inputs=True) if s.inputs is not None else None, "output_activations": None}
+    if s.weights.type == "int" and s.inputs is not None and s.inputs.type == "float":
+        # W4AFP8: compressed-tensors 0.20 infers a group's format from its scheme when the group
+        # names none, and takes FP8 activations for float-quantized (a dense `weight`)
+        group["format"] = fmt
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in schemes)
     config = {"quant_method": QUANT_METHOD, "format": fmt, "config_groups": {"group_0": group}, "ignore": ignore,
               "kv_cache_scheme": None, "quantization_status": "compressed", "global_compression_ratio": None,

@@ -322,6 +322,9 @@ PRESETS: dict[str, QuantScheme] = {
     "FP8": QuantScheme(weights=_fw(8, per_tensor=True), inputs=QuantArgs(bits=8, type="float", granularity="tensor")),
     "NVFP4": QuantScheme(weights=_fw(4, 16, "e4m3"), inputs=QuantArgs(bits=4, type="float", granularity="group", group_size=16,
                                                                       scale_format="e4m3")),
+    # INT4 x FP8 (compressed-tensors' W4AFP8; FireQ's linears): int4 symmetric weights in groups of
+    # 128, FP8 E4M3 per-token dynamic activations
+    "W4AFP8": QuantScheme(weights=_w(4, 128), inputs=_fa(8)),
     "MXFP4A16": QuantScheme(weights=_fw(4, 32, "e8m0")),
     "MXFP4": QuantScheme(weights=_fw(4, 32, "e8m0"), inputs=_fa(4, 32, "e8m0")),
 }

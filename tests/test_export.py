@@ -102,6 +102,7 @@ FP_SCHEMES = {  # tiny model: input widths 96 and 160, multiples of 16 and 32
     "nvfp4a16-mse": "{preset: NVFP4A16, weights: {mse_clip: true}}",  # per-group clip ratios under one tensor scale
     "mxfp4a16": "MXFP4A16",
     "mxfp4": "MXFP4",
+    "w4afp8-g32": "{preset: W4AFP8, weights: {group_size: 32}}",  # int4 weights, FP8 per-token activations
 }
 
 
@@ -109,7 +110,7 @@ def test_float_artifacts_load_in_stock_transformers(tmp_path, tokens):
     pytest.importorskip("compressed_tensors")
     from lmpress.compress.models import tiny_llama
 
-    fmts = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+    fmts = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized", "w4afp8": "pack-quantized"}
     paths, ours = {}, {}
     for name, scheme in FP_SCHEMES.items():
         model, tok = tiny_llama(seed=0)
