@@ -9,7 +9,9 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
 - CUDA -> Triton: weight-only schemes through `w4a16_gemm` (2/4/8-bit, any group size);
   per-token activation schemes with per-channel/per-tensor symmetric 4/8-bit weights through
   `act_quant` + the integer GEMM (`w4a4_gemm`: W4A4, W4A8, W8A8); other activation schemes
-  through `act_quant` (fake-quant) + `w4a16_gemm`; 3-bit weights through the reference.
+  through `act_quant` (fake-quant) + `w4a16_gemm`; floating-point weights (FP8, NVFP4, MXFP4)
+  through `fp_gemm`, their activations (if quantized) fake-quantized in torch first; 3-bit weights
+  through the reference.
   Inside a RotatedInput, an online Hadamard before a per-token activation quantization is fused
   into it (`transform_act_quant`; path kinds ``triton-rot+...``).
 - CPU -> `lmpress.kernels.cpu`, for layers of at least `cpu.MIN_FAST_WEIGHTS` weights under
@@ -206,22 +208,27 @@ class PackedLinear(nn.Module):
     # ---- Triton ----------------------------------------------------------------------------
     def _forward_triton(self, x: torch.Tensor, transform: nn.Module | None = None) -> torch.Tensor:
         from .act_quant import act_dequant, act_quant
+        from .fp_gemm import fp_format_name, fp_gemm
         from .transform_act_quant import online_act_quant
         from .w4a4_gemm import int_gemm
         from .w4a16_gemm import KERNEL_BITS, w4a16_gemm
 
-        if self.scheme.weights.type == "float" or (self.scheme.inputs is not None and self.scheme.inputs.type == "float"):
-            return self._forward_ref(transform(x) if transform is not None else x,
-                                     "floating-point formats: no Triton kernel yet (exact reference)")
         w, a = self.scheme.weights, self.scheme.inputs
-        token = a is not None and a.granularity == "token" and a.symmetric and a.bits in (4, 8)
-        if transform is not None and not (token and w.bits in KERNEL_BITS and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        token = a is not None and a.type == "int" and a.granularity == "token" and a.symmetric and a.bits in (4, 8)
+        if transform is not None and not (token and w.type == "int" and w.bits in KERNEL_BITS
+                                          and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
             x, transform = transform(x), None  # nothing to fuse it into
         rot, why = "", ""
         if w.bits not in KERNEL_BITS:
             return self._forward_ref(x, f"{w.bits}-bit fields straddle int32 words; no Triton kernel")
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return self._forward_ref(x, f"{x.dtype} activations")
+        if w.type == "float":  # dequantize-then-dot; quantized activations are fake-quantized in torch first
+            if a is not None:
+                x = self.quantize_input(x)
+                why = f"{fp_format_name(a) if a.type == 'float' else 'int' + str(a.bits)} activations fake-quantized in torch"
+            self._note(f"triton-fp-{fp_format_name(w)}", why)
+            return fp_gemm(x, self.weight_packed, self.weight_scale, args=w, in_features=self.in_features, bias=self.bias)
         gs = w.group_size if w.granularity == "group" else None
         kw = dict(in_features=self.in_features, group_size=gs, bits=w.bits, bias=self.bias)
         if a is None:

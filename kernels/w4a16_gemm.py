@@ -216,7 +216,7 @@ if triton is not None:
 MAX_BLOCK_K = 256  # split-K ranges are multiples of this, so every config's BLOCK_K divides them
 
 
-def _choose_split(M: int, N: int, K: int, device: torch.device) -> int:
+def choose_split(M: int, N: int, K: int, device: torch.device) -> int:
     """Split K when the output alone gives too few programs to fill the GPU (decode)."""
     if M > 16 or device.type != "cuda":
         return 1
@@ -296,7 +296,7 @@ def w4a16_gemm(
     stride_zn = zero.stride(0) if zero.shape[0] == N and N > 1 else 0
 
     interp = interpreting(device)
-    split = split_k if split_k is not None else _choose_split(M, N, K, device)
+    split = split_k if split_k is not None else choose_split(M, N, K, device)
     if interp or config is not None:
         cfg = dict(config or {})
         cfg.setdefault("BLOCK_M", clamp_pow2(M, 16, 64))
