@@ -11,6 +11,8 @@ and launch time), each with the speed-up over `torch.matmul` in fp16 on the same
 - W4A16 (`w4a16_gemm`, int4 groups of 128, symmetric, fp16 activations) on LLaMA-2-7B's layer shapes
   (K x N: 4096 x 12288 fused qkv, 4096 x 4096 o, 4096 x 22016 fused gate/up, 11008 x 4096 down) at
   M = 1, 2, 4, 8, 16: the MARLIN paper's table (Frantar et al. 2024, Table 1 setting);
+- FP8 (per channel), NVFP4 and MXFP4 weights (`fp_gemm`, fp16 activations) on the qkv and o shapes at
+  M = 1, 16, 128;
 - W4A4 and W8A8 (`act_quant` + `w4a4_gemm` / `w8a8_gemm`; the int32 accumulators are compared exactly),
   M = 1, 16, 128, 2048 on 4096 x 4096 and 4096 x 11008;
 - the activation quantization alone (`act_quant`, int4 and int8) and fused with QuaRot's online Hadamard
@@ -160,7 +162,23 @@ def kernels(dev) -> None:
             _row(f"KV{bits} unpack", "G 64", rows_kv.shape[0], exact, "values " + ("exact" if exact else "DIFFER"), t,
                  extra=f"{rows_kv.numel() * 2 / _best(t) / 1e6:.0f} GB/s written")
 
-    for section in (w4a16, int_gemm, sparse24, kv):  # a section that raises is one FAIL row; the others still run
+    def fp():
+        from lmpress.kernels.fp_gemm import fp_gemm, fp_gemm_ref
+        from lmpress.quant.scheme import preset
+
+        for label in ("FP8_DYNAMIC", "NVFP4A16", "MXFP4A16"):  # the weights of these presets: FP8 per channel, NVFP4, MXFP4
+            args = preset(label).weights
+            for name, K, N in LLAMA7B_MARLIN[:2]:
+                p, s, _ = gemm._packed_weight(N, K, args, dev)
+                w16 = torch.randn(N, K, device=dev, dtype=torch.float16, generator=g)
+                for M in (1, 16, 128):
+                    x = torch.randn(M, K, device=dev, dtype=torch.float16, generator=g)
+                    err = _rel(fp_gemm(x, p, s, args=args, in_features=K), fp_gemm_ref(x, p, s, args, K))
+                    ref = _bench(lambda: torch.matmul(x, w16.t()))
+                    t = _bench(lambda: fp_gemm(x, p, s, args=args, in_features=K))
+                    _row(f"{label} weights (fp_gemm)", f"{name} {K}x{N}", M, err < REL_TOL, f"max rel {err:.1e}", t, ref)
+
+    for section in (w4a16, fp, int_gemm, sparse24, kv):  # a section that raises is one FAIL row; the others still run
         try:
             section()
         except Exception as e:  # noqa: BLE001 - report and go on: one device call is all there may be
