@@ -15,8 +15,14 @@ so stock `transformers` + `compressed-tensors` (and vLLM) load it without lmpres
   ``input_scale`` [1]) and NVFP4 activations with a calibrated tensor scale (NVFP4:
   ``input_global_scale`` [1] = 1 / s_t, group scales computed at run time, ``dynamic: local``);
   packed integer weights with FP8 per-token dynamic activations (W4AFP8, ``pack-quantized``);
-- no online transform, no attention settings (KV quantization), no N:M sparsity. Rotations and
-  smoothing fused into the weights offline leave a plain model and are fine.
+- no online transform, no attention settings (KV quantization) but the FP8 KV cache
+  (`kv_cache_scheme`: FP8 E4M3, static, strategy tensor or attn_head; `k_scale` / `v_scale` on
+  each attention module, as vLLM reads them), no N:M sparsity. Rotations and smoothing fused
+  into the weights offline leave a plain model and are fine. Stock transformers 5.25 with
+  compressed-tensors 0.20 does not apply a `kv_cache_scheme` (compressed-tensors hooks attention
+  modules whose forward takes `past_key_values`; LlamaAttention's now takes `cache`), so there an
+  FP8-KV artifact runs with a full-precision cache: its logits equal `load()`'s with the cache
+  quantization off (`kernels.attention.cache_quant_off`).
 
 Tensors, as compressed-tensors 0.20 reads them (``compressors/pack_quantized/base.py`` and
 ``compressors/naive_quantized/base.py`` of that package are the source of these facts):
@@ -127,12 +133,25 @@ def _why_not_float(w: QuantArgs, a: QuantArgs | None) -> str | None:
     return "MXFP4 weights take MXFP4 dynamic activations or none (MXFP4, MXFP4A16)"
 
 
+def _kv_dict(kv: Any) -> dict | None:
+    """The KV-cache settings as a dict (a manifest holds a dict, a compression context KVCacheArgs)."""
+    return kv.to_dict() if hasattr(kv, "to_dict") else kv
+
+
+def fp8_kv_scale(kv: Any) -> str | None:
+    """"tensor" / "head" for an FP8 KV cache (compressed-tensors' `kv_cache_scheme`), else None."""
+    d = _kv_dict(kv)
+    return d.get("scale") if d is not None and d.get("type") == "float" else None
+
+
 def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], block: Any, kv: Any) -> str | None:
     """None when compressed-tensors can describe the artifact, else the first reason it cannot."""
-    if block and (block.get("online_transforms") or block.get("attention")):  # (2:4 metadata: the scheme says)
-        return "online transforms / lmpress attention settings have no compressed-tensors form"
-    if kv is not None:
-        return "KV-cache quantization has no compressed-tensors form here"
+    attention = dict((block or {}).get("attention") or {})
+    kv_only = all(d.get("type") == "float" and "key_rotation" not in d for d in (attention.get("kv_cache") or {}).values())
+    if block and (block.get("online_transforms") or (attention and not (set(attention) <= {"implementation", "kv_cache"} and kv_only))):
+        return "online transforms / lmpress attention settings have no compressed-tensors form"  # (2:4 metadata: the scheme says)
+    if kv is not None and fp8_kv_scale(kv) is None:
+        return "KV-cache quantization has no compressed-tensors form here (only the FP8 cache: kv_cache_scheme)"
     if not schemes:
         return "no quantized linears"
     distinct = {s for s in schemes.values()}
@@ -163,6 +182,14 @@ def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], 
     return None
 
 
+def _kv_scheme(kv: Any) -> dict | None:
+    scale = fp8_kv_scale(kv)
+    if scale is None:
+        return None
+    return {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
+            "strategy": "tensor" if scale == "tensor" else "attn_head", "dynamic": False}
+
+
 def format_for(s: QuantScheme) -> str:
     """The compressed-tensors format of an expressible scheme (`why_not` is None)."""
     if s.weights.type == "float":
@@ -186,7 +213,7 @@ def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv
         group["format"] = fmt
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in schemes)
     config = {"quant_method": QUANT_METHOD, "format": fmt, "config_groups": {"group_0": group}, "ignore": ignore,
-              "kv_cache_scheme": None, "quantization_status": "compressed", "global_compression_ratio": None,
+              "kv_cache_scheme": _kv_scheme(kv), "quantization_status": "compressed", "global_compression_ratio": None,
               "version": _ct_version()}
     if not s.weights.symmetric and s.inputs is None:
         # transformers 5.x builds the asymmetric zero point's placeholder unpacked, so the packed
@@ -205,9 +232,16 @@ def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv
     return CTForm(fmt, config), None
 
 
+KV_SCALES = (".lmpress_attn.k_scale", ".lmpress_attn.v_scale")  # the FP8 cache's scales, on lmpress's attention settings
+
+
 def to_disk(tensors: dict[str, torch.Tensor], schemes: Mapping[str, QuantScheme], fmt: str) -> dict[str, torch.Tensor]:
-    """lmpress runtime tensors (PackedLinear state) -> compressed-tensors tensors, in a new dict."""
+    """lmpress runtime tensors (PackedLinear state, attention settings) -> compressed-tensors
+    tensors, in a new dict. The FP8 cache's scales move to the attention module (`k_scale`,
+    `v_scale`; (1,) per tensor, (kv heads, 1, 1) per head, as both keep them)."""
     out = dict(tensors)
+    for key in [k for k in out if k.endswith(KV_SCALES)]:
+        out[key.replace(".lmpress_attn.", ".")] = out.pop(key)
     for fqn, s in schemes.items():
         w = s.weights
         if fmt in (INT, FLOAT):
@@ -243,6 +277,9 @@ def to_disk(tensors: dict[str, torch.Tensor], schemes: Mapping[str, QuantScheme]
 
 def from_disk(state: dict[str, torch.Tensor], schemes: Mapping[str, QuantScheme], fmt: str) -> dict[str, torch.Tensor]:
     """compressed-tensors tensors -> lmpress runtime tensors (exact inverse of `to_disk`), in place."""
+    for key in [k for k in state if k.endswith((".k_scale", ".v_scale")) and ".lmpress_attn." not in k]:
+        stem, _, name = key.rpartition(".")
+        state[f"{stem}.lmpress_attn.{name}"] = state.pop(key)
     for fqn, s in schemes.items():
         w = s.weights
         if fmt in (INT, FLOAT):

@@ -79,6 +79,11 @@ class Recipe:
             raise RecipeError(f"kv_cache: {e}") from None
         if not self.stages:
             raise RecipeError("stages: a recipe needs at least one stage (e.g. `- rtn: {}`)")
+        names = [st.name for st in self.stages]
+        kv = self.kv_args
+        if kv is not None and kv.is_float and not ("kv_cache" in names and "act_scales" in names[names.index("kv_cache"):]):
+            raise RecipeError("kv_cache: an FP8 cache takes scales calibrated by stage act_scales after stage kv_cache; "
+                              "add `- kv_cache: {}` and, after it, `- act_scales: {}`")
         static = [p for p, sch in resolved if sch is not None and sch.inputs is not None and not sch.inputs.dynamic]
         if static and not any(st.name in ("gptq", "act_scales") for st in self.stages):
             raise RecipeError(f"schemes[{static[0]!r}]: static activation scales (inputs dynamic: false) are calibrated by "

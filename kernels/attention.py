@@ -11,7 +11,9 @@ builder under the same name), so no model file is forked. The function reads the
   basis, where their outliers are spread across channels;
 - ``kv``: `KVCacheArgs`. The per-token form (QuaRot: key_granularity token, residual 0) fake-
   quantizes K and V (B, kv_heads, T, head_dim) per head, per token, in groups along head_dim
-  (`lmpress.quant.kv_cache.fake_quantize_kv`), then calls the stock sdpa implementation. Any
+  (`lmpress.quant.kv_cache.fake_quantize_kv`), or to FP8 E4M3 with static per-layer or per-head
+  scales (the buffers `k_scale` / `v_scale`, calibrated under `observe_kv`), then calls the stock
+  sdpa implementation. Any
   other setting is KIVI: per-channel keys, per-token values, a full-precision window of recent
   tokens and sinks, simulated decode-exactly (every query sees the cache as it is when that
   query is decoded; `lmpress.quant.kv_cache.kv_mixed_attention`);
@@ -34,8 +36,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from lmpress.quant.fp import E4M3
 from lmpress.quant.kv_cache import (
-    KeyRotation, apply_rope, check_kv_args, fake_quantize_kv, invert_rope, key_positions, kv_mixed_attention,
+    KeyRotation, apply_rope, check_kv_args, fake_quantize_keys_values, invert_rope, key_positions, kv_mixed_attention,
     quantized_copy,
 )
 from lmpress.quant.scheme import KVCacheArgs
@@ -58,6 +61,9 @@ class LmpressAttention(nn.Module):
         self.key_rotation = key_rotation
         self._rope: list = []  # [the model's rotary embedding]: a reference, not a submodule
         self._qk_inv = None
+        self._amax: dict | None = None  # {"k": (heads|1,), "v": ...} while `observe_kv` records
+        self.register_buffer("k_scale", None)  # FP8 cache: static scales (1,) or (kv heads, 1, 1), once calibrated
+        self.register_buffer("v_scale", None)
         if kv is not None:
             check_kv_args(kv)
 
@@ -65,6 +71,17 @@ class LmpressAttention(nn.Module):
         if kv is not None:
             check_kv_args(kv)
         self.kv = kv
+
+    def placeholder_kv_scales(self, kv_heads: int) -> None:
+        """Buffers of the FP8 cache's scales in their shape, for `load_state_dict` to fill (load)."""
+        shape = (kv_heads, 1, 1) if self.kv.scale == "head" else (1,)  # compressed-tensors' k_scale / v_scale shapes
+        self.k_scale, self.v_scale = torch.ones(shape), torch.ones(shape)
+
+    def _observe(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        dims = (0, 2, 3) if self.kv.scale == "head" else (0, 1, 2, 3)
+        for name, x in (("k", key), ("v", value)):
+            a = x.detach().abs().amax(dim=dims).float().reshape(-1)  # (heads,) or (1,)
+            self._amax[name] = torch.maximum(self._amax[name], a) if name in self._amax else a
 
     def set_rope(self, rotary: nn.Module | None) -> None:
         self._rope = [rotary] if rotary is not None else []
@@ -116,12 +133,14 @@ class LmpressAttention(nn.Module):
         if self.qk is not None:
             query, key = self.qk(query), self.qk(key)
         if self.kv is not None and self.kv.per_token_only:
-            kv = self.kv
-            key = fake_quantize_kv(key, kv.bits, kv.group_size, symmetric=kv.symmetric)
-            value = fake_quantize_kv(value, kv.bits, kv.group_size, symmetric=kv.symmetric)
+            if self._amax is not None:
+                self._observe(key, value)
+            key, value = fake_quantize_keys_values(key, value, self.kv, (self.k_scale, self.v_scale))
         return query, key, value
 
     def spec(self) -> dict[str, Any]:
+        if self.kv is not None and self.kv.is_float and self.k_scale is None:
+            raise ValueError("the FP8 KV cache's scales were never calibrated: add stage `act_scales` after `kv_cache`")
         kv = self.kv.to_dict() if self.kv is not None else None
         if kv is not None and self.key_rotation is not None:
             kv["key_rotation"] = self.key_rotation.spec()
@@ -202,6 +221,25 @@ def cache_quant_off(module: nn.Module):
             s.kv, s.key_rotation = kv, kr
 
 
+@contextmanager
+def observe_kv(module: nn.Module):
+    """While active, the FP8-cache attention modules under `module` record the absmax of the keys
+    and values they cache (per tensor or per KV head, as their `scale` says); on exit each takes
+    static scales absmax / 448 (`k_scale`, `v_scale`; 1 where a head was all zero)."""
+    mods = [s for s in module.modules() if isinstance(s, LmpressAttention) and s.kv is not None and s.kv.is_float]
+    for s in mods:
+        s._amax = {}
+    try:
+        yield mods
+    finally:
+        for s in mods:
+            amax, s._amax = s._amax, None
+            if amax:
+                shape = (-1, 1, 1) if s.kv.scale == "head" else (1,)  # (kv heads, 1, 1) or (1,), as placeholder_kv_scales
+                s.k_scale, s.v_scale = (torch.where(amax[n] > 0, amax[n] / E4M3.max, torch.ones_like(amax[n])).reshape(shape)
+                                        for n in ("k", "v"))
+
+
 def use_lmpress_attention(model: nn.Module) -> None:
     """Point the model (and its config) at the "lmpress" attention function."""
     register()
@@ -274,6 +312,8 @@ def restore_attention(model: nn.Module, specs: Mapping[str, Mapping[str, Any]]) 
         kv = dict(spec["kv_cache"]) if spec.get("kv_cache") else None
         rot = kv.pop("key_rotation", None) if kv is not None else None
         s.set_kv(KVCacheArgs.from_dict(kv) if kv is not None else None)
+        if s.kv is not None and s.kv.is_float:
+            s.placeholder_kv_scales(model.config.num_key_value_heads)
         s.key_rotation = KeyRotation.from_spec(rot) if rot else None
         if rot:
             s.set_rope(rotary)
@@ -282,5 +322,5 @@ def restore_attention(model: nn.Module, specs: Mapping[str, Mapping[str, Any]]) 
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "RUNTIME_PREFIX_ATTR", "LmpressAttention", "find_rotary", "lmpress_attention_forward", "register", "attention_modules",
-    "attach_attention", "attention_specs", "restore_attention", "use_lmpress_attention", "settings_of",
+    "attach_attention", "attention_specs", "restore_attention", "use_lmpress_attention", "settings_of", "observe_kv",
 ]

@@ -99,7 +99,7 @@ def grid_values(fmt: FPFormat, device: torch.device | str = "cpu") -> torch.Tens
 def grid_index(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     """The index in `fmt.grid()` of |x| rounded to nearest (ties to the even code), saturated."""
     _, bounds = _table(fmt.name, str(x.device))
-    return torch.bucketize(x.abs().float(), bounds)  # |x| <= bounds[k] -> k
+    return torch.bucketize(x.abs().float().contiguous(), bounds)  # |x| <= bounds[k] -> k
 
 
 def round_to_grid(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:

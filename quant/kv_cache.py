@@ -5,6 +5,7 @@ Two forms, chosen by `KVCacheArgs.per_token_only`:
 - per-token (QuaRot): `fake_quantize_kv(x, bits, group_size)` quantizes-dequantizes K and V
   (B, heads, T, head_dim) per head and per token in groups along head_dim, min-max with the
   range clamped to include 0 (as every lmpress weight quantizer). Every token, every position.
+  The FP8 cache (`type: float`) is this form with static E4M3 scales (`fake_quantize_kv_fp8`).
 
 - KIVI (Liu et al. 2024, arXiv:2402.02750): keys per channel over groups of G consecutive tokens,
   values per token over groups of G head_dim channels (G clamped to head_dim), asymmetric
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp import E4M3, round_to_grid
 from .hadamard import random_hadamard
 from .primitives import fake_quantize
 from .scheme import KV_BITS, KV_CLIP_GRID, KVCacheArgs, QuantArgs
@@ -80,6 +82,17 @@ def fake_quantize_kv(
     return out[..., :d] if pad else out
 
 
+def fake_quantize_kv_fp8(x: torch.Tensor, scale: torch.Tensor | None, per_head: bool = False) -> torch.Tensor:
+    """`x` (B, heads, T, head_dim) rounded to FP8 E4M3 (ties to even, saturating at ±448) with the
+    static `scale`, one value or one per head (any shape holding them: (1,), (heads,), (heads, 1, 1));
+    None (not calibrated yet): x's own absmax / 448, per tensor or per head. Same shape and dtype."""
+    if scale is None:
+        amax = x.detach().abs().amax(dim=(0, 2, 3)) if per_head else x.detach().abs().amax().reshape(1)  # (heads|1,)
+        scale = torch.where(amax > 0, amax.float() / E4M3.max, torch.ones_like(amax, dtype=torch.float32))
+    s = scale.to(x.device, torch.float32).reshape(1, -1, 1, 1)  # broadcast over (B, heads, T, D)
+    return (round_to_grid(x.float() / s, E4M3) * s).to(x.dtype)
+
+
 def check_kv_args(args: KVCacheArgs, head_dim: int | None = None) -> None:
     """Raise ValueError for KV settings that do not fit a head_dim (KIVI value groups must tile it)."""
     if head_dim is None or args.per_token_only:
@@ -93,11 +106,16 @@ def check_kv_args(args: KVCacheArgs, head_dim: int | None = None) -> None:
 
 
 def fake_quantize_keys_values(
-    key: torch.Tensor, value: torch.Tensor, args: KVCacheArgs
+    key: torch.Tensor, value: torch.Tensor, args: KVCacheArgs, scales: tuple | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both K and V (B, kv_heads, T, head_dim) fake-quantized with per-token settings (QuaRot form)."""
+    """Both K and V (B, kv_heads, T, head_dim) fake-quantized with per-token settings (QuaRot form),
+    or to FP8 with the static (k_scale, v_scale) `scales` (each None until calibrated)."""
     if not args.per_token_only:
         raise ValueError("fake_quantize_keys_values is the per-token form; KIVI settings go through kv_mixed_attention")
+    if args.is_float:
+        k_scale, v_scale = scales or (None, None)
+        per_head = args.scale == "head"
+        return fake_quantize_kv_fp8(key, k_scale, per_head), fake_quantize_kv_fp8(value, v_scale, per_head)
     kq = fake_quantize_kv(key, args.bits, args.group_size, symmetric=args.symmetric)
     vq = fake_quantize_kv(value, args.bits, args.group_size, symmetric=args.symmetric)
     return kq, vq
@@ -429,7 +447,7 @@ def fold_value_rotation(v_proj: nn.Linear, o_proj: nn.Linear, n_heads: int, n_kv
 
 
 __all__ = [
-    "fake_quantize_kv", "check_kv_args", "fake_quantize_keys_values", "minmax_quantize", "minmax_dequantize",
+    "fake_quantize_kv", "fake_quantize_kv_fp8", "check_kv_args", "fake_quantize_keys_values", "minmax_quantize", "minmax_dequantize",
     "key_rows", "rows_to_keys", "token_rows", "fake_quantize_keys_kivi", "fake_quantize_tokens_kivi",
     "quantized_keys", "quantized_values", "decode_masks", "quantized_copy", "kv_mixed_attention",
     "apply_rope", "invert_rope", "key_positions", "zigzag_order", "KeyRotation", "fold_value_rotation",

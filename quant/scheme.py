@@ -226,7 +226,12 @@ class KVCacheArgs:
     form QuaRot evaluates (key_granularity token, residual 0, no sinks, no clipping options):
     `sink_tokens` first tokens are never quantized (attention sinks); `clip_ratio` shrinks each
     group's [min, max] about its midpoint; `clip_search` picks per group the ratio in
-    `KV_CLIP_GRID` with the least squared error."""
+    `KV_CLIP_GRID` with the least squared error.
+
+    `type: float` (bits 8) is an FP8 E4M3 cache with static scales, as vLLM's fp8 KV cache and
+    compressed-tensors' `kv_cache_scheme`: one calibrated scale per layer for K and one for V
+    (`scale: tensor`) or one per KV head (`scale: head`), absmax / 448 over the calibration set
+    (stage `act_scales`); K and V are rounded to E4M3 with saturation. `group_size` is unused."""
 
     bits: int = 4
     group_size: int = 64
@@ -236,8 +241,19 @@ class KVCacheArgs:
     sink_tokens: int = 0
     clip_ratio: float = 1.0
     clip_search: bool = False
+    type: str = "int"
+    scale: str | None = None
 
     def __post_init__(self) -> None:
+        if self.type not in TYPES:
+            raise ValueError(f"KVCacheArgs.type={self.type!r} is not known; use one of {list(TYPES)}")
+        if self.type == "float":
+            if self.bits != 8 or self.scale not in ("tensor", "head") or not self.per_token_only or not self.symmetric:
+                raise ValueError("KVCacheArgs: an FP8 cache is bits 8, type float, symmetric: true, key_granularity token, "
+                                 "residual 0, no sinks or clipping, with scale: tensor (one per layer) or head (one per KV head)")
+        elif self.scale is not None:
+            raise ValueError(f"KVCacheArgs.scale={self.scale!r} belongs to the FP8 cache (type: float); integer caches "
+                             "take their scales per group at run time")
         if self.bits not in KV_BITS:
             raise ValueError(f"KVCacheArgs.bits={self.bits!r}: use one of {list(KV_BITS)}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -268,8 +284,17 @@ class KVCacheArgs:
         return (self.key_granularity == "token" and self.residual == 0 and self.sink_tokens == 0
                 and float(self.clip_ratio) == 1.0 and not self.clip_search)
 
+    @property
+    def is_float(self) -> bool:
+        return self.type == "float"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # `type` and `scale` only when set, so manifests and recipes written before them stay identical
+        d = asdict(self)
+        for key, default in (("type", "int"), ("scale", None)):
+            if d[key] == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "KVCacheArgs":
@@ -333,6 +358,8 @@ KV_PRESETS: dict[str, KVCacheArgs] = {
     "KV8": KVCacheArgs(bits=8, group_size=64),
     "KV4": KVCacheArgs(bits=4, group_size=64),
     "KV2": KVCacheArgs(bits=2, group_size=64, residual=128),
+    # FP8 E4M3 with a calibrated scale per layer for K and for V (vLLM's fp8 KV cache)
+    "FP8_KV": KVCacheArgs(bits=8, type="float", scale="tensor", symmetric=True, key_granularity="token"),
 }
 
 W8A8, W8A16, W4A16, W4A8, W4A4, W3A16, W2A16 = (PRESETS[k] for k in ("W8A8", "W8A16", "W4A16", "W4A8", "W4A4", "W3A16", "W2A16"))

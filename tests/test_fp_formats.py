@@ -210,3 +210,106 @@ def test_which_float_schemes_compressed_tensors_describes():
     asym = QuantArgs(bits=4, granularity="group", group_size=32, symmetric=False)
     assert "integer weights take FP8 activations" in reason(QuantScheme(weights=asym, inputs=PRESETS["FP8_DYNAMIC"].inputs))
     assert "MXFP4 dynamic activations" in reason(QuantScheme(weights=PRESETS["MXFP4"].weights, inputs=PRESETS["FP8_DYNAMIC"].inputs))
+
+
+# --------------------------------------------------------------------------- FP8 KV cache
+
+
+def test_fp8_kv_args_and_fake_quant():
+    from lmpress.quant.kv_cache import fake_quantize_kv_fp8
+    from lmpress.quant.scheme import KV_PRESETS, KVCacheArgs
+
+    assert "type" not in KV_PRESETS["KV4"].to_dict() and "scale" not in KV_PRESETS["KV4"].to_dict()  # older manifests unchanged
+    assert KVCacheArgs.from_dict(KV_PRESETS["FP8_KV"].to_dict()) == KV_PRESETS["FP8_KV"]
+    with pytest.raises(ValueError, match="an FP8 cache is bits 8"):
+        KVCacheArgs(bits=4, type="float", scale="tensor", symmetric=True, key_granularity="token")
+    with pytest.raises(ValueError, match="belongs to the FP8 cache"):
+        KVCacheArgs(bits=4, scale="head")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 16, generator=g) * torch.tensor([1.0, 10.0, 0.1])[None, :, None, None]  # (B, heads, T, D)
+    s = torch.tensor([0.01, 0.05, 0.001])  # (heads,): head 1 saturates at 448 * 0.05 = 22.4 (no), head 0 at 4.48
+    y = fake_quantize_kv_fp8(x, s, per_head=True)
+    ref = (x / s[None, :, None, None]).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s[None, :, None, None]
+    assert torch.equal(y, ref)  # torch's own E4M3 cast, saturated first
+    dyn = fake_quantize_kv_fp8(x, None)  # not calibrated: the tensor's own absmax
+    assert torch.equal(dyn, fake_quantize_kv_fp8(x, x.abs().amax().reshape(1) / 448))
+
+
+@pytest.mark.parametrize("scale", ["tensor", "head"])
+def test_fp8_kv_cache_is_calibrated_saved_and_loaded(tmp_path, scale):
+    from lmpress.calibration.data import CalibrationSet, fingerprint
+    from lmpress.compress import Recipe, compress, inspect, load, save
+    from lmpress.compress.models import tiny_llama
+    from lmpress.kernels.attention import observe_kv
+
+    toks = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    calib = CalibrationSet(tokens=toks, source="random", split="calib", n=4, seqlen=32, seed=0, fingerprint=fingerprint(toks))
+    model, tok = tiny_llama(seed=0)
+    recipe = Recipe.load("kv-fp8") if scale == "tensor" else Recipe.from_yaml(
+        "version: 1\nname: h\nschemes: {}\nkv_cache: {preset: FP8_KV, scale: head}\nstages: [kv_cache, act_scales]\n")
+    compress(model, recipe, calib)
+    settings = [m.self_attn.lmpress_attn for m in model.model.layers]
+    shape = (2, 1, 1) if scale == "head" else (1,)  # tiny_llama: 2 KV heads; compressed-tensors' shapes
+    assert all(s.k_scale.shape == shape and s.v_scale.shape == shape for s in settings)
+    with torch.no_grad(), observe_kv(model):  # the whole model on the calibration set: the same ranges
+        model(toks)
+    for s, k, v in zip(settings, [s.k_scale.clone() for s in settings], [s.v_scale.clone() for s in settings]):
+        assert torch.allclose(s.k_scale, k, rtol=1e-5) and torch.allclose(s.v_scale, v, rtol=1e-5)
+    path = save(model, tmp_path / "a", tokenizer=tok)
+    assert inspect(path)["kv_cache"]["type"] == "float"
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load(path)(x).logits, model(x).logits)
+
+
+def test_fp8_kv_cache_needs_its_calibration():
+    from lmpress.compress import Recipe
+    from lmpress.compress.models import tiny_llama
+    from lmpress.kernels.attention import attach_attention, attention_specs
+    from lmpress.compress.arch import arch_for
+    from lmpress.quant.scheme import KV_PRESETS
+
+    with pytest.raises(ValueError, match="add `- kv_cache: {}` and, after it, `- act_scales: {}`"):
+        Recipe.from_yaml("version: 1\nname: x\nschemes: {}\nkv_cache: FP8_KV\nstages: [kv_cache]\n")
+    model, _ = tiny_llama(seed=0)
+    attach_attention(model, arch_for(model), kv=KV_PRESETS["FP8_KV"])
+    with pytest.raises(ValueError, match="never calibrated"):
+        attention_specs(model)
+
+
+def test_fp8_kv_cache_in_compressed_tensors_form(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    from safetensors.torch import load_file
+
+    from lmpress.calibration.data import CalibrationSet, fingerprint
+    from lmpress.compress import Recipe, compress, load, save
+    from lmpress.compress.models import tiny_llama
+    from lmpress.kernels.attention import cache_quant_off
+    from test_export import _stock_logits
+
+    toks = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    calib = CalibrationSet(tokens=toks, source="random", split="calib", n=4, seqlen=32, seed=0, fingerprint=fingerprint(toks))
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    paths, plain = [], {}
+    for scale in ("tensor", "head"):
+        model, tok = tiny_llama(seed=0)
+        compress(model, Recipe.from_yaml("version: 1\nname: k\nschemes: {lm_head: null, 're:.*': FP8_DYNAMIC}\n"
+                                         f"kv_cache: {{preset: FP8_KV, scale: {scale}}}\nstages: [kv_cache, rtn, act_scales]\n"), calib)
+        path = save(model, tmp_path / scale, tokenizer=tok)
+        qc = json.loads((path / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == "compressed-tensors"
+        assert qc["kv_cache_scheme"]["strategy"] == {"tensor": "tensor", "head": "attn_head"}[scale]
+        state = load_file(str(path / "model.safetensors"))
+        s = model.model.layers[1].self_attn.lmpress_attn
+        assert torch.equal(state["model.layers.1.self_attn.k_scale"], s.k_scale) and not any("lmpress_attn" in k for k in state)
+        back = load(path)
+        with torch.no_grad():
+            assert torch.equal(back(x).logits, model(x).logits)  # the FP8 cache comes back (scales and settings)
+            with cache_quant_off(back):
+                plain[str(path)] = back(x).logits
+        paths.append(path)
+    stock = _stock_logits(paths, x, tmp_path)  # transformers 5.25 + compressed-tensors 0.20: no kv_cache_scheme hook
+    for p in paths:
+        assert ((stock[str(p)] - plain[str(p)]).abs().max() / plain[str(p)].abs().max()).item() <= 1e-4

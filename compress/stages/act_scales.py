@@ -9,6 +9,11 @@ their weights and static scales already in place; inside a layer the linears go 
 `arch.sequential_groups` order, so o_proj's scale is measured on an attention output computed
 with q/k/v's static quantization. Put it after the weight stage (`rtn`); stage `gptq` calibrates
 the scales of the modules it quantizes itself (`gptq.observe_inputs`), before their Hessians.
+
+It also calibrates the FP8 KV cache (`kv_cache: {type: float, scale: tensor|head}`, placed by
+stage `kv_cache` before it): per layer, after the layer's input scales, the absmax of the keys
+(after RoPE and any online Q/K transform) and values it caches, per tensor or per KV head, over
+the calibration set; `k_scale` / `v_scale` = absmax / 448.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import logging
 from dataclasses import dataclass
 
 from lmpress.calibration.layerwise import LayerwiseRunner, group_passes
+from lmpress.kernels.attention import LmpressAttention, observe_kv
 
 from ..stage import register_stage
 from ..surgery import get_module, to_sim
@@ -37,12 +43,17 @@ class ActScales:
             if get_module(model, fqn).static_inputs:
                 idx, rel = ctx.arch.layer_of(fqn, n_layers)
                 by_layer.setdefault(idx, []).append(rel)
-        if not by_layer:
-            log.info("act_scales: no scheme has static activation scales; nothing to calibrate")
+        fp8_kv = ctx.kv_cache is not None and ctx.kv_cache.is_float
+        if fp8_kv and not any(isinstance(m, LmpressAttention) and m.kv is not None for m in model.modules()):
+            raise ValueError("act_scales calibrates the FP8 KV cache's scales: put stage kv_cache before it")
+        if not by_layer and not fp8_kv:
+            log.info("act_scales: no static activation scale and no FP8 KV cache; nothing to calibrate")
             return
         for step in LayerwiseRunner(model, ctx.arch, ctx.calib.tokens, batch_size=ctx.batch_size, device=ctx.device):
-            rels = by_layer.get(step.index)
-            if rels:
-                for targets, later in group_passes(ctx.arch.sequential_groups, set(rels)):
-                    observe_inputs(step, targets, later)
-                log.info("act_scales: %s: %d static scales", step.name, len(rels))
+            rels = by_layer.get(step.index, [])
+            for targets, later in group_passes(ctx.arch.sequential_groups, set(rels)):
+                observe_inputs(step, targets, later)
+            if fp8_kv:
+                with observe_kv(step.layer):  # the attention runs before o_proj
+                    step.forward(until=[step.layer.get_submodule(ctx.arch.o_proj)])
+            log.info("act_scales: %s: %d static scales%s", step.name, len(rels), " + FP8 KV scales" if fp8_kv else "")
