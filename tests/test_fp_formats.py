@@ -313,3 +313,27 @@ def test_fp8_kv_cache_in_compressed_tensors_form(tmp_path):
     stock = _stock_logits(paths, x, tmp_path)  # transformers 5.25 + compressed-tensors 0.20: no kv_cache_scheme hook
     for p in paths:
         assert ((stock[str(p)] - plain[str(p)]).abs().max() / plain[str(p)].abs().max()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("scheme,last", [("MXFP4", "rtn"), ("NVFP4", "gptq")])
+def test_flatquant_on_the_fp4_grids(tmp_path, scheme, last):
+    """FlatQuant's transforms and clips are learned under the FP4 fake-quant (its STE on the E2M1
+    grid), then RTN or GPTQ (NVFP4: calibrating the activation tensor scale) on the same grid."""
+    from lmpress.calibration.data import CalibrationSet, fingerprint
+    from lmpress.compress import Recipe, compress, load, save
+    from lmpress.compress.models import tiny_llama
+
+    toks = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    calib = CalibrationSet(tokens=toks, source="random", split="calib", n=8, seqlen=32, seed=0, fingerprint=fingerprint(toks))
+    d = Recipe.load("w4a4kv4-flatquant").to_dict()
+    d["schemes"] = {"lm_head": None, "re:.*": scheme}
+    d["stages"] = [{"flatquant": {**d["stages"][0]["flatquant"], "samples": 8, "epochs": 1}}, {"kv_cache": {}}, {last: {}}]
+    model, tok = tiny_llama(seed=0)
+    compress(model, Recipe.from_dict(d), calib)
+    wrapped = model.model.layers[0].mlp.down_proj
+    assert type(wrapped.transform).__name__ == "KronTransform"  # the learned transform sits on the input
+    path = save(model, tmp_path / scheme, tokenizer=tok)
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load(path)(x).logits, model(x).logits)
+    assert wrapped.linear.scheme.weights.block_format == scheme.lower() and wrapped.linear.quantized
