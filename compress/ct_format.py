@@ -8,8 +8,9 @@ so stock `transformers` + `compressed-tensors` (and vLLM) load it without lmpres
   input width, symmetric or asymmetric (offline clipping and GPTQ leave nothing to describe);
 - activations either kept in high precision (``pack-quantized``), or int8 per-token dynamic
   symmetric without clipping on int8 per-channel symmetric weights (W8A8, ``int-quantized``);
-- floating-point weights: FP8 E4M3 per channel or per tensor, alone or with FP8 per-token
-  dynamic activations (``float-quantized``: FP8_DYNAMIC); NVFP4 weights alone
+- floating-point weights: FP8 E4M3 per channel, per tensor or in square tiles whose edge divides
+  every input width, alone or with FP8 per-token or per-group dynamic activations
+  (``float-quantized``: FP8_DYNAMIC, FP8_BLOCK with ``block_structure``); NVFP4 weights alone
   (``nvfp4-pack-quantized``: NVFP4A16); MXFP4 weights, alone or with MXFP4 dynamic activations
   (``mxfp4-pack-quantized``: MXFP4A16, MXFP4); FP8 static per-tensor activations (FP8:
   ``input_scale`` [1]) and NVFP4 activations with a calibrated tensor scale (NVFP4:
@@ -96,9 +97,11 @@ def _ct_version() -> str:
 
 def _args(a: QuantArgs, inputs: bool = False) -> dict[str, Any]:
     """Our QuantArgs -> compressed-tensors QuantizationArgs fields (as its presets dump them)."""
-    strategy = {"group": "group", "channel": "channel", "token": "token", "tensor": "tensor"}[a.granularity]
+    strategy = {"group": "group", "channel": "channel", "token": "token", "tensor": "tensor", "block": "block"}[a.granularity]
     out = {"num_bits": a.bits, "type": a.type, "symmetric": a.symmetric, "group_size": a.group_size,
            "strategy": strategy, "dynamic": a.dynamic}
+    if a.granularity == "block":  # square tiles: compressed-tensors' block_structure [rows, cols]
+        out.update(group_size=None, block_structure=[a.group_size, a.group_size])
     if a.block_format == "nvfp4":
         out.update(strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
         if inputs and not a.dynamic:  # calibrated tensor scale, group scales at run time
@@ -114,11 +117,12 @@ def _why_not_float(w: QuantArgs, a: QuantArgs | None) -> str | None:
             return None
         return "integer weights take FP8 activations per token, dynamic, on symmetric weights (W4AFP8)"
     fmt = w.block_format
-    if fmt is None:  # FP8 E4M3 per channel / tensor
+    if fmt is None:  # FP8 E4M3 per channel / tensor / tile
         if a is None or (a.type == "float" and a.bits == 8 and a.block_format is None and a.clip_ratio == 1.0
-                         and (a.granularity == "token" or not a.dynamic)):
+                         and (a.granularity in ("token", "group") or not a.dynamic)):
             return None
-        return "FP8 weights take FP8 per-token dynamic or static per-tensor activations, or none (FP8_DYNAMIC, FP8, FP8 W8A16)"
+        return ("FP8 weights take FP8 activations per token or per group (dynamic) or per tensor (static), or none "
+                "(FP8_DYNAMIC, FP8_BLOCK, FP8, FP8 W8A16)")
     if fmt not in FP4_FORMATS:
         return f"{fmt.upper()} has no compressed-tensors form here"
     if a is None:
@@ -165,6 +169,11 @@ def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], 
         return "activation-only quantized linears"
     if w.type == "float" or (a is not None and a.type == "float"):
         reason = _why_not_float(w, a)
+        tiles = [x.group_size for x in (w, a) if x is not None and x.type == "float" and x.block_format is None
+                 and x.granularity in ("block", "group")]  # FP8 tiles and activation groups must divide the widths
+        bad = [n for n, k in in_features.items() for g in tiles if k % g]
+        if reason is None and bad:
+            reason = f"FP8 groups of {tiles[0]} do not divide the input width of {bad[0]} ({in_features[bad[0]]})"
         if reason is not None or w.type == "float":
             return reason
         a = None  # W4AFP8: its FP8 activations are fine; the integer weights' checks follow

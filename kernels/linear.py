@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmpress.quant.primitives import dequantize, fake_quantize, fake_quantize_input, n_groups
+from lmpress.quant.primitives import dequantize, fake_quantize, fake_quantize_input, n_groups, qparam_rows
 from lmpress.quant.scheme import QuantScheme
 
 from . import cpu
@@ -64,8 +64,7 @@ class PackedLinear(nn.Module):
         if args is None:
             raise ValueError(f"PackedLinear needs a scheme that quantizes weights; {scheme.name} does not (keep a SimQuantLinear)")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        qrows = 1 if args.granularity == "tensor" else out_features
-        qshape = (qrows, n_groups(in_features, args))
+        qshape = (qparam_rows(out_features, args), n_groups(in_features, args))
         words = packed_cols(in_features, args.bits)
         self.register_buffer("weight_packed", torch.zeros(out_features, words, dtype=torch.int32, device=device))
         self.register_buffer("weight_scale", torch.ones(qshape, dtype=torch.float32, device=device))
@@ -223,6 +222,8 @@ class PackedLinear(nn.Module):
             return self._forward_ref(x, f"{w.bits}-bit fields straddle int32 words; no Triton kernel")
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return self._forward_ref(x, f"{x.dtype} activations")
+        if w.granularity == "block":
+            return self._forward_ref(x, "FP8 weight tiles (block scales): no Triton kernel (exact reference)")
         if w.type == "float":  # dequantize-then-dot; quantized activations are fake-quantized in torch first
             if a is not None:
                 x = self.quantize_input(x)
@@ -299,7 +300,7 @@ class Sparse24Linear(nn.Module):
         args = scheme.weights
         slots = sparse24_slots(in_features)
         if args is not None:
-            qshape = (1 if args.granularity == "tensor" else out_features, n_groups(in_features, args))
+            qshape = (qparam_rows(out_features, args), n_groups(in_features, args))
             values = torch.zeros(out_features, packed_cols(slots, args.bits), dtype=torch.int32, device=device)
             self.register_buffer("weight_scale", torch.ones(qshape, dtype=torch.float32, device=device))
             zero = None if args.symmetric else torch.zeros(qshape, dtype=torch.float32, device=device)

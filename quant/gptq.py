@@ -282,7 +282,7 @@ def gptq_quantize_shared(
     """
     if not weights:
         return []
-    if len(weights) == 1 or args.granularity == "tensor":
+    if len(weights) == 1 or args.granularity in ("tensor", "block"):  # scales that span rows: one weight at a time
         return [gptq_quantize(W, H, args, block_size, damp, act_order, static_groups) for W in weights]
     cols = {W.shape[-1] for W in weights}
     if any(W.dim() != 2 for W in weights) or len(cols) != 1:

@@ -40,7 +40,7 @@ import torch
 from lmpress.kernels.formats import packed_cols
 
 from .gptq import layer_objective
-from .primitives import dequantize, fake_quantize, n_groups
+from .primitives import dequantize, fake_quantize, n_groups, qparam_rows
 from .rtn import rtn_quantize
 from .scheme import QuantArgs, QuantScheme
 from .sim import SimQuantLinear
@@ -135,8 +135,7 @@ def storage_bytes(scheme: QuantScheme | None, shape: tuple[int, int]) -> int:
     else:
         body = 4 * rows * packed_cols(cols, scheme.weights.bits)
     args = scheme.weights
-    qrows = 1 if args.granularity == "tensor" else rows
-    qparams = qrows * n_groups(cols, args) * 4 * (1 if args.symmetric else 2)
+    qparams = qparam_rows(rows, args) * n_groups(cols, args) * 4 * (1 if args.symmetric else 2)
     return body + qparams + 16  # weight_shape: two int64
 
 

@@ -22,7 +22,19 @@ from .scheme import QuantArgs
 
 
 def n_groups(cols: int, args: QuantArgs) -> int:
-    return math.ceil(cols / args.group_size) if args.granularity == "group" else 1
+    return math.ceil(cols / args.group_size) if args.granularity in ("group", "block") else 1
+
+
+def qparam_rows(rows: int, args: QuantArgs) -> int:
+    """Rows of a 2-D tensor's qparams: 1 per tensor, one per tile row for blocks, else `rows`."""
+    return 1 if args.granularity == "tensor" else math.ceil(rows / args.group_size) if args.granularity == "block" else rows
+
+
+def _block_amax(x2: torch.Tensor, gs: int) -> torch.Tensor:
+    """(rows, cols) -> the absmax of each gs x gs tile, (ceil(rows/gs), ceil(cols/gs)); edge tiles partial."""
+    rows, cols = x2.shape
+    xp = torch.nn.functional.pad(x2.abs(), (0, (-cols) % gs, 0, (-rows) % gs))  # zeros leave every absmax unchanged
+    return xp.reshape(xp.shape[0] // gs, gs, xp.shape[1] // gs, gs).amax(dim=(1, 3))  # (R, gs, C, gs) -> (R, C)
 
 
 def _group_view(x: torch.Tensor, args: QuantArgs) -> list[torch.Tensor]:
@@ -90,6 +102,9 @@ def _float_qparams(x2: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor
     x2 = x2 * args.clip_ratio if args.clip_ratio != 1.0 else x2
     if fmt is not None:
         scale = block_scales(x2, fmt, s_t)  # (rows, n_groups)
+    elif args.granularity == "block":
+        scale = _block_amax(x2, args.group_size) / element_format(args).max  # (row tiles, col tiles)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     else:
         amax = torch.cat([b.abs().amax(dim=1, keepdim=True) for b in _group_view(x2, args)], 1)
         scale = amax / element_format(args).max
@@ -111,9 +126,12 @@ def compute_qparams(x: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor
 
 
 def expand_qparam(p: torch.Tensor, rows: int, cols: int, args: QuantArgs) -> torch.Tensor:
-    """(rows|1, n_groups) -> (rows, cols), repeating each group's value over its columns."""
-    if args.granularity == "group":
+    """(rows|1, n_groups) -> (rows, cols), repeating each group's value over its columns (and each
+    tile's over its rows, for blocks)."""
+    if args.granularity in ("group", "block"):
         p = torch.repeat_interleave(p, args.group_size, dim=1)[:, :cols]
+    if args.granularity == "block":
+        p = torch.repeat_interleave(p, args.group_size, dim=0)[:rows]
     return p.expand(rows, cols)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-GRANULARITIES = ("tensor", "channel", "group", "token", "head")
+GRANULARITIES = ("tensor", "channel", "group", "token", "head", "block")
 WEIGHT_BITS = (2, 3, 4, 8)
 TYPES = ("int", "float")
 KV_BITS = (2, 4, 8)
@@ -34,6 +34,9 @@ class QuantArgs:
     W8A8 artifact runs identically in stock transformers; the default is absmax / qmax (int8:
     /127, vLLM's kernels). The extreme value then rounds to qmax + 1 and is clamped: at most
     half a step of clipping, on one element per token.
+
+    `granularity: block` (FP8 weights: DeepSeek-V3's and compressed-tensors' FP8_BLOCK) takes one
+    scale per `group_size` x `group_size` tile of the weight (out and in), edge tiles partial.
 
     `type: float` puts the values on a minifloat grid instead (`lmpress.quant.fp`), symmetric,
     scale = absmax / the format's largest value: 8 bits is FP8 E4M3 (per tensor, channel or
@@ -67,15 +70,19 @@ class QuantArgs:
             raise ValueError(
                 f"QuantArgs.granularity={self.granularity!r} is not known; use one of {list(GRANULARITIES)}"
             )
-        if self.granularity == "group":
+        if self.granularity in ("group", "block"):
             if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
                 raise ValueError(
-                    f"QuantArgs.group_size={self.group_size!r}: granularity 'group' needs a positive integer group_size (e.g. 64 or 128)"
+                    f"QuantArgs.group_size={self.group_size!r}: granularity '{self.granularity}' needs a positive integer "
+                    "group_size (e.g. 64 or 128)"
                 )
         elif self.group_size is not None:
             raise ValueError(
                 f"QuantArgs.group_size={self.group_size!r} is only meaningful with granularity 'group' (got {self.granularity!r}); drop it or set granularity: group"
             )
+        if self.granularity == "block" and (self.type != "float" or self.bits != 8 or self.dynamic or self.mse_clip):
+            raise ValueError("QuantArgs: granularity 'block' (group_size x group_size tiles) is for FP8 weights: type float, "
+                             "bits 8, not dynamic, without mse_clip")
         if self.granularity == "token" and not self.dynamic:
             raise ValueError("QuantArgs: granularity 'token' is computed at run time; set dynamic: true")
         if not (0.0 < float(self.clip_ratio) <= 1.0):
@@ -98,7 +105,8 @@ class QuantArgs:
         if self.scale_format not in (None, "e4m3", "e8m0"):
             raise ValueError(f"QuantArgs.scale_format={self.scale_format!r}: use e4m3 (NVFP4) or e8m0 (MX), or leave it out")
         block = {(4, 16, "e4m3"): "nvfp4", (4, 32, "e8m0"): "mxfp4", (8, 32, "e8m0"): "mxfp8"}
-        if self.granularity == "group" or self.scale_format is not None:
+        fp8_groups = self.bits == 8 and self.scale_format is None  # FP8 with float32 scales per group / tile
+        if (self.granularity == "group" and not fp8_groups) or self.scale_format is not None:
             key = (self.bits, self.group_size, self.scale_format)
             if self.granularity != "group" or key not in block:
                 raise ValueError(
@@ -345,6 +353,9 @@ PRESETS: dict[str, QuantScheme] = {
     "FP8_DYNAMIC": QuantScheme(weights=_fw(8), inputs=_fa(8)),
     "NVFP4A16": QuantScheme(weights=_fw(4, 16, "e4m3")),
     "FP8": QuantScheme(weights=_fw(8, per_tensor=True), inputs=QuantArgs(bits=8, type="float", granularity="tensor")),
+    # FP8 weights in 128 x 128 tiles, FP8 activations per token in groups of 128 (DeepSeek-V3's recipe)
+    "FP8_BLOCK": QuantScheme(weights=QuantArgs(bits=8, type="float", granularity="block", group_size=128),
+                             inputs=QuantArgs(bits=8, type="float", granularity="group", group_size=128, dynamic=True)),
     "NVFP4": QuantScheme(weights=_fw(4, 16, "e4m3"), inputs=QuantArgs(bits=4, type="float", granularity="group", group_size=16,
                                                                       scale_format="e4m3")),
     # INT4 x FP8 (compressed-tensors' W4AFP8; FireQ's linears): int4 symmetric weights in groups of

@@ -103,6 +103,7 @@ FP_SCHEMES = {  # tiny model: input widths 96 and 160, multiples of 16 and 32
     "mxfp4a16": "MXFP4A16",
     "mxfp4": "MXFP4",
     "w4afp8-g32": "{preset: W4AFP8, weights: {group_size: 32}}",  # int4 weights, FP8 per-token activations
+    "fp8-block32": "{preset: FP8_BLOCK, weights: {group_size: 32}, inputs: {group_size: 32}}",  # 32 x 32 tiles, groups of 32
 }
 
 
@@ -228,7 +229,7 @@ def test_float_tensor_layout_is_compressed_tensors(tmp_path, name):
         assert torch.equal(back[f"{key}.{buf}"], getattr(pl, buf)), buf
 
 
-@pytest.mark.parametrize("preset_name", ["FP8_DYNAMIC", "NVFP4A16", "MXFP4A16"])
+@pytest.mark.parametrize("preset_name", ["FP8_DYNAMIC", "FP8_BLOCK", "NVFP4A16", "MXFP4A16"])
 @pytest.mark.parametrize("shape", [(1, 32), (7, 96), (33, 224)])
 def test_float_disk_form_round_trips_over_odd_shapes(preset_name, shape):
     from lmpress.compress import ct_format

@@ -337,3 +337,31 @@ def test_flatquant_on_the_fp4_grids(tmp_path, scheme, last):
     with torch.no_grad():
         assert torch.equal(load(path)(x).logits, model(x).logits)
     assert wrapped.linear.scheme.weights.block_format == scheme.lower() and wrapped.linear.quantized
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_fp8_weight_tiles(method):
+    """FP8_BLOCK: one float32 scale per 64 x 64 tile (edge tiles partial), absmax / 448; GPTQ keeps
+    the tiles' scales (static, from the original weight) and lowers the layer objective."""
+    from lmpress.quant.gptq import gptq_quantize, layer_objective
+    from lmpress.quant.primitives import dequantize
+    from lmpress.quant.rtn import rtn_quantize
+
+    args = QuantArgs(bits=8, type="float", granularity="block", group_size=64)
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(96, 160, generator=g) * torch.logspace(-2, 1, 160)[None, :]  # (out, in): 2 x 3 tiles
+    ref = torch.zeros_like(W)
+    for i in range(0, 96, 64):
+        for j in range(0, 160, 64):
+            t = W[i:i + 64, j:j + 64]
+            ref[i:i + 64, j:j + 64] = fp.round_to_grid(t / (t.abs().max() / 448), fp.E4M3) * (t.abs().max() / 448)
+    q, s, z = rtn_quantize(W, args)
+    assert s.shape == (2, 3) and torch.equal(dequantize(q, s, z, args), ref)
+    if method == "gptq":
+        X = torch.randn(256, 160, generator=g) * torch.logspace(-2, 1, 160)[None, :]
+        H = X.T @ X
+        q2, s2, z2, _ = gptq_quantize(W, H, args)
+        assert torch.equal(s2, s)
+        assert layer_objective(W, dequantize(q2, s2, z2, args), H) < layer_objective(W, ref, H)
+    with pytest.raises(ValueError, match="granularity 'block'"):
+        QuantArgs(bits=4, granularity="block", group_size=64)
