@@ -47,7 +47,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import grouped_tile
+    from .tiles import dot_acc, grouped_tile, store_tile
 except ImportError:  # pragma: no cover - triton is a dependency; the reference still works
     triton = None
 
@@ -140,22 +140,10 @@ if triton is not None:
                 s3 = tl.load(s_ptr + offs_n[None, :] * stride_sn + g[:, None] * stride_sg, mask=g_mask, other=0.0)
                 v3 = tl.reshape(v, (BLOCK_K // GROUP_SIZE, GROUP_SIZE, BLOCK_N))  # (BK / G, G, BN)
                 w = tl.reshape(v3 * s3[:, None, :], (BLOCK_K, BLOCK_N))  # (BK, BN)
-            w = w.to(x_ptr.dtype.element_ty)
-            if DOT_FP32:
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            elif IS_FP32:
-                acc += tl.dot(a, w, input_precision="ieee")
-            else:
-                acc += tl.dot(a, w)
+            acc = dot_acc(acc, a, w.to(x_ptr.dtype.element_ty), DOT_FP32, IS_FP32)
 
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-        if PARTIAL:
-            tl.store(out_ptrs, acc, mask=out_mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        store_tile(acc, out_ptr, b_ptr, pid_k, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on,
+                   PARTIAL, HAS_BIAS)
 
     def _cuda_configs(fp32: bool = False):
         """Autotune configurations (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); none spills or overflows

@@ -16,3 +16,31 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     first_m = (pid // width) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def dot_acc(acc, a, w, DOT_FP32: tl.constexpr, IS_FP32: tl.constexpr):
+    """acc + a @ w with an fp32 accumulator: fp32 copies under the interpreter (`DOT_FP32`: its bf16
+    dot is unreliable), IEEE fp32 products for fp32 activations (no TF32), else the tensor-core dot."""
+    if DOT_FP32:
+        acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    elif IS_FP32:
+        acc += tl.dot(a, w, input_precision="ieee")
+    else:
+        acc += tl.dot(a, w)
+    return acc
+
+
+@triton.jit
+def store_tile(acc, out_ptr, b_ptr, pid_k, offs_m, offs_n, m_mask, n_mask, stride_os, stride_om, stride_on,
+               PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store a (BLOCK_M, BLOCK_N) fp32 tile: as a split-K partial sum at out + pid_k * stride_os
+    (`PARTIAL`), or plus the bias, cast to the output dtype."""
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    if PARTIAL:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
