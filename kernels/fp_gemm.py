@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from lmpress.quant.primitives import dequantize
 from lmpress.quant.scheme import QuantArgs
 
-from .dispatch import check_same_device, clamp_pow2, interpreting, launchable
+from .dispatch import check_same_device, clamp_pow2
 from .formats import packed_cols, unpack
-from .w4a16_gemm import FLOAT_DTYPES, MAX_BLOCK_K, choose_split
+from .w4a16_gemm import FLOAT_DTYPES, SplitPlan
 
 try:
     import triton
@@ -236,46 +236,20 @@ def fp_gemm(
     scale = weight_scale.float()
     stride_sn = scale.stride(0) if scale.shape[0] == N and N > 1 else 0  # per tensor: every row reads row 0
 
-    interp = interpreting(device)
-    split = split_k if split_k is not None else choose_split(M, N, K, device)
-    if interp or config is not None:
-        cfg = dict(config or {})
-        cfg.setdefault("BLOCK_M", clamp_pow2(M, 16, 64))
-        cfg.setdefault("BLOCK_N", clamp_pow2(N, 16, 128))
-        cfg.setdefault("BLOCK_K", clamp_pow2(-(-K // max(split, 1)), 16, 128))
-        cfg.setdefault("GROUP_M", 8)
-        if min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
-            raise ValueError(f"block sizes must be >= 16 (tl.dot), got {cfg}")
-        align = cfg["BLOCK_K"]
-    else:
-        cfg, align = None, MAX_BLOCK_K
-    k_split = -(-(-(-K // max(split, 1))) // align) * align  # ceil(K / split) rounded up to the alignment
-    n_split = -(-K // k_split)
-    partial = n_split > 1
-    target = torch.empty(n_split, M, N, dtype=torch.float32, device=device) if partial else out.unsqueeze(0)  # (splits, M, N)
+    plan = SplitPlan.make(M, N, K, device, split_k, config)
+    target = plan.target(out)  # (splits, M, N)
 
     kargs = (
         x2, weight_packed, scale, bias if bias is not None else scale, target,
-        M, N, K, k_split, clamp_pow2(M, 1, 1 << 30),
+        M, N, K, plan.k_split, clamp_pow2(M, 1, 1 << 30),
         x2.stride(0), x2.stride(1),
         weight_packed.stride(0), weight_packed.stride(1),
         stride_sn, scale.stride(1),
         target.stride(0), target.stride(1), target.stride(2),
     )
-    meta = dict(BITS=args.bits, GROUP_SIZE=gs, HAS_BIAS=bias is not None and not partial, PARTIAL=partial, DOT_FP32=interp)
-    if cfg is not None:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), n_split)
-        launchable(_fp_gemm_kernel, device)[grid](*kargs, **meta, **cfg)
-    else:
-        def grid(META):
-            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), n_split)
-
-        _cuda_kernel(x.dtype == torch.float32)[grid](*kargs, **meta)
-    if partial:
-        acc = target.sum(0)  # (M, N), fixed order: deterministic
-        if bias is not None:
-            acc += bias.float()
-        out.copy_(acc)
+    plan.launch(_fp_gemm_kernel, _cuda_kernel(x.dtype == torch.float32) if plan.cfg is None else None, kargs,
+                dict(BITS=args.bits, GROUP_SIZE=gs), bias, device)
+    plan.finish(target, out, bias)
     return out.reshape(*lead, N)
 
 

@@ -26,6 +26,8 @@ chosen from the shape (the interpreter costs per block iteration, so blocks are 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -216,6 +218,68 @@ def choose_split(M: int, N: int, K: int, device: torch.device) -> int:
     return split
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a dequant-GEMM launch covers K (shared by `w4a16_gemm` and `fp_gemm`): `k_split` columns a
+    program along the grid's second axis (`n_split` of them; more than one writes fp32 partial sums
+    summed afterwards in a fixed order, so deterministic), and `cfg`, the pinned tile (the
+    interpreter, tests), or None for the CUDA autotuner."""
+
+    M: int
+    N: int
+    k_split: int
+    n_split: int
+    cfg: dict | None
+    interp: bool
+
+    @classmethod
+    def make(cls, M: int, N: int, K: int, device: torch.device, split_k: int | None, config: dict | None) -> "SplitPlan":
+        interp = interpreting(device)
+        split = split_k if split_k is not None else choose_split(M, N, K, device)
+        if interp or config is not None:
+            cfg = dict(config or {})
+            cfg.setdefault("BLOCK_M", clamp_pow2(M, 16, 64))
+            cfg.setdefault("BLOCK_N", clamp_pow2(N, 16, 128))
+            cfg.setdefault("BLOCK_K", clamp_pow2(-(-K // max(split, 1)), 16, 128))
+            cfg.setdefault("GROUP_M", 8)
+            if min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
+                raise ValueError(f"block sizes must be >= 16 (tl.dot), got {cfg}")
+            align = cfg["BLOCK_K"]
+        else:
+            cfg, align = None, MAX_BLOCK_K
+        k_split = -(-(-(-K // max(split, 1))) // align) * align  # ceil(K / split) rounded up to the alignment
+        return cls(M, N, k_split, -(-K // k_split), cfg, interp)
+
+    @property
+    def partial(self) -> bool:
+        return self.n_split > 1
+
+    def target(self, out: torch.Tensor) -> torch.Tensor:
+        """Where the kernel writes: (splits, M, N) fp32 partial sums, or `out` (M, N) as (1, M, N)."""
+        if self.partial:
+            return torch.empty(self.n_split, self.M, self.N, dtype=torch.float32, device=out.device)
+        return out.unsqueeze(0)
+
+    def launch(self, kernel, autotuned, args: tuple, meta: dict, bias, device: torch.device) -> None:
+        """Run `kernel` with the pinned tile, or `autotuned` (its CUDA autotuner) when there is none."""
+        meta = dict(meta, HAS_BIAS=bias is not None and not self.partial, PARTIAL=self.partial, DOT_FP32=self.interp)
+        if self.cfg is not None:
+            grid = (triton.cdiv(self.M, self.cfg["BLOCK_M"]) * triton.cdiv(self.N, self.cfg["BLOCK_N"]), self.n_split)
+            launchable(kernel, device)[grid](*args, **meta, **self.cfg)
+        else:
+            def grid(META):
+                return (triton.cdiv(self.M, META["BLOCK_M"]) * triton.cdiv(self.N, META["BLOCK_N"]), self.n_split)
+
+            autotuned[grid](*args, **meta)
+
+    def finish(self, target: torch.Tensor, out: torch.Tensor, bias) -> None:
+        if self.partial:
+            acc = target.sum(0)  # (M, N), fixed order: deterministic
+            if bias is not None:
+                acc += bias.float()
+            out.copy_(acc)
+
+
 def w4a16_gemm(
     x: torch.Tensor,
     weight_packed: torch.Tensor,
@@ -283,50 +347,22 @@ def w4a16_gemm(
     stride_sn = scale.stride(0) if scale.shape[0] == N and N > 1 else 0
     stride_zn = zero.stride(0) if zero.shape[0] == N and N > 1 else 0
 
-    interp = interpreting(device)
-    split = split_k if split_k is not None else choose_split(M, N, K, device)
-    if interp or config is not None:
-        cfg = dict(config or {})
-        cfg.setdefault("BLOCK_M", clamp_pow2(M, 16, 64))
-        cfg.setdefault("BLOCK_N", clamp_pow2(N, 16, 128))
-        cfg.setdefault("BLOCK_K", clamp_pow2(-(-K // max(split, 1)), 16, 128))
-        cfg.setdefault("GROUP_M", 8)
-        if min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) < 16:
-            raise ValueError(f"block sizes must be >= 16 (tl.dot), got {cfg}")
-        align = cfg["BLOCK_K"]
-    else:
-        cfg, align = None, MAX_BLOCK_K
-    k_split = -(-(-(-K // max(split, 1))) // align) * align  # ceil(K / split) rounded up to the alignment
-    n_split = -(-K // k_split)
-    partial = n_split > 1
-    target = torch.empty(n_split, M, N, dtype=torch.float32, device=device) if partial else out.unsqueeze(0)
+    plan = SplitPlan.make(M, N, K, device, split_k, config)
+    target = plan.target(out)  # (splits, M, N)
 
     args = (
         x2, weight_packed, scale, zero, bias if bias is not None else scale, target,
-        M, N, K, k_split, clamp_pow2(M, 1, 1 << 30),
+        M, N, K, plan.k_split, clamp_pow2(M, 1, 1 << 30),
         x2.stride(0), x2.stride(1),
         stride_wn, stride_ww,
         stride_sn, scale.stride(1),
         stride_zn, zero.stride(1),
         target.stride(0), target.stride(1), target.stride(2),
     )
-    meta = dict(
-        BITS=bits, GROUP_SIZE=int(group_size) if group_size else 0, HAS_ZERO=weight_zero_point is not None,
-        HAS_BIAS=bias is not None and not partial, PARTIAL=partial, DOT_FP32=interp,
-    )
-    if cfg is not None:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), n_split)
-        launchable(_w4a16_gemm_kernel, device)[grid](*args, **meta, **cfg)
-    else:
-        def grid(META):
-            return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), n_split)
-
-        _cuda_kernel(x.dtype == torch.float32)[grid](*args, **meta)
-    if partial:
-        acc = target.sum(0)  # (M, N), fixed order: deterministic
-        if bias is not None:
-            acc += bias.float()
-        out.copy_(acc)
+    meta = dict(BITS=bits, GROUP_SIZE=int(group_size) if group_size else 0, HAS_ZERO=weight_zero_point is not None)
+    plan.launch(_w4a16_gemm_kernel, _cuda_kernel(x.dtype == torch.float32) if plan.cfg is None else None, args, meta,
+                bias, device)
+    plan.finish(target, out, bias)
     return out.reshape(*lead, N)
 
 
