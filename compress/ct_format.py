@@ -39,10 +39,10 @@ Tensors, as compressed-tensors 0.20 reads them (``compressors/pack_quantized/bas
 - ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (``compressors/nvfp4``, ``compressors/mxfp4``):
   ``weight_packed`` uint8 [out, in/2], two E2M1 codes a byte, the even column in the low nibble,
   each code sign << 3 | magnitude index (our 4-bit codes' two's-complement nibbles: our int32
-  words viewed as bytes, each nibble's top bit flipped, as `pack` stores code + 8); NVFP4 adds ``weight_scale`` float8_e4m3fn [out, in/16] and
-  ``weight_global_scale`` float32 [1] = 1 / s_t (dequantized scale = weight_scale /
-  weight_global_scale), MXFP4 ``weight_scale`` uint8 [out, in/32], the E8M0 biased exponent
-  (scale = 2^(e - 127)); no ``weight_shape``.
+  words viewed as bytes, each nibble's top bit flipped, as `pack` stores code + 8); NVFP4 adds
+  ``weight_scale`` float8_e4m3fn [out, in/16] and ``weight_global_scale`` float32 [1] = 1 / s_t
+  (dequantized scale = weight_scale / weight_global_scale), MXFP4 ``weight_scale`` uint8
+  [out, in/32], the E8M0 biased exponent (scale = 2^(e - 127)); no ``weight_shape``.
 
 Activation quantization at run time is the reader's own: compressed-tensors' reference forward
 in transformers takes scale = absmax/127.5 per token (``calculate_qparams``: (q_max - q_min)/2),
