@@ -69,7 +69,7 @@ from lmpress.quant.scheme import QuantArgs, QuantScheme
 
 QUANT_METHOD = "compressed-tensors"
 PACKED, INT, FLOAT = "pack-quantized", "int-quantized", "float-quantized"
-NVFP4, MXFP4 = "nvfp4-pack-quantized", "mxfp4-pack-quantized"
+NVFP4, MXFP4, DENSE = "nvfp4-pack-quantized", "mxfp4-pack-quantized", "dense"
 FP4_FORMATS = {"nvfp4": NVFP4, "mxfp4": MXFP4}
 TESTED_VERSION = "0.20.0"  # the compressed-tensors release these layouts were checked against
 
@@ -157,7 +157,7 @@ def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], 
     if kv is not None and fp8_kv_scale(kv) is None:
         return "KV-cache quantization has no compressed-tensors form here (only the FP8 cache: kv_cache_scheme)"
     if not schemes:
-        return "no quantized linears"
+        return None if fp8_kv_scale(kv) is not None else "no quantized linears"  # an FP8 KV cache alone is expressible
     distinct = {s for s in schemes.values()}
     if len(distinct) > 1:
         return f"mixed precision ({len(distinct)} schemes)"
@@ -212,6 +212,10 @@ def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv
     reason = why_not(schemes, in_features, block, kv)
     if reason is not None:
         return None, reason
+    if not schemes:  # the FP8 KV cache alone: dense weights, no config group
+        return CTForm(DENSE, {"quant_method": QUANT_METHOD, "format": DENSE, "config_groups": {}, "ignore": [],
+                              "kv_cache_scheme": _kv_scheme(kv), "quantization_status": "compressed",
+                              "global_compression_ratio": None, "version": _ct_version()}), None
     s = next(iter(schemes.values()))
     fmt = format_for(s)
     group = {"targets": ["Linear"], "weights": _args(s.weights),

@@ -293,14 +293,16 @@ def test_fp8_kv_cache_in_compressed_tensors_form(tmp_path):
     calib = CalibrationSet(tokens=toks, source="random", split="calib", n=4, seqlen=32, seed=0, fingerprint=fingerprint(toks))
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     paths, plain = [], {}
-    for scale in ("tensor", "head"):
+    for scale in ("tensor", "head", "kv-only"):
         model, tok = tiny_llama(seed=0)
-        compress(model, Recipe.from_yaml("version: 1\nname: k\nschemes: {lm_head: null, 're:.*': FP8_DYNAMIC}\n"
-                                         f"kv_cache: {{preset: FP8_KV, scale: {scale}}}\nstages: [kv_cache, rtn, act_scales]\n"), calib)
+        recipe = Recipe.load("kv-fp8") if scale == "kv-only" else Recipe.from_yaml(
+            "version: 1\nname: k\nschemes: {lm_head: null, 're:.*': FP8_DYNAMIC}\n"
+            f"kv_cache: {{preset: FP8_KV, scale: {scale}}}\nstages: [kv_cache, rtn, act_scales]\n")
+        compress(model, recipe, calib)
         path = save(model, tmp_path / scale, tokenizer=tok)
         qc = json.loads((path / "config.json").read_text())["quantization_config"]
-        assert qc["quant_method"] == "compressed-tensors"
-        assert qc["kv_cache_scheme"]["strategy"] == {"tensor": "tensor", "head": "attn_head"}[scale]
+        assert qc["quant_method"] == "compressed-tensors" and qc["format"] == ("dense" if scale == "kv-only" else "float-quantized")
+        assert qc["kv_cache_scheme"]["strategy"] == {"tensor": "tensor", "head": "attn_head", "kv-only": "tensor"}[scale]
         state = load_file(str(path / "model.safetensors"))
         s = model.model.layers[1].self_attn.lmpress_attn
         assert torch.equal(state["model.layers.1.self_attn.k_scale"], s.k_scale) and not any("lmpress_attn" in k for k in state)
