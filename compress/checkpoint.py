@@ -285,7 +285,7 @@ def runtimes(manifest: dict, in_features: dict[str, int] | None = None) -> dict[
     if manifest.get("quant_method") == ct_format.QUANT_METHOD:
         fmt, bits = manifest["format"], {s.weights.bits for s in _schemes(manifest["modules"]).values()}
         out["transformers"] = f"yes, without lmpress (compressed-tensors {fmt}; needs `pip install compressed-tensors`)"
-        if fmt in (ct_format.NVFP4, ct_format.MXFP4) and not manifest.get("dequantize"):
+        if fmt in (ct_format.NVFP4, ct_format.MXFP4, ct_format.MXFP8) and not manifest.get("dequantize"):
             out["transformers"] += f"; {ct_format.FP4_FLOAT32_NOTE}"
         out["vLLM"] = (f"yes (compressed-tensors {fmt})" if bits <= {4, 8} else
                        f"no kernel for {sorted(bits)}-bit weights (vLLM's compressed-tensors WNA16 path takes 4 and 8 bits)")

@@ -12,7 +12,7 @@ so stock `transformers` + `compressed-tensors` (and vLLM) load it without lmpres
   every input width, alone or with FP8 per-token or per-group dynamic activations
   (``float-quantized``: FP8_DYNAMIC, FP8_BLOCK with ``block_structure``); NVFP4 weights alone
   (``nvfp4-pack-quantized``: NVFP4A16); MXFP4 weights, alone or with MXFP4 dynamic activations
-  (``mxfp4-pack-quantized``: MXFP4A16, MXFP4); FP8 static per-tensor activations (FP8:
+  (``mxfp4-pack-quantized``: MXFP4A16, MXFP4); MXFP8 likewise (``mxfp8-quantized``: MXFP8A16, MXFP8); FP8 static per-tensor activations (FP8:
   ``input_scale`` [1]) and NVFP4 activations with a calibrated tensor scale (NVFP4:
   ``input_global_scale`` [1] = 1 / s_t, group scales computed at run time, ``dynamic: local``);
   packed integer weights with FP8 per-token dynamic activations (W4AFP8, ``pack-quantized``);
@@ -42,7 +42,8 @@ Tensors, as compressed-tensors 0.20 reads them (``compressors/pack_quantized/bas
   words viewed as bytes, each nibble's top bit flipped, as `pack` stores code + 8); NVFP4 adds
   ``weight_scale`` float8_e4m3fn [out, in/16] and ``weight_global_scale`` float32 [1] = 1 / s_t
   (dequantized scale = weight_scale / weight_global_scale), MXFP4 ``weight_scale`` uint8
-  [out, in/32], the E8M0 biased exponent (scale = 2^(e - 127)); no ``weight_shape``.
+  [out, in/32], the E8M0 biased exponent (scale = 2^(e - 127)); no ``weight_shape``;
+- ``mxfp8-quantized``: ``weight`` float8_e4m3fn [out, in], ``weight_scale`` uint8 [out, in/32] (E8M0).
 
 Activation quantization at run time is the reader's own: compressed-tensors' reference forward
 in transformers takes scale = absmax/127.5 per token (``calculate_qparams``: (q_max - q_min)/2),
@@ -69,12 +70,11 @@ from lmpress.quant.scheme import QuantArgs, QuantScheme
 
 QUANT_METHOD = "compressed-tensors"
 PACKED, INT, FLOAT = "pack-quantized", "int-quantized", "float-quantized"
-NVFP4, MXFP4, DENSE = "nvfp4-pack-quantized", "mxfp4-pack-quantized", "dense"
-FP4_FORMATS = {"nvfp4": NVFP4, "mxfp4": MXFP4}
+NVFP4, MXFP4, MXFP8, DENSE = "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized", "dense"
 TESTED_VERSION = "0.20.0"  # the compressed-tensors release these layouts were checked against
 
 
-FP4_FLOAT32_NOTE = ("compressed-tensors 0.20 decompresses FP4 weights to bfloat16 on the first forward: load with "
+FP4_FLOAT32_NOTE = ("compressed-tensors 0.20 decompresses FP4 / MXFP8 weights to bfloat16 on the first forward: load with "
                     "dtype=torch.bfloat16, or for float32 run one forward, cast the Linear weights to float32 and run again")
 
 
@@ -123,10 +123,10 @@ def _why_not_float(w: QuantArgs, a: QuantArgs | None) -> str | None:
             return None
         return ("FP8 weights take FP8 activations per token or per group (dynamic) or per tensor (static), or none "
                 "(FP8_DYNAMIC, FP8_BLOCK, FP8, FP8 W8A16)")
-    if fmt not in FP4_FORMATS:
-        return f"{fmt.upper()} has no compressed-tensors form here"
     if a is None:
         return None
+    if fmt == "mxfp8":
+        return None if a.block_format == "mxfp8" and a.clip_ratio == 1.0 else "MXFP8 weights take MXFP8 dynamic activations or none"
     if fmt == "nvfp4":
         if a.block_format == "nvfp4" and not a.dynamic and a.clip_ratio == 1.0:
             return None
@@ -202,7 +202,7 @@ def _kv_scheme(kv: Any) -> dict | None:
 def format_for(s: QuantScheme) -> str:
     """The compressed-tensors format of an expressible scheme (`why_not` is None)."""
     if s.weights.type == "float":
-        return FP4_FORMATS.get(s.weights.block_format, FLOAT)
+        return {"nvfp4": NVFP4, "mxfp4": MXFP4, "mxfp8": MXFP8}.get(s.weights.block_format, FLOAT)
     return INT if s.inputs is not None and s.inputs.type == "int" else PACKED
 
 
@@ -235,7 +235,7 @@ def ct_form(model: nn.Module, schemes: Mapping[str, QuantScheme], block: Any, kv
         # for weight-only schemes it gives the same dense weights the default route would. vLLM
         # ignores the key.
         config["dequantize"] = True
-    if fmt in (NVFP4, MXFP4) and s.inputs is None:
+    if fmt in (NVFP4, MXFP4, MXFP8) and s.inputs is None:
         # compressed-tensors 0.20 decompresses FP4 weights on the first forward into bfloat16 whatever
         # dtype the model was loaded in (`unpack_fp4_from_uint8`'s default), so a float32 model fails
         # with a dtype mismatch; its dequantize-at-load route builds them in the model's dtype. That
@@ -257,12 +257,14 @@ def to_disk(tensors: dict[str, torch.Tensor], schemes: Mapping[str, QuantScheme]
         out[key.replace(".lmpress_attn.", ".")] = out.pop(key)
     for fqn, s in schemes.items():
         w = s.weights
-        if fmt in (INT, FLOAT):
+        if fmt in (INT, FLOAT, MXFP8):
             shape = out.pop(f"{fqn}.weight_shape")
             codes = unpack(out.pop(f"{fqn}.weight_packed"), w.bits, int(shape[1]))  # (out, in) int8
-            out[f"{fqn}.weight"] = codes.view(torch.float8_e4m3fn) if fmt == FLOAT else codes.contiguous()
+            out[f"{fqn}.weight"] = codes.contiguous() if fmt == INT else codes.view(torch.float8_e4m3fn)
             if fmt == FLOAT and w.granularity == "tensor":
                 out[f"{fqn}.weight_scale"] = out[f"{fqn}.weight_scale"].reshape(1)  # (1, 1) -> (1,)
+            if fmt == MXFP8:
+                out[f"{fqn}.weight_scale"] = (torch.log2(out[f"{fqn}.weight_scale"]) + 127).to(torch.uint8)  # 2^(e - 127) -> e
         elif fmt in (NVFP4, MXFP4):
             del out[f"{fqn}.weight_shape"]
             # (out, in/8) int32 -> (out, in/2) bytes; `pack` stores code + 8 (offset binary): flipping
@@ -295,13 +297,15 @@ def from_disk(state: dict[str, torch.Tensor], schemes: Mapping[str, QuantScheme]
         state[f"{stem}.lmpress_attn.{name}"] = state.pop(key)
     for fqn, s in schemes.items():
         w = s.weights
-        if fmt in (INT, FLOAT):
+        if fmt in (INT, FLOAT, MXFP8):
             codes = state.pop(f"{fqn}.weight")  # (out, in) int8 | float8_e4m3fn
-            codes = codes.view(torch.int8) if fmt == FLOAT else codes
+            codes = codes if fmt == INT else codes.view(torch.int8)
             state[f"{fqn}.weight_packed"] = pack(codes, w.bits)
             state[f"{fqn}.weight_shape"] = torch.tensor(list(codes.shape), dtype=torch.int64)
             if fmt == FLOAT and w.granularity == "tensor":
                 state[f"{fqn}.weight_scale"] = state[f"{fqn}.weight_scale"].reshape(1, 1)
+            if fmt == MXFP8:
+                state[f"{fqn}.weight_scale"] = torch.exp2(state[f"{fqn}.weight_scale"].float() - 127)
         elif fmt in (NVFP4, MXFP4):
             packed = state[f"{fqn}.weight_packed"]  # (out, in/2) uint8
             state[f"{fqn}.weight_packed"] = (packed ^ 0x88).view(torch.int32)  # (out, in/8)

@@ -362,6 +362,8 @@ PRESETS: dict[str, QuantScheme] = {
     # 128, FP8 E4M3 per-token dynamic activations
     "W4AFP8": QuantScheme(weights=_w(4, 128), inputs=_fa(8)),
     "MXFP4A16": QuantScheme(weights=_fw(4, 32, "e8m0")),
+    "MXFP8A16": QuantScheme(weights=_fw(8, 32, "e8m0")),
+    "MXFP8": QuantScheme(weights=_fw(8, 32, "e8m0"), inputs=_fa(8, 32, "e8m0")),
     "MXFP4": QuantScheme(weights=_fw(4, 32, "e8m0"), inputs=_fa(4, 32, "e8m0")),
 }
 

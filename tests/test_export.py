@@ -102,6 +102,8 @@ FP_SCHEMES = {  # tiny model: input widths 96 and 160, multiples of 16 and 32
     "nvfp4a16-mse": "{preset: NVFP4A16, weights: {mse_clip: true}}",  # per-group clip ratios under one tensor scale
     "mxfp4a16": "MXFP4A16",
     "mxfp4": "MXFP4",
+    "mxfp8a16": "MXFP8A16",
+    "mxfp8": "MXFP8",
     "w4afp8-g32": "{preset: W4AFP8, weights: {group_size: 32}}",  # int4 weights, FP8 per-token activations
     "fp8-block32": "{preset: FP8_BLOCK, weights: {group_size: 32}, inputs: {group_size: 32}}",  # 32 x 32 tiles, groups of 32
 }
@@ -111,7 +113,8 @@ def test_float_artifacts_load_in_stock_transformers(tmp_path, tokens):
     pytest.importorskip("compressed_tensors")
     from lmpress.compress.models import tiny_llama
 
-    fmts = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized", "w4afp8": "pack-quantized"}
+    fmts = {"fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized", "w4afp8": "pack-quantized",
+            "mxfp8": "mxfp8-quantized"}
     paths, ours = {}, {}
     for name, scheme in FP_SCHEMES.items():
         model, tok = tiny_llama(seed=0)
@@ -124,9 +127,9 @@ def test_float_artifacts_load_in_stock_transformers(tmp_path, tokens):
             assert torch.equal(ours[name], model(tokens).logits), name  # load() is the in-memory model
     stock = _stock_logits(paths.values(), tokens, tmp_path)
     for name, path in paths.items():
-        # MXFP4 W4A4 keeps activation quantization, so not compressed-tensors' dequantize-at-load
-        # route: in float32 its bfloat16-decompressed weights need the cast (exact for FP4 values)
-        key = str(path) + (":cast" if name == "mxfp4" else "")
+        # MX W4A4 / W8A8 keep activation quantization, so not compressed-tensors' dequantize-at-load
+        # route: in float32 their bfloat16-decompressed weights need the cast (exact: E2M1 / E4M3 x 2^k)
+        key = str(path) + (":cast" if name in ("mxfp4", "mxfp8") else "")
         assert key in stock, (name, sorted(stock))
         diff = ((stock[key] - ours[name]).abs().max() / ours[name].abs().max()).item()
         assert diff <= 1e-4, (name, diff)

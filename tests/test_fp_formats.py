@@ -205,7 +205,8 @@ def test_which_float_schemes_compressed_tensors_describes():
     dynamic_nvfp4 = QuantScheme(weights=PRESETS["NVFP4"].weights, inputs=QuantArgs(**{**PRESETS["NVFP4"].inputs.to_dict(), "dynamic": True}))
     assert "input_global_scale" in reason(dynamic_nvfp4)  # a per-tensor scale of each batch has no compressed-tensors form
     mxfp8 = QuantArgs(bits=8, type="float", granularity="group", group_size=32, scale_format="e8m0")
-    assert "MXFP8 has no compressed-tensors form" in reason(QuantScheme(weights=mxfp8))
+    assert reason(QuantScheme(weights=mxfp8)) is None and reason(PRESETS["MXFP8"]) is None
+    assert "MXFP8 weights take MXFP8" in reason(QuantScheme(weights=mxfp8, inputs=PRESETS["MXFP4"].inputs))
     assert reason(QuantScheme(weights=PRESETS["W8A8"].weights, inputs=PRESETS["FP8_DYNAMIC"].inputs)) is None  # W8AFP8, as W4AFP8
     asym = QuantArgs(bits=4, granularity="group", group_size=32, symmetric=False)
     assert "integer weights take FP8 activations" in reason(QuantScheme(weights=asym, inputs=PRESETS["FP8_DYNAMIC"].inputs))
