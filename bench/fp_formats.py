@@ -6,8 +6,9 @@ QuaRot's rotation.
     python bench/fp_formats.py --n 32 --windows 16    # a quicker look
     python bench/fp_formats.py --configs base,fp8-rtn,nvfp4-gptq
 
-Configurations: `base`, `fireq` (the built-in recipe `w4afp8-fireq`: W4AFP8 + KV4 after
-SmoothQuant-style scaling, GPTQ), and `<format>-<method>[-rot|-brot]`:
+Configurations: `base`, `fireq` (the built-in recipe `w4afp8-fireq`: W4AFP8, a per-token INT4 KV
+cache and FP8 queries after SmoothQuant-style scaling and Q/K scaling around RoPE; GPTQ), and
+`<format>-<method>[-rot|-brot]`:
 - format: `int8` (W8A8: int8 per-channel weights, int8 per-token activations), `fp8`
   (FP8_DYNAMIC: E4M3 per-channel weights, E4M3 per-token activations), `fp8s` (FP8: E4M3
   per-tensor weights, a static per-tensor activation scale calibrated by `act_scales` after RTN
@@ -135,8 +136,8 @@ def table(rows: list[dict], args) -> str:
             lines.append(f"| {c} | | | error: {r['error'][:80]} | | | | | |")
             continue
         fmt, _, rest = c.partition("-")
-        scheme = "fp32" if c == "base" else "W4AFP8 + KV4" if c in RECIPES else _label(fmt)
-        method = "-" if c == "base" else "smoothquant + GPTQ (" + RECIPES[c] + ")" if c in RECIPES else (rest.replace("-brot", " + block QuaRot").replace("-rot", " + QuaRot")
+        scheme = "fp32" if c == "base" else "W4AFP8 + KV4 per token" if c in RECIPES else _label(fmt)
+        method = "-" if c == "base" else "smoothquant + RoPE scaling + GPTQ" if c in RECIPES else (rest.replace("-brot", " + block QuaRot").replace("-rot", " + QuaRot")
                                           .upper().replace("QUAROT", "QuaRot").replace("BLOCK", "block"))
         vs = f"{r['ppl'] / base:.3f}x" if base else "-"
         bpw = f"{r['format_bpw']:.3f}" if r.get("format_bpw") else "32"

@@ -140,6 +140,8 @@ def lmpress_block(model: nn.Module) -> dict[str, Any] | None:
         "attention": {
             "implementation": ATTN_IMPLEMENTATION,
             "kv_cache": {where: spec["kv_cache"] for where, spec in attention.items() if spec.get("kv_cache") is not None},
+            **({"rope_scale": rope} if (rope := {where: spec["rope_scale"] for where, spec in attention.items()
+                                                 if spec.get("rope_scale") is not None}) else {}),
         },
     }
 
@@ -184,8 +186,9 @@ def _restore_lmpress_block(model: nn.Module, block: dict[str, Any] | None) -> No
     for o in online:
         if o.get("apply") == "qk":
             attention.setdefault(o["where"], {})["qk"] = {k: o[k] for k in ("kind", "size", "seed")}
-    for where, kv in ((block.get("attention") or {}).get("kv_cache") or {}).items():
-        attention.setdefault(where, {})["kv_cache"] = kv
+    for key in ("kv_cache", "rope_scale"):
+        for where, spec in ((block.get("attention") or {}).get(key) or {}).items():
+            attention.setdefault(where, {})[key] = spec
     restore_attention(model, attention)
 
 

@@ -41,10 +41,13 @@ from lmpress.quant.kv_cache import (
     KeyRotation, apply_rope, check_kv_args, fake_quantize_keys_values, invert_rope, key_positions, kv_mixed_attention,
     quantized_copy,
 )
-from lmpress.quant.scheme import KVCacheArgs
+from lmpress.quant.primitives import fake_quantize
+from lmpress.quant.rope_scale import scale_qk
+from lmpress.quant.scheme import KVCacheArgs, QuantArgs
 
 from .online import transform_from_spec
 
+FP8_TOKEN = QuantArgs(bits=8, type="float", granularity="token", dynamic=True)  # FP8 E4M3, one scale a row
 ATTN_IMPLEMENTATION = "lmpress"
 SETTINGS_ATTR = "lmpress_attn"
 RUNTIME_PREFIX_ATTR = "_lmpress_quantized_prefix"  # (keys, values) already quantized, set by QuantizedKVCache
@@ -64,6 +67,9 @@ class LmpressAttention(nn.Module):
         self._amax: dict | None = None  # {"k": (heads|1,), "v": ...} while `observe_kv` records
         self.register_buffer("k_scale", None)  # FP8 cache: static scales (1,) or (kv heads, 1, 1), once calibrated
         self.register_buffer("v_scale", None)
+        self.register_buffer("qk_post_scale", None)  # (kv heads, head_dim): keys divided, queries multiplied after RoPE
+        self.q_fp8 = False  # queries rounded to FP8 E4M3 per token and head (FireQ)
+        self._qk_amax: dict | None = None  # {"q": (heads, D), "k": (kv heads, D)} while `observe_qk` records
         if kv is not None:
             check_kv_args(kv)
 
@@ -76,6 +82,18 @@ class LmpressAttention(nn.Module):
         """Buffers of the FP8 cache's scales in their shape, for `load_state_dict` to fill (load)."""
         shape = (kv_heads, 1, 1) if self.kv.scale == "head" else (1,)  # compressed-tensors' k_scale / v_scale shapes
         self.k_scale, self.v_scale = torch.ones(shape), torch.ones(shape)
+
+    def _prepare_qk(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE-rotated query/key -> the post-RoPE scaling, then FP8 queries (`quant.rope_scale`)."""
+        if self._qk_amax is not None:
+            for name, x in (("q", query), ("k", key)):
+                a = x.detach().abs().amax(dim=(0, 2)).float()  # (heads, D)
+                self._qk_amax[name] = torch.maximum(self._qk_amax[name], a) if name in self._qk_amax else a
+        if self.qk_post_scale is not None:
+            query, key = scale_qk(query, key, self.qk_post_scale)
+        if self.q_fp8:
+            query = fake_quantize(query, FP8_TOKEN)  # rows (B, heads, T) of D: one scale per token and head
+        return query, key
 
     def _observe(self, key: torch.Tensor, value: torch.Tensor) -> None:
         dims = (0, 2, 3) if self.kv.scale == "head" else (0, 1, 2, 3)
@@ -117,6 +135,9 @@ class LmpressAttention(nn.Module):
 
     def kivi_attention(self, query, key, value, attention_mask, position_ids=None, scaling=None):
         """Decode-exact KIVI attention (see the module doc); returns (B, q_len, heads, D)."""
+        if self.qk_post_scale is not None or self.q_fp8:
+            raise ValueError("post-RoPE Q/K scaling and FP8 queries go with the per-token KV cache, not KIVI's "
+                             "(its runtime cache holds keys before the attention function)")
         prefix = getattr(key, RUNTIME_PREFIX_ATTR, (0, 0))
         positions = key_positions(key.shape[2], position_ids, device=key.device) if self.key_rotation is not None else None
         to_b, from_b = self.key_basis(positions, key)
@@ -127,9 +148,11 @@ class LmpressAttention(nn.Module):
 
     @property
     def active(self) -> bool:
-        return self.qk is not None or self.kv is not None or self.key_rotation is not None
+        return (self.qk is not None or self.kv is not None or self.key_rotation is not None
+                or self.qk_post_scale is not None or self.q_fp8)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        query, key = self._prepare_qk(query, key)
         if self.qk is not None:
             query, key = self.qk(query), self.qk(key)
         if self.kv is not None and self.kv.per_token_only:
@@ -144,7 +167,9 @@ class LmpressAttention(nn.Module):
         kv = self.kv.to_dict() if self.kv is not None else None
         if kv is not None and self.key_rotation is not None:
             kv["key_rotation"] = self.key_rotation.spec()
-        return {"qk": self.qk.spec() if self.qk is not None else None, "kv_cache": kv}
+        rope = {"post": self.qk_post_scale is not None, "q_fp8": self.q_fp8}
+        return {"qk": self.qk.spec() if self.qk is not None else None, "kv_cache": kv,
+                "rope_scale": rope if any(rope.values()) else None}
 
     def extra_repr(self) -> str:
         kv = "none" if self.kv is None else f"KV{self.kv.bits} g{self.kv.group_size} {'sym' if self.kv.symmetric else 'asym'}"
@@ -219,6 +244,22 @@ def cache_quant_off(module: nn.Module):
     finally:
         for s, kv, kr in saved:
             s.kv, s.key_rotation = kv, kr
+
+
+@contextmanager
+def observe_qk(module: nn.Module):
+    """While active, the attention settings under `module` record the per-channel absmax of the
+    RoPE-rotated queries (heads, D) and keys (kv heads, D) they see, before their post-RoPE
+    scaling; yields {settings: that dict}, filled on exit."""
+    mods = [s for s in module.modules() if isinstance(s, LmpressAttention)]
+    out = {}
+    for s in mods:
+        s._qk_amax = out.setdefault(s, {})
+    try:
+        yield out
+    finally:
+        for s in mods:
+            s._qk_amax = None
 
 
 @contextmanager
@@ -314,6 +355,10 @@ def restore_attention(model: nn.Module, specs: Mapping[str, Mapping[str, Any]]) 
         s.set_kv(KVCacheArgs.from_dict(kv) if kv is not None else None)
         if s.kv is not None and s.kv.is_float:
             s.placeholder_kv_scales(model.config.num_key_value_heads)
+        rope = spec.get("rope_scale") or {}
+        s.q_fp8 = bool(rope.get("q_fp8"))
+        if rope.get("post"):  # filled by load_state_dict
+            s.qk_post_scale = torch.ones(model.config.num_key_value_heads, getattr(attn, "head_dim"))
         s.key_rotation = KeyRotation.from_spec(rot) if rot else None
         if rot:
             s.set_rope(rotary)
@@ -322,5 +367,5 @@ def restore_attention(model: nn.Module, specs: Mapping[str, Mapping[str, Any]]) 
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "RUNTIME_PREFIX_ATTR", "LmpressAttention", "find_rotary", "lmpress_attention_forward", "register", "attention_modules",
-    "attach_attention", "attention_specs", "restore_attention", "use_lmpress_attention", "settings_of", "observe_kv",
+    "attach_attention", "attention_specs", "restore_attention", "use_lmpress_attention", "settings_of", "observe_kv", "observe_qk",
 ]
