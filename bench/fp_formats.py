@@ -6,9 +6,9 @@ QuaRot's rotation.
     python bench/fp_formats.py --n 32 --windows 16    # a quicker look
     python bench/fp_formats.py --configs base,fp8-rtn,nvfp4-gptq
 
-Configurations: `base`, `fireq` (the built-in recipe `w4afp8-fireq`: W4AFP8, a per-token INT4 KV
-cache and FP8 queries after SmoothQuant-style scaling and Q/K scaling around RoPE; GPTQ), and
-`<format>-<method>[-rot|-brot]`:
+Configurations: `base`; the built-in recipes `fireq` (`w4afp8-fireq`: W4AFP8, a per-token INT4 KV
+cache and FP8 queries after SmoothQuant-style scaling and Q/K scaling around RoPE; GPTQ), `kv-fp8`
+and `w8a8-fp8-static`; and `<format>-<method>[-rot|-brot]`:
 - format: `int8` (W8A8: int8 per-channel weights, int8 per-token activations), `fp8`
   (FP8_DYNAMIC: E4M3 per-channel weights, E4M3 per-token activations), `fp8s` (FP8: E4M3
   per-tensor weights, a static per-tensor activation scale calibrated by `act_scales` after RTN
@@ -40,7 +40,9 @@ FORMATS = {  # scheme-map values: a preset name or a mapping
     "int4": "W4A4", "int4g64": {"preset": "W4A4", "weights": {"granularity": "group", "group_size": 64}},
     "nvfp4a16": "NVFP4A16", "mxfp4a16": "MXFP4A16",
 }
-RECIPES = {"fireq": "w4afp8-fireq"}  # whole built-in recipes, run as they are
+RECIPES = {"fireq": "w4afp8-fireq", "kv-fp8": "kv-fp8", "w8a8-fp8-static": "w8a8-fp8-static"}  # built-in recipes, run as they are
+RECIPE_LABELS = {"fireq": ("W4AFP8 + KV4 per token", "smoothquant + RoPE scaling + GPTQ"),
+                 "kv-fp8": ("FP8 KV cache only", "act_scales"), "w8a8-fp8-static": ("FP8 (static activations)", "RTN + act_scales")}
 METHODS = {"rtn": {"rtn": {}}, "gptq": {"gptq": {"act_order": True, "block_size": 128, "damp": 0.01}}}
 ROTATION = ["fuse_norms", {"rotate": {"kind": "hadamard", "seed": 0, "online": ["down_proj"], "r2": True}}]
 DEFAULT_CONFIGS = ("base,int8-rtn,int8-gptq,fp8-rtn,fp8-gptq,fp8s-rtn,fireq,nvfp4a16-gptq,mxfp4a16-gptq,"
@@ -79,14 +81,10 @@ def _scheme(fmt: str):
 
 def format_bits(config: str) -> float | None:
     """Codes plus the format's own scale bits per weight (SmolLM2's linears: 576 or 1536 inputs, weighted by size)."""
-    if config == "base":
+    scheme = None if config == "base" else recipe_for(config).scheme_for("model.layers.0.mlp.down_proj")
+    if scheme is None or scheme.weights is None:  # the base, a KV-only recipe
         return None
-    if config in RECIPES:  # fireq: W4AFP8, int4 in groups of 128
-        from lmpress.quant.scheme import preset
-
-        w = preset("W4AFP8").weights
-    else:
-        w = _scheme(config.split("-")[0]).weights
+    w = scheme.weights
     if w.block_format is not None:
         return w.bits + 8 / w.group_size
     if w.granularity == "group":  # float32 scales (the last group of 576 inputs is partial at 128)
@@ -136,8 +134,8 @@ def table(rows: list[dict], args) -> str:
             lines.append(f"| {c} | | | error: {r['error'][:80]} | | | | | |")
             continue
         fmt, _, rest = c.partition("-")
-        scheme = "fp32" if c == "base" else "W4AFP8 + KV4 per token" if c in RECIPES else _label(fmt)
-        method = "-" if c == "base" else "smoothquant + RoPE scaling + GPTQ" if c in RECIPES else (rest.replace("-brot", " + block QuaRot").replace("-rot", " + QuaRot")
+        scheme = "fp32" if c == "base" else RECIPE_LABELS[c][0] if c in RECIPES else _label(fmt)
+        method = "-" if c == "base" else RECIPE_LABELS[c][1] if c in RECIPES else (rest.replace("-brot", " + block QuaRot").replace("-rot", " + QuaRot")
                                           .upper().replace("QUAROT", "QuaRot").replace("BLOCK", "block"))
         vs = f"{r['ppl'] / base:.3f}x" if base else "-"
         bpw = f"{r['format_bpw']:.3f}" if r.get("format_bpw") else "32"
