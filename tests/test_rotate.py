@@ -317,7 +317,7 @@ def test_block_rotation_with_nvfp4_saves_loads_and_refuses_a_block_that_does_not
     the simulated logits, and the manifest records the block; a block of 64 does not divide the
     tiny model's FFN width (160) and is refused before anything changes."""
     model, tok = tiny
-    recipe = {"schemes": {"lm_head": None, "re:.*": "NVFP4"},
+    recipe = {"schemes": {"lm_head": None, "re:.*": {"preset": "NVFP4", "inputs": {"dynamic": True}}},  # RTN: no calibration
               "stages": ["fuse_norms", {"rotate": {"online": ["down_proj"], "block": 16}}, "rtn"]}
     compress(model, Recipe.from_dict(recipe))
     out = save(model, tmp_path / "b", tokenizer=tok)
