@@ -161,9 +161,15 @@ def dequantize(
 
 
 def fake_quantize(x: torch.Tensor, args: QuantArgs, scale=None, zero=None) -> torch.Tensor:
-    """Quantize-dequantize in the input's dtype; qparams from `x` itself unless given."""
+    """Quantize-dequantize in the input's dtype; qparams from `x` itself unless given. A float grid
+    takes its values directly (the same numbers as decoding the codes `quantize` gives, but for the
+    sign of a zero), not through the codes."""
     if scale is None:
         scale, zero = compute_qparams(x, args)
+    if args.type == "float":
+        x2 = x.reshape(-1, x.shape[-1]).float()  # (rows, cols)
+        s = expand_qparam(scale.float(), x2.shape[0], x2.shape[1], args)
+        return (round_to_grid(x2 / s, element_format(args)) * s).to(x.dtype).reshape(x.shape)
     return dequantize(quantize(x, scale, zero, args), scale, zero, args, dtype=x.dtype)
 
 
