@@ -112,12 +112,20 @@ def grid_index(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
 
 def round_to_grid(x: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
     """`x` rounded to the nearest value of `fmt` (ties to even mantissa), saturated at ±max;
-    same dtype and shape."""
+    same dtype and shape. FP8 through torch's casts; the small formats by rounding float32's
+    mantissa to `fmt.man` bits (ties to even, on the bits) above 2^emin and to multiples of the
+    subnormal step below it: the table's values, without a search (tests compare with the grid)."""
     native = NATIVE.get(fmt.name)
     if native is not None:
         return x.float().clamp(-fmt.max, fmt.max).to(native).to(x.dtype)
-    grid, _ = _table(fmt.name, str(x.device))
-    return torch.copysign(grid[grid_index(x, fmt)], x.float()).to(x.dtype)
+    a = x.float().abs().clamp(max=fmt.max)
+    step = 2.0 ** (fmt.emin - fmt.man)  # the subnormal spacing
+    sub = torch.round(a / step) * step  # half to even, exact (powers of two)
+    shift = 23 - fmt.man  # float32 mantissa bits dropped
+    bits = a.view(torch.int32)
+    bits = (bits + ((1 << (shift - 1)) - 1) + ((bits >> shift) & 1)) & ~((1 << shift) - 1)  # round half to even
+    r = torch.where(a < 2.0 ** fmt.emin, sub, bits.view(torch.float32)).clamp(max=fmt.max)
+    return torch.copysign(r, x.float()).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- block formats
