@@ -48,6 +48,7 @@ try:
     import triton.language as tl
 
     from .tiles import dot_acc, grouped_tile, store_tile
+    from .w4a16_gemm import prune_by_m
 except ImportError:  # pragma: no cover - triton is a dependency; the reference still works
     triton = None
 
@@ -164,12 +165,6 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
                               num_stages=stages) for bm, bn, bk, warps, stages in tiles]
 
-    def _prune(configs, named_args, **kwargs):
-        """Decode (M <= 16) takes the BLOCK_M = 16 tiles; larger M the tiles no taller than it."""
-        mb = named_args["M_BUCKET"]
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, mb) and (mb > 16 or c.kwargs["BLOCK_M"] == 16)]
-        return kept or configs[:1]
-
     _autotuned = {}
 
     def _cuda_kernel(fp32: bool):
@@ -177,7 +172,7 @@ if triton is not None:
             _autotuned[fp32] = triton.autotune(
                 configs=_cuda_configs(fp32),
                 key=["M_BUCKET", "N", "K", "K_SPLIT", "BITS", "GROUP_SIZE"],
-                prune_configs_by={"early_config_prune": _prune},
+                prune_configs_by={"early_config_prune": prune_by_m},
             )(_fp_gemm_kernel)
         return _autotuned[fp32]
 

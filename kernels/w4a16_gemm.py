@@ -186,7 +186,8 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
                               num_stages=stages) for bm, bn, bk, warps, stages in tiles]
 
-    def _prune(configs, named_args, **kwargs):
+    def prune_by_m(configs, named_args, **kwargs):
+        """Decode (M <= 16) takes the BLOCK_M = 16 tiles; larger M the tiles no taller than it (fp_gemm too)."""
         mb = named_args["M_BUCKET"]
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, mb) and (mb > 16 or c.kwargs["BLOCK_M"] == 16)]
         return kept or configs[:1]
@@ -198,7 +199,7 @@ if triton is not None:
             _autotuned[fp32] = triton.autotune(
                 configs=_cuda_configs(fp32),
                 key=["M_BUCKET", "N", "K", "K_SPLIT"],
-                prune_configs_by={"early_config_prune": _prune},
+                prune_configs_by={"early_config_prune": prune_by_m},
             )(_w4a16_gemm_kernel)
         return _autotuned[fp32]
 
