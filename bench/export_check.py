@@ -17,24 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-STOCK = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-tokens = torch.load(sys.argv[1])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[3], dtype=torch.float32)
-with torch.no_grad():
-    logits = model(tokens).logits
-assert not [m for m in sys.modules if m == "lmpress" or m.startswith("lmpress.")]
-torch.save(logits, sys.argv[2])
-"""
 
 CONFIGS = {  # cheapest first
     "w8a8": {"base": "w8a8-rtn", "scheme": None},
@@ -57,12 +44,9 @@ def _recipe(cfg):
 
 
 def _stock(path: Path, tokens: torch.Tensor, work: Path) -> torch.Tensor:
-    torch.save(tokens, work / "tokens.pt")
-    res = subprocess.run([sys.executable, "-c", STOCK, str(work / "tokens.pt"), str(work / "stock.pt"), str(path)],
-                         capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(res.stderr[-3000:])
-    return torch.load(work / "stock.pt")
+    from lmpress.eval.stock import stock_logits
+
+    return stock_logits([path], tokens)[str(path)]
 
 
 def _ct_rule(x, args, scale=None, zero=None):

@@ -1,8 +1,12 @@
 """The layer-by-layer runner used by calibration stages (GPTQ, SparseGPT, statistics passes).
 
-The inputs of decoder layer 0 are captured once per batch: a forward pre-hook on layer 0 stashes
-its hidden states and keyword arguments (position_embeddings, attention_mask, position_ids, ...)
-and stops the forward with a private exception. Iterating the runner then yields one `LayerStep`
+The inputs of decoder layer 0 are captured once per batch: while the model runs, every decoder
+layer is stood in for by a recorder that stashes its call's arguments and hands the hidden states
+on unchanged, and the last one stops the forward with a private exception (only the embeddings,
+the rotary and the masks are computed). Layer 0's hidden states are kept, and the keyword
+arguments (position_embeddings, attention_mask, position_ids, ...) of every layer: models that mix
+layer types (Gemma 3's sliding-window and global layers, Qwen's sliding layers) give each type its
+own mask and rotary embedding, and each layer is run with exactly what the model would give it. Iterating the runner then yields one `LayerStep`
 per decoder layer. While a step is out, the caller may collect statistics (`step.forward()`
 runs the layer on every batch, firing its hooks) and modify the layer (e.g. replace linears with
 quantized ones). When the caller asks for the next step, the runner runs the layer, as modified,
@@ -37,6 +41,29 @@ class _StopForward(Exception):
     """Raised by the capture hook to stop the model after layer 0's inputs are stashed."""
 
 
+class _Record(nn.Module):
+    """Stands in for a decoder layer during the capture: stashes the call's (args, kwargs), hands
+    the hidden states on unchanged (the last one stops the forward); any other attribute is the
+    real layer's (a model that reads, say, `layer.attention_type` in its loop)."""
+
+    def __init__(self, layer: nn.Module, stash: list, last: bool):
+        super().__init__()
+        self.__dict__["_layer"] = layer  # not a submodule: nothing of it is registered twice
+        self.stash, self.last = stash, last
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
+
+    def forward(self, *args, **kwargs):
+        self.stash.append((args, kwargs))
+        if self.last:
+            raise _StopForward
+        return args[0] if args else kwargs["hidden_states"]
+
+
 @contextmanager
 def stop_after(modules: list[nn.Module]):
     """While active, a forward raises `_StopForward` once every module of `modules` has received
@@ -57,15 +84,22 @@ def stop_after(modules: list[nn.Module]):
             h.remove()
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
-    """`obj` with every tensor inside (tuples, lists, dicts) moved to `device`."""
+def _to(obj: Any, device: torch.device | str, memo: dict | None = None) -> Any:
+    """`obj` with every tensor inside (tuples, lists, dicts) moved to `device`; with `memo`, an
+    object met again (the same mask handed to many layers) is moved once and shared."""
+    if memo is not None and id(obj) in memo:
+        return memo[id(obj)][1]
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+        out = obj.to(device)
+    elif isinstance(obj, (tuple, list)):
+        out = type(obj)(_to(o, device, memo) for o in obj)
+    elif isinstance(obj, dict):
+        out = {k: _to(v, device, memo) for k, v in obj.items()}
+    else:
+        return obj
+    if memo is not None:
+        memo[id(obj)] = (obj, out)  # the source is kept alive with its id
+    return out
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -76,7 +110,17 @@ def _device_of(module: nn.Module) -> torch.device:
 @dataclass
 class _Batch:
     hidden: torch.Tensor  # (B, T, hidden) on CPU
-    kwargs: dict  # the decoder layer's keyword arguments for this batch, tensors on CPU
+    kwargs: dict  # decoder layer 0's keyword arguments for this batch, tensors on CPU
+    by_layer: tuple[dict, ...] | None = None  # every layer's, where some differ from layer 0's (shared tensors)
+
+    def for_layer(self, index: int | None) -> dict:
+        """The keyword arguments of decoder layer `index` (None: a layer the caller cannot name,
+        allowed only when every layer takes the same)."""
+        if self.by_layer is None:
+            return self.kwargs
+        if index is None:
+            raise ValueError("this model's decoder layers take different arguments (layer types); name the layer's index")
+        return self.by_layer[index]
 
 
 Batch = _Batch  # public name: one batch of a decoder layer's inputs (hidden states + keyword arguments)
@@ -189,21 +233,19 @@ class LayerwiseRunner:
 
     @torch.no_grad()
     def _capture(self) -> list[_Batch]:
-        """Layer 0's inputs and kwargs, one entry per batch (only the embeddings and rotary run)."""
-        stash: list[tuple[tuple, dict]] = []
-
-        def hook(_module, args, kwargs):
-            stash.append((args, kwargs))
-            raise _StopForward
-
+        """Layer 0's inputs and every layer's kwargs, one entry per batch (only the modules before
+        the layers run: each layer is stood in for by a `_Record`)."""
+        stash: list[list[tuple[tuple, dict]]] = [[] for _ in self.layers]
         # Only the modules before layer 0 run: put them on `device` for the capture if asked.
-        pre = [self.model.get_submodule(p) for p in (self.arch.embed, self.arch.rotary)]
+        pre = [self.model.get_submodule(p) for p in (self.arch.embed, self.arch.rotary) if p]
         homes = [_device_of(m) for m in pre]
         if self.device is not None:
             for m in pre:
                 m.to(self.device)
         run_device = _device_of(pre[0])
-        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+        real = list(self.layers)
+        for i, layer in enumerate(real):
+            self.layers[i] = _Record(layer, stash[i], last=i == len(real) - 1)
         batches = []
         try:
             for chunk in self.tokens.split(self.batch_size):  # (B, T) each; the last may be smaller
@@ -212,13 +254,19 @@ class LayerwiseRunner:
                 except _StopForward:
                     pass
                 else:
-                    raise RuntimeError("the capture hook on decoder layer 0 did not fire")
-                args, kwargs = stash.pop()
+                    raise RuntimeError("the model did not call its last decoder layer during the capture")
+                calls = [s.pop() for s in stash]
+                args, kwargs = calls[0]
                 kwargs = dict(kwargs)
                 hidden = args[0] if args else kwargs.pop("hidden_states")
-                batches.append(_Batch(hidden.to("cpu"), _to(kwargs, "cpu")))
+                rest = [{k: v for k, v in kw.items() if k != "hidden_states"} for _, kw in calls]
+                same = all(kw.keys() == rest[0].keys() and all(kw[k] is rest[0][k] for k in kw) for kw in rest)
+                memo: dict = {}
+                batches.append(_Batch(hidden.to("cpu"), _to(kwargs, "cpu", memo),
+                                      None if same else tuple(_to(kw, "cpu", memo) for kw in rest)))
         finally:
-            handle.remove()
+            for i, layer in enumerate(real):
+                self.layers[i] = layer
             for m, home in zip(pre, homes):
                 m.to(home)
         return batches
@@ -226,22 +274,25 @@ class LayerwiseRunner:
     # ----------------------------------------------------------------- running a layer
 
     @torch.no_grad()
-    def _run_layer(self, layer: nn.Module, batches: list[_Batch], until: list[nn.Module] | None = None) -> list[torch.Tensor]:
-        """`layer` applied to every batch; outputs (B, T, hidden) on CPU (none with `until`: see
-        `LayerStep.forward`)."""
+    def _run_layer(self, layer: nn.Module, batches: list[_Batch], until: list[nn.Module] | None = None,
+                   index: int | None = None) -> list[torch.Tensor]:
+        """`layer` (decoder layer `index`; found among the model's layers when not given) applied to
+        every batch; outputs (B, T, hidden) on CPU (none with `until`: see `LayerStep.forward`)."""
         dev = self.device if self.device is not None else _device_of(layer)
+        if index is None:
+            index = next((i for i, m in enumerate(self.layers) if m is layer), None)
         if until:
             with stop_after(until):
                 for b in batches:
                     try:
-                        layer(b.hidden.to(dev), **_to(b.kwargs, dev))
+                        layer(b.hidden.to(dev), **_to(b.for_layer(index), dev))
                     except _StopForward:
                         continue
                     raise RuntimeError("the layer finished without calling every module of `until`")
             return []
         outs = []
         for b in batches:
-            out = layer(b.hidden.to(dev), **_to(b.kwargs, dev))
+            out = layer(b.hidden.to(dev), **_to(b.for_layer(index), dev))
             out = out[0] if isinstance(out, (tuple, list)) else out  # older transformers: a tuple
             outs.append(out.to("cpu"))
         return outs
@@ -253,9 +304,11 @@ class LayerwiseRunner:
         Only the modules before layer 0 run (the layers themselves may be on the meta device)."""
         return self._capture()
 
-    def run_layer(self, layer: nn.Module, batches: list[_Batch], until: list[nn.Module] | None = None) -> list[torch.Tensor]:
-        """`layer` applied to every batch (no_grad, on the runner's device); outputs on CPU."""
-        return self._run_layer(layer, batches, until)
+    def run_layer(self, layer: nn.Module, batches: list[_Batch], until: list[nn.Module] | None = None,
+                  index: int | None = None) -> list[torch.Tensor]:
+        """`layer` (decoder layer `index`, else found by identity among the model's layers) applied
+        to every batch (no_grad, on the runner's device); outputs on CPU."""
+        return self._run_layer(layer, batches, until, index)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -273,7 +326,7 @@ class LayerwiseRunner:
                 layer.to(self.device)
             step = LayerStep(index=i, name=f"{self.arch.layers}.{i}", layer=layer,
                              inputs=[b.hidden for b in batches],
-                             _run=lambda until=None, i=i, bs=batches: self._run_layer(self.layers[i], bs, until))
+                             _run=lambda until=None, i=i, bs=batches: self._run_layer(self.layers[i], bs, until, i))
             try:
                 yield step
             except GeneratorExit:  # the caller stopped early: put the layer back where it was
@@ -290,7 +343,7 @@ class LayerwiseRunner:
             step.inputs.clear()
             step.last_pass()
             for j, b in enumerate(batches):
-                batches[j] = _Batch(self._run_layer(layer, [b])[0], b.kwargs)
+                batches[j] = _Batch(self._run_layer(layer, [b], index=i)[0], b.kwargs, b.by_layer)
                 del b
             step.restore()
             if self.device is not None:

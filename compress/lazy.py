@@ -66,7 +66,7 @@ from lmpress.quant.flatquant import runtime_specs
 from lmpress.quant.rotate import Rotation, fusable, fuse_layer_norms, place_online, rotate_layer, sub_seed
 
 from . import ct_format
-from .arch import arch_for
+from .arch import arch_for, record_for, supported_architectures
 from .checkpoint import lmpress_block, packed_state, with_sparsity
 from .pipeline import build_plan
 from .recipe import Recipe
@@ -196,7 +196,10 @@ def skeleton(model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    arch_for(config)  # a clear error for an unsupported architecture
+    if record_for(config) is None:
+        raise ValueError(f"{model_dir}: the larger-than-memory path (--lazy) needs an architecture record, and "
+                         f"{', '.join(config.architectures or [config.model_type])} has none (records: "
+                         f"{', '.join(supported_architectures())}); compress it in memory")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
@@ -262,7 +265,7 @@ def _flatquant_layer(fq, layer, i: int, prefix: str, arch0, cfg, ctx, streams: S
         plain = {f[: -len(".linear")] if f in inside.values() else f: s  # names as FlatLayer sees them
                  for f, s in ctx.plan.items() if f.startswith(prefix)}
         flat, targets, row = fq.train_layer(layer, i, prefix[:-1], arch0, plain, cfg, ctx.kv_cache, streams.inputs("flat_float"),
-                                            streams.inputs("flat_quant"), streams.kwargs["flat_float"])
+                                            streams.inputs("flat_quant"), streams.layer_kwargs("flat_float", i))
         streams.propagate("flat_quant", layer)
         streams.put("flat_float", targets)
         summary = {"act_clip": {}, "wrapped": []}
@@ -323,6 +326,7 @@ def compress_lazy(
     reader = ShardReader(model_dir)
     model = skeleton(model_dir, dtype)
     arch0 = arch_for(model)
+    arch0.check_recipe(recipe)
     cfg = model.config
     plan = build_plan(model, recipe)
     names = [s.name for s in recipe.stages]
@@ -429,9 +433,9 @@ def compress_lazy(
     streams.capture(model, arch, [k for k in wanted if k == "structured"])  # as in memory: before the embeddings are rotated
     if fuse:
         norm_w = model.get_submodule(arch0.final_norm).weight
-        if not bool((norm_w == 1).all()):
-            _rotate_rows(head.weight.data, None, norm_w.detach())
-            norm_w.data.fill_(1.0)
+        if not bool((norm_w + arch0.norm_offset == 1).all()):  # the gain is offset + w (Gemma: 1 + w)
+            _rotate_rows(head.weight.data, None, norm_w.detach() + arch0.norm_offset)
+            norm_w.data.fill_(1.0 - arch0.norm_offset)
     if R1 is not None:
         R1cpu = Rotation(cfg.hidden_size, rot.kind, rot.seed, block=rot.block)
         _rotate_rows(model.get_submodule(arch0.embed).weight.data, R1cpu, None)

@@ -2,6 +2,7 @@
 (`smollm2-135m`, the default; `tiny-llama`, a seeded random LLaMA for tests and demos)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -20,7 +21,7 @@ from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 )
 
-from lmpress.compress.arch import arch_for
+from lmpress.compress.arch import arch_for, record_for
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -58,6 +59,70 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.uniform_(0.5, 1.5)
     return model, byte_tokenizer()
+
+
+# Tiny seeded models of the other families (tests of the architecture records and the generic path):
+# family -> (config class, model class, the family's own settings over the tiny LLaMA's shape).
+TINY_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    # 3 layers: sliding-window, global, sliding (window 8); one KV head; the query scale from head_dim
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(num_hidden_layers=3, num_key_value_heads=1, sliding_window=8, query_pre_attn_scalar=16,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1, mlp_only_layers=[])),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.5, use_parallel_residual=True)),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A seeded random tiny model of `family` (`TINY_FAMILIES`: the tiny LLaMA's shape, the
+    family's own structure) and the byte tokenizer. Norm gains are randomized (around 1 for the
+    x̂·w norms, around 0 for Gemma's x̂·(1 + w)), so norm-handling bugs cannot hide."""
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; use one of {', '.join(TINY_FAMILIES)}")
+    cfg_name, model_name, own = TINY_FAMILIES[family]
+    torch.manual_seed(seed)
+    base = {k: v for k, v in tiny_llama_config().to_dict().items()
+            if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "tie_word_embeddings",
+                     "bos_token_id", "eos_token_id")}
+    config = getattr(transformers, cfg_name)(**{**base, **own, "architectures": [model_name], **overrides})
+    model = getattr(transformers, model_name)(config).to(dtype).eval()
+    offset = 1.0 if family == "gemma3" else 0.0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.uniform_(0.5 - offset, 1.5 - offset)
+    return model, byte_tokenizer()
+
+
+@contextlib.contextmanager
+def float64_norms():
+    """While active, the RMSNorms of the tiny families compute in their input's dtype (transformers'
+    upcast to float32 only), Gemma's with its (1 + w) gain: float64 invariance checks need the
+    norms in float64 too. The maths is the models' own."""
+    import importlib
+
+    saved = []
+    for mod, cls, offset, eps in (("llama", "LlamaRMSNorm", 0.0, "variance_epsilon"), ("qwen3", "Qwen3RMSNorm", 0.0, "variance_epsilon"),
+                                  ("gemma3", "Gemma3RMSNorm", 1.0, "eps")):
+        klass = getattr(importlib.import_module(f"transformers.models.{mod}.modeling_{mod}"), cls)
+
+        def forward(self, x, offset=offset, eps=eps):
+            return (offset + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + getattr(self, eps)))
+        saved.append((klass, klass.forward))
+        klass.forward = forward
+    try:
+        yield
+    finally:
+        for klass, fwd in saved:
+            klass.forward = fwd
 
 
 # --------------------------------------------------------------------------- loading
@@ -144,10 +209,12 @@ def gguf_source(spec: str | os.PathLike = DEFAULT_MODEL) -> Path | None:
 
 
 def _check_arch(config, where: Path) -> None:
-    try:
-        arch_for(config)
-    except ValueError as e:
-        raise ModelLoadError(f"{where}: {e}") from None
+    """A recorded architecture, or any other causal LM (the weight-only stages discover its layers)."""
+    if record_for(config) is None and not any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or ()):
+        try:
+            arch_for(config)
+        except ValueError as e:
+            raise ModelLoadError(f"{where}: {e}") from None
 
 
 def _first_line(e: Exception) -> str:

@@ -43,6 +43,7 @@ def compress(
     if not isinstance(recipe, Recipe):
         recipe = Recipe.load(recipe)
     arch = arch_for(model)
+    arch.check_recipe(recipe)
     if recipe.needs_calibration and calib is None:
         names = [s.name for s in recipe.stages if s.needs_calibration]
         raise ValueError(f"stage(s) {names} need calibration data: pass calib=sample_calibration(tokenizer, ...)")

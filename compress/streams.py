@@ -65,7 +65,7 @@ class Streams:
         self.runner: LayerwiseRunner | None = None
         self._captured: dict[tuple[str, int], list] = {}
         self.acts: dict[str, Activations] = {}
-        self.kwargs: dict[str, list[dict]] = {}
+        self.kwargs: dict[str, list[tuple]] = {}  # per stream, per batch: (layer 0's kwargs, every layer's or None)
         self.next: dict[str, Activations] = {}
         self.folder: Path | None = None
         self.keep, self.bytes = True, 0
@@ -85,7 +85,7 @@ class Streams:
         first = {k: self._captured[(tag, bs)] for k, (tag, _, bs) in self.wanted.items()}
         self.bytes = sum(b.hidden.numel() * b.hidden.element_size() for k in first for b in first[k])
         self.keep = self.bytes <= spill_bytes
-        self.kwargs = {k: [b.kwargs for b in first[k]] for k in first}
+        self.kwargs = {k: [(b.kwargs, b.by_layer) for b in first[k]] for k in first}
         for k, batches in first.items():
             if 0 < state.done < n_layers:
                 folder = state.work / state.data["acts"] / k
@@ -114,11 +114,15 @@ class Streams:
         def run_all(until=None):
             outs = []
             for j in range(acts.n):
-                o = self.runner.run_layer(layer, [Batch(acts.get(j), kwargs[j])], until)
+                o = self.runner.run_layer(layer, [Batch(acts.get(j), *kwargs[j])], until, i)
                 if self.keep and not until:
                     outs.append(o[0])
             return outs
         return LayerStep(index=i, name=layer_name, layer=layer, inputs=acts.mem or [], _run=run_all)
+
+    def layer_kwargs(self, name: str, i: int) -> list[dict]:
+        """Decoder layer i's keyword arguments for every batch of stream `name` (on CPU)."""
+        return [Batch(None, *kw).for_layer(i) for kw in self.kwargs[name]]
 
     def inputs(self, name: str) -> list[torch.Tensor]:
         """Every batch of stream `name`, on the device (a stage that trains on them all)."""
@@ -135,7 +139,7 @@ class Streams:
         for j in range(acts.n):
             o = None
             if dist is None or dist.owns(j):
-                o = self.runner.run_layer(layer, [Batch(acts.get(j), kwargs[j])])[0]
+                o = self.runner.run_layer(layer, [Batch(acts.get(j), *kwargs[j])])[0]
             if dist is not None:
                 h = acts.get(j)
                 o = dist.broadcast_tensor(o, tuple(h.shape), h.dtype, src=dist.owner(j))

@@ -180,15 +180,16 @@ def _norm_weight(norm: nn.Module, where: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _fold_gain(norm: nn.Module, readers: list[nn.Module], where: str) -> bool:
-    """W ← W diag(w) for every reader, then w ← 1 (float64). False when w is already 1."""
+def fold_gain(norm: nn.Module, readers: list[nn.Module], where: str, offset: float = 0.0) -> bool:
+    """W ← W diag(g) for every reader, then g ← 1 (float64), where the norm's gain is g = offset + w
+    (Gemma's norms compute x̂·(1 + w)). False when g is already 1."""
     w = _norm_weight(norm, where)
-    if bool((w == 1).all()):
+    if bool((w + offset == 1).all()):
         return False
-    w64 = w.detach().to(torch.float64)
+    g64 = w.detach().to(torch.float64) + offset
     for lin in readers:
-        lin.weight.copy_((lin.weight.detach().to(torch.float64) * w64[None, :]).to(lin.weight.dtype))
-    w.fill_(1.0)
+        lin.weight.copy_((lin.weight.detach().to(torch.float64) * g64[None, :]).to(lin.weight.dtype))
+    w.fill_(1.0 - offset)
     return True
 
 
@@ -197,8 +198,8 @@ def fuse_layer_norms(layer: nn.Module, arch, prefix: str = "") -> list[str]:
     returns the folded norms' names (`prefix` + path). The per-layer body of `fuse_norms`, also run
     by the larger-than-memory path on each layer as it is read."""
     return [prefix + norm_path for norm_path, readers in arch.norm_readers.items()
-            if _fold_gain(layer.get_submodule(norm_path), [fusable(layer.get_submodule(r), prefix + r) for r in readers],
-                          prefix + norm_path)]
+            if fold_gain(layer.get_submodule(norm_path), [fusable(layer.get_submodule(r), prefix + r) for r in readers],
+                         prefix + norm_path, arch.norm_offset)]
 
 
 @torch.no_grad()
@@ -219,7 +220,7 @@ def fuse_norms(model: nn.Module, arch) -> list[str]:
                 _plain_linear(layer.get_submodule(r), f"{arch.layers}.{i}.{r}")
     head = _plain_linear(model.get_submodule(arch.lm_head), arch.lm_head)
     folded = [name for i, layer in enumerate(layers) for name in fuse_layer_norms(layer, arch, f"{arch.layers}.{i}.")]
-    if _fold_gain(model.get_submodule(arch.final_norm), [head], arch.final_norm):
+    if fold_gain(model.get_submodule(arch.final_norm), [head], arch.final_norm, arch.norm_offset):
         folded.append(arch.final_norm)
     return folded
 
@@ -231,7 +232,7 @@ def norms_fused(model: nn.Module, arch) -> bool:
     norms = [model.get_submodule(arch.final_norm)]
     for layer in arch.decoder_layers(model):
         norms += [layer.get_submodule(p) for p in arch.norm_readers]
-    return all(bool((n.weight == 1).all()) for n in norms)
+    return all(bool((n.weight + arch.norm_offset == 1).all()) for n in norms)
 
 
 # --------------------------------------------------------------------------- rotations

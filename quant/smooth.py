@@ -25,12 +25,13 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alp
 
 @torch.no_grad()
 def fold_smoothing(s: torch.Tensor, producer_weight: torch.Tensor, readers: list[torch.nn.Linear],
-                   producer_bias: torch.Tensor | None = None) -> None:
+                   producer_bias: torch.Tensor | None = None, offset: float = 0.0) -> None:
     """Divide the producer's output channels by s and multiply the readers' input columns by s,
-    in float64, in place. `producer_weight` is an RMSNorm gain (in,) or a linear weight (in, k)."""
+    in float64, in place. `producer_weight` is an RMSNorm gain (in,) or a linear weight (in, k);
+    a norm whose gain is offset + w (Gemma's 1 + w) gets w <- (offset + w) / s - offset."""
     s64 = s.double()
     shape = (-1,) + (1,) * (producer_weight.dim() - 1)  # (in,) or (in, 1)
-    producer_weight.copy_((producer_weight.double() / s64.view(shape)).to(producer_weight.dtype))
+    producer_weight.copy_(((producer_weight.double() + offset) / s64.view(shape) - offset).to(producer_weight.dtype))
     if producer_bias is not None:
         producer_bias.copy_((producer_bias.double() / s64).to(producer_bias.dtype))
     for lin in readers:

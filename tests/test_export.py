@@ -2,9 +2,6 @@
 
 The stock-transformers checks run in a subprocess that never imports lmpress."""
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,6 +10,7 @@ from typer.testing import CliRunner
 from lmpress.cli.main import app
 from lmpress.compress import Recipe, compress, inspect, load, save
 from lmpress.compress.export import export_gptq, load_gptq, read_gptq, to_gptq
+from lmpress.eval.stock import stock_logits
 from lmpress.kernels.linear import PackedLinear
 from lmpress.quant.scheme import QuantArgs
 
@@ -40,35 +38,8 @@ def _qc(path) -> dict:
     return json.loads((path / "config.json").read_text())["quantization_config"]
 
 
-STOCK = textwrap.dedent("""
-    import sys, torch
-    from transformers import AutoModelForCausalLM
-    tokens = torch.load(sys.argv[1])
-    out = {}
-    for path in sys.argv[3:]:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        with torch.no_grad():
-            try:
-                out[path] = model(tokens).logits
-            except RuntimeError as e:  # compressed-tensors 0.20 decompresses FP4 to bfloat16 (ct_format.FP4_FLOAT32_NOTE)
-                if "same dtype" not in str(e):
-                    raise
-                for m in model.modules():
-                    if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16:
-                        m.weight.data = m.weight.data.float()
-                out[path + ":cast"] = model(tokens).logits
-    leaked = sorted(m for m in sys.modules if m == "lmpress" or m.startswith("lmpress."))
-    assert not leaked, leaked
-    torch.save(out, sys.argv[2])
-""")
-
-
-def _stock_logits(paths, tokens, tmp_path) -> dict:
-    torch.save(tokens, tmp_path / "tokens.pt")
-    res = subprocess.run([sys.executable, "-c", STOCK, str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt"), *map(str, paths)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return torch.load(tmp_path / "logits.pt")
+def _stock_logits(paths, tokens, tmp_path=None) -> dict:
+    return stock_logits(paths, tokens, timeout=300)
 
 
 def test_compressed_tensors_artifacts_load_in_stock_transformers(tmp_path, tokens):

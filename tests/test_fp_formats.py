@@ -283,8 +283,8 @@ def test_fp8_kv_cache_in_compressed_tensors_form(tmp_path):
     from lmpress.calibration.data import CalibrationSet, fingerprint
     from lmpress.compress import Recipe, compress, load, save
     from lmpress.compress.models import tiny_llama
+    from lmpress.eval.stock import stock_logits
     from lmpress.kernels.attention import cache_quant_off
-    from test_export import _stock_logits
 
     toks = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     calib = CalibrationSet(tokens=toks, source="random", split="calib", n=4, seqlen=32, seed=0, fingerprint=fingerprint(toks))
@@ -309,7 +309,7 @@ def test_fp8_kv_cache_in_compressed_tensors_form(tmp_path):
             with cache_quant_off(back):
                 plain[str(path)] = back(x).logits
         paths.append(path)
-    stock = _stock_logits(paths, x, tmp_path)  # transformers 5.25 + compressed-tensors 0.20: no kv_cache_scheme hook
+    stock = stock_logits(paths, x)  # transformers 5.25 + compressed-tensors 0.20: no kv_cache_scheme hook
     for p in paths:
         assert ((stock[str(p)] - plain[str(p)]).abs().max() / plain[str(p)].abs().max()).item() <= 1e-4
 

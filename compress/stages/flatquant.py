@@ -141,13 +141,13 @@ class FlatQuant(FlatArgs):
                     self.finish_layer(pending, ctx.plan, summary)
                     pending = None
                 layer = step.layer
-                if kwargs is None:  # layer 0: its keyword arguments per batch, and the float stream starts here
-                    kwargs = []
-                    h = layer.register_forward_pre_hook(lambda m, a, kw: kwargs.append(kw), with_kwargs=True)
-                    try:
-                        step.forward()
-                    finally:
-                        h.remove()
+                kwargs = []  # this layer's keyword arguments per batch (layer types may differ), on the device
+                h = layer.register_forward_pre_hook(lambda m, a, kw: kwargs.append(kw), with_kwargs=True)
+                try:
+                    step.forward(until=[layer])  # stops as the layer is entered
+                finally:
+                    h.remove()
+                if fstream is None:  # layer 0: the float stream starts here
                     fstream = [x.to(dev) for x in step.inputs]
                 pending, fstream, row = self.train_layer(layer, step.index, step.name, arch, ctx.plan, model.config, kv,
                                                          fstream, [x.to(dev) for x in step.inputs], kwargs)

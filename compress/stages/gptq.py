@@ -234,7 +234,7 @@ class GPTQ:
         for targets, later in group_passes(arch.sequential_groups, mine, self.true_sequential):
             figures += self._collect_and_quantize(step, ctx, mine, targets, later, dist)
             done.update(targets)
-            if later and not any(rel in mine and rel not in done for rel in attention):
+            if arch.attention and later and not any(rel in mine and rel not in done for rel in attention):
                 step.replay(arch.attention)  # final now: later passes and the propagation reuse its outputs
         return figures
 

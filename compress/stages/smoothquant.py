@@ -58,5 +58,6 @@ class SmoothQuant:
                 raise ValueError(f"smoothquant must run before quantization stages: {step.name}.{readers[0]} is already {type(mods[0]).__name__}")
             s = smoothing_factors(amax[readers[0]], [m.weight for m in mods], self.alpha)
             prod = step.layer.get_submodule(producer)
-            fold_smoothing(s, prod.weight, mods, getattr(prod, "bias", None))
+            offset = arch.norm_offset if producer in arch.norm_readers else 0.0  # a norm's gain, not a linear's weight
+            fold_smoothing(s, prod.weight, mods, getattr(prod, "bias", None), offset)
         log.info("smoothquant: %s smoothed", step.name)
