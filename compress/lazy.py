@@ -101,8 +101,9 @@ def check_recipe(recipe: Recipe) -> None:
     if "act_scales" in bad:
         raise LazyError("stage 'act_scales' does not run layer by layer (--lazy) yet; use stage gptq, which calibrates "
                         "the static activation scales of the modules it quantizes, or compress without --lazy")
-    if "rope_scale" in bad:
-        raise LazyError("stage 'rope_scale' does not run layer by layer (--lazy) yet; compress without --lazy")
+    for name in ("rope_scale", "awq"):
+        if name in bad:
+            raise LazyError(f"stage {name!r} does not run layer by layer (--lazy) yet; compress without --lazy")
     if bad:
         raise LazyError(
             f"stage {bad[0]!r} needs the whole model at once, so it cannot run layer by layer (--lazy); "
