@@ -5,8 +5,8 @@ shape with hidden 128, FFN 192, 8 query heads; each family's own structure).
     python -P bench/architectures.py                    # every family x every recipe
     python -P bench/architectures.py --families gemma3 --recipes w4a16-gptq,kv2-kivi
 
-Per cell: `ok` (the artifact's form; the share of the decoder layers' weights quantized where
-not all are; compressed, saved, `load()` gives the simulated model's logits; for an artifact
+Per cell: `ok` (the artifact's form; the decoder layers' matrices left in high precision, if any;
+compressed, saved, `load()` gives the simulated model's logits; for an artifact
 in compressed-tensors form, stock transformers in a process that never imports lmpress gives the
 same logits, max |diff| / max |logit| <= 1e-4), `refused` with the one-line reason lmpress gives
 before anything changes, or `FAILED` with the error. Rows `fuse_norms`, `smoothquant` and
@@ -26,7 +26,7 @@ import torch
 
 FAMILIES = ("llama", "qwen3", "gemma3", "phi3", "mixtral", "qwen3_moe", "gpt_neox")
 RECIPES = ("fuse_norms", "smoothquant", "rotate", "w4a16-gptq", "w4a16-rtn", "w8a8-rtn", "w8a8-fp8", "w4a16-nvfp4",
-           "sparse24-wanda", "w8a8-smoothquant-rtn", "w4a4kv4-quarot-gptq", "w4a4kv4-flatquant", "kv2-kivi",
+           "sparse24-wanda", "w4a16-awq", "w4a16-awq-gptq", "w8a8-smoothquant-rtn", "w4a4kv4-quarot-gptq", "w4a4kv4-flatquant", "kv2-kivi",
            "kv2-rotatekv", "kv-fp8", "w4afp8-fireq", "mixed-w3.5-gptq")
 SHAPE = dict(hidden_size=128, intermediate_size=192, num_attention_heads=8)  # groups of 64 divide every input width
 INVARIANCE = {"fuse_norms": [("fuse_norms", {})], "smoothquant": [("smoothquant", {"alpha": 0.5})],
@@ -76,9 +76,9 @@ def run_cell(family: str, recipe: str, calib, tokens, folder: Path) -> dict:
         form = ("lmpress-packed" if qc.get("quant_method") != "compressed-tensors"
                 else "compressed-tensors + lmpress block" if qc.get("lmpress") else "compressed-tensors")
         layers = arch_for(model).decoder_layers(model)
-        total = sum(p.numel() for p in layers.parameters() if p.dim() > 1)
-        done = sum(m.weight.numel() for m in layers.modules() if hasattr(m, "scheme") and getattr(m, "weight", None) is not None)
-        detail = form + (f"; {100 * done / total:.0f}% of the layers' weights quantized" if 0 < done < total else "")
+        quantized = {id(p) for m in layers.modules() if hasattr(m, "scheme") for p in m.parameters()}
+        left = sorted({n.split(".", 1)[1] for n, p in layers.named_parameters() if p.dim() > 1 and id(p) not in quantized})
+        detail = form + (f"; kept: {', '.join(left)}" if left and len(quantized) else "")
         return {"status": "ok", "detail": detail, "path": str(path) if form == "compressed-tensors" else None, "logits": loaded}
     except Exception as e:  # noqa: BLE001 - a cell's failure is a figure of the table
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]

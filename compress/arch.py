@@ -180,14 +180,16 @@ def arch_for(model_or_config) -> ArchMap:
 
 def discover(model: nn.Module) -> ArchMap:
     """An ArchMap for a causal LM without a record: the decoder layers are the longest
-    `ModuleList` whose modules share one class; the linears of layer 0 in the order one short
-    forward calls them, grouped where they read the same tensor (q/k/v, gate/up); embeddings and
+    `ModuleList` whose modules share one class and hold linears; the linears of layer 0 in the order one short
+    forward calls them, grouped where they read the same tensor (q/k/v, gate/up), then each split
+    expert's linears (`kernels.experts.ExpertLinears`) in a group of their own; embeddings and
     head from `get_input_embeddings` / `get_output_embeddings`. Weight-only stages only."""
     import torch
 
     names = {id(m): n for n, m in model.named_modules()}
-    lists = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(b) for b in m}) == 1]
+    lists = [(n, m) for n, m in model.named_modules()  # blocks that hold linears (not a list of linears: split experts)
+             if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(b) for b in m}) == 1
+             and not isinstance(m[0], nn.Linear) and any(isinstance(c, nn.Linear) for c in m[0].modules())]
     cls = type(model).__name__
     if not lists:
         raise ValueError(f"unsupported architecture {cls}: no decoder layers found (a ModuleList of one block class); "
@@ -196,8 +198,12 @@ def discover(model: nn.Module) -> ArchMap:
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embed is None or head is None or id(embed) not in names or id(head) not in names:
         raise ValueError(f"unsupported architecture {cls}: no input or output embeddings to find")
-    linears = {id(m): n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)}
-    if not linears:
+    from lmpress.kernels.experts import ExpertLinears
+
+    experts = [(n, m) for n, m in layers[0].named_modules() if isinstance(m, ExpertLinears)]
+    expert_ids = {id(lin) for _, m in experts for lin in m.modules()}
+    linears = {id(m): n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear) and id(m) not in expert_ids}
+    if not linears and not experts:
         raise ValueError(f"unsupported architecture {cls}: decoder layer 0 ({layers_path}.0) has no nn.Linear to quantize")
     order: list[tuple[str, int]] = []  # (path in the layer, id of the tensor it read)
     hooks = [m.register_forward_pre_hook(lambda m, a, kw=None: order.append((linears[id(m)], id(a[0]))))
@@ -219,6 +225,8 @@ def discover(model: nn.Module) -> ArchMap:
         else:
             groups.append([rel])
         last = src
+    for path, m in experts:  # one group per expert linear (each reads its own tokens), gate_up before down
+        groups += [[f"{path}.gate_up.{e}"] for e in range(m.num_experts)] + [[f"{path}.down.{e}"] for e in range(m.num_experts)]
     missing = sorted(set(linears.values()) - {r for g in groups for r in g})
     if missing:
         raise ValueError(f"unsupported architecture {cls}: linears {missing} of decoder layer 0 were not called by a forward")

@@ -128,14 +128,20 @@ def lmpress_block(model: nn.Module) -> dict[str, Any] | None:
     from lmpress.kernels.attention import ATTN_IMPLEMENTATION, attention_specs
     from lmpress.kernels.online import online_specs, output_transform_specs
 
+    from lmpress.kernels.experts import expert_modules
+
     online = online_specs(model) + output_transform_specs(model)  # "output": FlatQuant's transform of a norm's output
     attention = attention_specs(model)
-    if not online and not attention:
+    experts = sorted(expert_modules(model))
+    if not online and not attention and not experts:
         return None
+    if not online and not attention:
+        return {"experts": experts}
     for where, spec in attention.items():
         if spec.get("qk") is not None:
             online.append({"where": where, "apply": "qk", **spec["qk"]})
     return {
+        **({"experts": experts} if experts else {}),
         "online_transforms": online,
         "attention": {
             "implementation": ATTN_IMPLEMENTATION,
@@ -174,8 +180,14 @@ def _restore_lmpress_block(model: nn.Module, block: dict[str, Any] | None) -> No
     if not block:
         return
     from lmpress.kernels.attention import restore_attention
+    from lmpress.kernels.experts import split_experts
     from lmpress.kernels.online import restore_transforms
 
+    if block.get("experts"):
+        split = split_experts(model)
+        if sorted(split) != sorted(block["experts"]):
+            raise CheckpointError(f"the checkpoint's per-expert linears are under {block['experts'][:3]}, but this model's fused "
+                                  f"experts are {split[:3]}: the config does not match the weights")
     online = list(block.get("online_transforms") or [])
     unknown = sorted({o.get("apply") for o in online} - {"input", "output", "qk"}, key=str)
     if unknown:

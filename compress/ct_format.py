@@ -150,6 +150,9 @@ def fp8_kv_scale(kv: Any) -> str | None:
 
 def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], block: Any, kv: Any) -> str | None:
     """None when compressed-tensors can describe the artifact, else the first reason it cannot."""
+    if (block or {}).get("experts"):
+        return ("experts quantized one by one: transformers 5 stores a mixture-of-experts block's experts as fused "
+                "3-D parameters, which compressed-tensors does not quantize")
     attention = dict((block or {}).get("attention") or {})
     kv_only = all(d.get("type") == "float" and "key_rotation" not in d for d in (attention.get("kv_cache") or {}).values())
     if block and (block.get("online_transforms") or (attention and not (set(attention) <= {"implementation", "kv_cache"} and kv_only))):

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmpress.kernels.experts import expert_modules, split_experts
+
 from .arch import arch_for
 from .recipe import Recipe, RecipeError
 from .report import Report
@@ -43,7 +45,10 @@ def compress(
     if not isinstance(recipe, Recipe):
         recipe = Recipe.load(recipe)
     arch = arch_for(model)
-    arch.check_recipe(recipe)
+    arch.check_recipe(recipe)  # before anything changes
+    if split_experts(model):
+        log.info("mixture of experts: %d experts modules split into one linear pair per expert", len(expert_modules(model)))
+        arch = arch_for(model)  # discovered again: the experts' linears now exist
     if recipe.needs_calibration and calib is None:
         names = [s.name for s in recipe.stages if s.needs_calibration]
         raise ValueError(f"stage(s) {names} need calibration data: pass calib=sample_calibration(tokenizer, ...)")
@@ -54,11 +59,22 @@ def compress(
     report = Report()
     ctx = Context(arch=arch, plan=plan, calib=calib, kv_cache=recipe.kv_args, device=device, report=report, batch_size=batch_size)
     model.eval()
-    with torch.no_grad():
-        for stage in recipe.stages:
-            log.info("stage %s", stage.name)
-            with report.timed(stage.name):
-                stage.apply(model, ctx)
+    experts = expert_modules(model)
+    for m in experts.values():  # calibration reaches every expert (kernels.experts)
+        m.all_tokens = True
+        m.routed.zero_()
+    try:
+        with torch.no_grad():
+            for stage in recipe.stages:
+                log.info("stage %s", stage.name)
+                with report.timed(stage.name):
+                    stage.apply(model, ctx)
+    finally:
+        for m in experts.values():
+            m.all_tokens = False
+    if experts:
+        report.extra["experts"] = {name: [round(v, 4) for v in (m.routed / m.routed.sum().clamp_min(1)).tolist()]
+                                   for name, m in experts.items()}  # each expert's share of the routing slots
     model.lmpress_meta = {
         "recipe": recipe,
         "plan": ctx.plan,

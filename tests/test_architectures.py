@@ -72,6 +72,7 @@ def test_records_and_discovered_groups():
     assert names["phi3"].generic and names["phi3"].sequential_groups == (
         ("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
     assert names["mixtral"].sequential_groups == (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
+    # (before `split_experts`: the fused experts are 3-D parameters, not linears)
     assert names["gpt_neox"].layers == "gpt_neox.layers" and names["gpt_neox"].lm_head == "lm_head"
     assert names["gpt_neox"].sequential_groups[0] == ("attention.query_key_value",)
 
@@ -134,7 +135,8 @@ def test_refusals_name_the_stage_and_change_nothing(family, recipe, message, cal
 
 def test_every_family_takes_w4a16_gptq_and_w8a8_and_loads_in_stock_transformers(tmp_path, calib, tokens):
     """w4a16-gptq and w8a8-rtn on every family (records and discovered): `load()` gives the
-    simulated logits exactly, stock transformers + compressed-tensors within 1e-4 relative."""
+    simulated logits exactly; stock transformers + compressed-tensors within 1e-4 relative, but for
+    the mixture-of-experts families, whose experts are quantized one by one (lmpress-packed)."""
     pytest.importorskip("compressed_tensors")
     ours = {}
     for family in FAMILIES:
@@ -142,9 +144,15 @@ def test_every_family_takes_w4a16_gptq_and_w8a8_and_loads_in_stock_transformers(
             model, tok = tiny_model(family, **SHAPE)
             compress(model, recipe, calib)
             path = save(model, tmp_path / f"{family}-{recipe}", tokenizer=tok)
-            assert json.loads((path / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
-            ours[str(path)] = _logits(load(path), tokens)
-            assert torch.equal(ours[str(path)], _logits(model, tokens)), (family, recipe)
+            qc = json.loads((path / "config.json").read_text())["quantization_config"]
+            logits = _logits(load(path), tokens)
+            assert torch.equal(logits, _logits(model, tokens)), (family, recipe)
+            if family in ("mixtral", "qwen3_moe"):
+                assert qc["format"] == "lmpress-packed" and qc["lmpress"]["experts"] == ["model.layers.0.mlp.experts",
+                                                                                          "model.layers.1.mlp.experts"]
+                continue
+            assert qc["quant_method"] == "compressed-tensors"
+            ours[str(path)] = logits
     stock = stock_logits(ours, tokens)
     for path, logits in ours.items():
         assert ((stock[path] - logits).abs().max() / logits.abs().max()).item() <= 1e-4, path
@@ -186,3 +194,50 @@ def test_any_causal_lm_loads_from_a_directory(tmp_path):
     assert type(model).__name__ == "Phi3ForCausalLM"
     with pytest.raises(ValueError, match=r"needs an architecture record, and Phi3ForCausalLM has none"):
         compress_lazy(tmp_path / "m", Recipe.load("w4a16-rtn"), out=tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_experts_are_split_calibrated_on_every_token_and_packed(family, calib, tokens, tmp_path):
+    """transformers 5's fused experts become one linear pair per expert computing the same logits
+    exactly; GPTQ then quantizes every expert from all calibration tokens (an expert is reached by
+    its routed share only, reported); the router stays in high precision; the packed artifact
+    reloads to the same logits."""
+    from lmpress.kernels.experts import ExpertLinears, split_experts
+
+    model, tok = tiny_model(family, **SHAPE)
+    ref = _logits(model, tokens)
+    assert split_experts(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert torch.equal(_logits(model, tokens), ref)
+    arch = arch_for(model)
+    assert arch.sequential_groups[2:] == tuple((f"mlp.experts.gate_up.{e}",) for e in range(4)) + tuple(
+        (f"mlp.experts.down.{e}",) for e in range(4))
+    assert isinstance(model.model.layers[0].mlp.experts, ExpertLinears)
+    report = compress(model, "w4a16-gptq", calib)
+    for k in ("gate_up", "down"):  # every expert's Hessian from every calibration token
+        assert {report.modules[f"model.layers.0.mlp.experts.{k}.{e}"]["tokens"] for e in range(4)} == {calib.tokens.numel()}
+    shares = report.extra["experts"]["model.layers.0.mlp.experts"]
+    assert len(shares) == 4 and abs(sum(shares) - 1) < 1e-3 and min(shares) > 0
+    assert not any("gate" in f and "gate_up" not in f for f in report.modules)  # the router is not quantized
+    assert all(f"model.layers.1.mlp.experts.{k}.{e}" in report.modules for k in ("gate_up", "down") for e in range(4))
+    sim = _logits(model, tokens)
+    assert torch.equal(_logits(load(save(model, tmp_path / "a", tokenizer=tok)), tokens), sim)
+    assert 0 < ((sim - ref).norm() / ref.norm()).item() < 0.5
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "phi3", "mixtral"])
+def test_lm_eval_runs_per_family(family, calib, tmp_path):
+    """lm-eval (offline, a bundled task) on the simulated model and on its reloaded packed
+    checkpoint: the same scores up to float rounding, for a record, a discovered family and split
+    experts."""
+    from lmpress.eval.harness import run_tasks
+
+    model, tok = tiny_model(family, **SHAPE)
+    compress(model, "w4a16-rtn", calib)
+    packed = load(save(model, tmp_path / "a", tokenizer=tok))
+    sim, pk = (run_tasks(m, tok, tasks=["lmpress_wiki_ppl"], limit=2, batch_size=2).metrics() for m in (model, packed))
+    assert sim["lmpress_wiki_ppl/bits_per_byte"] > 0
+    for k in sim:
+        assert pk[k] == pytest.approx(sim[k], rel=1e-3, abs=1e-6), (family, k)

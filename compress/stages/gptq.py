@@ -261,11 +261,13 @@ class GPTQ:
         if dist is not None:
             for u in range(len(units)):
                 results[u], seconds[u] = dist.broadcast_object((results.get(u), seconds.get(u)), src=dist.owner(u))
+        tokens = {rel: stats[rels[0]].n_tokens for rels in by_input.values() for rel in rels}  # what each Hessian saw
         figures = []
         for u, (H, args, same) in enumerate(units):
             for rel, (q, scale, zero, st) in zip(same, results[u]):
                 W = sims[rel].weight.detach().to(torch.float32, copy=True)  # set_quantized overwrites the weight
-                figures.append(self._install(ctx, sims[rel], mine[rel][0], W, H, q, scale, zero, st, seconds[u]))
+                figures.append(self._install(ctx, sims[rel], mine[rel][0], W, H, q, scale, zero, {**st, "tokens": tokens[rel]},
+                                             seconds[u]))
         for rels in by_input.values():
             stats[rels[0]].release()
         return figures
@@ -283,6 +285,6 @@ class GPTQ:
             extra["dead_inputs"] = st["dead"]
         if ctx.report is not None:
             ctx.report.record_module(fqn, scheme=sim.scheme.name, method="gptq", **quant_error(W, sim.weight),
-                                     **fig, seconds=round(seconds, 4), **extra)
+                                     **fig, tokens=int(st["tokens"]), seconds=round(seconds, 4), **extra)
         log.debug("gptq: %s: loss %.4g (rtn %.4g), %.2fs", fqn, st["loss"], rtn_loss, seconds)
         return fig
