@@ -42,6 +42,7 @@ def calibration():
 def run_cell(family: str, recipe: str, calib, tokens, folder: Path) -> dict:
     """One cell: {"status": ok | refused | FAILED, "detail": ..., "path": artifact for the stock check}."""
     from lmpress.compress import Recipe, arch_for, compress, load, save
+    from lmpress.compress.pipeline import prepare
     from lmpress.compress.models import float64_norms, tiny_model
     from lmpress.compress.report import Report
     from lmpress.compress.stage import Context, make_stage
@@ -55,9 +56,8 @@ def run_cell(family: str, recipe: str, calib, tokens, folder: Path) -> dict:
                         ref = model(tokens).logits
                 except RuntimeError as e:
                     return {"status": "n/a", "detail": "the model does not run in float64 in transformers: " + str(e).splitlines()[0]}
-                arch = arch_for(model)
-                arch.check_recipe(Recipe.from_dict({"version": 1, "name": recipe, "schemes": {},
-                                                    "stages": [{n: o} for n, o in INVARIANCE[recipe]]}))
+                arch = prepare(model, Recipe.from_dict({"version": 1, "name": recipe, "schemes": {},
+                                                        "stages": [{n: o} for n, o in INVARIANCE[recipe]]}))
                 ctx = Context(arch=arch, plan={}, report=Report(), calib=calib, batch_size=8)
                 with torch.no_grad():
                     for name, opts in INVARIANCE[recipe]:
@@ -98,6 +98,7 @@ def main() -> None:
 
     logging.disable(logging.INFO)
     from lmpress.compress import arch_for
+    from lmpress.compress.arch import record_for
     from lmpress.compress.models import tiny_model
     from lmpress.eval.stock import StockLoadError, stock_logits
 
@@ -126,7 +127,7 @@ def main() -> None:
                 c["stock"] = rel
                 if rel > 1e-4:
                     c["status"], c["detail"] = "FAILED", f"stock transformers differs: {rel:.1e}"
-    arch_names = {f: arch_for(tiny_model(f)[0]).name for f in families}
+    arch_names = {f: (record_for(m) or arch_for(m)).name for f in families for m in [tiny_model(f)[0]]}
     print("| recipe | " + " | ".join(f"{f} ({arch_names[f]})" for f in families) + " |")
     print("|---|" + "---|" * len(families))
     for rec in recipes:

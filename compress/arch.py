@@ -51,6 +51,11 @@ class ArchMap:
     refuses: dict[str, str] = field(default_factory=dict)  # stage name -> why this architecture cannot take it
     groups: tuple[tuple[str, ...], ...] = ()  # sequential groups when they are not q/k/v, o, gate/up, down (discovered)
     name: str = ""  # how messages name the architecture (default: its first class name)
+    # fused linears stored as one (Phi-3's qkv_proj, gate_up_proj): path -> its parts (name, rows: "heads" | "kv_heads"
+    # (times head_dim) | "half"), split by `kernels.fused.split_fused` when a stage needs the parts
+    fused: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    attn: str = ""  # the attention module, where q_proj's parent is not it (a split qkv_proj)
+    mlp_path: str = ""  # the MLP module, where gate_proj's parent is not it
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -109,7 +114,19 @@ class ArchMap:
     def attention(self) -> str:
         """The attention module inside a decoder layer (q_proj's parent), e.g. "self_attn"; "" when
         not known (a discovered architecture)."""
-        return "" if self.generic else self.q_proj.rpartition(".")[0]
+        return "" if self.generic else self.attn or self.q_proj.rpartition(".")[0]
+
+    @property
+    def mlp(self) -> str:
+        """The MLP module inside a decoder layer (gate_proj's parent), e.g. "mlp"."""
+        return self.mlp_path or self.gate_proj.rpartition(".")[0]
+
+    def fused_parts(self, config) -> dict[str, tuple[tuple[str, int], ...]]:
+        """{fused linear's path: ((part, rows), ...)} for a model with this `config`."""
+        hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        unit = {"heads": config.num_attention_heads * hd, "kv_heads": config.num_key_value_heads * hd,
+                "half": config.intermediate_size}
+        return {path: tuple((name, unit[u]) for name, u in parts) for path, parts in self.fused.items()}
 
     def head_dim(self, layer: nn.Module, config) -> int:
         """Head size of a decoder layer's attention (its `head_dim`, else hidden / heads)."""
@@ -131,6 +148,13 @@ LLAMA = ArchMap(architectures=("LlamaForCausalLM",), model_types=("llama",))
 MISTRAL = ArchMap(architectures=("MistralForCausalLM",), model_types=("mistral",))
 QWEN2 = ArchMap(architectures=("Qwen2ForCausalLM",), model_types=("qwen2",))
 QWEN3 = ArchMap(architectures=("Qwen3ForCausalLM",), model_types=("qwen3",), qk_norm=True)
+# Phi-3: q/k/v fused in qkv_proj, gate/up in gate_up_proj; split into parts when a stage needs them (a weight-only
+# recipe quantizes the fused linears as they are, through `discover`: the artifact stays stock-loadable)
+PHI3 = ArchMap(architectures=("Phi3ForCausalLM",), model_types=("phi3",), q_proj="self_attn.qkv_proj.q",
+               k_proj="self_attn.qkv_proj.k", v_proj="self_attn.qkv_proj.v", gate_proj="mlp.gate_up_proj.gate",
+               up_proj="mlp.gate_up_proj.up", attn="self_attn", mlp_path="mlp",
+               fused={"self_attn.qkv_proj": (("q", "heads"), ("k", "kv_heads"), ("v", "kv_heads")),
+                      "mlp.gate_up_proj": (("gate", "half"), ("up", "half"))})
 # Gemma 3 (text): norms x̂·(1 + w); the MLP reads pre_feedforward_layernorm; post_attention_layernorm and
 # post_feedforward_layernorm sit between each sublayer and the residual; q_norm / k_norm; sliding-window and
 # global layers with their own RoPE (the runner gives each layer its own mask and rotary embedding).
@@ -139,12 +163,17 @@ GEMMA3 = ArchMap(architectures=("Gemma3ForCausalLM",), model_types=("gemma3_text
                  refuses={"rotate_kv": "its sliding-window and global layers use different RoPE bases, and RotateKV's key "
                                        "rotation undoes one model-wide RoPE"})
 
-ARCHS: tuple[ArchMap, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3)
+ARCHS: tuple[ArchMap, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, PHI3)
 GENERIC_STAGES = ("rtn", "gptq", "act_scales", "magnitude", "wanda", "sparsegpt")  # what a discovered architecture can take
 
 
 def supported_architectures() -> list[str]:
     return [a for arch in ARCHS for a in arch.architectures]
+
+
+def wants_record(recipe) -> bool:
+    """True when `recipe` has a stage beyond the weight-only ones a discovered architecture takes."""
+    return recipe.kv_args is not None or any(s.name not in GENERIC_STAGES for s in recipe.stages)
 
 
 def record_for(model_or_config) -> ArchMap | None:
@@ -162,9 +191,14 @@ def arch_for(model_or_config) -> ArchMap:
     """The ArchMap of a model (or its config): its record, else (for a model) what `discover`
     finds; a clear error naming the supported architectures when neither works."""
     arch = record_for(model_or_config)
+    config = getattr(model_or_config, "config", model_or_config)
+    if arch is not None and arch.fused and isinstance(model_or_config, nn.Module):
+        from lmpress.kernels.fused import is_split
+
+        if not is_split(arch.decoder_layers(model_or_config), arch.fused):
+            arch = None  # the fused linears as they are: the discovered, weight-only view
     if arch is not None:
         return arch
-    config = getattr(model_or_config, "config", model_or_config)
     if isinstance(model_or_config, nn.Module):
         cached = getattr(model_or_config, "_lmpress_arch", None)
         if cached is None:

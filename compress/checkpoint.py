@@ -129,19 +129,20 @@ def lmpress_block(model: nn.Module) -> dict[str, Any] | None:
     from lmpress.kernels.online import online_specs, output_transform_specs
 
     from lmpress.kernels.experts import expert_modules
+    from lmpress.kernels.fused import SplitLinear
 
     online = online_specs(model) + output_transform_specs(model)  # "output": FlatQuant's transform of a norm's output
     attention = attention_specs(model)
     experts = sorted(expert_modules(model))
-    if not online and not attention and not experts:
-        return None
+    fused = sorted({n for n, m in model.named_modules() if isinstance(m, SplitLinear)})
+    parts = {**({"experts": experts} if experts else {}), **({"fused": fused} if fused else {})}
     if not online and not attention:
-        return {"experts": experts}
+        return parts or None
     for where, spec in attention.items():
         if spec.get("qk") is not None:
             online.append({"where": where, "apply": "qk", **spec["qk"]})
     return {
-        **({"experts": experts} if experts else {}),
+        **parts,
         "online_transforms": online,
         "attention": {
             "implementation": ATTN_IMPLEMENTATION,
@@ -183,6 +184,18 @@ def _restore_lmpress_block(model: nn.Module, block: dict[str, Any] | None) -> No
     from lmpress.kernels.experts import split_experts
     from lmpress.kernels.online import restore_transforms
 
+    if block.get("fused"):
+        from .arch import record_for
+        from lmpress.kernels.fused import split_fused
+
+        record = record_for(model)
+        if record is None or not record.fused:
+            raise CheckpointError(f"the checkpoint splits fused linears {block['fused'][:2]}, but {type(model).__name__} has no "
+                                  "fused-linear record in this lmpress: upgrade lmpress")
+        split_fused(record.decoder_layers(model), record.fused_parts(model.config))
+        have = sorted(n for n, m in model.named_modules() if type(m).__name__ == "SplitLinear")
+        if have != sorted(block["fused"]):
+            raise CheckpointError(f"the checkpoint's split linears {block['fused'][:2]} are not this model's {have[:2]}")
     if block.get("experts"):
         split = split_experts(model)
         if sorted(split) != sorted(block["experts"]):

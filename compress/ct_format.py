@@ -150,6 +150,8 @@ def fp8_kv_scale(kv: Any) -> str | None:
 
 def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], block: Any, kv: Any) -> str | None:
     """None when compressed-tensors can describe the artifact, else the first reason it cannot."""
+    if (block or {}).get("fused"):
+        return "fused linears (qkv_proj, gate_up_proj) transformed part by part: the parts are quantized on their own"
     if (block or {}).get("experts"):
         return ("experts quantized one by one: transformers 5 stores a mixture-of-experts block's experts as fused "
                 "3-D parameters, which compressed-tensors does not quantize")

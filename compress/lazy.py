@@ -197,10 +197,14 @@ def skeleton(model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if record_for(config) is None:
+    record = record_for(config)
+    if record is None:
         raise ValueError(f"{model_dir}: the larger-than-memory path (--lazy) needs an architecture record, and "
                          f"{', '.join(config.architectures or [config.model_type])} has none (records: "
                          f"{', '.join(supported_architectures())}); compress it in memory")
+    if record.fused or getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
+        raise ValueError(f"{model_dir}: the larger-than-memory path (--lazy) does not split fused linears or mixture-of-experts "
+                         f"experts yet ({record.name}); compress it in memory")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):

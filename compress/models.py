@@ -115,7 +115,7 @@ def float64_norms():
 
     saved = []
     for mod, cls, offset, eps in (("llama", "LlamaRMSNorm", 0.0, "variance_epsilon"), ("qwen3", "Qwen3RMSNorm", 0.0, "variance_epsilon"),
-                                  ("gemma3", "Gemma3RMSNorm", 1.0, "eps")):
+                                  ("gemma3", "Gemma3RMSNorm", 1.0, "eps"), ("phi3", "Phi3RMSNorm", 0.0, "variance_epsilon")):
         klass = getattr(importlib.import_module(f"transformers.models.{mod}.modeling_{mod}"), cls)
 
         def forward(self, x, offset=offset, eps=eps):

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from lmpress.kernels.experts import expert_modules, split_experts
+from lmpress.kernels.fused import split_fused
 
-from .arch import arch_for
+from .arch import ArchMap, arch_for, record_for, wants_record
 from .recipe import Recipe, RecipeError
 from .report import Report
 from .stage import Context
@@ -30,6 +31,25 @@ def build_plan(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
     return plan
 
 
+def prepare(model: nn.Module, recipe: Recipe) -> ArchMap:
+    """The model's ArchMap for `recipe`, the recipe checked against it before anything changes, and
+    the structure its stages need put in place: fused linears split into their parts when a stage
+    needs them (`kernels.fused`), mixture-of-experts experts split one linear pair per expert
+    (`kernels.experts`)."""
+    record = record_for(model)
+    if record is not None and record.fused and wants_record(recipe):  # the stages need q/k/v, gate/up one by one
+        record.check_recipe(recipe)
+        split_fused(record.decoder_layers(model), record.fused_parts(model.config))
+        model.__dict__.pop("_lmpress_arch", None)
+        log.info("split the fused linears %s into their parts", list(record.fused))
+    arch = arch_for(model)
+    arch.check_recipe(recipe)
+    if split_experts(model):
+        log.info("mixture of experts: %d experts modules split into one linear pair per expert", len(expert_modules(model)))
+        arch = arch_for(model)  # discovered again: the experts' linears now exist
+    return arch
+
+
 def compress(
     model: nn.Module,
     recipe: Recipe | str,
@@ -44,11 +64,7 @@ def compress(
     """
     if not isinstance(recipe, Recipe):
         recipe = Recipe.load(recipe)
-    arch = arch_for(model)
-    arch.check_recipe(recipe)  # before anything changes
-    if split_experts(model):
-        log.info("mixture of experts: %d experts modules split into one linear pair per expert", len(expert_modules(model)))
-        arch = arch_for(model)  # discovered again: the experts' linears now exist
+    arch = prepare(model, recipe)
     if recipe.needs_calibration and calib is None:
         names = [s.name for s in recipe.stages if s.needs_calibration]
         raise ValueError(f"stage(s) {names} need calibration data: pass calib=sample_calibration(tokenizer, ...)")

@@ -216,7 +216,7 @@ register()
 def attention_modules(model: nn.Module, arch) -> list[tuple[str, nn.Module]]:
     """(fqn, attention module) of every decoder layer, in order."""
     layers_path = arch.layers
-    attn_rel = arch.q_proj.rpartition(".")[0]  # "self_attn"
+    attn_rel = arch.attention  # "self_attn"
     out = []
     for i, layer in enumerate(arch.decoder_layers(model)):
         out.append((f"{layers_path}.{i}.{attn_rel}", layer.get_submodule(attn_rel)))

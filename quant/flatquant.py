@@ -359,7 +359,7 @@ class FlatLayer:
         self.layer, self.index, self.arch, self.args, self.prefix = layer, index, arch, args, prefix
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
-        self.attn_path = arch.q_proj.rpartition(".")[0]
+        self.attn_path = arch.attention
         attn = layer.get_submodule(self.attn_path)
         self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.n_heads
         seed = sub_seed(args.seed, "flatquant", index)

@@ -1,5 +1,6 @@
-"""The architectures beyond LLaMA: the records (Qwen3, Gemma 3), the generic path (Phi-3, Mixtral,
-Qwen3-MoE, GPT-NeoX discovered), the per-layer arguments of mixed layer types, and the refusals.
+"""The architectures beyond LLaMA: the records (Qwen3, Gemma 3, Phi-3 with its fused linears split
+when a stage needs the parts), the generic path (Mixtral and Qwen3-MoE with their experts split,
+GPT-NeoX; Phi-3 for weight-only recipes), the per-layer arguments of mixed layer types, and the refusals.
 Tiny seeded models of each family (`tiny_model`); `bench/architectures.py` prints the whole
 family x recipe matrix."""
 import json
@@ -13,6 +14,7 @@ from lmpress.calibration.layerwise import LayerwiseRunner
 from lmpress.compress import Recipe, arch_for, compress, load, save
 from lmpress.compress.arch import discover
 from lmpress.compress.models import float64_norms, load_model, tiny_model
+from lmpress.compress.pipeline import prepare
 from lmpress.compress.report import Report
 from lmpress.compress.stage import Context, make_stage
 from lmpress.eval.stock import stock_logits
@@ -69,7 +71,7 @@ def test_records_and_discovered_groups():
     g = names["gemma3"]
     assert g.norm_offset == 1.0 and g.norm_readers["pre_feedforward_layernorm"] == ("mlp.gate_proj", "mlp.up_proj")
     assert {"rotate", "learn_rotation", "rope_scale", "rotate_kv"} <= set(g.refuses)
-    assert names["phi3"].generic and names["phi3"].sequential_groups == (
+    assert names["phi3"].generic and names["phi3"].sequential_groups == (  # unsplit: the fused linears, weight-only
         ("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))
     assert names["mixtral"].sequential_groups == (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
     # (before `split_experts`: the fused experts are 3-D parameters, not linears)
@@ -88,24 +90,31 @@ def test_records_and_discovered_groups():
 
 
 @pytest.mark.parametrize("family, stages", [
+    ("phi3", [("fuse_norms", {})]),
+    ("phi3", [("smoothquant", {"alpha": 0.5})]),
+    ("phi3", [("fuse_norms", {}), ("rotate", {"kind": "hadamard", "online": ["down_proj", "qk"], "r2": True})]),
     ("qwen3", [("fuse_norms", {})]),
     ("qwen3", [("smoothquant", {"alpha": 0.5})]),
     ("qwen3", [("fuse_norms", {}), ("rotate", {"kind": "hadamard", "online": ["down_proj", "qk"], "r2": True})]),
     ("gemma3", [("fuse_norms", {})]),
     ("gemma3", [("smoothquant", {"alpha": 0.5})]),
-], ids=["qwen3-fuse", "qwen3-smooth", "qwen3-rotate", "gemma3-fuse", "gemma3-smooth"])
+], ids=["phi3-fuse", "phi3-smooth", "phi3-rotate", "qwen3-fuse", "qwen3-smooth", "qwen3-rotate", "gemma3-fuse",
+        "gemma3-smooth"])
 def test_transforms_keep_logits_float64(family, stages, calib, tokens):
-    """Float64, max |logit diff| <= 1e-8; Gemma's norms fold their (1 + w) gain, not w."""
+    """Float64, max |logit diff| <= 1e-8 (Phi-3's qkv_proj / gate_up_proj split into parts first:
+    exact too); Gemma's norms fold their (1 + w) gain, not w."""
     with float64_norms():
         model, _ = tiny_model(family, seed=1, dtype=torch.float64, **SHAPE)
         ref = _logits(model, tokens)
-        q = model.model.layers[0].self_attn.q_proj.weight.clone()
-        ctx = Context(arch=arch_for(model), plan={}, report=Report(), calib=calib)
+        arch = prepare(model, Recipe.from_dict({"version": 1, "name": "t", "schemes": {}, "stages": [{n: o} for n, o in stages]}))
+        assert (_logits(model, tokens) - ref).abs().max().item() <= 1e-8  # the split alone
+        q = model.model.layers[0].get_submodule(arch.q_proj).weight.clone()
+        ctx = Context(arch=arch, plan={}, report=Report(), calib=calib)
         with torch.no_grad():
             for name, opts in stages:
                 make_stage(name, opts).apply(model, ctx)
         assert (_logits(model, tokens) - ref).abs().max().item() <= 1e-8
-    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, q)  # it did change the model
+    assert not torch.equal(model.model.layers[0].get_submodule(arch.q_proj).weight, q)  # it did change the model
     if stages[0][0] == "fuse_norms":
         assert norms_fused(model, ctx.arch)
 
@@ -118,10 +127,10 @@ def test_transforms_keep_logits_float64(family, stages, calib, tokens):
                                      r"post_attention_layernorm, post_feedforward_layernorm normalize"),
     ("gemma3", "kv2-rotatekv", r"stage 'rotate_kv' cannot run on Gemma3ForCausalLM: its sliding-window and global layers"),
     ("qwen3", "w4afp8-fireq", r"stage 'rope_scale' cannot run on Qwen3ForCausalLM: q_norm / k_norm renormalize"),
-    ("phi3", "w8a8-smoothquant-rtn", r"stage 'smoothquant' cannot run on Phi3ForCausalLM \(discovered, no record\): it needs an "
-                                     r"architecture record .* weight-only stages rtn, gptq"),
+    ("gpt_neox", "w8a8-smoothquant-rtn", r"stage 'smoothquant' cannot run on GPTNeoXForCausalLM \(discovered, no record\): it "
+                                         r"needs an architecture record .* weight-only stages rtn, gptq"),
     ("mixtral", "kv2-kivi", r"cannot run on MixtralForCausalLM \(discovered, no record\)"),
-], ids=["gemma3-rotate", "gemma3-rotatekv", "qwen3-fireq", "phi3-smoothquant", "mixtral-kv"])
+], ids=["gemma3-rotate", "gemma3-rotatekv", "qwen3-fireq", "gpt_neox-smoothquant", "mixtral-kv"])
 def test_refusals_name_the_stage_and_change_nothing(family, recipe, message, calib):
     model, _ = tiny_model(family, **SHAPE)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -161,10 +170,11 @@ def test_every_family_takes_w4a16_gptq_and_w8a8_and_loads_in_stock_transformers(
 @pytest.mark.parametrize("family, recipe", [
     ("qwen3", "w4a4kv4-quarot-gptq"), ("qwen3", "w4a4kv4-flatquant"), ("qwen3", "kv2-rotatekv"), ("qwen3", "sparse24-wanda"),
     ("gemma3", "w4a4kv4-flatquant"), ("gemma3", "kv2-kivi"), ("gemma3", "kv-fp8"), ("gemma3", "sparse24-wanda"),
-    ("phi3", "sparse24-wanda"),
+    ("phi3", "sparse24-wanda"), ("phi3", "w4a4kv4-quarot-gptq"), ("phi3", "w8a8-smoothquant-rtn"), ("phi3", "kv2-rotatekv"),
 ])
 def test_recorded_families_take_w4a4_kv_and_sparsity(family, recipe, calib, tokens, tmp_path):
-    """The W4A4KV4, KV and 2:4 recipes on the records (and 2:4 through the generic path): the
+    """The W4A4KV4, KV, smoothing and 2:4 recipes on the records (Phi-3's fused linears split into
+    parts; 2:4 on it through the generic path): the
     reloaded artifact gives the simulated logits, which differ from the base model's but not
     beyond recognition (random tiny models: 2:4 pruning alone moves their logits by ~0.6-1.0)."""
     model, tok = tiny_model(family, **SHAPE)
@@ -184,16 +194,18 @@ def test_recorded_families_take_w4a4_kv_and_sparsity(family, recipe, calib, toke
 
 def test_any_causal_lm_loads_from_a_directory(tmp_path):
     """A family without a record loads (the weight-only stages discover it); the larger-than-memory
-    path, which needs a record, refuses it with the reason."""
+    path, which needs a record, refuses it with the reason, and refuses fused linears (Phi-3)."""
     from lmpress.compress.lazy import compress_lazy
 
-    ref, tok = tiny_model("phi3", **SHAPE)
-    ref.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    model, _ = load_model(str(tmp_path / "m"))
-    assert type(model).__name__ == "Phi3ForCausalLM"
-    with pytest.raises(ValueError, match=r"needs an architecture record, and Phi3ForCausalLM has none"):
-        compress_lazy(tmp_path / "m", Recipe.load("w4a16-rtn"), out=tmp_path / "out")
+    for family, message in (("gpt_neox", r"needs an architecture record, and GPTNeoXForCausalLM has none"),
+                            ("phi3", r"does not split fused linears or mixture-of-experts experts yet")):
+        ref, tok = tiny_model(family, **SHAPE)
+        ref.save_pretrained(tmp_path / family)
+        tok.save_pretrained(tmp_path / family)
+        model, _ = load_model(str(tmp_path / family))
+        assert type(model).__name__ == type(ref).__name__
+        with pytest.raises(ValueError, match=message):
+            compress_lazy(tmp_path / family, Recipe.load("w4a16-rtn"), out=tmp_path / f"{family}-out")
 
 
 # ----------------------------------------------------------------------------- mixture of experts
@@ -241,3 +253,22 @@ def test_lm_eval_runs_per_family(family, calib, tmp_path):
     assert sim["lmpress_wiki_ppl/bits_per_byte"] > 0
     for k in sim:
         assert pk[k] == pytest.approx(sim[k], rel=1e-3, abs=1e-6), (family, k)
+
+
+def test_phi3_splits_its_fused_linears_only_when_a_stage_needs_the_parts(calib, tmp_path, tokens):
+    """Weight-only: qkv_proj / gate_up_proj quantized as they are (compressed-tensors, stock-loadable).
+    A transform: split into q/k/v and gate/up (exact), recorded in the lmpress block, and load()
+    splits the skeleton again."""
+    from lmpress.kernels.fused import SplitLinear
+
+    model, tok = tiny_model("phi3", **SHAPE)
+    compress(model, "w4a16-rtn", calib)
+    assert not isinstance(model.model.layers[0].self_attn.qkv_proj, SplitLinear)
+    model, tok = tiny_model("phi3", **SHAPE)
+    compress(model, "w8a8-smoothquant-rtn", calib)
+    assert isinstance(model.model.layers[1].mlp.gate_up_proj, SplitLinear)
+    path = save(model, tmp_path / "a", tokenizer=tok)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "lmpress-packed" and qc["lmpress"]["fused"][:2] == ["model.layers.0.mlp.gate_up_proj",
+                                                                                 "model.layers.0.self_attn.qkv_proj"]
+    assert torch.equal(_logits(load(path), tokens), _logits(model, tokens))

@@ -94,7 +94,7 @@ class AWQ:
         v, o = layer.get_submodule(arch.v_proj), layer.get_submodule(arch.o_proj)
         if v.out_features == o.in_features:
             out.append((arch.v_proj, (arch.o_proj,), arch.o_proj))
-        out.append((arch.post_attn_norm, (arch.gate_proj, arch.up_proj), arch.gate_proj.rpartition(".")[0]))
+        out.append((arch.post_attn_norm, (arch.gate_proj, arch.up_proj), arch.mlp))
         out.append((arch.up_proj, (arch.down_proj,), arch.down_proj))
         return out
 
