@@ -50,6 +50,9 @@ _FILE_TYPE = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_
               "Q6_K": "MOSTLY_Q6_K"}
 
 
+CHECKED_ARCHS = ("llama",)  # GGUF architectures whose export is compared with llama.cpp (tests/test_gguf.py)
+
+
 class GGUFExportError(ValueError):
     """The model or the request cannot be written as a GGUF llama.cpp runs."""
 
@@ -397,6 +400,10 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, source: str | os.PathL
     import gguf
 
     arch_name = str(gguf.GGUFReader(source).fields["general.architecture"].contents())
+    if arch_name not in CHECKED_ARCHS:
+        raise GGUFExportError(f"GGUF export is checked against llama.cpp for {', '.join(CHECKED_ARCHS)} only, and the source is "
+                              f"{arch_name!r} (its converter rewrites tensors its own way, e.g. Gemma's norms are stored as 1 + w); "
+                              "export compressed-tensors instead (`lmpress compress`)")
     if types is None:
         if ftype is None:
             raise GGUFExportError("export_gguf needs a type (ftype='Q4_K', ...) or a type map")

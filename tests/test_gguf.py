@@ -279,3 +279,22 @@ def test_read_weighted_hessian_uses_the_models_own_attention(tiny):
     ref = torch.einsum("bti,bt,btj->ij", x, w, x) / (2 * 24)
     assert torch.allclose(acc.value().double(), ref, rtol=1e-4, atol=1e-6)
     assert float(w[:, 0].mean()) > 2.0  # the first token is read most (causal attention)
+
+
+def test_a_source_architecture_not_checked_against_llama_cpp_is_refused(tiny, tmp_path):
+    """Gemma's GGUF stores its norms as 1 + w (llama.cpp's converter rewrites them): an export
+    written with the LLaMA rules would load and be wrong, so only checked architectures export."""
+    import gguf
+
+    from lmpress.compress.gguf import GGUFExportError, export_gguf
+
+    src = tmp_path / "gemma3.gguf"
+    w = gguf.GGUFWriter(str(src), "gemma3")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model, _ = tiny
+    with pytest.raises(GGUFExportError, match=r"checked against llama.cpp for llama only, and the source is 'gemma3'"):
+        export_gguf(model, tmp_path / "out.gguf", src, ftype="Q4_K")
+    assert not (tmp_path / "out.gguf").exists()
