@@ -272,3 +272,23 @@ def test_phi3_splits_its_fused_linears_only_when_a_stage_needs_the_parts(calib, 
     assert qc["format"] == "lmpress-packed" and qc["lmpress"]["fused"][:2] == ["model.layers.0.mlp.gate_up_proj",
                                                                                  "model.layers.0.self_attn.qkv_proj"]
     assert torch.equal(_logits(load(path), tokens), _logits(model, tokens))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "phi3"])
+def test_kv2_runtime_cache_decodes_what_the_simulation_computes(family):
+    """KIVI-2 on each record, float64: token-by-token decoding through the runtime cache gives the
+    full forward's logits (Gemma 3: 28 tokens past its sliding window of 8)."""
+    from transformers import DynamicCache
+
+    from lmpress.kernels.kv_cache import QuantizedKVCache, cache_kwargs
+
+    model, _ = tiny_model(family, dtype=torch.float64, **SHAPE)
+    compress(model, Recipe.from_dict({"version": 1, "name": "kv", "schemes": {},
+                                      "kv_cache": {"bits": 2, "group_size": 8, "residual": 8}, "stages": [{"kv_cache": {}}]}))
+    tokens = torch.randint(0, 256, (2, 28), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens).logits
+        assert (full - tiny_model(family, dtype=torch.float64, **SHAPE)[0](tokens).logits).abs().max() > 1e-6  # quantized
+        for cache in (DynamicCache(config=model.config), QuantizedKVCache(model)):
+            steps = [model(tokens[:, t:t + 1], use_cache=True, **cache_kwargs(cache)).logits for t in range(tokens.shape[1])]
+            assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-10, type(cache).__name__
