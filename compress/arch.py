@@ -17,7 +17,7 @@ groups (linears reading the same tensor) are traced from one short forward; ever
 to know where the norms, heads or projections are refuses with a message naming it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -56,6 +56,8 @@ class ArchMap:
     fused: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     attn: str = ""  # the attention module, where q_proj's parent is not it (a split qkv_proj)
     mlp_path: str = ""  # the MLP module, where gate_proj's parent is not it
+    experts: str = ""  # a mixture-of-experts block's experts (split one linear pair each by `kernels.experts`)
+    discovered: bool = False  # made by `discover`: no record, weight-only stages
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -66,11 +68,17 @@ class ArchMap:
                    "before the residual add, and an RMSNorm with a gain does not commute with a rotation")
             refuses.setdefault("rotate", why)
             refuses.setdefault("learn_rotation", why)
+        if self.experts:
+            why = ("the MLP is a mixture of experts: its input norm feeds the router and every expert, and lmpress folds "
+                   "no transform into the router yet")
+            for stage in ("fuse_norms", "rotate", "learn_rotation", "smoothquant", "awq", "flatquant", "structured",
+                          "mixed_precision"):
+                refuses.setdefault(stage, why)
         if self.qk_norm:
             refuses.setdefault("rope_scale", "q_norm / k_norm renormalize each head after q_proj and k_proj, so pre-RoPE "
                                              "scales folded into the projections would not reach RoPE")
         object.__setattr__(self, "refuses", refuses)
-        if not self.norm_readers and not self.groups:
+        if not self.norm_readers and not self.discovered:
             object.__setattr__(
                 self,
                 "norm_readers",
@@ -92,7 +100,7 @@ class ArchMap:
     @property
     def generic(self) -> bool:
         """True for a discovered architecture (no record: weight-only stages only)."""
-        return bool(self.groups)
+        return self.discovered
 
     def check_recipe(self, recipe) -> None:
         """Refuse, before anything changes, a recipe with a stage this architecture cannot take."""
@@ -158,12 +166,16 @@ PHI3 = ArchMap(architectures=("Phi3ForCausalLM",), model_types=("phi3",), q_proj
 # Gemma 3 (text): norms x̂·(1 + w); the MLP reads pre_feedforward_layernorm; post_attention_layernorm and
 # post_feedforward_layernorm sit between each sublayer and the residual; q_norm / k_norm; sliding-window and
 # global layers with their own RoPE (the runner gives each layer its own mask and rotary embedding).
+# Mixtral, Qwen3-MoE: LLaMA's attention (Qwen3-MoE with q/k norms); the experts split per expert before any stage;
+# the transforms that touch the MLP's input are refused (see `ArchMap.refuses`)
+MIXTRAL = ArchMap(architectures=("MixtralForCausalLM",), model_types=("mixtral",), experts="mlp.experts")
+QWEN3_MOE = ArchMap(architectures=("Qwen3MoeForCausalLM",), model_types=("qwen3_moe",), experts="mlp.experts", qk_norm=True)
 GEMMA3 = ArchMap(architectures=("Gemma3ForCausalLM",), model_types=("gemma3_text",), post_attn_norm="pre_feedforward_layernorm",
                  norm_offset=1.0, qk_norm=True, post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
                  refuses={"rotate_kv": "its sliding-window and global layers use different RoPE bases, and RotateKV's key "
                                        "rotation undoes one model-wide RoPE"})
 
-ARCHS: tuple[ArchMap, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, PHI3)
+ARCHS: tuple[ArchMap, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, PHI3, MIXTRAL, QWEN3_MOE)
 GENERIC_STAGES = ("rtn", "gptq", "act_scales", "magnitude", "wanda", "sparsegpt")  # what a discovered architecture can take
 
 
@@ -197,6 +209,15 @@ def arch_for(model_or_config) -> ArchMap:
 
         if not is_split(arch.decoder_layers(model_or_config), arch.fused):
             arch = None  # the fused linears as they are: the discovered, weight-only view
+    if arch is not None and arch.experts and isinstance(model_or_config, nn.Module):
+        from lmpress.kernels.experts import ExpertLinears
+
+        experts = arch.decoder_layers(model_or_config)[0].get_submodule(arch.experts)
+        e = experts.num_experts if isinstance(experts, ExpertLinears) else 0  # fused (3-D parameters): no expert linears yet
+        # the attention's groups, then one group per expert linear (each reads its own tokens)
+        arch = replace(arch, groups=(arch.sequential_groups[0], arch.sequential_groups[1],
+                                     *[(f"{arch.experts}.gate_up.{i}",) for i in range(e)],
+                                     *[(f"{arch.experts}.down.{i}",) for i in range(e)]))
     if arch is not None:
         return arch
     if isinstance(model_or_config, nn.Module):
@@ -266,4 +287,4 @@ def discover(model: nn.Module) -> ArchMap:
         raise ValueError(f"unsupported architecture {cls}: linears {missing} of decoder layer 0 were not called by a forward")
     return ArchMap(architectures=(cls,), model_types=(getattr(model.config, "model_type", ""),), layers=layers_path,
                    embed=names[id(embed)], final_norm="", lm_head=names[id(head)], rotary="",
-                   groups=tuple(tuple(g) for g in groups), name=f"{cls} (discovered, no record)")
+                   groups=tuple(tuple(g) for g in groups), name=f"{cls} (discovered, no record)", discovered=True)

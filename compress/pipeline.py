@@ -37,16 +37,15 @@ def prepare(model: nn.Module, recipe: Recipe) -> ArchMap:
     needs them (`kernels.fused`), mixture-of-experts experts split one linear pair per expert
     (`kernels.experts`)."""
     record = record_for(model)
+    (record or arch_for(model)).check_recipe(recipe)  # before anything changes
     if record is not None and record.fused and wants_record(recipe):  # the stages need q/k/v, gate/up one by one
-        record.check_recipe(recipe)
         split_fused(record.decoder_layers(model), record.fused_parts(model.config))
         model.__dict__.pop("_lmpress_arch", None)
         log.info("split the fused linears %s into their parts", list(record.fused))
-    arch = arch_for(model)
-    arch.check_recipe(recipe)
-    if split_experts(model):
+    if recipe.schemes and split_experts(model):  # (a KV-cache-only recipe leaves the experts as they are)
         log.info("mixture of experts: %d experts modules split into one linear pair per expert", len(expert_modules(model)))
-        arch = arch_for(model)  # discovered again: the experts' linears now exist
+    arch = arch_for(model)  # the record, or discovered (with the split experts' linears)
+    arch.check_recipe(recipe)
     return arch
 
 

@@ -129,8 +129,10 @@ def test_transforms_keep_logits_float64(family, stages, calib, tokens):
     ("qwen3", "w4afp8-fireq", r"stage 'rope_scale' cannot run on Qwen3ForCausalLM: q_norm / k_norm renormalize"),
     ("gpt_neox", "w8a8-smoothquant-rtn", r"stage 'smoothquant' cannot run on GPTNeoXForCausalLM \(discovered, no record\): it "
                                          r"needs an architecture record .* weight-only stages rtn, gptq"),
-    ("mixtral", "kv2-kivi", r"cannot run on MixtralForCausalLM \(discovered, no record\)"),
-], ids=["gemma3-rotate", "gemma3-rotatekv", "qwen3-fireq", "gpt_neox-smoothquant", "mixtral-kv"])
+    ("mixtral", "w4a4kv4-quarot-rtn", r"stage 'fuse_norms' cannot run on MixtralForCausalLM: the MLP is a mixture of experts: "
+                                      r"its input norm feeds the router and every expert"),
+    ("qwen3_moe", "w4a16-awq", r"stage 'awq' cannot run on Qwen3MoeForCausalLM: the MLP is a mixture of experts"),
+], ids=["gemma3-rotate", "gemma3-rotatekv", "qwen3-fireq", "gpt_neox-smoothquant", "mixtral-quarot", "qwen3_moe-awq"])
 def test_refusals_name_the_stage_and_change_nothing(family, recipe, message, calib):
     model, _ = tiny_model(family, **SHAPE)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -171,6 +173,7 @@ def test_every_family_takes_w4a16_gptq_and_w8a8_and_loads_in_stock_transformers(
     ("qwen3", "w4a4kv4-quarot-gptq"), ("qwen3", "w4a4kv4-flatquant"), ("qwen3", "kv2-rotatekv"), ("qwen3", "sparse24-wanda"),
     ("gemma3", "w4a4kv4-flatquant"), ("gemma3", "kv2-kivi"), ("gemma3", "kv-fp8"), ("gemma3", "sparse24-wanda"),
     ("phi3", "sparse24-wanda"), ("phi3", "w4a4kv4-quarot-gptq"), ("phi3", "w8a8-smoothquant-rtn"), ("phi3", "kv2-rotatekv"),
+    ("mixtral", "kv2-kivi"), ("qwen3_moe", "kv2-rotatekv"), ("mixtral", "sparse24-wanda"),
 ])
 def test_recorded_families_take_w4a4_kv_and_sparsity(family, recipe, calib, tokens, tmp_path):
     """The W4A4KV4, KV, smoothing and 2:4 recipes on the records (Phi-3's fused linears split into
