@@ -357,3 +357,26 @@ def test_smollm2_rotations_keep_logits_fp32():
     out = _logits(model, ids)
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     assert rel <= 1e-4, rel
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-quarot-gptq", "w3a16-quarot-gptq"])
+def test_weight_only_rotations_leave_a_plain_model_that_stock_transformers_loads(recipe, tokens, tmp_path):
+    """R1 and R2 all offline: no online module, a compressed-tensors artifact with no lmpress block,
+    and stock transformers + compressed-tensors computing load()'s logits (<= 1e-4 relative)."""
+    pytest.importorskip("compressed_tensors")
+    from lmpress.calibration.data import CalibrationSet, fingerprint
+    from lmpress.eval.stock import stock_logits
+
+    toks = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    calib = CalibrationSet(tokens=toks, source="random", split="calib", n=8, seqlen=32, seed=0, fingerprint=fingerprint(toks))
+    model, tok = tiny_llama(seed=0, hidden_size=128, intermediate_size=192, num_attention_heads=8)
+    compress(model, recipe, calib)
+    assert not any(isinstance(m, RotatedInput) for m in model.modules())
+    assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied: rotated on its own
+    path = save(model, tmp_path / recipe, tokenizer=tok)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and "lmpress" not in qc
+    ours = _logits(load(path), tokens)
+    assert torch.equal(ours, _logits(model, tokens))
+    stock = stock_logits([path], tokens)[str(path)]
+    assert ((stock - ours).abs().max() / ours.abs().max()).item() <= 1e-4
