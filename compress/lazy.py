@@ -101,7 +101,7 @@ def check_recipe(recipe: Recipe) -> None:
     if "act_scales" in bad:
         raise LazyError("stage 'act_scales' does not run layer by layer (--lazy) yet; use stage gptq, which calibrates "
                         "the static activation scales of the modules it quantizes, or compress without --lazy")
-    for name in ("rope_scale", "awq"):
+    for name in ("rope_scale", "awq", "signround"):
         if name in bad:
             raise LazyError(f"stage {name!r} does not run layer by layer (--lazy) yet; compress without --lazy")
     if bad:

@@ -46,7 +46,9 @@ def _group_view(x: torch.Tensor, args: QuantArgs) -> list[torch.Tensor]:
     return [x]
 
 
-def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer qparams (scale, zero_point) of ranges [lo, hi] (any shape): the range widened to hold
+    0 and scaled by `args.clip_ratio`; differentiable in lo and hi through the scale."""
     lo = torch.clamp(lo, max=0.0) * args.clip_ratio
     hi = torch.clamp(hi, min=0.0) * args.clip_ratio
     # divide by a tensor on the data's device: CUDA divides by a Python number through its reciprocal
@@ -118,11 +120,14 @@ def compute_qparams(x: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor
     x2 = x.reshape(-1, x.shape[-1]).float()  # (rows, cols)
     if args.type == "float":
         return _float_qparams(x2, args, global_scale)
-    los, his = [], []
-    for block in _group_view(x2, args):
-        los.append(block.amin(dim=1, keepdim=True))
-        his.append(block.amax(dim=1, keepdim=True))
-    return _range_to_qparams(torch.cat(los, 1), torch.cat(his, 1), args)
+    return range_to_qparams(*group_range(x2, args), args)
+
+
+def group_range(x2: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of each qparam group of a (rows, cols) tensor, each (rows|1, n_groups)."""
+    blocks = _group_view(x2, args)
+    return (torch.cat([b.amin(dim=1, keepdim=True) for b in blocks], 1),
+            torch.cat([b.amax(dim=1, keepdim=True) for b in blocks], 1))
 
 
 def expand_qparam(p: torch.Tensor, rows: int, cols: int, args: QuantArgs) -> torch.Tensor:
@@ -271,11 +276,11 @@ def _mse_clip_grouped(W3: torch.Tensor, args: QuantArgs, grid: int, min_ratio: f
     """`mse_clip_qparams` on whole groups W3 (rows, n_groups, gs): the same trial qparams and codes
     as `quantize`/`dequantize`, with qparams broadcast over each group instead of expanded."""
     lo, hi = W3.amin(dim=2), W3.amax(dim=2)  # (rows, n_groups)
-    best_s, best_z = _range_to_qparams(lo, hi, args)
+    best_s, best_z = range_to_qparams(lo, hi, args)
     best_err = torch.full_like(best_s, float("inf"))
     for ratio in _clip_ratios(grid, min_ratio):
         trial = QuantArgs(**{**args.to_dict(), "clip_ratio": args.clip_ratio * ratio, "mse_clip": False})
-        s, z = _range_to_qparams(lo, hi, trial)
+        s, z = range_to_qparams(lo, hi, trial)
         s3, z3 = s.unsqueeze(2), z.unsqueeze(2)  # (rows, n_groups, 1)
         q = torch.clamp(torch.round(W3 / s3) + z3, args.qmin, args.qmax)
         err = (W3 - (q - z3) * s3).abs_().pow_(norm).sum(dim=2)  # (rows, n_groups)

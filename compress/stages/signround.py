@@ -1,0 +1,141 @@
+"""Stage `signround`: learned rounding (SignRound / AutoRound-style, `lmpress.quant.signround`),
+decoder block by decoder block, in place of `rtn` / `gptq`.
+
+Per layer, on its calibration inputs (the outputs of the layers already quantized): the float
+layer's outputs are the targets; every weight-quantized linear of the layer gets its rounding
+offsets V and range multipliers alpha, beta, trained together by SignSGD on the mean squared error
+of the layer's output, one calibration batch a step (`iters` steps, AutoRound's 200 by default,
+lr 1/iters decaying linearly). The learned quantization is kept only if its error over all
+batches is below round-to-nearest's (the starting point); then the codes are installed, as GPTQ's
+are. Modules outside the decoder layers (an lm_head in the plan) get RTN.
+
+    stages: [{signround: {iters: 200}}]      # recipe w4a16-signround
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmpress.calibration.layerwise import LayerwiseRunner
+from lmpress.quant.primitives import quant_error
+from lmpress.quant.signround import check_args, codes, dequant, init_params, sign_step
+
+from ..stage import register_stage
+from ..surgery import get_module, set_module, to_sim
+from .gptq import GPTQ
+from .rtn import rtn_modules
+
+log = logging.getLogger(__name__)
+
+
+class _Learning(nn.Module):
+    """Stands in for a SimQuantLinear while its rounding is learned: the weight it computes with
+    is the learned quantization's (its input quantization, if any, as the module's own)."""
+
+    def __init__(self, sim: nn.Module, params: dict):
+        super().__init__()
+        self.sim, self.params = sim, params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sim.scheme.inputs is not None:
+            x = self.sim.quantize_input(x)
+        return F.linear(x, dequant(self.sim.weight, self.params, self.sim.scheme.weights).to(x.dtype), self.sim.bias)
+
+
+def _out(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+@register_stage("signround", needs_calibration=True)
+@dataclass(frozen=True)
+class SignRound:
+    iters: int = 200
+    lr: float | None = None  # default 1 / iters
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
+            raise ValueError(f"signround.iters={self.iters!r} must be a positive integer (AutoRound uses 200)")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr <= 1):
+            raise ValueError(f"signround.lr={self.lr!r} must be a number in (0, 1] or null (1 / iters)")
+
+    def apply(self, model: nn.Module, ctx) -> None:
+        if ctx.calib is None:
+            raise ValueError("stage 'signround' needs calibration data: pass calib=sample_calibration(tokenizer, ...)")
+        for fqn, scheme in ctx.plan.items():
+            if scheme.weights is not None and (why := check_args(scheme.weights)) is not None:
+                raise ValueError(f"signround cannot learn the rounding of {fqn}: {why}; use stage rtn or gptq for it")
+        for fqn, scheme in ctx.plan.items():
+            to_sim(model, fqn, scheme)
+        n_layers = len(ctx.arch.decoder_layers(model))
+        todo, fallback = GPTQ.targets(model, ctx, n_layers)
+        t0 = time.perf_counter()
+        for step in LayerwiseRunner(model, ctx.arch, ctx.calib.tokens, batch_size=ctx.batch_size, device=ctx.device):
+            if step.index in todo:
+                self.learn_layer(step, ctx, todo[step.index])
+        log.info("signround: %d layers in %.0f s", len(todo), time.perf_counter() - t0)
+        rtn_modules(model, ctx, fallback, note="not in a decoder layer: no layer inputs to learn on (RTN)")
+
+    def learn_layer(self, step, ctx, mine: dict) -> None:
+        """Learn and install the rounding of the modules `mine` ({path in the layer: (fqn, scheme)})."""
+        layer = step.layer
+        targets = step.forward()  # the float layer's outputs, one (B, T, hidden) per batch
+        kwargs: list[dict] = []
+        hook = layer.register_forward_pre_hook(lambda _m, _a, kw: kwargs.append(kw), with_kwargs=True)
+        try:
+            step.forward(until=[layer])  # the layer's keyword arguments per batch; stops as it is entered
+        finally:
+            hook.remove()
+        dev = next(layer.parameters()).device
+        inputs = [x.to(dev) for x in step.inputs]
+        sims = {rel: get_module(layer, rel) for rel in mine}
+        params = {rel: init_params(sim.weight, sim.scheme.weights) for rel, sim in sims.items()}
+        start = {rel: {k: t.clone() for k, t in p.items()} for rel, p in params.items()}
+        frozen = [(p, p.requires_grad) for p in layer.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        for rel, sim in sims.items():
+            set_module(layer, rel, _Learning(sim, params[rel]))
+
+        def loss(j: int) -> torch.Tensor:
+            return (_out(layer(inputs[j], **kwargs[j])).float() - targets[j].to(dev).float()).pow(2).mean()
+
+        def total() -> float:
+            with torch.no_grad():
+                return sum(loss(j).item() for j in range(len(inputs))) / len(inputs)
+        t0 = time.perf_counter()
+        try:
+            rtn = total()
+            for p in params.values():
+                for t in p.values():
+                    t.requires_grad_(True)
+            lr = self.lr if self.lr is not None else 1.0 / self.iters
+            with torch.enable_grad():
+                for it in range(self.iters):
+                    loss(it % len(inputs)).backward()
+                    sign_step(list(params.values()), lr * (1 - it / self.iters))
+            for p in params.values():
+                for t in p.values():
+                    t.requires_grad_(False)
+            learned = total()
+            if not learned < rtn:  # never worse than the starting point on the calibration data
+                for rel in params:
+                    params[rel].update(start[rel])
+        finally:
+            for rel, sim in sims.items():
+                set_module(layer, rel, sim)
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+        for rel, sim in sims.items():
+            W = sim.weight.detach().float().clone()
+            q, scale, zero = codes(W, params[rel], sim.scheme.weights)
+            sim.set_quantized(q, scale, zero)
+            if ctx.report is not None:
+                ctx.report.record_module(mine[rel][0], scheme=sim.scheme.name, method="signround", **quant_error(W, sim.weight),
+                                         layer_loss=learned, layer_loss_rtn=rtn, iters=self.iters)
+        log.info("signround: %s: layer output error %.4g (RTN %.4g, %.3f of it%s) in %.1f s", step.name, min(learned, rtn), rtn,
+                 min(learned, rtn) / rtn if rtn > 0 else 1.0, "" if learned < rtn else "; kept RTN", time.perf_counter() - t0)

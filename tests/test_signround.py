@@ -1,0 +1,76 @@
+"""Learned rounding (SignRound / AutoRound-style): the quantizer starts at round-to-nearest, stays
+on the scheme's grid, learns a lower layer error, and exports like GPTQ."""
+import json
+
+import pytest
+import torch
+
+from lmpress.calibration.data import CalibrationSet, fingerprint
+from lmpress.compress import Recipe, compress, load, save
+from lmpress.compress.models import tiny_model
+from lmpress.compress.stage import make_stage
+from lmpress.quant.primitives import dequantize, fake_quantize
+from lmpress.quant.scheme import QuantArgs
+from lmpress.quant.signround import SCALE_RANGE, V_BOUND, codes, dequant, init_params, sign_step
+
+SHAPE = dict(hidden_size=128, intermediate_size=192, num_attention_heads=8)
+ARGS = [QuantArgs(bits=4, granularity="group", group_size=32, symmetric=False),
+        QuantArgs(bits=3, granularity="channel", symmetric=True)]
+
+
+@pytest.fixture
+def calib():
+    toks = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))
+    return CalibrationSet(tokens=toks, source="random", split="calib", n=16, seqlen=64, seed=0, fingerprint=fingerprint(toks))
+
+
+@pytest.mark.parametrize("args", ARGS, ids=["int4-g32-asym", "int3-channel-sym"])
+def test_starts_at_rtn_and_stays_on_the_grid(args):
+    W = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
+    p = init_params(W, args)
+    assert torch.equal(dequant(W, p, args), fake_quantize(W, args))  # V = 0, alpha = beta = 1: RTN
+    for t in p.values():
+        t.requires_grad_(True)
+    (dequant(W, p, args) - W * 1.1).pow(2).sum().backward()
+    sign_step([p], 0.3)
+    assert p["V"].abs().max() <= V_BOUND and p["alpha"].min() >= SCALE_RANGE[0] and p["beta"].max() <= SCALE_RANGE[1]
+    assert (p["V"] != 0).any() and p["V"].grad is None
+    q, scale, zero = codes(W, p, args)  # the learned quantization is codes + qparams of the scheme
+    assert q.dtype == torch.int8 and int(q.min()) >= args.qmin and int(q.max()) <= args.qmax
+    assert torch.allclose(dequantize(q, scale, zero, args), dequant(W, p, args).detach(), atol=1e-6)
+
+
+def test_learned_rounding_beats_round_to_nearest(calib, tokens, tmp_path):
+    """Relative logit error against the float model: SignRound below 0.85 of RTN's (0.105 vs 0.150 on
+    this tiny LLaMA when written; GPTQ 0.111); every layer's learned error below RTN's; the
+    artifact is compressed-tensors, and stock transformers computes load()'s logits."""
+    pytest.importorskip("compressed_tensors")
+    from lmpress.eval.stock import stock_logits
+
+    errors = {}
+    for recipe in ("w4a16-rtn", "w4a16-signround"):
+        model, tok = tiny_model("llama", **SHAPE)
+        with torch.no_grad():
+            base = model(tokens).logits
+        report = compress(model, recipe, calib)
+        with torch.no_grad():
+            errors[recipe] = ((model(tokens).logits - base).norm() / base.norm()).item()
+    assert errors["w4a16-signround"] < 0.85 * errors["w4a16-rtn"], errors
+    rows = [m for m in report.modules.values() if m.get("method") == "signround"]
+    assert len(rows) == 14 and all(m["layer_loss"] < m["layer_loss_rtn"] for m in rows)
+    path = save(model, tmp_path / "a", tokenizer=tok)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    with torch.no_grad():
+        ours = load(path)(tokens).logits
+    assert torch.equal(ours, model(tokens).logits)
+    assert ((stock_logits([path], tokens)[str(path)] - ours).abs().max() / ours.abs().max()).item() <= 1e-4
+
+
+def test_signround_refusals(calib):
+    with pytest.raises(ValueError, match=r"signround.iters=0 must be a positive integer"):
+        make_stage("signround", {"iters": 0})
+    model, _ = tiny_model("llama", **SHAPE)
+    fp4 = Recipe.from_dict({"version": 1, "name": "x", "schemes": {"lm_head": None, "re:.*": "NVFP4A16"},
+                            "stages": [{"signround": {"iters": 2}}]})
+    with pytest.raises(ValueError, match=r"signround cannot learn the rounding of model.layers.0.self_attn.q_proj: float grids"):
+        compress(model, fp4, calib)
