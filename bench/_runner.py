@@ -119,6 +119,35 @@ def compress_timed(model, tok, recipe, args) -> float:
     return time.perf_counter() - t0
 
 
+def packed_check(model, args) -> dict:
+    """Save `model` (lmpress `save`) to a temporary folder and reload it: {"checkpoint_mib": the
+    safetensors' MiB, "packed_equal": whether the reloaded packed model's logits on one window of
+    `args.seqlen` random tokens equal the simulated model's}."""
+    import tempfile
+
+    import torch
+
+    from lmpress.compress import load, save
+
+    with tempfile.TemporaryDirectory(prefix="lmpress-bench-") as d:
+        out = save(model, os.path.join(d, "ckpt"))
+        x = torch.randint(0, model.config.vocab_size, (1, args.seqlen), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            equal = bool(torch.equal(model(x).logits, load(out)(x).logits))
+        return {"checkpoint_mib": sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20, "packed_equal": equal}
+
+
+def wiki_ppl(model, tok, args) -> dict:
+    """{"ppl", "windows", "eval_s"}: perplexity on the wiki eval split, the first `args.windows`
+    windows of `args.seqlen` tokens."""
+    from lmpress.calibration.data import load_text
+    from lmpress.eval.ppl import perplexity
+
+    t0 = time.perf_counter()
+    res = perplexity(model, tok, load_text("wiki", "eval"), seqlen=args.seqlen, windows=args.windows)
+    return {"ppl": res.ppl, "windows": res.windows, "eval_s": time.perf_counter() - t0}
+
+
 def partial(row: dict) -> None:
     """Emit `row` now: the parent keeps it (with a `note`) if this child fails before its ROW."""
     print(PARTIAL + json.dumps(row, default=str), flush=True)

@@ -29,10 +29,6 @@ whether the reloaded packed model's logits equal the simulated ones on one windo
 """
 from __future__ import annotations
 
-import os
-import tempfile
-import time
-
 import _runner
 
 FORMATS = {  # scheme-map values: a preset name or a mapping
@@ -97,25 +93,15 @@ def format_bits(config: str) -> float | None:
 def run_one(config: str, args) -> dict:
     import torch
 
-    from lmpress.calibration.data import load_text
-    from lmpress.compress import load, save
     from lmpress.compress.models import load_model
-    from lmpress.eval.ppl import perplexity
 
     torch.manual_seed(0)
     model, tok = load_model(args.model)
     row = {"config": config, "compress_s": 0.0, "format_bpw": format_bits(config)}
     if config != "base":
         row["compress_s"] = _runner.compress_timed(model, tok, recipe_for(config), args)
-        with tempfile.TemporaryDirectory(prefix="lmpress-fp-") as d:
-            out = save(model, os.path.join(d, "ckpt"))
-            row["checkpoint_mib"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
-            x = torch.randint(0, model.config.vocab_size, (1, args.seqlen), generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                row["packed_equal"] = bool(torch.equal(model(x).logits, load(out)(x).logits))
-    t0 = time.perf_counter()
-    res = perplexity(model, tok, load_text("wiki", "eval"), seqlen=args.seqlen, windows=args.windows)
-    row.update(ppl=res.ppl, windows=res.windows, eval_s=time.perf_counter() - t0)
+        row.update(_runner.packed_check(model, args))
+    row.update(_runner.wiki_ppl(model, tok, args))
     return row
 
 

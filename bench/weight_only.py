@@ -22,10 +22,6 @@ child process's peak RSS, and whether the reloaded packed model gives the simula
 """
 from __future__ import annotations
 
-import os
-import tempfile
-import time
-
 import _runner
 
 METHODS = {"rtn": "w4a16-rtn", "gptq": "w4a16-gptq", "awq": "w4a16-awq", "awq-gptq": "w4a16-awq-gptq",
@@ -50,10 +46,7 @@ def recipe_for(config: str):
 def run_one(config: str, args) -> dict:
     import torch
 
-    from lmpress.calibration.data import load_text
-    from lmpress.compress import load, save
     from lmpress.compress.models import load_model
-    from lmpress.eval.ppl import perplexity
 
     torch.manual_seed(0)
     model, tok = load_model(args.model)
@@ -63,14 +56,8 @@ def run_one(config: str, args) -> dict:
         bits = recipe.scheme_for("model.layers.0.mlp.down_proj").weights.bits
         row["bpw"] = bits + (16 + 4) / GROUP
         row["compress_s"] = _runner.compress_timed(model, tok, recipe, args)
-        with tempfile.TemporaryDirectory(prefix="lmpress-wo-") as d:
-            out = save(model, os.path.join(d, "ckpt"))
-            x = torch.randint(0, model.config.vocab_size, (1, args.seqlen), generator=torch.Generator().manual_seed(0))
-            with torch.no_grad():
-                row["packed_equal"] = bool(torch.equal(model(x).logits, load(out)(x).logits))
-    t0 = time.perf_counter()
-    res = perplexity(model, tok, load_text("wiki", "eval"), seqlen=args.seqlen, windows=args.windows)
-    row.update(ppl=res.ppl, windows=res.windows, eval_s=time.perf_counter() - t0)
+        row.update(_runner.packed_check(model, args))
+    row.update(_runner.wiki_ppl(model, tok, args))
     return row
 
 
