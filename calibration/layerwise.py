@@ -6,10 +6,10 @@ on unchanged, and the last one stops the forward with a private exception (only 
 the rotary and the masks are computed). Layer 0's hidden states are kept, and the keyword
 arguments (position_embeddings, attention_mask, position_ids, ...) of every layer: models that mix
 layer types (Gemma 3's sliding-window and global layers, Qwen's sliding layers) give each type its
-own mask and rotary embedding, and each layer is run with exactly what the model would give it. Iterating the runner then yields one `LayerStep`
-per decoder layer. While a step is out, the caller may collect statistics (`step.forward()`
-runs the layer on every batch, firing its hooks) and modify the layer (e.g. replace linears with
-quantized ones). When the caller asks for the next step, the runner runs the layer, as modified,
+own mask and rotary embedding, and each layer is run with exactly what the model would give it.
+Iterating the runner then yields one `LayerStep` per decoder layer. While a step is out, the
+caller may collect statistics (`step.forward()` runs the layer on every batch, firing its hooks)
+and modify the layer (e.g. replace linears with quantized ones). When the caller asks for the next step, the runner runs the layer, as modified,
 on its inputs to produce the next layer's inputs, so quantization error propagates.
 
 Peak memory is one layer on `device` plus the cached activations, which stay on CPU.
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook to stop the model after layer 0's inputs are stashed."""
+    """Raised to stop the model: by the last layer's recorder in a capture, or by `stop_after`."""
 
 
 class _Record(nn.Module):
