@@ -1,10 +1,10 @@
-"""Weight-only quantization on SmolLM2-135M: RTN, GPTQ, AWQ, AWQ + GPTQ, learned rounding
-(SignRound) and QuaRot + GPTQ with offline rotations only, at 4 and 3 bits, groups of 64,
-asymmetric (issue 24's table, lmpress's rows).
+"""Weight-only quantization on SmolLM2-135M at 4 and 3 bits: lmpress's RTN, GPTQ, AWQ, AWQ + GPTQ,
+learned rounding (SignRound), QuaRot + GPTQ with offline rotations only and SqueezeLLM
+dense-and-sparse, beside llm-compressor's GPTQ and AWQ and AutoRound (issue 24's table).
 
     python bench/weight_only.py                          # 128 x 512 calibration, 64 x 512 eval windows
     python bench/weight_only.py --n 32 --windows 16      # a quicker look
-    python bench/weight_only.py --configs base,w4-rtn,w4-awq
+    python bench/weight_only.py --configs base,w4-rtn,w4-squeezellm,w4-llmc-gptq
 
 Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
 - `rtn`: min-max round to nearest;
@@ -13,79 +13,176 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
 - `awq-gptq`: AWQ, then GPTQ on the scaled weights (recipe w4a16-awq-gptq);
 - `signround`: learned rounding, 200 SignSGD steps a layer (recipe w4a16-signround);
 - `quarot-gptq`: fused norms, R1 and R2 offline (no online op: a plain model), then GPTQ (recipe
-  w4a16-quarot-gptq).
-The W3 rows are the same recipes with 3-bit weights. lm_head and the embeddings stay in high
-precision. Columns: perplexity on the wiki eval split (first `--windows` windows of `--seqlen`
-tokens), its ratio to the base, bits per weight of the quantized linears (codes + an fp16 scale and
-a 4-bit zero point per group of 64, as compressed-tensors packs them), compression seconds, the
-child process's peak RSS, and whether the reloaded packed model gives the simulated logits.
+  w4a16-quarot-gptq);
+- `squeezellm`: per-channel Fisher-weighted k-means codebooks with 0.45% of the weights kept
+  exactly in a sparse part (recipe w4a16-squeezellm / w3a16-squeezellm);
+- peers, run by llm-compressor 0.13 (installed on first use into an isolated folder, `_peers.py`)
+  on the same calibration tokens: `llmc-gptq` (GPTQModifier, static act-order), `llmc-awq`
+  (AWQModifier, its LLaMA mappings, duo scaling), `autoround` (llm-compressor's AutoRoundModifier
+  over auto-round 0.14.2, 200 iterations a block).
+All integer rows are groups of 64, asymmetric; the W3 rows are the same recipes with 3-bit weights.
+lm_head and the embeddings stay in high precision. Columns: perplexity on the wiki eval split
+(first `--windows` windows of `--seqlen` tokens) and its ratio to the base; the same on the
+out-of-domain text (`--ood`, default the built-in `canterbury` source: Carroll's Alice first, a
+text no recipe calibrates or tunes on); the share of RTN's gap (same width) each row closes on
+each text; bits per weight of the quantized linears (codes + an fp16 scale and a 4-bit zero point
+per group of 64 as compressed-tensors packs them; SqueezeLLM: codes, fp16 codebooks and the CSR
+part as stored); compression seconds; the child process's peak RSS; whether the reloaded packed
+model gives the simulated logits (lmpress rows).
 """
 from __future__ import annotations
 
+import time
+
+import _peers
 import _runner
 
 METHODS = {"rtn": "w4a16-rtn", "gptq": "w4a16-gptq", "awq": "w4a16-awq", "awq-gptq": "w4a16-awq-gptq",
-           "signround": "w4a16-signround", "quarot-gptq": "w4a16-quarot-gptq"}
-DEFAULT_CONFIGS = "base," + ",".join(f"w{b}-{m}" for b in (4, 3) for m in METHODS)
+           "signround": "w4a16-signround", "quarot-gptq": "w4a16-quarot-gptq", "squeezellm": "w{bits}a16-squeezellm"}
+PEERS = {"llmc-gptq": "llmcompressor", "llmc-awq": "llmcompressor", "autoround": "autoround"}
+# the order of a full run: the rows each target compares first, the slow ones last
+DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for b in (4, 3) for m in ("rtn", "gptq", "squeezellm", "awq-gptq",
+                                                                              "quarot-gptq", "llmc-gptq", "llmc-awq", "awq")]
+                           + [f"w{b}-{m}" for b in (4, 3) for m in ("signround", "autoround")])
 GROUP = 64
+
+
+def parse(config: str) -> tuple[int, str]:
+    bits, _, method = config.partition("-")
+    if bits not in ("w4", "w3") or (method not in METHODS and method not in PEERS):
+        raise SystemExit(f"unknown configuration {config!r}: use base or w4|w3-<{'|'.join([*METHODS, *PEERS])}>")
+    return int(bits[1]), method
 
 
 def recipe_for(config: str):
     from lmpress.compress import Recipe
 
-    bits, _, method = config.partition("-")
-    if bits not in ("w4", "w3") or method not in METHODS:
-        raise SystemExit(f"unknown configuration {config!r}: use base or w4|w3-<{'|'.join(METHODS)}>")
-    data = Recipe.load(METHODS[method]).to_dict()
-    weights = data["schemes"]["re:.*"].setdefault("weights", {})
-    weights.update(bits=int(bits[1]), group_size=GROUP, symmetric=False)
-    data["name"] = f"{data['name']}-{bits}" if bits != "w4" else data["name"]
+    bits, method = parse(config)
+    data = Recipe.load(METHODS[method].format(bits=bits)).to_dict()
+    if method != "squeezellm":
+        weights = data["schemes"]["re:.*"].setdefault("weights", {})
+        weights.update(bits=bits, group_size=GROUP, symmetric=False)
+        data["name"] = f"{data['name']}-w{bits}" if bits != 4 else data["name"]
     return Recipe.from_dict(data)
+
+
+def peer_modifiers(bits: int, method: str, args) -> list:
+    """llm-compressor modifiers (imported in the child, from the peer folder) for a peer row."""
+    weights = {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": GROUP}
+    groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+    if method == "llmc-gptq":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        return [GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder="static")]
+    if method == "llmc-awq":
+        from llmcompressor.modifiers.awq import AWQModifier
+
+        return [AWQModifier(config_groups=groups, ignore=["lm_head"], duo_scaling=True)]
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+    return [AutoRoundModifier(config_groups=groups, ignore=["lm_head"], iters=args.autoround_iters, enable_torch_compile=False)]
+
+
+def bits_per_weight(model, bits: int) -> float:
+    """Stored bits over weights of the quantized linears: SqueezeLLM modules as stored, else the uniform
+    grid's codes + fp16 scale + 4-bit zero point per group."""
+    from lmpress.kernels.linear import LUTLinear
+
+    luts = [m for m in model.modules() if isinstance(m, LUTLinear)]
+    if not luts:
+        return bits + (16 + 4) / GROUP
+    return sum(m.bits_per_weight() * m.in_features * m.out_features for m in luts) / sum(m.in_features * m.out_features for m in luts)
+
+
+def ood_ppl(model, tok, args) -> dict:
+    from lmpress.calibration.data import load_text
+    from lmpress.eval.ppl import perplexity
+
+    t0 = time.perf_counter()
+    res = perplexity(model, tok, load_text(args.ood, "eval"), seqlen=args.seqlen, windows=args.windows)
+    return {"ood_ppl": res.ppl, "ood_eval_s": time.perf_counter() - t0}
 
 
 def run_one(config: str, args) -> dict:
     import torch
 
+    from lmpress.calibration.data import sample_calibration
     from lmpress.compress.models import load_model
 
     torch.manual_seed(0)
     model, tok = load_model(args.model)
     row = {"config": config, "compress_s": 0.0}
     if config != "base":
-        recipe = recipe_for(config)
-        bits = recipe.scheme_for("model.layers.0.mlp.down_proj").weights.bits
-        row["bpw"] = bits + (16 + 4) / GROUP
-        row["compress_s"] = _runner.compress_timed(model, tok, recipe, args)
-        row.update(_runner.packed_check(model, args))
+        bits, method = parse(config)
+        if method in PEERS:
+            calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed)
+            t0 = time.perf_counter()
+            _peers.llmcompressor_oneshot(model, tok, calib, peer_modifiers(bits, method, args))
+            row["compress_s"] = time.perf_counter() - t0
+            row["versions"] = _runner.versions("llmcompressor", "compressed-tensors", "auto-round")
+        else:
+            row["compress_s"] = _runner.compress_timed(model, tok, recipe_for(config), args)
+            row.update(_runner.packed_check(model, args))
+        row["bpw"] = bits_per_weight(model, bits)
     row.update(_runner.wiki_ppl(model, tok, args))
+    row.update(ood_ppl(model, tok, args))
     return row
 
 
+def _closed(r: dict, base: dict | None, rtn: dict | None, key: str) -> str:
+    """The share of RTN's gap to the base that row `r` closes on `key` ("ppl" or "ood_ppl")."""
+    if not base or not rtn or r is rtn or key not in r or rtn[key] <= base[key]:
+        return "-"
+    return f"{(rtn[key] - r[key]) / (rtn[key] - base[key]):+.0%}"
+
+
 def table(rows: list[dict], args) -> str:
-    base = next((r["ppl"] for r in rows if r["config"] == "base" and "ppl" in r), None)
+    ok = {r["config"]: r for r in rows if "error" not in r}
+    base = ok.get("base")
     lines = [
-        f"SmolLM2-135M, wiki eval split, {args.windows} windows x {args.seqlen} tokens; calibration {args.n} x "
-        f"{args.seqlen} (seed {args.seed}); groups of {GROUP}, asymmetric; lm_head kept; CPU fp32",
+        f"{args.model}; wiki eval split and `{args.ood}`, first {args.windows} windows x {args.seqlen} tokens each; "
+        f"calibration wiki {args.n} x {args.seqlen} (seed {args.seed}); groups of {GROUP}, asymmetric; lm_head kept; "
+        f"CPU fp32, {args.threads} threads",
         "",
-        "| config | ppl | vs base | bits/weight | compress s | peak RSS MiB | packed = simulated |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        f"| config | by | wiki ppl | vs base | {args.ood} ppl | vs base | RTN gap closed (wiki / {args.ood}) | bits/weight "
+        "| compress s | peak RSS MiB | packed = simulated |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['config']} | | error: {r['error'][:80]} | | | | | | | | |")
             continue
-        vs = f"{r['ppl'] / base:.3f}x" if base else "-"
+        method = r["config"].partition("-")[2]
+        by = "llm-compressor" if method.startswith("llmc") else "auto-round" if method == "autoround" else "lmpress"
+        rtn = ok.get(r["config"].partition("-")[0] + "-rtn")
+        vs = f"{r['ppl'] / base['ppl']:.3f}x" if base else "-"
+        vs_ood = f"{r['ood_ppl'] / base['ood_ppl']:.3f}x" if base and "ood_ppl" in r else "-"
         bpw = f"{r['bpw']:.3f}" if r.get("bpw") else "32"
         eq = {True: "yes", False: "NO"}.get(r.get("packed_equal"), "-")
-        lines.append(f"| {r['config']} | {r['ppl']:.3f} | {vs} | {bpw} | {r['compress_s']:.0f} | "
+        lines.append(f"| {r['config']} | {by} | {r['ppl']:.3f} | {vs} | {r.get('ood_ppl', float('nan')):.3f} | {vs_ood} | "
+                     f"{_closed(r, base, rtn, 'ppl')} / {_closed(r, base, rtn, 'ood_ppl')} | {bpw} | {r['compress_s']:.0f} | "
                      f"{r.get('max_rss_mib', 0):.0f} | {eq} |")
     return "\n".join(lines)
 
 
+def add_args(p) -> None:
+    _runner.protocol_args(p)
+    p.add_argument("--ood", default="canterbury", help="the out-of-domain eval text (a source of load_text; default canterbury)")
+    p.add_argument("--autoround-iters", type=int, default=200, help="AutoRound iterations a block (default 200)")
+
+
 def check(config: str, args) -> None:
     if config != "base":
-        recipe_for(config)
+        bits, method = parse(config)
+        if method in METHODS:
+            recipe_for(config)
+
+
+def peer_env(config: str, args) -> dict:
+    method = config.partition("-")[2]
+    return _peers.env(PEERS[method]) if method in PEERS else {}
 
 
 if __name__ == "__main__":
-    _runner.main(run_one, table, doc=__doc__, configs=DEFAULT_CONFIGS, add_args=_runner.protocol_args, check=check)
+    _runner.main(run_one, table, doc=__doc__, configs=DEFAULT_CONFIGS, add_args=add_args, check=check, env=peer_env,
+                 errors_in_table=True)

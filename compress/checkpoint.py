@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmpress.kernels.linear import PackedLinear, Sparse24Linear
+from lmpress.kernels.linear import LUTLinear, PackedLinear, Sparse24Linear
 from lmpress.quant.scheme import QuantScheme
 from lmpress.quant.sim import SimQuantLinear
 
@@ -113,7 +113,7 @@ def packed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
         if key.rpartition(".")[0] in quantized:
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ident in seen:  # tied weights (e.g. lm_head = embeddings): store once
+        if ident in seen and t.numel():  # empty tensors (a CSR part with no entries) share no storage  # tied weights (e.g. lm_head = embeddings): store once
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
@@ -135,7 +135,9 @@ def lmpress_block(model: nn.Module) -> dict[str, Any] | None:
     attention = attention_specs(model)
     experts = sorted(expert_modules(model))
     fused = sorted({n for n, m in model.named_modules() if isinstance(m, SplitLinear)})
-    parts = {**({"experts": experts} if experts else {}), **({"fused": fused} if fused else {})}
+    codebooks = {n: {"bits": m.bits, "nnz": m.nnz} for n, m in model.named_modules() if isinstance(m, LUTLinear)}
+    parts = {**({"experts": experts} if experts else {}), **({"fused": fused} if fused else {}),
+             **({"codebooks": {"format": "squeezellm", "layout_version": 1, "modules": codebooks}} if codebooks else {})}
     if not online and not attention:
         return parts or None
     for where, spec in attention.items():
@@ -196,6 +198,15 @@ def _restore_lmpress_block(model: nn.Module, block: dict[str, Any] | None) -> No
         have = sorted(n for n, m in model.named_modules() if type(m).__name__ == "SplitLinear")
         if have != sorted(block["fused"]):
             raise CheckpointError(f"the checkpoint's split linears {block['fused'][:2]} are not this model's {have[:2]}")
+    if block.get("codebooks"):
+        spec = block["codebooks"]
+        if spec.get("format") != "squeezellm" or spec.get("layout_version") != 1:
+            raise CheckpointError(f"codebook layout {spec.get('format')!r} version {spec.get('layout_version')!r} is not known "
+                                  f"to this lmpress ({lmpress_version()}): upgrade lmpress")
+        for fqn, m in spec["modules"].items():
+            old = model.get_submodule(fqn)
+            set_module(model, fqn, LUTLinear(old.in_features, old.out_features, int(m["bits"]), int(m["nnz"]),
+                                             bias=old.bias is not None, dtype=old.weight.dtype, device="meta"))
     if block.get("experts"):
         split = split_experts(model)
         if sorted(split) != sorted(block["experts"]):

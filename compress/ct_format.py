@@ -150,6 +150,8 @@ def fp8_kv_scale(kv: Any) -> str | None:
 
 def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], block: Any, kv: Any) -> str | None:
     """None when compressed-tensors can describe the artifact, else the first reason it cannot."""
+    if (block or {}).get("codebooks"):
+        return "codebook (SqueezeLLM dense-and-sparse) weights: compressed-tensors has no non-uniform format"
     if (block or {}).get("fused"):
         return "fused linears (qkv_proj, gate_up_proj) transformed part by part: the parts are quantized on their own"
     if (block or {}).get("experts"):

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import platformdirs
 import torch
 from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 )
 
+from lmpress.calibration.data import cache_dir
 from lmpress.compress.arch import arch_for, record_for
 
 
@@ -167,11 +167,6 @@ _HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
 
 class ModelLoadError(ValueError):
     """A model spec that cannot be loaded; the message says what to pass instead."""
-
-
-def cache_dir() -> Path:
-    """lmpress's cache root: `$LMPRESS_CACHE` if set, else the platform's user cache dir."""
-    return Path(os.environ.get("LMPRESS_CACHE") or platformdirs.user_cache_dir("lmpress")).expanduser()
 
 
 def _builtins() -> str:

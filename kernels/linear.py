@@ -379,3 +379,99 @@ class Sparse24Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+class LUTLinear(nn.Module):
+    """The runtime form of a dense-and-sparse codebook linear (SqueezeLLM, `lmpress.quant.squeezellm`).
+
+    Buffers (lmpress's own names; compressed-tensors has no codebook format): `weight_codes` (int32
+    words (out, packed_cols(in, bits)) of unsigned `bits`-bit codebook indices, `formats.pack_unsigned`
+    order), `weight_codebook` (out, 2^bits) fp16, the sparse part as CSR over the output rows,
+    `weight_sparse_rowptr` (out + 1) int32, `weight_sparse_cols` (nnz) int32 and
+    `weight_sparse_values` (nnz) fp16 (corrections added to the codebook value there),
+    `weight_shape` (int64 [2] = (out, in)) and `bias`. The weight is codebook[n, code] + sparse,
+    in float32. The forward runs `lut_gemm` (Triton) plus a CSR product on CUDA, else the
+    reference: the dequantized weight, kept after the first call (as PackedLinear's reference),
+    and F.linear. `kernel_path` records which.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, nnz: int, bias: bool,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        from .formats import packed_cols
+
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.register_buffer("weight_codes", torch.zeros(out_features, packed_cols(in_features, bits), dtype=torch.int32, device=device))
+        self.register_buffer("weight_codebook", torch.zeros(out_features, 1 << bits, dtype=torch.float16, device=device))
+        self.register_buffer("weight_sparse_rowptr", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
+        self.register_buffer("weight_sparse_cols", torch.zeros(nnz, dtype=torch.int32, device=device))
+        self.register_buffer("weight_sparse_values", torch.zeros(nnz, dtype=torch.float16, device=device))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self._cached: tuple | None = None
+        self.kernel_path: Path | None = None
+
+    @classmethod
+    def from_parts(cls, linear: nn.Module, codes: torch.Tensor, codebook: torch.Tensor, sparse: torch.Tensor,
+                   bits: int) -> "LUTLinear":
+        """From `lmpress.quant.squeezellm.squeeze`'s result for `linear`: codes (out, in) uint8, codebook
+        (out, 2^bits) fp16, sparse (out, in) fp16 corrections (zero off the sparse positions)."""
+        from .formats import pack_unsigned
+
+        nz = sparse != 0
+        out = cls(linear.in_features, linear.out_features, bits, int(nz.sum()), linear.bias is not None,
+                  dtype=linear.weight.dtype, device=linear.weight.device)
+        out.weight_codes = pack_unsigned(codes, bits)
+        out.weight_codebook = codebook.to(torch.float16).contiguous()
+        out.weight_sparse_rowptr = torch.cat([nz.new_zeros(1, dtype=torch.int64), nz.sum(1).cumsum(0)]).to(torch.int32)
+        out.weight_sparse_cols = nz.nonzero()[:, 1].to(torch.int32)  # row-major: rows ascending, columns within a row
+        out.weight_sparse_values = sparse[nz].to(torch.float16)
+        if linear.bias is not None:
+            out.bias = linear.bias.detach().clone()
+        return out
+
+    @property
+    def nnz(self) -> int:
+        return self.weight_sparse_values.numel()
+
+    def bits_per_weight(self) -> float:
+        """Stored bits over weights: codes (whole int32 words), codebooks, and the CSR part."""
+        stored = sum(t.numel() * t.element_size() * 8 for t in (self.weight_codes, self.weight_codebook, self.weight_sparse_rowptr,
+                                                               self.weight_sparse_cols, self.weight_sparse_values))
+        return stored / (self.in_features * self.out_features)
+
+    def _sparse_rows(self) -> torch.Tensor:
+        counts = (self.weight_sparse_rowptr[1:] - self.weight_sparse_rowptr[:-1]).long()  # (out,)
+        return torch.repeat_interleave(torch.arange(self.out_features, device=counts.device), counts)  # (nnz,)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(out, in): codebook[n, code] + the sparse corrections, summed in float32, then cast."""
+        from .lut_gemm import lut_weight
+
+        W = lut_weight(self.weight_codes, self.weight_codebook, self.in_features, self.bits)  # (out, in) float32
+        W.index_put_((self._sparse_rows(), self.weight_sparse_cols.long()), self.weight_sparse_values.float(), accumulate=True)
+        return W.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        triton_ok = (x.is_cuda and triton_available() and requested_backend() in ("auto", "triton")
+                     and not (x.requires_grad and torch.is_grad_enabled()) and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
+        if triton_ok:
+            from .lut_gemm import lut_gemm
+
+            self.kernel_path = Path("triton-lut")
+            y = lut_gemm(x, self.weight_codes, self.weight_codebook, bits=self.bits, in_features=self.in_features, bias=self.bias)
+            if self.nnz:
+                S = torch.sparse_csr_tensor(self.weight_sparse_rowptr, self.weight_sparse_cols, self.weight_sparse_values.to(x.dtype),
+                                            (self.out_features, self.in_features))
+                x2 = x.reshape(-1, self.in_features)  # (..., in) -> (M, in)
+                y = y + (S @ x2.T).T.reshape(y.shape)  # (out, M) -> (M, out) -> (..., out)
+            return y
+        self.kernel_path = Path("ref", "" if not x.is_cuda else "Triton is not available")
+        key = (x.dtype, x.device, *((t.data_ptr(), t._version) for t in (self.weight_codes, self.weight_codebook,
+                                                                          self.weight_sparse_cols, self.weight_sparse_values)))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self.dense_weight(x.dtype))
+        return F.linear(x, self._cached[1], self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, nnz={self.nnz}"

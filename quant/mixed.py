@@ -210,18 +210,39 @@ def input_proxy(W: torch.Tensor, E: torch.Tensor) -> float:
     return float(((W64 @ E.double()) * W64).sum())
 
 
+def empirical_fisher(model: torch.nn.Module, weights: Sequence[torch.Tensor], embed_weight: torch.Tensor,
+                     tokens: torch.Tensor, device) -> list[torch.Tensor]:
+    """The empirical Fisher diagonal of each of `weights` (float32, same shapes): the sum over the
+    calibration sequences `tokens` (n, T) of the squared gradient of the sequence's mean next-token
+    NLL, one forward and backward pass per sequence (SqueezeLLM's sensitivity). `embed_weight`, the
+    embedding table, takes part so that autograd reaches layer 0's inputs (hooks there fire)."""
+    params = list(weights) + [embed_weight]
+    was = [p.requires_grad for p in params]
+    fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for seq in tokens.split(1):  # (1, T): one gradient per sequence
+                logits = model(input_ids=seq.to(device), use_cache=False).logits
+                lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+                loss = -lp.gather(-1, seq[:, 1:, None].to(lp.device)).mean()
+                grads = torch.autograd.grad(loss, params)
+                for acc, g in zip(fisher, grads):
+                    acc += g.float().pow(2)
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+    return fisher
+
+
 def fisher_scores(model: torch.nn.Module, mods: Mapping[str, torch.nn.Module], embed_weight: torch.Tensor,
                   tokens: torch.Tensor, device, cands: Mapping[str, Sequence[QuantScheme | None]]) -> dict:
-    """½ Σ F ⊙ ΔW² with F the empirical Fisher diagonal (squared per-sequence gradients of the
-    calibration loss; SqueezeLLM's sensitivity) for the weight part, ½ Σ_t (g_t ⊙ δx_t)² with
-    g_t the loss gradient at the module's input for the activation part. One forward and
-    backward pass per calibration sequence (`tokens` (n, T)). `mods`: {name: linear} to score;
-    `embed_weight`: the embedding table (autograd must reach layer 0's inputs). Returns {name:
+    """½ Σ F ⊙ ΔW² with F the empirical Fisher diagonal (`empirical_fisher`) for the weight part,
+    ½ Σ_t (g_t ⊙ δx_t)² with g_t the loss gradient at the module's input for the activation part.
+    `mods`: {name: linear} to score; `embed_weight`: the embedding table. Returns {name:
     {candidate label: score}}."""
     names = list(mods)
-    params = [m.weight for m in mods.values()] + [embed_weight]
-    was = [p.requires_grad for p in params]
-    fisher = {f: torch.zeros_like(m.weight, dtype=torch.float32) for f, m in mods.items()}
     act = {(f, c.inputs): 0.0 for f in names for c in cands[f] if c is not None and c.inputs is not None}
     hooks = []
     for f, m in mods.items():
@@ -242,22 +263,10 @@ def fisher_scores(model: torch.nn.Module, mods: Mapping[str, torch.nn.Module], e
             x.register_hook(grad_hook)
         hooks.append(m.register_forward_pre_hook(pre))
     try:
-        for p in params:
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            for seq in tokens.split(1):  # (1, T): one gradient per sequence
-                logits = model(input_ids=seq.to(device), use_cache=False).logits
-                lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                loss = -lp.gather(-1, seq[:, 1:, None].to(lp.device)).mean()
-                # the embedding too, so autograd reaches (and fires the hooks on) layer 0's inputs
-                grads = torch.autograd.grad(loss, [m.weight for m in mods.values()] + [embed_weight])
-                for (f, _), g in zip(mods.items(), grads):
-                    fisher[f] += g.float().pow(2)
+        fisher = dict(zip(names, empirical_fisher(model, [m.weight for m in mods.values()], embed_weight, tokens, device)))
     finally:
         for h in hooks:
             h.remove()
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
     scores = {}
     for f in names:
         W = mods[f].weight.detach().float()
