@@ -41,9 +41,8 @@ METHODS = {"rtn": "w4a16-rtn", "gptq": "w4a16-gptq", "awq": "w4a16-awq", "awq-gp
            "signround": "w4a16-signround", "quarot-gptq": "w4a16-quarot-gptq", "squeezellm": "w{bits}a16-squeezellm"}
 PEERS = {"llmc-gptq": "llmcompressor", "llmc-awq": "llmcompressor", "autoround": "autoround"}
 # the order of a full run: the rows each target compares first, the slow ones last
-DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for b in (4, 3) for m in ("rtn", "gptq", "squeezellm", "awq-gptq",
-                                                                              "quarot-gptq", "llmc-gptq", "llmc-awq", "awq")]
-                           + [f"w{b}-{m}" for b in (4, 3) for m in ("signround", "autoround")])
+DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for m in ("rtn", "gptq", "squeezellm", "awq-gptq", "quarot-gptq", "llmc-gptq",
+                                                               "llmc-awq", "awq", "signround", "autoround") for b in (4, 3)])
 GROUP = 64
 
 

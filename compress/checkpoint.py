@@ -425,6 +425,7 @@ def inspect(out_dir: str | Path) -> dict[str, Any]:
     _, manifest = read_manifest(out, verify=False)
     rows: dict[str, dict[str, Any]] = {}
     total = 0
+    codebooks = ((manifest.get("lmpress") or {}).get("codebooks") or {}).get("modules") or {}
     for key, f in _each_tensor(out, manifest):
         sl = f.get_slice(key)
         numel = 1
@@ -443,6 +444,11 @@ def inspect(out_dir: str | Path) -> dict[str, Any]:
             elif key.endswith(".weight_packed") and sl.get_dtype() == "U8":  # compressed-tensors FP4: two codes a byte
                 rows_, cols = sl.get_shape()
                 row["shape"] = [int(rows_), 2 * int(cols)]
+        elif owner in codebooks:  # SqueezeLLM: codes, codebooks and the CSR part
+            row = rows.setdefault(owner, {"scheme": f"SqueezeLLM-{codebooks[owner]['bits']}bit", "bytes": 0})
+            row["bytes"] += nbytes
+            if key.endswith(".weight_shape"):
+                row["shape"] = [int(v) for v in f.get_tensor(key).tolist()]
     q_params = q_bytes = 0
     for row in rows.values():
         n = row["shape"][0] * row["shape"][1]

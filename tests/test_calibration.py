@@ -106,3 +106,52 @@ def test_too_short_text(tok, txt):
 def test_sample_wiki_eval(tok):
     s = sample_calibration(tok, "wiki", n=3, seqlen=64, seed=0, split="eval")
     assert s.tokens.shape == (3, 64) and s.source == "wiki" and s.split == "eval"
+
+
+# --------------------------------------------------------------------------- mixes and the out-of-domain text
+
+
+def test_mix_parsing_and_counts():
+    assert data.parse_mix("wiki@3+notes.txt") == [("wiki", 3.0), ("notes.txt", 1.0)]
+    assert data.mix_counts([3, 1], 8) == [6, 2]
+    assert data.mix_counts([1, 1, 1], 4) == [2, 1, 1]  # largest remainder, ties to the earlier part
+    assert sum(data.mix_counts([0.2, 0.7, 0.1], 13)) == 13
+    for bad in ("wiki@0+a.txt", "wiki@x+a.txt", "+a.txt", "wiki@-1+a.txt"):
+        with pytest.raises(ValueError, match="SOURCE@WEIGHT"):
+            data.parse_mix(bad)
+
+
+def test_mixed_calibration_stacks_each_part_in_order(tok, tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a" * 400)
+    b.write_text("b" * 400)
+    cal = sample_calibration(tok, f"{a}@3+{b}", n=8, seqlen=16, seed=0)
+    assert cal.tokens.shape == (8, 16) and cal.source == f"{a}@3+{b}"
+    assert torch.equal(cal.tokens[:6], sample_calibration(tok, str(a), n=6, seqlen=16, seed=0).tokens)
+    assert torch.equal(cal.tokens[6:], sample_calibration(tok, str(b), n=2, seqlen=16, seed=1).tokens)
+    assert cal.fingerprint == fingerprint(cal.tokens)
+    with pytest.raises(ValueError, match="calibration sampling only"):
+        load_text(f"{a}+{b}", "eval")
+
+
+def test_canterbury_reads_the_cached_texts_in_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path))
+    folder = tmp_path / "texts" / "canterbury"
+    folder.mkdir(parents=True)
+    for i, name in enumerate(data.CANTERBURY_FILES):
+        (folder / name).write_bytes(f"text {i}\r\ncaf\xe9\r\n".encode("latin-1"))
+    monkeypatch.setattr(data, "_sdist_url", lambda *a: pytest.fail("the cached texts must not be downloaded again"))
+    text = load_text("canterbury", "eval")
+    assert text == load_text("canterbury", "calib")
+    assert text == "\n\n".join(f"text {i}\ncaf\xe9" for i in range(4))
+
+
+def test_canterbury_refuses_an_archive_without_the_pinned_digest(tmp_path, monkeypatch):
+    import io
+
+    monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_sdist_url", lambda *a: "https://example.invalid/brotli-1.2.1.tar.gz")
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"not the sdist"))
+    with pytest.raises(RuntimeError, match="pinned sha256"):
+        load_text("canterbury", "eval")
+    assert not (tmp_path / "texts" / "canterbury").exists()  # nothing half-written

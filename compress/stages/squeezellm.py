@@ -69,7 +69,7 @@ class SqueezeLLM:
             return
         if self.fisher and ctx.calib is None:
             raise ValueError("stage 'squeezellm' needs calibration data for its Fisher weights: pass "
-                             "calib=sample_calibration(tokenizer, ...), or set fisher: false")
+                             "calib=sample_calibration(tokenizer, ...)")
         t0 = time.perf_counter()
         fisher = {}
         if self.fisher:
