@@ -266,3 +266,16 @@ def test_inspect_counts_the_codebook_modules(tmp_path):
     assert row["scheme"] == "SqueezeLLM-3bit" and row["shape"] == [m.out_features, m.in_features]
     assert row["bits_per_weight"] == pytest.approx(m.bits_per_weight() + 8 * 16 / (m.in_features * m.out_features), abs=1e-3)
     assert "codebook" in info["runtimes"]["vLLM"]
+
+
+def test_codebook_artifact_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_llama()
+    compress(model, Recipe.load("w4a16-squeezellm"), _calib(model))
+    path = save(model, tmp_path / "q", tokenizer=tok)
+    hf = AutoModelForCausalLM.from_pretrained(path)  # lmpress.compress is imported: quant_method lmpress is known
+    assert isinstance(hf.model.layers[0].mlp.down_proj, LUTLinear)
+    x = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(hf(x).logits, load(path)(x).logits)
