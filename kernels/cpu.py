@@ -59,6 +59,7 @@ paths, the repacked copy (int4: N*K/2 bytes; int8 and int8mm: N*K bytes).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -99,6 +100,9 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
             return "dequant", (f"quantized activations: exact fake-quant + fp32 GEMM ({INT8MM_ENV}=1 opts into oneDNN's "
                                "int8 GEMM: faster, not bit-identical)")
         why = int8mm_misfit(weights, inputs)
+        if not why and not int8mm_exact():
+            why = ("quantized activations: this CPU's oneDNN int8 GEMM saturates (no VNNI: u8 x s8 pairs summed in "
+                   f"16 bits), so {INT8MM_ENV}=1 is ignored; exact fake-quant + fp32 GEMM instead")
         return ("dequant", why) if why else ("int8mm", "")
     if x_dtype not in FAST_DTYPES:
         return "dequant", f"{x_dtype} activations: torch's CPU int4/int8 kernels are vectorized for bfloat16 only"
@@ -126,6 +130,26 @@ def int8mm_misfit(weights: QuantArgs, inputs: QuantArgs) -> str:
         return (f"{weights.bits}-bit {'symmetric' if weights.symmetric else 'asymmetric'} {weights.granularity} weights "
                 "under quantized activations: the int8 GEMM takes symmetric 4/8-bit codes with one scale per output channel")
     return ""
+
+
+@functools.lru_cache(maxsize=1)
+def int8mm_exact() -> bool:
+    """Whether oneDNN's u8 x s8 GEMM sums exactly on this CPU (checked once, on extreme codes). Without
+    VNNI (AVX2-only x86, e.g. AMD EPYC before Zen 4) its kernels add u8 x s8 products in pairs in 16 bits
+    (vpmaddubsw), which saturates at 2 x 255 x 127: the integer sum is then wrong, not just rounded."""
+    if _QLINEAR is None or not torch.backends.mkldnn.is_available():
+        return False
+    K, N = 256, 16
+    w = torch.full((N, K), 127, dtype=torch.int8)
+    w[1::2] = -127  # (N, K): rows of +127 and -127
+    u = torch.full((4, K), 255, dtype=torch.uint8)  # codes +127 under zero point 128
+    try:
+        y = _QLINEAR(u, 1.0, 128, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(N), torch.zeros(N, dtype=torch.int64),
+                     None, 1.0, 0, torch.float32, "none", [], "")
+    except RuntimeError:
+        return False
+    exact = (127 * w.to(torch.int64).sum(1)).float()  # (N,) the exact sums
+    return bool(torch.equal(y, exact.expand(4, N)))
 
 
 @dataclass

@@ -41,7 +41,7 @@ from lmpress.quant.scheme import QuantArgs
 
 from .dispatch import check_same_device, clamp_pow2
 from .formats import packed_cols, unpack
-from .w4a16_gemm import FLOAT_DTYPES, SplitPlan
+from .w4a16_gemm import FLOAT_DTYPES, SplitPlan, gemm_output
 
 try:
     import triton
@@ -217,17 +217,10 @@ def fp_gemm(
         raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
     device = check_same_device(x=x, weight_packed=weight_packed, weight_scale=weight_scale, bias=bias)
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)  # (..., K) -> (M, K), a view when it can be
+    x2, out, done = gemm_output(x, K, N, bias, device)  # (M, K), (M, N)
+    if done:
+        return out.reshape(*x.shape[:-1], N)
     M = x2.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=device)  # (M, N)
-    if M == 0 or N == 0:
-        return out.reshape(*lead, N)
-    if K == 0:
-        out.zero_()
-        if bias is not None:
-            out += bias.to(out.dtype)
-        return out.reshape(*lead, N)
     scale = weight_scale.float()
     stride_sn = scale.stride(0) if scale.shape[0] == N and N > 1 else 0  # per tensor: every row reads row 0
 
@@ -245,7 +238,7 @@ def fp_gemm(
     plan.launch(_fp_gemm_kernel, _cuda_kernel(x.dtype == torch.float32) if plan.cfg is None else None, kargs,
                 dict(BITS=args.bits, GROUP_SIZE=gs), bias, device)
     plan.finish(target, out, bias)
-    return out.reshape(*lead, N)
+    return out.reshape(*x.shape[:-1], N)
 
 
 def aot_variants():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .dispatch import check_same_device, clamp_pow2
 from .formats import packed_cols, unpack_unsigned
-from .w4a16_gemm import FLOAT_DTYPES, SplitPlan
+from .w4a16_gemm import FLOAT_DTYPES, SplitPlan, gemm_output
 
 try:
     import triton
@@ -153,17 +153,10 @@ def lut_gemm(
         raise ValueError(f"bias must be ({N},), got {tuple(bias.shape)}")
     device = check_same_device(x=x, codes=codes, codebook=codebook, bias=bias)
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)  # (..., K) -> (M, K), a view when it can be
+    x2, out, done = gemm_output(x, K, N, bias, device)  # (M, K), (M, N)
+    if done:
+        return out.reshape(*x.shape[:-1], N)
     M = x2.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=device)  # (M, N)
-    if M == 0 or N == 0:
-        return out.reshape(*lead, N)
-    if K == 0:
-        out.zero_()
-        if bias is not None:
-            out += bias.to(out.dtype)
-        return out.reshape(*lead, N)
 
     plan = SplitPlan.make(M, N, K, device, split_k, config)
     target = plan.target(out)  # (splits, M, N)
@@ -178,7 +171,7 @@ def lut_gemm(
     plan.launch(_lut_gemm_kernel, _cuda_kernel(x.dtype == torch.float32) if plan.cfg is None else None, kargs,
                 dict(BITS=bits), bias, device)
     plan.finish(target, out, bias)
-    return out.reshape(*lead, N)
+    return out.reshape(*x.shape[:-1], N)
 
 
 def aot_variants():

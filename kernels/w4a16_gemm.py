@@ -219,6 +219,22 @@ def choose_split(M: int, N: int, K: int, device: torch.device) -> int:
     return split
 
 
+def gemm_output(x: torch.Tensor, K: int, N: int, bias: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(x2, out, done) for a dequant-GEMM y = x @ W^T + bias: x (..., K) as x2 (M, K) (a view when it can
+    be), the output (M, N) in x.dtype, and whether it is already final (nothing to launch: M or N is 0,
+    or K is 0 and the output is the bias). Shared by `w4a16_gemm`, `fp_gemm` and `lut_gemm`."""
+    x2 = x.reshape(-1, K)  # (..., K) -> (M, K)
+    out = torch.empty(x2.shape[0], N, dtype=x.dtype, device=device)  # (M, N)
+    if out.numel() == 0:
+        return x2, out, True
+    if K == 0:
+        out.zero_()
+        if bias is not None:
+            out += bias.to(out.dtype)
+        return x2, out, True
+    return x2, out, False
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     """How a dequant-GEMM launch covers K (shared by `w4a16_gemm` and `fp_gemm`): `k_split` columns a
@@ -332,17 +348,10 @@ def w4a16_gemm(
     device = check_same_device(x=x, weight_packed=weight_packed, weight_scale=weight_scale,
                                weight_zero_point=weight_zero_point, bias=bias)
 
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)  # (M, K), a view when it can be
+    x2, out, done = gemm_output(x, K, N, bias, device)  # (M, K), (M, N)
+    if done:
+        return out.reshape(*x.shape[:-1], N)
     M = x2.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=device)
-    if M == 0 or N == 0:
-        return out.reshape(*lead, N)
-    if K == 0:
-        out.zero_()
-        if bias is not None:
-            out += bias.to(out.dtype)
-        return out.reshape(*lead, N)
     scale = weight_scale.float()
     zero = weight_zero_point.float() if weight_zero_point is not None else scale  # dummy when absent
     stride_sn = scale.stride(0) if scale.shape[0] == N and N > 1 else 0
@@ -364,7 +373,7 @@ def w4a16_gemm(
     plan.launch(_w4a16_gemm_kernel, _cuda_kernel(x.dtype == torch.float32) if plan.cfg is None else None, args, meta,
                 bias, device)
     plan.finish(target, out, bias)
-    return out.reshape(*lead, N)
+    return out.reshape(*x.shape[:-1], N)
 
 
 def aot_variants():

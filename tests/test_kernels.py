@@ -178,6 +178,9 @@ def test_int8_gemm_opt_in_matches_the_simulation_to_rounding(name, dtype, monkey
     """LMPRESS_INT8_GEMM=1: oneDNN's int8 GEMM on the simulation's own codes, at every size; the exact
     integer sum differs from the simulation's fp32 (bf16) GEMM by rounding only."""
     scheme, kind = INT8MM_SCHEMES[name]
+    saturates = kind == "cpu-int8mm" and not cpu.int8mm_exact()  # a CPU without VNNI: the opt-in is ignored
+    if saturates:
+        kind = "cpu-dequant"
     sim = _sim(scheme, 200, 40, dtype=dtype)
     packed = PackedLinear.from_sim(sim)
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
@@ -187,10 +190,21 @@ def test_int8_gemm_opt_in_matches_the_simulation_to_rounding(name, dtype, monkey
             y = packed(x)
             assert packed.kernel_path.kind == kind and y.dtype == dtype
             if kind == "cpu-dequant":
-                assert torch.equal(y, sim(x)) and "the int8 GEMM takes" in packed.kernel_path.reason
+                assert torch.equal(y, sim(x))
+                assert ("saturates" if saturates else "the int8 GEMM takes") in packed.kernel_path.reason
             else:
                 assert _rel(y, sim(x)) < INT8MM_TOL[dtype]
     assert packed._cached is None  # no dequantized copy kept
+
+
+def test_int8_gemm_opt_in_is_ignored_where_the_cpu_saturates(monkeypatch):
+    monkeypatch.setenv(cpu.INT8MM_ENV, "1")
+    monkeypatch.setattr(cpu, "int8mm_exact", lambda: False)
+    kind, why = cpu.plan(W8A8.weights, W8A8.inputs, torch.float32)
+    assert kind == "dequant" and "saturates" in why and "VNNI" in why
+    monkeypatch.setattr(cpu, "int8mm_exact", lambda: True)
+    assert cpu.plan(W8A8.weights, W8A8.inputs, torch.float32)[0] == ("int8mm" if not cpu.int8mm_misfit(W8A8.weights, W8A8.inputs)
+                                                                   else "dequant")
 
 
 @pytest.mark.parametrize("scheme,why", [
