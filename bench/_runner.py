@@ -17,14 +17,18 @@ starts), calls `run_one` and prints its row as one `ROW <json>` line on stdout; 
 prints a `PARTIAL <json>` line, which stands in for the row if the child dies later. Other
 stdout and all stderr of the child pass through to the parent's stderr.
 
-Each row gets, from the driver: `config`, `repeat`, `threads`, `versions` (python, torch,
-transformers, lmpress, git commit), `wall_s` (the whole child process), `cpu_s` (its user +
+Each row gets, from the driver: `config`, `repeat`, `threads`, `args`, `versions` (python, torch,
+transformers, lmpress, git commit, library tree), `wall_s` (the whole child process), `cpu_s` (its user +
 system time, and its children's, from wait4), `max_rss_mib` (its peak resident set, from wait4),
 `loadavg_start` / `loadavg_end` (os.getloadavg, 1/5/15 min). A configuration that fails becomes
 a row with `error` (exit status and the last stderr line; `stderr_tail` keeps the last lines)
 and the run goes on. Rows are written as they finish: `--jsonl FILE` appends one JSON line a
 row, `--json FILE` rewrites {"args", "rows"[, "summary"]}. `--budget MIN` stops the run MIN
 minutes after it started: the child running then is killed and what was left gets error rows.
+`--resume` (with `--jsonl`) carries a run over several sittings: a configuration whose row is
+already in the file, without error, measured with the same options (`args`, every option but the
+driver's) on the same clean library tree (`versions.lib_tree`: the git objects of the library
+folders, so bench, test and doc commits do not count) is taken from there, marked `resumed`.
 
 Helpers for `run_one`: `rss_mib()` (this process's peak RSS so far), `RssPeak` (the peak RSS
 sampled while a `with` block runs), `partial(row)`, `versions()`.
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -178,12 +183,61 @@ def _commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
+LIB_PATHS = ("calibration", "compress", "eval", "kernels", "prune", "quant", "pyproject.toml", "constraints.txt")
+
+
+@functools.lru_cache(maxsize=None)
+def lib_tree(commit: str = "HEAD") -> str | None:
+    """12 hex naming the library code at `commit` (the git objects of `LIB_PATHS`; `+dirty` when HEAD's
+    working tree differs there): rows measured on equal trees measure the same library, whatever else
+    changed (benches' tables, tests, docs). None outside git."""
+    def git(*a):
+        return subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True, timeout=30)
+
+    try:
+        ids = [git("rev-parse", f"{commit}:{path}") for path in LIB_PATHS]
+        if any(r.returncode != 0 for r in ids):
+            return None
+        tree = hashlib.sha256(" ".join(r.stdout.strip() for r in ids).encode()).hexdigest()[:12]
+        dirty = commit == "HEAD" and git("status", "--porcelain", "--untracked-files=no", "--", *LIB_PATHS).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return tree + ("+dirty" if dirty else "")
+
+
 def versions(*extra: str) -> dict:
-    """python, torch, transformers, lmpress (and the `extra` distributions) as installed, and the git commit."""
+    """python, torch, transformers, lmpress (and the `extra` distributions) as installed, the git commit and
+    the library tree (`lib_tree`)."""
     out = {"python": platform.python_version()}
     for name in ("torch", "transformers", "lmpress", *extra):
         out[name] = _dist_version(name)
     out["commit"] = _commit()
+    out["lib_tree"] = lib_tree()
+    return out
+
+
+DRIVER_ARGS = ("configs", "repeats", "json", "jsonl", "budget", "only", "resume")
+
+
+def protocol(args) -> dict:
+    """The parsed options that shape a row (every option but the driver's own, which choose what runs)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in DRIVER_ARGS}
+
+
+def resumable(path: str | None, args) -> dict[str, dict]:
+    """{config: row} of the rows in the JSON-lines file `path` that this run may reuse: no error, the same
+    options (`protocol`) and the same clean library tree as now."""
+    tree = lib_tree()
+    if not path or not os.path.exists(path) or tree is None or tree.endswith("+dirty"):
+        return {}
+    want = json.loads(json.dumps(protocol(args), default=str))
+    out = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if ("error" not in row and row.get("args") == want and row.get("repeat", 0) == 0
+                    and (row.get("versions") or {}).get("lib_tree") == tree):
+                out[row["config"]] = row
     return out
 
 
@@ -199,6 +253,8 @@ def _child(config: str, args, run_one) -> None:
     row = {"config": config}
     row.update(run_one(config, args))
     row.setdefault("versions", versions())
+    row["versions"].setdefault("lib_tree", lib_tree())
+    row["args"] = json.loads(json.dumps(protocol(args), default=str))
     row["threads"] = torch.get_num_threads()
     print(ROW + json.dumps(row, default=str), flush=True)
 
@@ -329,6 +385,8 @@ def _parser(doc: str, configs: str, configs_help: str | None, add_args, threads:
     g.add_argument("--json", default=None, help="also write {args, rows} to this JSON file (rewritten as rows finish)")
     g.add_argument("--jsonl", default=None, help="also append every row to this file, one JSON line a row")
     g.add_argument("--budget", type=float, default=None, help="minutes: stop the run (and kill the child running) then")
+    g.add_argument("--resume", action="store_true", help="reuse the rows of --jsonl measured with the same options on the "
+                   "same library tree (a run longer than one sitting); the others run")
     g.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: run one configuration here, print its ROW
     return p
 
@@ -361,8 +419,15 @@ def main(run_one, table, *, doc: str, configs: str, configs_help: str | None = N
     script = os.path.abspath(sys.modules["__main__"].__file__)
     deadline = time.monotonic() + 60 * args.budget if args.budget else None
     rows: list[dict] = []
+    if args.resume and not args.jsonl:
+        raise SystemExit("--resume reads the rows of an earlier run from --jsonl FILE: give it")
+    done = resumable(args.jsonl, args) if args.resume else {}
     for rep in range(args.repeats):
         for c in names:
+            if rep == 0 and c in done:
+                rows.append({**done[c], "resumed": True})
+                print(f"  {c}: resumed from {args.jsonl} ({_brief(done[c])})", file=sys.stderr, flush=True)
+                continue
             label = c if args.repeats == 1 else f"{c} (repeat {rep + 1}/{args.repeats})"
             print(f"[{time.strftime('%H:%M:%S')}] {label} ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, script, *argv, *extra, "--threads", str(args.threads), "--only", c]
