@@ -11,7 +11,10 @@ rotation):
   "token";
 - quantized values: per token over groups of g = min(G, D) channels (words (B, H, n, D/g, W),
   scale and min (B, H, n, D/g) fp16);
-- the full-precision residual: every token not yet flushed (at least the R most recent).
+- the full-precision residual: every token not yet flushed (at least the R most recent);
+- under GEAR (`gear_rank` / `gear_outliers`), per block of G tokens of a head, for keys and values:
+  the sparse part (int16 positions in the block, fp16 values) and the low-rank factors (fp16,
+  (G, r) and (r, D)); the stored codes are those of the block without its sparse entries.
 
 Bit layout: `lmpress.kernels.formats.pack_unsigned`; quantize-and-pack and unpack-and-dequantize:
 `lmpress.kernels.kv_quant` (Triton on CUDA, torch reference on CPU). The flush rule is
@@ -37,7 +40,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from lmpress.quant.kv_cache import key_rows, quantized_keys, quantized_values, rows_to_keys
+from lmpress.quant.kv_cache import (gear_apply, gear_lowrank, gear_outliers, key_rows, quantized_keys, quantized_values,
+                                    rows_to_keys, without_outliers)
 
 from .attention import RUNTIME_PREFIX_ATTR, attention_modules, settings_of
 from .formats import packed_cols
@@ -77,6 +81,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.sink_k = self.sink_v = None
         self.kw = self.ks = self.km = None  # key words, scales, mins
         self.vw = self.vs = self.vm = None
+        self.kg = self.vg = None  # GEAR parts per block: (idx, vals, A, Bt), blocks along dim 2
 
     # ---- transformers' layer API ------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -119,17 +124,26 @@ class QuantizedKVLayer(DynamicLayer):
         if a.key_granularity == "token":
             kb = self._unpack_tokens(self.kw, self.ks, self.km)
         else:
-            B, H, D, ng = self.ks.shape
-            G = a.group_size
-            flat = kv_unpack(self.kw.reshape(-1, packed_cols(G, a.bits)), self.ks.reshape(-1), self.km.reshape(-1), a.bits, G, self.dtype)
-            kb = rows_to_keys(flat.reshape(B, H, D, ng, G))  # (B, H, nk, D)
+            kb = self._unpack_key_groups(self.kw, self.ks, self.km)  # (B, H, nk, D)
+        if self.kg is not None:
+            kb = gear_apply(kb, *self.kg, a)
         S = a.sink_tokens
         return kb if from_b is None else from_b(kb, slice(S, S + self.nk)).to(self.dtype)
 
     def _stored_values(self) -> torch.Tensor:
         if self.nv == 0:
             return self.values[:, :, :0]
-        return self._unpack_tokens(self.vw, self.vs, self.vm)
+        vb = self._unpack_tokens(self.vw, self.vs, self.vm)
+        return vb if self.vg is None else gear_apply(vb, *self.vg, self.args)
+
+    def _gear(self, x: torch.Tensor, pack, unpack, old):
+        """GEAR on the block(s) x (B, H, n, D): pack the codes of x without its sparse part (`pack(x')` returns
+        what `unpack(...)` reads back, dequantized), fit the low-rank part of the rest; returns (packed, parts)."""
+        idx, vals = gear_outliers(x, self.args)
+        packed = pack(without_outliers(x, idx, self.args))
+        A, Bt = gear_lowrank(x, unpack(*packed), idx, self.args)
+        parts = (idx, vals, A, Bt)
+        return packed, parts if old is None else tuple(torch.cat([o, t], dim=2) for o, t in zip(old, parts))
 
     def _unpack_tokens(self, w, s, m) -> torch.Tensor:
         a = self.args
@@ -137,6 +151,22 @@ class QuantizedKVLayer(DynamicLayer):
         g = self.head_dim // ng
         flat = kv_unpack(w.reshape(-1, packed_cols(g, a.bits)), s.reshape(-1), m.reshape(-1), a.bits, g, self.dtype)
         return flat.reshape(B, H, n, ng * g)
+
+    def _pack_key_groups(self, kb: torch.Tensor):
+        """Keys (B, H, n, D), n a multiple of G -> per-channel groups packed: words (B, H, D, n/G * W), scale and min (B, H, D, n/G)."""
+        a = self.args
+        rows = key_rows(kb, a.group_size)  # (B, H, D, n/G, G)
+        B, H, D, ng, G = rows.shape
+        w, s, m = kv_pack(rows.reshape(-1, G), a.bits, a.clip_ratio, a.clip_search)
+        return w.reshape(B, H, D, ng * w.shape[-1]), s.reshape(B, H, D, ng), m.reshape(B, H, D, ng)
+
+    def _unpack_key_groups(self, w, s, m) -> torch.Tensor:
+        """Inverse of `_pack_key_groups`, dequantized: (B, H, n, D) in the cache's dtype."""
+        a = self.args
+        B, H, D, ng = s.shape
+        G = a.group_size
+        flat = kv_unpack(w.reshape(-1, packed_cols(G, a.bits)), s.reshape(-1), m.reshape(-1), a.bits, G, self.dtype)
+        return rows_to_keys(flat.reshape(B, H, D, ng, G))
 
     def _pack_tokens(self, x: torch.Tensor):
         a = self.args
@@ -160,23 +190,26 @@ class QuantizedKVLayer(DynamicLayer):
                 w, s, m = self._pack_tokens(kb)
                 self.kw, self.ks, self.km = (self._cat(o, t, 2) for o, t in zip((self.kw, self.ks, self.km), (w, s, m)))
             else:
-                rows = key_rows(kb, a.group_size)  # (B, H, D, dk/G, G)
-                B, H, D, ng, G = rows.shape
-                w, s, m = kv_pack(rows.reshape(-1, G), a.bits, a.clip_ratio, a.clip_search)
-                self.kw = self._cat(self.kw, w.reshape(B, H, D, ng * w.shape[-1]), 3)
-                self.ks = self._cat(self.ks, s.reshape(B, H, D, ng), 3)
-                self.km = self._cat(self.km, m.reshape(B, H, D, ng), 3)
+                if a.gear:
+                    (w, s, m), self.kg = self._gear(kb, self._pack_key_groups, self._unpack_key_groups, self.kg)
+                else:
+                    w, s, m = self._pack_key_groups(kb)
+                self.kw, self.ks, self.km = (self._cat(o, t, 3) for o, t in zip((self.kw, self.ks, self.km), (w, s, m)))
             self.keys = self.keys[:, :, dk:].contiguous()
             self.nk = nk
         if dv > 0:
-            w, s, m = self._pack_tokens(self.values[:, :, :dv])
+            if a.gear:
+                (w, s, m), self.vg = self._gear(self.values[:, :, :dv], self._pack_tokens, self._unpack_tokens, self.vg)
+            else:
+                w, s, m = self._pack_tokens(self.values[:, :, :dv])
             self.vw, self.vs, self.vm = (self._cat(o, t, 2) for o, t in zip((self.vw, self.vs, self.vm), (w, s, m)))
             self.values = self.values[:, :, dv:].contiguous()
             self.nv = nv
 
     def tensors(self) -> list[torch.Tensor]:
+        gear = [t for parts in (self.kg, self.vg) if parts is not None for t in parts]
         return [t for t in (self.sink_k, self.sink_v, self.keys, self.values, self.kw, self.ks, self.km,
-                            self.vw, self.vs, self.vm) if t is not None]
+                            self.vw, self.vs, self.vm, *gear) if t is not None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -187,6 +220,9 @@ class QuantizedKVLayer(DynamicLayer):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
+        for name in ("kg", "vg"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(fn(t) for t in getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -202,7 +238,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.n = self.nk = self.nv = 0
-        self.sink_k = self.sink_v = self.kw = self.ks = self.km = self.vw = self.vs = self.vm = None
+        self.sink_k = self.sink_v = self.kw = self.ks = self.km = self.vw = self.vs = self.vm = self.kg = self.vg = None
         self.keys = self.values = None
         self.is_initialized = False
 

@@ -221,7 +221,10 @@ def quantized_keys(n, args: KVCacheArgs):
 
 
 def quantized_values(n, args: KVCacheArgs):
-    """How many values (from position sink_tokens on) the cache holds quantized when it holds n tokens."""
+    """How many values (from position sink_tokens on) the cache holds quantized when it holds n tokens
+    (whole groups of group_size tokens under GEAR, as keys)."""
+    if args.gear:
+        return quantized_keys(n, args)
     free = n - args.sink_tokens - args.residual
     return free.clamp(min=0) if isinstance(free, torch.Tensor) else max(0, free)
 
@@ -261,14 +264,100 @@ def quantized_copy(
         sl = slice(k_lo, k_hi)
         kb = key[:, :, sl]
         kb = to_basis(kb, sl) if to_basis is not None else kb
-        kb = fake_quantize_keys_kivi(kb, args)
+        kb = gear_fake_quantize(kb, args, fake_quantize_keys_kivi) if args.gear else fake_quantize_keys_kivi(kb, args)
         kb = from_basis(kb, sl) if from_basis is not None else kb
         kq = key.clone()
         kq[:, :, sl] = kb.to(key.dtype)
     if v_hi > v_lo:
         vq = value.clone()
-        vq[:, :, v_lo:v_hi] = fake_quantize_tokens_kivi(value[:, :, v_lo:v_hi], args)
+        vb = value[:, :, v_lo:v_hi]
+        vq[:, :, v_lo:v_hi] = gear_fake_quantize(vb, args, fake_quantize_tokens_kivi) if args.gear else fake_quantize_tokens_kivi(vb, args)
     return kq, vq
+
+
+# =========================================================================== GEAR
+GEAR_ITERS = 4  # power iterations of the low-rank fit
+
+
+def _blocks(x: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, H, n, D), n a multiple of G -> (B, H, n/G, G, D): one block per G tokens of a head."""
+    B, H, n, D = x.shape
+    return x.reshape(B, H, n // group, group, D)
+
+
+def gear_outliers(x: torch.Tensor, args: KVCacheArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEAR's sparse part: per block of G tokens of a head, the `gear_outliers` share of entries with the
+    largest magnitude: (idx int16 (B, H, n/G, k) flat positions in the (G, D) block, vals fp16 (B, H, n/G, k))."""
+    blk = _blocks(x, args.group_size).flatten(-2).float()  # (B, H, nb, G*D)
+    k = int(round(args.gear_outliers * blk.shape[-1]))
+    idx = blk.abs().topk(k, dim=-1).indices.sort(dim=-1).values  # (B, H, nb, k), ascending positions
+    return idx.to(torch.int16), blk.gather(-1, idx).to(PARAM_DTYPE)
+
+
+def _outlier_mask(shape, idx: torch.Tensor, args: KVCacheArgs) -> torch.Tensor:
+    """bool (B, H, nb, G*D): True at the sparse part's positions."""
+    B, H, n, D = shape
+    mask = torch.zeros(B, H, n // args.group_size, args.group_size * D, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(-1, idx.long(), True)
+
+
+def without_outliers(x: torch.Tensor, idx: torch.Tensor, args: KVCacheArgs) -> torch.Tensor:
+    """x (B, H, n, D) with the sparse part's entries set to 0 (what the quantizer sees)."""
+    mask = _outlier_mask(x.shape, idx, args).reshape(x.shape)
+    return x.masked_fill(mask, 0)
+
+
+def lowrank(R: torch.Tensor, rank: int, iters: int = GEAR_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-`rank` fit of R (..., m, n) by subspace (power) iteration from a fixed seeded start:
+    (A (..., m, r), Bt (..., r, n)) with A @ Bt = R Q Qᵀ, Q (..., n, r) orthonormal. Deterministic."""
+    n = R.shape[-1]
+    r = min(rank, *R.shape[-2:])
+    Q = torch.randn(n, r, generator=torch.Generator().manual_seed(0)).to(R)  # (n, r)
+    Q = torch.linalg.qr(Q.expand(*R.shape[:-2], n, r)).Q  # (..., n, r)
+    for _ in range(iters):
+        P = torch.linalg.qr(R @ Q).Q  # (..., m, r)
+        Q = torch.linalg.qr(R.transpose(-1, -2) @ P).Q  # (..., n, r)
+    return R @ Q, Q.transpose(-1, -2)
+
+
+def gear_lowrank(x: torch.Tensor, dq: torch.Tensor, idx: torch.Tensor, args: KVCacheArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low-rank part of the error x - dq off the sparse positions, per block: (A fp16 (B, H, nb, G, r),
+    Bt fp16 (B, H, nb, r, D)); empty factors (r = 0) without `gear_rank`."""
+    mask = _outlier_mask(x.shape, idx, args).reshape(x.shape)
+    R = _blocks((x.float() - dq.float()).masked_fill(mask, 0), args.group_size)  # (B, H, nb, G, D)
+    if args.gear_rank == 0:
+        return R[..., :0].to(PARAM_DTYPE), R[..., :0, :].to(PARAM_DTYPE)
+    A, Bt = lowrank(R, args.gear_rank)
+    return A.to(PARAM_DTYPE), Bt.to(PARAM_DTYPE)
+
+
+def gear_apply(dq: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor,
+               args: KVCacheArgs) -> torch.Tensor:
+    """The GEAR reconstruction (B, H, n, D) in dq's dtype: dq + A @ Bt (fp16 factors, float32 sum), and the
+    sparse part's exact (fp16) entries at their positions."""
+    out = _blocks(dq.float(), args.group_size)  # (B, H, nb, G, D)
+    if A.shape[-1]:
+        out = out + A.float() @ Bt.float()
+    flat = out.flatten(-2)  # (B, H, nb, G*D)
+    if idx.shape[-1]:
+        flat = flat.scatter(-1, idx.long(), vals.float())
+    return flat.reshape(dq.shape).to(dq.dtype)
+
+
+def gear_fake_quantize(x: torch.Tensor, args: KVCacheArgs, quantize: Callable) -> torch.Tensor:
+    """GEAR on (B, H, n, D), n a multiple of G: the sparse part out, `quantize(x', args)` (KIVI keys or
+    values), the low-rank fit of the rest of the error; as the runtime cache stores it."""
+    idx, vals = gear_outliers(x, args)
+    dq = quantize(without_outliers(x, idx, args), args)
+    A, Bt = gear_lowrank(x, dq, idx, args)
+    return gear_apply(dq, idx, vals, A, Bt, args)
+
+
+def gear_bits(args: KVCacheArgs, head_dim: int) -> float:
+    """GEAR's extra bits per cached element: sparse entries (fp16 value + int16 position) and the fp16 factors."""
+    G, D = args.group_size, head_dim
+    k = int(round(args.gear_outliers * G * D))
+    return (k * 32 + args.gear_rank * (G + D) * 16) / (G * D)
 
 
 def kv_mixed_attention(
@@ -449,6 +538,6 @@ def fold_value_rotation(v_proj: nn.Linear, o_proj: nn.Linear, n_heads: int, n_kv
 __all__ = [
     "fake_quantize_kv", "fake_quantize_kv_fp8", "check_kv_args", "fake_quantize_keys_values", "minmax_quantize", "minmax_dequantize",
     "key_rows", "rows_to_keys", "token_rows", "fake_quantize_keys_kivi", "fake_quantize_tokens_kivi",
-    "quantized_keys", "quantized_values", "decode_masks", "quantized_copy", "kv_mixed_attention",
+    "quantized_keys", "quantized_values", "decode_masks", "quantized_copy", "kv_mixed_attention", "gear_fake_quantize",
     "apply_rope", "invert_rope", "key_positions", "zigzag_order", "KeyRotation", "fold_value_rotation",
 ]

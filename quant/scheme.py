@@ -239,7 +239,13 @@ class KVCacheArgs:
     `type: float` (bits 8) is an FP8 E4M3 cache with static scales, as vLLM's fp8 KV cache and
     compressed-tensors' `kv_cache_scheme`: one calibrated scale per layer for K and one for V
     (`scale: tensor`) or one per KV head (`scale: head`), absmax / 448 over the calibration set
-    (stage `act_scales`); K and V are rounded to E4M3 with saturation. `group_size` is unused."""
+    (stage `act_scales`); K and V are rounded to E4M3 with saturation. `group_size` is unused.
+
+    GEAR (Kang et al. 2024, arXiv:2403.05527) on a KIVI cache with per-channel keys: each block of
+    `group_size` tokens of a head keeps its `gear_outliers` share of largest-magnitude entries exactly
+    (fp16, a sparse part), is quantized without them, and the rest of the quantization error gets a
+    rank-`gear_rank` approximation (power iteration, factors in fp16). Values are then flushed in
+    whole blocks like keys, so a block's correction is computed once (`lmpress.quant.kv_cache`)."""
 
     bits: int = 4
     group_size: int = 64
@@ -251,10 +257,19 @@ class KVCacheArgs:
     clip_search: bool = False
     type: str = "int"
     scale: str | None = None
+    gear_rank: int = 0
+    gear_outliers: float = 0.0
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
             raise ValueError(f"KVCacheArgs.type={self.type!r} is not known; use one of {list(TYPES)}")
+        if not isinstance(self.gear_rank, int) or isinstance(self.gear_rank, bool) or self.gear_rank < 0:
+            raise ValueError(f"KVCacheArgs.gear_rank={self.gear_rank!r} must be a non-negative integer (GEAR uses 2 to 4)")
+        if isinstance(self.gear_outliers, bool) or not isinstance(self.gear_outliers, (int, float)) or not 0 <= self.gear_outliers < 0.5:
+            raise ValueError(f"KVCacheArgs.gear_outliers={self.gear_outliers!r} must be a share in [0, 0.5) (GEAR uses 0.01-0.02)")
+        if self.gear and (self.type != "int" or self.key_granularity != "channel"):
+            raise ValueError("KVCacheArgs: GEAR (gear_rank, gear_outliers) corrects blocks of group_size tokens of a KIVI cache: "
+                             "use type int with key_granularity channel")
         if self.type == "float":
             if self.bits != 8 or self.scale not in ("tensor", "head") or not self.per_token_only or not self.symmetric:
                 raise ValueError("KVCacheArgs: an FP8 cache is bits 8, type float, symmetric: true, key_granularity token, "
@@ -296,10 +311,15 @@ class KVCacheArgs:
     def is_float(self) -> bool:
         return self.type == "float"
 
+    @property
+    def gear(self) -> bool:
+        """GEAR's corrections are on: values are flushed in blocks of group_size tokens, like keys."""
+        return self.gear_rank > 0 or self.gear_outliers > 0
+
     def to_dict(self) -> dict[str, Any]:
-        # `type` and `scale` only when set, so manifests and recipes written before them stay identical
+        # `type`, `scale` and GEAR's options only when set, so manifests and recipes written before them stay identical
         d = asdict(self)
-        for key, default in (("type", "int"), ("scale", None)):
+        for key, default in (("type", "int"), ("scale", None), ("gear_rank", 0), ("gear_outliers", 0.0)):
             if d[key] == default:
                 del d[key]
         return d
