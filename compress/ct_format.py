@@ -193,8 +193,12 @@ def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], 
     if a is not None:
         w8a8 = (a.bits == 8 and a.granularity == "token" and a.dynamic and a.symmetric and a.clip_ratio == 1.0
                 and w.bits == 8 and w.granularity == "channel" and w.symmetric)
-        if not w8a8:
-            return f"{s.name} activations (only int8 per-token dynamic symmetric on int8 channel weights, W8A8)"
+        # any other width pair: integer codes in int8 (int-quantized), activations on compressed-tensors' rule
+        pair = (a.granularity == "token" and a.dynamic and a.symmetric and a.clip_ratio == 1.0 and a.full_range
+                and w.granularity == "channel" and w.symmetric)
+        if not (w8a8 or pair):
+            return (f"{s.name} activations (per-token dynamic symmetric activations on compressed-tensors' scale rule "
+                    "(full_range) over symmetric per-channel weights, or W8A8)")
     return None
 
 

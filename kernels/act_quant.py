@@ -36,7 +36,7 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-ACT_BITS = (4, 8)
+ACT_BITS = (2, 3, 4, 5, 6, 8)  # codes in int8 (4 bits may also come packed)
 
 
 ROWS_X_K_CUDA = 2048  # elements of one program's tile on CUDA (64 x 64 spills on sm_90: `lmpress.kernels.aot`)
@@ -69,7 +69,7 @@ def act_dequant(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: tor
 
 def check_bits(bits: int, packed: bool) -> None:
     if bits not in ACT_BITS:
-        raise ValueError(f"activation bits={bits}: use 8 or 4")
+        raise ValueError(f"activation bits={bits}: use one of {list(ACT_BITS)}")
     if packed and bits != 4:
         raise ValueError("packed=True packs 4-bit codes 8 per int32; 8-bit codes are returned as int8 already")
 
@@ -168,7 +168,7 @@ def aot_variants():
 
     for dt, act in ACT_DTYPES.items():
         for bk in (64, 256, 1024):
-            for bits in (4, 8):
+            for bits in ((4, 8) if bk != 256 else ACT_BITS):  # the other widths change QMAX only: one tile
                 types = dict(x_ptr=act, q_ptr="*i8", p_ptr="*i32", s_ptr="*fp32", clip="fp32", qdiv="fp32")
                 const = dict(QMAX=(1 << (bits - 1)) - 1, WRITE_CODES=True, WRITE_PACKED=bits == 4, BLOCK_M=ROWS_X_K_CUDA // bk,
                              BLOCK_K=bk)

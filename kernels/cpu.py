@@ -123,12 +123,12 @@ def int8mm_misfit(weights: QuantArgs, inputs: QuantArgs) -> str:
     """Why oneDNN's int8 GEMM cannot run this activation-quantized scheme exactly ('' when it can)."""
     if _QLINEAR is None or not torch.backends.mkldnn.is_available():
         return "quantized activations: this torch build has no oneDNN int8 GEMM; exact fake-quant + fp32 GEMM instead"
-    if inputs.granularity != "token" or not inputs.dynamic or not inputs.symmetric or inputs.bits not in (4, 8):
+    if inputs.granularity != "token" or not inputs.dynamic or not inputs.symmetric or inputs.type != "int":
         return (f"{'dynamic' if inputs.dynamic else 'static'} {'symmetric' if inputs.symmetric else 'asymmetric'} "
-                f"{inputs.bits}-bit {inputs.granularity} activations: the int8 GEMM takes dynamic symmetric 4/8-bit per-token codes")
-    if weights.bits not in (4, 8) or not weights.symmetric or weights.granularity == "group":
+                f"{inputs.bits}-bit {inputs.granularity} activations: the int8 GEMM takes dynamic symmetric per-token codes")
+    if weights.type != "int" or not weights.symmetric or weights.granularity == "group":
         return (f"{weights.bits}-bit {'symmetric' if weights.symmetric else 'asymmetric'} {weights.granularity} weights "
-                "under quantized activations: the int8 GEMM takes symmetric 4/8-bit codes with one scale per output channel")
+                "under quantized activations: the int8 GEMM takes symmetric codes with one scale per output channel")
     return ""
 
 

@@ -11,9 +11,10 @@ bit order):
   int32 words, `[rows, ceil(cols*b/32)]`; bits past the last element are zero;
 - for b in {2, 4, 8} (32 % b == 0) this is exactly compressed-tensors: element i in word
   i // (32//b) at shift (i % (32//b))*b, and no element straddles two words;
-- 3 bits is lmpress's own layout (compressed-tensors defines none): the same bitstream rule,
-  so an element whose bits [i*3, i*3+3) cross a 32-bit boundary straddles two words (its low
-  bits at the top of word k, its high bits at the bottom of word k+1).
+- 3, 5 and 6 bits follow the same bitstream rule, so an element whose bits [i*b, (i+1)*b) cross a
+  32-bit boundary straddles two words (its low bits at the top of word k, its high bits at the
+  bottom of word k+1); compressed-tensors 0.20 packs every width in 1..8 this way (`pack_to_int32`:
+  32 elements in exactly b words, "dense cross-element packing").
 
 int32 is signed: a word whose bit 31 is set is negative. Packing accumulates in int64 and wraps
 to int32 explicitly; unpacking masks words back to [0, 2^32) before shifting.
@@ -25,7 +26,7 @@ import sys
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 _WORD = 32
 _MASK32 = (1 << _WORD) - 1
 

@@ -206,19 +206,21 @@ class PackedLinear(nn.Module):
 
     # ---- Triton ----------------------------------------------------------------------------
     def _forward_triton(self, x: torch.Tensor, transform: nn.Module | None = None) -> torch.Tensor:
-        from .act_quant import act_dequant, act_quant
+        from .act_quant import ACT_BITS, act_dequant, act_quant
         from .fp_gemm import fp_format_name, fp_gemm
         from .transform_act_quant import online_act_quant
         from .w4a4_gemm import int_gemm
         from .w4a16_gemm import KERNEL_BITS, w4a16_gemm
 
         w, a = self.scheme.weights, self.scheme.inputs
-        token = a is not None and a.type == "int" and a.granularity == "token" and a.symmetric and a.bits in (4, 8)
-        if transform is not None and not (token and w.type == "int" and w.bits in KERNEL_BITS
+        token = a is not None and a.type == "int" and a.granularity == "token" and a.symmetric and a.bits in ACT_BITS
+        # symmetric per-channel weights under per-token codes: the integer GEMM, any width (int8 containers)
+        int_path = token and w.type == "int" and w.symmetric and w.granularity in ("channel", "tensor")
+        if transform is not None and not (token and w.type == "int" and (w.bits in KERNEL_BITS or int_path)
                                           and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
             x, transform = transform(x), None  # nothing to fuse it into
         rot, why = "", ""
-        if w.bits not in KERNEL_BITS:
+        if w.bits not in KERNEL_BITS and not int_path:
             return self._forward_ref(x, f"{w.bits}-bit fields straddle int32 words; no Triton kernel")
         if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return self._forward_ref(x, f"{x.dtype} activations")
@@ -241,10 +243,11 @@ class PackedLinear(nn.Module):
                 rot, why = ("", "online transform in torch: " + why) if why else ("rot+", "")
             else:
                 codes, _, sx = act_quant(x, a.bits, a.clip_ratio, full_range=a.full_range)
-            if w.symmetric and w.granularity in ("channel", "tensor") and w.bits in (4, 8):
+            if int_path:
+                words, w_bits = (self.weight_packed, w.bits) if w.bits in (4, 8) else (self._int8_container(), 8)
                 self._note(f"triton-{rot}w{w.bits}a{a.bits}", why)
-                return int_gemm(codes, sx, self.weight_packed, self.weight_scale, in_features=self.in_features,
-                                w_bits=w.bits, bias=self.bias, out_dtype=x.dtype)
+                return int_gemm(codes, sx, words, self.weight_scale, in_features=self.in_features,
+                                w_bits=w_bits, bias=self.bias, out_dtype=x.dtype)
             xq = act_dequant(codes, sx, a.bits, x.dtype)
             self._note(f"triton-{rot}actquant+w4a16", "; ".join(
                 r for r in ("group-wise or asymmetric weights do not factor out of the integer sum", why) if r))
@@ -252,6 +255,14 @@ class PackedLinear(nn.Module):
             xq = self.quantize_input(x)
             self._note("triton-w4a16", f"activation scheme {a.granularity}/{'sym' if a.symmetric else 'asym'} fake-quantized in torch")
         return w4a16_gemm(xq, self.weight_packed, self.weight_scale, self.weight_zero_point, **kw)
+
+    def _int8_container(self) -> torch.Tensor:
+        """The codes of a 2/3/5/6-bit weight repacked 8 bits a field (the integer GEMM's int8 containers),
+        made once and kept with the buffers' identity and version (`_fast`, as the CPU path's copy)."""
+        key = ("int8", self.weight_packed.data_ptr(), self.weight_packed._version, self.weight_packed.device)
+        if self._fast is None or self._fast[0] != key:
+            self._fast = (key, pack(unpack(self.weight_packed, self.scheme.weights.bits, self.in_features), 8))
+        return self._fast[1]
 
     # ---- memory --------------------------------------------------------------------------
     def weight_nbytes(self) -> int:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 GRANULARITIES = ("tensor", "channel", "group", "token", "head", "block")
-WEIGHT_BITS = (2, 3, 4, 8)
+WEIGHT_BITS = (2, 3, 4, 5, 6, 8)  # integer widths of weights and activations (codes in int8)
 TYPES = ("int", "float")
 KV_BITS = (2, 4, 8)
 
@@ -385,6 +385,13 @@ PRESETS: dict[str, QuantScheme] = {
     "MXFP8A16": QuantScheme(weights=_fw(8, 32, "e8m0")),
     "MXFP8": QuantScheme(weights=_fw(8, 32, "e8m0"), inputs=_fa(8, 32, "e8m0")),
     "MXFP4": QuantScheme(weights=_fw(4, 32, "e8m0"), inputs=_fa(4, 32, "e8m0")),
+    # arbitrary integer bit pairs (ABQ-LLM's W2A8, W3A8, W6A6; W5A5): symmetric per-channel weights and
+    # dynamic symmetric per-token activations, so the integer GEMM runs them on codes in int8 containers;
+    # activations on compressed-tensors' rule (absmax / ((qmax - qmin) / 2)), as W8A8, so they export
+    "W6A6": QuantScheme(weights=_w(6), inputs=_a(6, full_range=True)),
+    "W5A5": QuantScheme(weights=_w(5), inputs=_a(5, full_range=True)),
+    "W3A8": QuantScheme(weights=_w(3), inputs=_a(8, full_range=True)),
+    "W2A8": QuantScheme(weights=_w(2), inputs=_a(8, full_range=True)),
 }
 
 KV_PRESETS: dict[str, KVCacheArgs] = {

@@ -77,7 +77,7 @@ def test_other_widths_by_hand():
 
 def test_errors():
     q = torch.zeros(2, 8, dtype=torch.int8)
-    for bits in (1, 5, 16, 4.0, True):
+    for bits in (1, 7, 16, 4.0, True):
         with pytest.raises(ValueError, match="bits"):
             pack(q, bits)
     with pytest.raises(ValueError, match="int8"):
@@ -97,3 +97,14 @@ def test_errors():
         unpack(p.reshape(-1), 4, 8)
     with pytest.raises(ValueError, match="non-negative"):
         packed_cols(-1, 4)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("cols", [1, 31, 32, 45, 100])
+def test_every_width_is_compressed_tensors_dense_packing(bits, cols):
+    """compressed-tensors 0.20 packs every width in 1..8 as one little-endian bitstream a row (`pack_to_int32`):
+    ours, bit for bit, straddling fields included."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    g = torch.Generator().manual_seed(bits * 1000 + cols)
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, cols), generator=g).to(torch.int8)
+    assert torch.equal(pack(q, bits), helpers.pack_to_int32(q, bits))

@@ -22,7 +22,7 @@ from lmpress.kernels.formats import from_kn_layout, pack, to_kn_layout, unpack, 
 from lmpress.kernels.linear import PackedLinear
 from lmpress.quant.primitives import dequantize, fake_quantize
 from lmpress.quant.rtn import rtn_quantize
-from lmpress.quant.scheme import W4A4, W4A8, W4A16, W8A8, QuantArgs, QuantScheme
+from lmpress.quant.scheme import PRESETS, W4A4, W4A8, W4A16, W8A8, QuantArgs, QuantScheme
 from lmpress.quant.sim import SimQuantLinear
 from _interpreter import run_triton_tests_in_interpreter
 
@@ -140,6 +140,8 @@ INT8MM_SCHEMES = {  # LMPRESS_INT8_GEMM=1: name -> (scheme, path at every size)
     "W4A8": (W4A8, "cpu-int8mm"),
     "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-int8mm"),
     "W8A8": (W8A8, "cpu-int8mm"),  # full_range activations (/127.5)
+    "W6A6": (PRESETS["W6A6"], "cpu-int8mm"),  # any width: codes in int8
+    "W5A5": (PRESETS["W5A5"], "cpu-int8mm"),
     "W8A8-tensor-weights": (QuantScheme(weights=_w(8, gran="tensor"), inputs=W8A8.inputs), "cpu-int8mm"),
     "W4A4-g64": (QuantScheme(weights=_w(4, 64), inputs=W4A4.inputs), "cpu-dequant"),  # group scales do not factor out
     "W8A8-asym-weights": (QuantScheme(weights=_w(8, sym=False), inputs=W8A8.inputs), "cpu-dequant"),
@@ -399,6 +401,9 @@ TRITON_SCHEMES = {
     "W8A8": (W8A8, "triton-w8a8"),
     "W4-asym-g32-A8": (QuantScheme(weights=_w(4, 32, sym=False), inputs=A8), "triton-actquant+w4a16"),
     "W3-asym-g64": (QuantScheme(weights=_w(3, 64, sym=False)), "ref"),
+    "W6A6": (PRESETS["W6A6"], "triton-w6a6"),  # 6-bit codes repacked into int8 containers for the integer GEMM
+    "W3A8": (PRESETS["W3A8"], "triton-w3a8"),
+    "W2A8": (PRESETS["W2A8"], "triton-w2a8"),
 }
 
 
