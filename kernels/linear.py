@@ -464,7 +464,8 @@ class LUTLinear(nn.Module):
         return W.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        triton_ok = (x.is_cuda and triton_available() and requested_backend() in ("auto", "triton")
+        backend = requested_backend()
+        triton_ok = ((backend == "triton" or (backend == "auto" and x.is_cuda and triton_available()))
                      and not (x.requires_grad and torch.is_grad_enabled()) and x.dtype in (torch.float16, torch.bfloat16, torch.float32))
         if triton_ok:
             from .lut_gemm import lut_gemm

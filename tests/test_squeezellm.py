@@ -176,6 +176,21 @@ def test_every_code_reads_its_table_entry(bits):
     assert torch.equal(y.T, lut_weight(packed, table, K, bits))
 
 
+@pytest.mark.triton
+@in_interpreter
+@pytest.mark.parametrize("bits,K", [(3, 70), (4, 64)])
+def test_lut_linear_triton_path_adds_the_sparse_part(bits, K, monkeypatch):
+    _, _, m = _lut_linear(N=24, K=K, bits=bits, outliers=0.03)
+    assert m.nnz > 0
+    x = torch.randn(2, 5, K, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setenv("LMPRESS_KERNELS", "triton")
+    with torch.no_grad():
+        y = m(x)
+    assert m.kernel_path.kind == "triton-lut"
+    ref = torch.nn.functional.linear(x, m.dense_weight(), m.bias)
+    assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+
+
 def test_lut_gemm_refuses_bad_input():
     r = sq.squeeze(_w(8, 32), None, 3, 0.0, 0.0)
     codes = pack_unsigned(r["codes"], 3)
