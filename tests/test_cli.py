@@ -62,3 +62,19 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, args, needle):
     assert res.exit_code == 2
     assert needle in res.output
     assert "Traceback" not in res.output
+
+
+def test_compress_with_a_calibration_mix_records_it_and_bad_mixes_are_one_line(tmp_path, text_file):
+    other = tmp_path / "other.txt"
+    other.write_text("An unrelated text about rivers, bridges and the sea. " * 40)
+    out = tmp_path / "mix"
+    res = run("compress", "tiny-llama", "--recipe", "w4a16-squeezellm", "--out", out, "--calib", f"{text_file}@3+{other}",
+              "--n", 4, "--seqlen", 32)
+    assert res.exit_code == 0, res.output
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["calibration"]["source"] == f"{text_file}@3+{other}" and qc["calibration"]["n"] == 4
+    assert qc["lmpress"]["codebooks"]["modules"]
+    res = run("compress", "tiny-llama", "--recipe", "w4a16-squeezellm", "--out", tmp_path / "bad", "--calib",
+              f"{text_file}@0+{other}", "--n", 4, "--seqlen", 32)
+    assert res.exit_code == 2 and "SOURCE@WEIGHT" in res.output.strip().splitlines()[-1]  # one line, after the progress
+    assert not (tmp_path / "bad").exists()
