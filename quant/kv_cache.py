@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp import E4M3, round_to_grid
-from .hadamard import random_hadamard
+from .hadamard import hadamard_factors, hadamard_transform, has_hadamard, random_hadamard, random_signs
 from .primitives import fake_quantize
 from .scheme import KV_BITS, KV_CLIP_GRID, KVCacheArgs, QuantArgs
 
@@ -483,6 +483,13 @@ class KeyRotation(nn.Module):
         self.register_buffer("inv_perm", torch.argsort(P, dim=-1), persistent=False)
         Q = random_hadamard(block, seed).to(torch.float32)  # (block, block) orthogonal
         self.register_buffer("Q", Q, persistent=False)
+        # Q = diag(s) · (H_m ⊗ H_p) / sqrt(block) when a Hadamard of that order is known (random_hadamard):
+        # applied as signs and a fast transform (m x m matmul + FWHT), O(block·(m + log p)) a row, not O(block²)
+        self.fast = has_hadamard(block)
+        if self.fast:
+            Hm, self.p = hadamard_factors(block)
+            self.register_buffer("Hm", Hm.to(torch.float32), persistent=False)
+            self.register_buffer("signs", random_signs(block, seed).to(torch.float32), persistent=False)
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         B, H, T, D = x.shape
@@ -492,17 +499,24 @@ class KeyRotation(nn.Module):
         B, H, T, D = shape
         return y.reshape(B, T, H, D).transpose(1, 2)
 
-    def _blocks(self, y: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, y: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """y @ Q (or y @ Qᵀ) on every block of `block` channels of the last dim."""
         shp = y.shape
-        return torch.matmul(y.reshape(*shp[:-1], shp[-1] // self.block, self.block), Q.to(y.dtype)).reshape(shp)
+        yb = y.reshape(*shp[:-1], shp[-1] // self.block, self.block)  # (..., blocks, block)
+        if not self.fast:
+            return torch.matmul(yb, (self.Q.T if inverse else self.Q).to(y.dtype)).reshape(shp)
+        s = self.signs.to(y.dtype)
+        if inverse:  # y Qᵀ = (y (H_mᵀ ⊗ H_p) / sqrt(b)) ∘ s
+            return (hadamard_transform(yb, self.Hm.T.to(y.dtype), self.p) * s).reshape(shp)
+        return hadamard_transform(yb * s, self.Hm.to(y.dtype), self.p).reshape(shp)  # (y ∘ s)(H_m ⊗ H_p) / sqrt(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._grouped(x)
         y = torch.gather(y, -1, self.perm.expand(*y.shape[:2], -1, -1))
-        return self._ungrouped(self._blocks(y, self.Q), x.shape)
+        return self._ungrouped(self._blocks(y, inverse=False), x.shape)
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._blocks(self._grouped(x), self.Q.T)
+        y = self._blocks(self._grouped(x), inverse=True)
         y = torch.gather(y, -1, self.inv_perm.expand(*y.shape[:2], -1, -1))
         return self._ungrouped(y, x.shape)
 

@@ -325,3 +325,21 @@ def test_cache_bytes_follow_the_layout_formula():
     # 16 codes of 2 bits fill one int32 word exactly; one fp16 scale + one fp16 min per group
     per_head = fp * D * 4 + (nk + nv) * D * 2 // 8 + (D * nk // 16) * 4 + nv * (D // 16) * 4
     assert q.nbytes() == L * B * H * per_head  # no positions hook ran: no offsets held
+
+
+@pytest.mark.parametrize("n_kv,head_dim,group_heads,block", [(3, 64, 3, 192), (3, 64, 3, 64), (2, 16, 2, 32), (4, 16, 2, 8)])
+def test_key_rotation_fast_transform_is_the_dense_rotation(n_kv, head_dim, group_heads, block):
+    """The signs + (H_m ⊗ H_p) fast transform is x @ Q for RotateKV's randomized Hadamard Q (float64, exact
+    integer Hadamard entries: the fast path is exact where the float32 dense Q is not)."""
+    kr = KeyRotation(n_kv, head_dim, group_heads, block, 7).double()
+    assert kr.fast
+    x = torch.randn(2, n_kv, 5, head_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = kr(x)
+    assert (kr.inverse(y) - x).abs().max().item() < 1e-13
+    from lmpress.quant.hadamard import random_hadamard
+
+    Q = random_hadamard(block, 7)  # float64
+    grouped = x.transpose(1, 2).reshape(2, 5, n_kv // group_heads, group_heads * head_dim)
+    grouped = torch.gather(grouped, -1, kr.perm.expand(2, 5, -1, -1))
+    dense = (grouped.reshape(2, 5, n_kv // group_heads, -1, block) @ Q).reshape(2, 5, n_kv, head_dim).transpose(1, 2)
+    assert (y - dense).abs().max().item() < 1e-13
