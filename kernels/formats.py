@@ -275,5 +275,5 @@ def unpack_unsigned(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """int32 words (..., packed_cols(cols, bits)) -> unsigned codes (..., cols) as uint8; exact inverse of `pack_unsigned`."""
     _check_bits(bits)
     lead = packed.shape[:-1]
-    q = unpack(packed.reshape(-1, packed.shape[-1]), bits, cols)  # (rows, cols) signed int8
-    return (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8).reshape(*lead, cols)
+    u = unsigned_codes(packed.reshape(-1, packed.shape[-1]), bits, cols, dtype=torch.uint8)  # (rows, cols): byte-wide fast path
+    return u.reshape(*lead, cols)
