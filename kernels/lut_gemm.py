@@ -28,7 +28,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import dot_acc, grouped_tile, store_tile
+    from .tiles import dot_acc, store_tile, tile_ranges
     from .w4a16_gemm import prune_by_m
 except ImportError:  # pragma: no cover - triton is a dependency; the reference still works
     triton = None
@@ -67,15 +67,7 @@ if triton is not None:
         FIELD: tl.constexpr = (1 << BITS) - 1
         IS_FP32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
 
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        pid_k = tl.program_id(1)
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        k_lo = pid_k * K_SPLIT
-        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        offs_m, offs_n, m_mask, n_mask, pid_k, k_lo, k_hi = tile_ranges(M, N, K, K_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):

@@ -19,6 +19,19 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def tile_ranges(M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile and K range: (offs_m (BM,), offs_n (BN,), m_mask, n_mask, pid_k, k_lo, k_hi),
+    tiles in `grouped_tile` order over grid axis 0, K split in K_SPLIT ranges over axis 1. Shared by the
+    dequant-GEMM kernels."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    k_lo = pid_k * K_SPLIT
+    return offs_m, offs_n, offs_m < M, offs_n < N, pid_k, k_lo, tl.minimum(k_lo + K_SPLIT, K)
+
+
+@triton.jit
 def dot_acc(acc, a, w, DOT_FP32: tl.constexpr, IS_FP32: tl.constexpr):
     """acc + a @ w with an fp32 accumulator: fp32 copies under the interpreter (`DOT_FP32`: its bf16
     dot is unreliable), IEEE fp32 products for fp32 activations (no TF32), else the tensor-core dot."""
