@@ -228,7 +228,7 @@ def load_text(source: str = "wiki", split: str = "calib") -> str:
     if source == "canterbury":
         return _canterbury_text()
     path = Path(source).expanduser()
-    if "+" in source and not path.exists():
+    if "+" in str(source) and not path.exists():
         raise ValueError(f"source {source!r} is a mix: mixes are for calibration sampling only "
                          f"(sample_calibration); evaluate on one source")
     suffix = path.suffix.lower()
@@ -284,8 +284,8 @@ def sample_calibration(tokenizer, source: str = "wiki", n: int = 128, seqlen: in
     """
     if n < 1 or seqlen < 1:
         raise ValueError(f"n and seqlen must be positive, got n={n}, seqlen={seqlen}")
-    if "+" in source and not Path(source).expanduser().exists():
-        return _sample_mix(tokenizer, source, n, seqlen, seed, split)
+    if "+" in str(source) and not Path(source).expanduser().exists():
+        return _sample_mix(tokenizer, str(source), n, seqlen, seed, split)
     ids = tokenize(tokenizer, load_text(source, split))
     trim_heap()  # the tokenizer's buffers for the whole split
     if ids.numel() < seqlen + 1:

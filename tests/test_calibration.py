@@ -155,3 +155,10 @@ def test_canterbury_refuses_an_archive_without_the_pinned_digest(tmp_path, monke
     with pytest.raises(RuntimeError, match="pinned sha256"):
         load_text("canterbury", "eval")
     assert not (tmp_path / "texts" / "canterbury").exists()  # nothing half-written
+
+
+def test_sources_may_be_paths(tok, txt):
+    from pathlib import Path
+
+    assert load_text(Path(txt), "eval") == load_text(str(txt), "eval")
+    assert torch.equal(sample_calibration(tok, Path(txt), n=2, seqlen=16).tokens, sample_calibration(tok, str(txt), n=2, seqlen=16).tokens)
