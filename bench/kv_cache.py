@@ -66,7 +66,7 @@ def recipe_for(name: str) -> Recipe | None:
         return None
     bits = {"kivi4": 4, "kivi2": 2, "rotkv4": 4, "rotkv2": 2}.get(base)
     if bits is None:
-        raise SystemExit(f"unknown config {name!r}; use fp, kivi4, kivi2, rotkv4, rotkv2 (+ -s<N>, -b<N>, -cs, -tok, -r<N>, -o<P>)")
+        raise SystemExit(f"unknown config {name!r}; use fp, kivi4, kivi2, rotkv4, rotkv2 (+ -s<N>, -b<N>, -cs, -tok, -r<N>, -o<P>, -z<P>)")
     kv = {"bits": bits, "group_size": 64, "residual": 128, "key_granularity": "channel"}
     rot = {"group_heads": 0, "block": 0, "reorder": True, "values": True, "seed": 0, "samples": 4}
     for m in mods:
@@ -84,6 +84,8 @@ def recipe_for(name: str) -> Recipe | None:
             kv["gear_rank"] = int(m[1:])
         elif m.startswith("o") and m[1:].replace(".", "", 1).isdigit():
             kv["gear_outliers"] = float(m[1:]) / 100
+        elif m.startswith("z") and m[1:].isdigit():  # ZipCache: this percent of each block's tokens at 4 bits
+            kv.update(key_granularity="token", salient=int(m[1:]) / 100)
         else:
             raise SystemExit(f"unknown modifier {m!r} in {name!r}")
     stages: list = [{"kv_cache": {}}]

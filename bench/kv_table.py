@@ -9,7 +9,8 @@ fp16 DynamicCache, and (optionally) decode speed there.
 Configurations: `fp`; `fp8-head` (FP8 E4M3, a calibrated scale per KV head: recipe kv-fp8 with
 scale: head); `int4-tokhead` (INT4 per token and head: asymmetric min-max over each head's 64
 channels, the per-token form); and the KIVI family of bench/kv_cache.py (`kivi2`, `rotkv2`, with
-its modifiers: -s<N> sinks, -r<N> GEAR rank, -o<P> GEAR outlier percent, -cs clip search...).
+its modifiers: -s<N> sinks, -r<N> GEAR rank, -o<P> GEAR outlier percent, -z<P> ZipCache with P% salient
+tokens at 4 bits, -cs clip search...).
 
 Columns: wiki perplexity (first `--windows` windows of 512 tokens, the decode-exact simulation) and
 its ratio to fp; passkey accuracy (`lmpress.eval.passkey`, `--passkey` samples of `--ctx` tokens,
@@ -18,7 +19,8 @@ element at `--ctx` tokens, metadata included (per-token and FP8 forms: by formul
 KIVI family: `QuantizedKVCache.nbytes()` after feeding `--ctx` tokens, which counts codes, scales,
 GEAR's parts and the full-precision sinks and residual as held, in the model's dtype: 32 bits with
 these fp32 weights, so a bf16 model holds less); that as a ratio of fp16 bytes;
-decode tokens/s at `--ctx` (batch 1, the runtime cache against DynamicCache, both in this child).
+decode tokens/s at `--ctx` (batch 1, the runtime cache against DynamicCache with the KV settings switched off, the
+stock sdpa attention on the same weights; both in this child).
 """
 from __future__ import annotations
 
@@ -82,7 +84,9 @@ def run_one(config: str, args) -> dict:
     row.update(ppl=res.ppl, windows=res.windows, eval_s=time.perf_counter() - t0)
     _runner.partial(row)
     if args.passkey:
-        pk = passkey_accuracy(model, tok, passkey_samples(tok, n_ctx=args.ctx, n=args.passkey, seed=args.seed))
+        # ZipCache's decisions carry over decode steps in the runtime cache only; the others decode exactly either way
+        make = QuantizedKVCache if recipe is not None and recipe.kv_args is not None and recipe.kv_args.zipcache else None
+        pk = passkey_accuracy(model, tok, passkey_samples(tok, n_ctx=args.ctx, n=args.passkey, seed=args.seed), make_cache=make)
         row.update(passkey=pk.accuracy, passkey_n=pk.n, passkey_by_depth=pk.by_depth, passkey_s=pk.seconds)
         _runner.partial(row)
     bits = formula_bits(recipe, head_dim)
@@ -102,10 +106,12 @@ def run_one(config: str, args) -> dict:
 
 
 def decode_tps(model, ids, steps: int, runtime: bool) -> dict:
-    """Greedy decode tok/s after the context, DynamicCache and (the KIVI family) the runtime cache, alternating."""
+    """Greedy decode tok/s after the context: DynamicCache with the KV settings switched off (the stock sdpa
+    path on the same weights) and (the KIVI family) the runtime cache."""
     import torch
     from transformers import DynamicCache
 
+    from lmpress.kernels.attention import cache_quant_off
     from lmpress.kernels.kv_cache import QuantizedKVCache, cache_kwargs
 
     def one(make):
@@ -118,7 +124,8 @@ def decode_tps(model, ids, steps: int, runtime: bool) -> dict:
                 x = model(x, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         return steps / (time.perf_counter() - t0)
 
-    fp = one(DynamicCache)
+    with cache_quant_off(model):  # not DynamicCache under the simulation, which re-quantizes the prefix every step
+        fp = one(DynamicCache)
     out = {"decode_tps_dynamic": fp}
     if runtime:
         out["decode_tps"] = one(lambda: QuantizedKVCache(model))

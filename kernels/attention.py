@@ -30,6 +30,7 @@ Modules without settings pass straight through.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Any, Mapping
 
@@ -44,13 +45,16 @@ from lmpress.quant.kv_cache import (
 from lmpress.quant.primitives import fake_quantize
 from lmpress.quant.rope_scale import scale_qk
 from lmpress.quant.scheme import KVCacheArgs, QuantArgs
+from lmpress.quant.zipcache import zip_attention
 
 from .online import transform_from_spec
 
 FP8_TOKEN = QuantArgs(bits=8, type="float", granularity="token", dynamic=True)  # FP8 E4M3, one scale a row
+log = logging.getLogger(__name__)
 ATTN_IMPLEMENTATION = "lmpress"
 SETTINGS_ATTR = "lmpress_attn"
 RUNTIME_PREFIX_ATTR = "_lmpress_quantized_prefix"  # (keys, values) already quantized, set by QuantizedKVCache
+ZIP_STATE_ATTR = "_lmpress_zip_state"  # the ZipCache layer of QuantizedKVCache: zip_tail, zip_commit
 
 
 class LmpressAttention(nn.Module):
@@ -141,6 +145,17 @@ class LmpressAttention(nn.Module):
         prefix = getattr(key, RUNTIME_PREFIX_ATTR, (0, 0))
         positions = key_positions(key.shape[2], position_ids, device=key.device) if self.key_rotation is not None else None
         to_b, from_b = self.key_basis(positions, key)
+        if self.kv.zipcache:  # the Q/K transform leaves q·k unchanged: only the basis keys are quantized in matters
+            state = getattr(key, ZIP_STATE_ATTR, None)
+            if state is None and query.shape[2] < key.shape[2] and not getattr(self, "_zip_warned", False):
+                self._zip_warned = True
+                log.warning("ZipCache decoding without lmpress's QuantizedKVCache: salient tokens are chosen from this "
+                            "call's queries only; pass QuantizedKVCache(model) as the cache for the decode-exact cache")
+            out, his, tail = zip_attention(query, key, value, self.kv, attention_mask, scaling, prefix[0],
+                                           state.zip_tail if state is not None else None, to_b, from_b)
+            if state is not None:
+                state.zip_commit(his, tail)
+            return out
         kq, vq = quantized_copy(key, value, self.kv, prefix, to_b, from_b)
         if self.qk is not None:
             query, key, kq = self.qk(query), self.qk(key), self.qk(kq)
@@ -366,6 +381,6 @@ def restore_attention(model: nn.Module, specs: Mapping[str, Mapping[str, Any]]) 
 
 
 __all__ = [
-    "ATTN_IMPLEMENTATION", "RUNTIME_PREFIX_ATTR", "LmpressAttention", "find_rotary", "lmpress_attention_forward", "register", "attention_modules",
+    "ATTN_IMPLEMENTATION", "RUNTIME_PREFIX_ATTR", "ZIP_STATE_ATTR", "LmpressAttention", "find_rotary", "lmpress_attention_forward", "register", "attention_modules",
     "attach_attention", "attention_specs", "restore_attention", "use_lmpress_attention", "settings_of", "observe_kv", "observe_qk",
 ]

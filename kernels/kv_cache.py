@@ -14,7 +14,13 @@ rotation):
 - the full-precision residual: every token not yet flushed (at least the R most recent);
 - under GEAR (`gear_rank` / `gear_outliers`), per block of G tokens of a head, for keys and values:
   the sparse part (int16 positions in the block, fp16 values) and the low-rank factors (fp16,
-  (G, r) and (r, D)); the stored codes are those of the block without its sparse entries.
+  (G, r) and (r, D)); the stored codes are those of the block without its sparse entries;
+- under ZipCache (`salient` > 0; `lmpress.quant.zipcache`), per block of G tokens, for keys and
+  values: the salient tokens' rows (all KV heads' channels) packed at salient_bits, the others at
+  bits, each token's scale and min (fp16), the block's channel scales (fp16, (H, D)) and which
+  tokens are salient (bool). The attention function decides a block's salient tokens from the
+  attention its queries gave them and hands the decision back (`zip_commit`); until then the
+  block stays in full precision, with the scores accumulated so far (`zip_tail`).
 
 Bit layout: `lmpress.kernels.formats.pack_unsigned`; quantize-and-pack and unpack-and-dequantize:
 `lmpress.kernels.kv_quant` (Triton on CUDA, torch reference on CPU). The flush rule is
@@ -43,8 +49,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 from lmpress.quant.kv_cache import (gear_apply, gear_lowrank, gear_outliers, key_rows, quantized_keys, quantized_values,
                                     rows_to_keys, without_outliers)
 
-from .attention import RUNTIME_PREFIX_ATTR, attention_modules, settings_of
-from .formats import packed_cols
+from lmpress.quant.zipcache import salient_count, zip_codes, zip_dequantize
+
+from .attention import RUNTIME_PREFIX_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
+from .formats import pack_unsigned, packed_cols, unpack_unsigned
 from .kv_quant import kv_pack, kv_unpack
 
 _HOOK_ATTR = "_lmpress_kv_positions_hook"
@@ -82,6 +90,9 @@ class QuantizedKVLayer(DynamicLayer):
         self.kw = self.ks = self.km = None  # key words, scales, mins
         self.vw = self.vs = self.vm = None
         self.kg = self.vg = None  # GEAR parts per block: (idx, vals, A, Bt), blocks along dim 2
+        self.kz = self.vz = None  # ZipCache parts: (hi words, lo words, scale, min, channel scales, salient), dim 1
+        self.zip_tail = None  # ZipCache: (acc (B, n), cnt (n,)) scores of the n unflushed tokens
+        self._to_b = None
 
     # ---- transformers' layer API ------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -113,15 +124,64 @@ class QuantizedKVLayer(DynamicLayer):
         keys = torch.cat([self.sink_k, self._stored_keys(from_b), self.keys], dim=2)
         values = torch.cat([self.sink_v, self._stored_values(), self.values], dim=2)
         setattr(keys, RUNTIME_PREFIX_ATTR, (self.nk, self.nv))
-        self._flush(quantized_keys(self.n, a), quantized_values(self.n, a), to_b)
+        if a.zipcache:  # the attention function decides the blocks to flush and calls zip_commit
+            setattr(keys, ZIP_STATE_ATTR, self)
+            self._to_b = to_b
+        else:
+            self._flush(quantized_keys(self.n, a), quantized_values(self.n, a), to_b)
         return keys, values
+
+    # ---- ZipCache ---------------------------------------------------------------------------
+    def zip_commit(self, his: list[torch.Tensor], tail) -> None:
+        """Flush the next len(his) blocks of G tokens, block i's salient tokens `his[i]` (bool (B, G)), and keep
+        `tail` (acc, cnt), the scores of the tokens still unflushed (`lmpress.quant.zipcache.zip_attention`)."""
+        a, S, G = self.args, self.args.sink_tokens, self.args.group_size
+        for hi in his:
+            sl = slice(S + self.nk, S + self.nk + G)
+            kb = self.keys[:, :, :G]
+            kb = kb if self._to_b is None else self._to_b(kb, sl)
+            self.kz = self._zip_cat(self.kz, self._zip_pack(kb, hi))
+            self.vz = self._zip_cat(self.vz, self._zip_pack(self.values[:, :, :G], hi))
+            self.keys, self.values = self.keys[:, :, G:].contiguous(), self.values[:, :, G:].contiguous()
+            self.nk += G
+            self.nv += G
+        self.zip_tail = tuple(t.detach() for t in tail)
+
+    def _zip_pack(self, x: torch.Tensor, hi: torch.Tensor):
+        """One block (B, H, G, D) -> (hi words (B, k, W4), lo words (B, G-k, W2), scale, min (B, G), c (B, 1, H, D), hi (B, G))."""
+        a = self.args
+        u, s, m, c = zip_codes(x, hi, a)  # u (B, G, H*D)
+        B, G, HD = u.shape
+        k = salient_count(a)
+        hw = pack_unsigned(u[hi].reshape(B, k, HD), a.salient_bits)  # rows in position order
+        lw = pack_unsigned(u[~hi].reshape(B, G - k, HD), a.bits)
+        return hw, lw, s, m, c[:, None], hi
+
+    @staticmethod
+    def _zip_cat(old, new):
+        return new if old is None else tuple(torch.cat([o, t], dim=1) for o, t in zip(old, new))
+
+    def _zip_unpack(self, parts) -> torch.Tensor:
+        """Inverse of the `_zip_pack`s of nb blocks: (B, H, nb*G, D) in the cache's dtype."""
+        a = self.args
+        hw, lw, s, m, c, hi = parts
+        B, nb, H, D = c.shape
+        G, k = a.group_size, salient_count(a)
+        u = torch.empty(B, nb * G, H * D, dtype=torch.uint8, device=c.device)
+        u[hi] = unpack_unsigned(hw, a.salient_bits, H * D).reshape(-1, H * D)
+        u[~hi] = unpack_unsigned(lw, a.bits, H * D).reshape(-1, H * D)
+        x = zip_dequantize(u.reshape(B * nb, G, H * D), s.reshape(B * nb, G), m.reshape(B * nb, G),
+                           c.reshape(B * nb, H, D), self.dtype)  # (B*nb, H, G, D)
+        return x.reshape(B, nb, H, G, D).permute(0, 2, 1, 3, 4).reshape(B, H, nb * G, D)
 
     # ---- storage ----------------------------------------------------------------------------
     def _stored_keys(self, from_b) -> torch.Tensor:
         if self.nk == 0:
             return self.keys[:, :, :0]
         a = self.args
-        if a.key_granularity == "token":
+        if a.zipcache:
+            kb = self._zip_unpack(self.kz)
+        elif a.key_granularity == "token":
             kb = self._unpack_tokens(self.kw, self.ks, self.km)
         else:
             kb = self._unpack_key_groups(self.kw, self.ks, self.km)  # (B, H, nk, D)
@@ -133,6 +193,8 @@ class QuantizedKVLayer(DynamicLayer):
     def _stored_values(self) -> torch.Tensor:
         if self.nv == 0:
             return self.values[:, :, :0]
+        if self.args.zipcache:
+            return self._zip_unpack(self.vz)
         vb = self._unpack_tokens(self.vw, self.vs, self.vm)
         return vb if self.vg is None else gear_apply(vb, *self.vg, self.args)
 
@@ -207,9 +269,9 @@ class QuantizedKVLayer(DynamicLayer):
             self.nv = nv
 
     def tensors(self) -> list[torch.Tensor]:
-        gear = [t for parts in (self.kg, self.vg) if parts is not None for t in parts]
+        parts = [t for p in (self.kg, self.vg, self.kz, self.vz, self.zip_tail) if p is not None for t in p]
         return [t for t in (self.sink_k, self.sink_v, self.keys, self.values, self.kw, self.ks, self.km,
-                            self.vw, self.vs, self.vm, *gear) if t is not None]
+                            self.vw, self.vs, self.vm, *parts) if t is not None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -220,9 +282,11 @@ class QuantizedKVLayer(DynamicLayer):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
-        for name in ("kg", "vg"):
+        for name in ("kg", "vg", "kz", "vz"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(fn(t) for t in getattr(self, name)))
+        if self.zip_tail is not None:  # acc has a batch dimension, cnt does not
+            self.zip_tail = (fn(self.zip_tail[0]), self.zip_tail[1])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -239,6 +303,7 @@ class QuantizedKVLayer(DynamicLayer):
     def reset(self) -> None:
         self.n = self.nk = self.nv = 0
         self.sink_k = self.sink_v = self.kw = self.ks = self.km = self.vw = self.vs = self.vm = self.kg = self.vg = None
+        self.kz = self.vz = self.zip_tail = self._to_b = None
         self.keys = self.values = None
         self.is_initialized = False
 

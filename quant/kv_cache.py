@@ -95,7 +95,7 @@ def fake_quantize_kv_fp8(x: torch.Tensor, scale: torch.Tensor | None, per_head: 
 
 def check_kv_args(args: KVCacheArgs, head_dim: int | None = None) -> None:
     """Raise ValueError for KV settings that do not fit a head_dim (KIVI value groups must tile it)."""
-    if head_dim is None or args.per_token_only:
+    if head_dim is None or args.per_token_only or args.zipcache:  # ZipCache's group_size is a block of tokens
         return
     g = min(args.group_size, head_dim)
     if head_dim % g:
@@ -215,15 +215,15 @@ def quantized_keys(n, args: KVCacheArgs):
     free = n - args.sink_tokens - args.residual
     if isinstance(free, torch.Tensor):
         free = free.clamp(min=0)
-        return free if args.key_granularity == "token" else (free // args.group_size) * args.group_size
-    free = max(0, free)
-    return free if args.key_granularity == "token" else (free // args.group_size) * args.group_size
+    else:
+        free = max(0, free)
+    return free if args.key_granularity == "token" and not args.zipcache else (free // args.group_size) * args.group_size
 
 
 def quantized_values(n, args: KVCacheArgs):
     """How many values (from position sink_tokens on) the cache holds quantized when it holds n tokens
-    (whole groups of group_size tokens under GEAR, as keys)."""
-    if args.gear:
+    (whole blocks of group_size tokens under GEAR and ZipCache, as keys)."""
+    if args.blockwise:
         return quantized_keys(n, args)
     free = n - args.sink_tokens - args.residual
     return free.clamp(min=0) if isinstance(free, torch.Tensor) else max(0, free)

@@ -245,7 +245,13 @@ class KVCacheArgs:
     `group_size` tokens of a head keeps its `gear_outliers` share of largest-magnitude entries exactly
     (fp16, a sparse part), is quantized without them, and the rest of the quantization error gets a
     rank-`gear_rank` approximation (power iteration, factors in fp16). Values are then flushed in
-    whole blocks like keys, so a block's correction is computed once (`lmpress.quant.kv_cache`)."""
+    whole blocks like keys, so a block's correction is computed once (`lmpress.quant.kv_cache`).
+
+    ZipCache (He et al. 2024, arXiv:2405.14256) with `salient` > 0 and key_granularity token: keys
+    and values are flushed in blocks of `group_size` tokens; in each block the `salient` share of
+    tokens with the highest normalized accumulated attention (the attention a token received divided
+    by the number of queries that saw it) is coded at `salient_bits`, the rest at `bits`, with
+    channel-separable token-wise quantization (`lmpress.quant.zipcache`)."""
 
     bits: int = 4
     group_size: int = 64
@@ -259,6 +265,8 @@ class KVCacheArgs:
     scale: str | None = None
     gear_rank: int = 0
     gear_outliers: float = 0.0
+    salient: float = 0.0
+    salient_bits: int = 4
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
@@ -270,6 +278,14 @@ class KVCacheArgs:
         if self.gear and (self.type != "int" or self.key_granularity != "channel"):
             raise ValueError("KVCacheArgs: GEAR (gear_rank, gear_outliers) corrects blocks of group_size tokens of a KIVI cache: "
                              "use type int with key_granularity channel")
+        if isinstance(self.salient, bool) or not isinstance(self.salient, (int, float)) or not 0 <= self.salient <= 1:
+            raise ValueError(f"KVCacheArgs.salient={self.salient!r} must be a share in [0, 1] (ZipCache: e.g. 0.25 of tokens at salient_bits)")
+        if self.zipcache:
+            if self.type != "int" or self.key_granularity != "token" or self.gear:
+                raise ValueError("KVCacheArgs: ZipCache (salient > 0) quantizes keys and values token-wise: use type int, "
+                                 "key_granularity token, and no GEAR options")
+            if self.salient_bits not in KV_BITS or self.salient_bits <= self.bits:
+                raise ValueError(f"KVCacheArgs.salient_bits={self.salient_bits!r} must be one of {list(KV_BITS)} above bits={self.bits}")
         if self.type == "float":
             if self.bits != 8 or self.scale not in ("tensor", "head") or not self.per_token_only or not self.symmetric:
                 raise ValueError("KVCacheArgs: an FP8 cache is bits 8, type float, symmetric: true, key_granularity token, "
@@ -305,7 +321,7 @@ class KVCacheArgs:
     def per_token_only(self) -> bool:
         """True for the plain per-token form (QuaRot): every token quantized as it arrives."""
         return (self.key_granularity == "token" and self.residual == 0 and self.sink_tokens == 0
-                and float(self.clip_ratio) == 1.0 and not self.clip_search)
+                and float(self.clip_ratio) == 1.0 and not self.clip_search and not self.zipcache)
 
     @property
     def is_float(self) -> bool:
@@ -316,10 +332,21 @@ class KVCacheArgs:
         """GEAR's corrections are on: values are flushed in blocks of group_size tokens, like keys."""
         return self.gear_rank > 0 or self.gear_outliers > 0
 
+    @property
+    def zipcache(self) -> bool:
+        """ZipCache's salient tokens are on: keys and values are flushed in blocks of group_size tokens."""
+        return self.salient > 0
+
+    @property
+    def blockwise(self) -> bool:
+        """Keys and values are flushed together in whole blocks of group_size tokens (GEAR, ZipCache)."""
+        return self.gear or self.zipcache
+
     def to_dict(self) -> dict[str, Any]:
         # `type`, `scale` and GEAR's options only when set, so manifests and recipes written before them stay identical
         d = asdict(self)
-        for key, default in (("type", "int"), ("scale", None), ("gear_rank", 0), ("gear_outliers", 0.0)):
+        for key, default in (("type", "int"), ("scale", None), ("gear_rank", 0), ("gear_outliers", 0.0),
+                             ("salient", 0.0), ("salient_bits", 4)):
             if d[key] == default:
                 del d[key]
         return d
