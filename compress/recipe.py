@@ -85,9 +85,9 @@ class Recipe:
             raise RecipeError("kv_cache: an FP8 cache takes scales calibrated by stage act_scales after stage kv_cache; "
                               "add `- kv_cache: {}` and, after it, `- act_scales: {}`")
         static = [p for p, sch in resolved if sch is not None and sch.inputs is not None and not sch.inputs.dynamic]
-        if static and not any(st.name in ("gptq", "act_scales") for st in self.stages):
+        if static and not any(st.name in ("gptq", "act_scales", "mergequant") for st in self.stages):
             raise RecipeError(f"schemes[{static[0]!r}]: static activation scales (inputs dynamic: false) are calibrated by "
-                              "stage gptq or act_scales; add `- act_scales: {}` after the weight stage")
+                              "stage gptq, act_scales or mergequant; add `- act_scales: {}` after the weight stage")
 
     # ---- the scheme map ---------------------------------------------------------------
     def scheme_for(self, fqn: str) -> QuantScheme | None:

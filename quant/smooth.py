@@ -36,3 +36,29 @@ def fold_smoothing(s: torch.Tensor, producer_weight: torch.Tensor, readers: list
         producer_bias.copy_((producer_bias.double() / s64).to(producer_bias.dtype))
     for lin in readers:
         lin.weight.copy_((lin.weight.double() * s64[None, :]).to(lin.weight.dtype))
+
+
+# ------------------------------------------------------------------ MergeQuant's static per-channel steps
+CHANNEL_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(19))  # 1.0 .. 0.1
+
+
+def static_channel_steps(x: torch.Tensor, args, clip_search: bool = True) -> torch.Tensor:
+    """Static per-channel quantization steps (C,) for activations x (N, C) under symmetric int input
+    `args`: step_c = r_c · max|x_c| / args.sym_divisor, with r_c (`clip_search`) the ratio of
+    `CHANNEL_CLIP_GRID` with the least squared error of channel c's values on that grid (codes
+    clamped to [qmin, qmax]), else 1. MergeQuant's quantization step migration divides the
+    producer of x by these steps and multiplies its readers' columns by them, so the activation is
+    quantized by rounding alone (a static scale of 1)."""
+    xf = x.reshape(-1, x.shape[-1]).float()  # (N, C)
+    amax = xf.abs().amax(dim=0).clamp(min=1e-8)  # (C,)
+    ratios = CHANNEL_CLIP_GRID if clip_search else (1.0,)
+    best, best_err = None, None
+    for r in ratios:
+        step = r * amax / args.sym_divisor
+        err = ((xf / step).round().clamp(args.qmin, args.qmax) * step - xf).square().sum(dim=0)  # (C,)
+        if best is None:
+            best, best_err = step, err
+        else:
+            take = err < best_err
+            best, best_err = torch.where(take, step, best), torch.where(take, err, best_err)
+    return best

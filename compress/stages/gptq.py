@@ -95,7 +95,10 @@ def observe_inputs(step, rels: list[str], later: list[str]) -> None:
     pass with `later` stubbed, the absmax of each one's input over the calibration batches. The
     body of stage `act_scales`; stage `gptq` runs it before collecting a group's Hessians."""
     layer = step.layer
-    sims = {rel: layer.get_submodule(rel) for rel in rels}
+    # a scale fixed by an earlier stage (mergequant: the steps were migrated into the weights) is kept
+    sims = {rel: layer.get_submodule(rel) for rel in rels if not getattr(layer.get_submodule(rel), "input_scale_fixed", False)}
+    if not sims:
+        return
     amax: dict[str, torch.Tensor] = {}
 
     def hook(rel, _m, args):

@@ -1,0 +1,108 @@
+"""Weight-and-activation quantization on SmolLM2-135M (issue 27's table): perplexity of the simulated
+model, its ratio to the base, average activation bits, compress minutes, and the perplexity of the
+packed checkpoint reloaded (`save` + `load`, the CPU runtime path), same windows.
+
+    python bench/w4a4_table.py                                     # the default rows, 64 x 512, 128 x 512 calibration
+    python bench/w4a4_table.py --configs base,W4A4-gptq,mq-gptq --windows 16 --n 32
+
+Configurations: `base`; a built-in recipe by name (`w4a4kv4-flatquant-gptq`, `w4a4-rtn`, ...);
+`<preset>-<rtn|gptq>`, the preset (W4A4, W6A6, W5A5, W3A8, W2A8, ...) on every linear but lm_head;
+`W4A4s-<rtn|gptq>`, int4 per-channel weights and int4 *static* per-tensor activations (one calibrated
+scale per linear); `mq-<rtn|gptq>`, the same scheme after stage `mergequant` (MergeQuant's static
+per-channel steps migrated into the neighbours, clip search; no dynamic quantization op at run time).
+Average activation bits: the input bits of every quantized linear weighted by its in_features (the
+elements of a token's inputs), 16 where inputs stay in float.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import _runner
+
+DEFAULT_CONFIGS = "base,W4A4-gptq,W4A4s-gptq,mq-gptq,mq-rtn,W6A6-rtn,W6A6-gptq,W5A5-gptq,W2A8-gptq,w4a4kv4-flatquant-gptq"
+W4A4S = {"weights": {"bits": 4, "granularity": "channel", "symmetric": True},
+         "inputs": {"bits": 4, "granularity": "tensor", "symmetric": True, "dynamic": False}}
+
+
+def recipe_for(config: str):
+    from lmpress.compress import Recipe
+    from lmpress.quant.scheme import PRESETS
+
+    scheme, _, method = config.rpartition("-")
+    if method not in ("rtn", "gptq") or not scheme:
+        return Recipe.load(config)
+    if scheme == "mq":
+        body, stages = W4A4S, [{"mergequant": {"clip_search": True, "samples": 16}}, {method: {}}]
+    elif scheme == "W4A4s":
+        body, stages = W4A4S, [{method: {}}] + ([{"act_scales": {}}] if method == "rtn" else [])
+    elif scheme in PRESETS:
+        body, stages = scheme, [{method: {}}]
+    else:
+        return Recipe.load(config)
+    return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": body}, "stages": stages})
+
+
+def act_bits(model) -> float:
+    """Input bits of the quantized linears weighted by in_features (16 for float inputs)."""
+    num = den = 0
+    for m in model.modules():
+        scheme = getattr(m, "scheme", None)
+        if scheme is None or not hasattr(m, "in_features"):
+            continue
+        bits = scheme.inputs.bits if scheme.inputs is not None else 16
+        num += bits * m.in_features
+        den += m.in_features
+    return num / den if den else 16.0
+
+
+def run_one(config: str, args) -> dict:
+    import torch
+
+    from lmpress.compress import load, save
+    from lmpress.compress.models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model)
+    row = {"config": config, "compress_s": 0.0, "act_bits": 16.0}
+    if config != "base":
+        row["compress_s"] = _runner.compress_timed(model, tok, recipe_for(config), args)
+        row["act_bits"] = act_bits(model)
+    row.update(_runner.wiki_ppl(model, tok, args))
+    _runner.partial(row)
+    if config != "base":
+        with tempfile.TemporaryDirectory(prefix="lmpress-bench-") as d:
+            packed = load(save(model, os.path.join(d, "ckpt"), tokenizer=tok))
+            del model
+            t0 = time.perf_counter()
+            row["packed_ppl"] = _runner.wiki_ppl(packed, tok, args)["ppl"]
+            row["packed_eval_s"] = time.perf_counter() - t0
+    return row
+
+
+def table(rows: list[dict], args) -> str:
+    base = next((r for r in rows if r["config"] == "base" and "ppl" in r), None)
+    lines = [f"{args.model}; wiki eval, first {args.windows} windows x {args.seqlen}; calibration wiki {args.n} x "
+             f"{args.seqlen} (seed {args.seed}); lm_head kept; CPU fp32, {args.threads} threads", "",
+             "| config | ppl | vs base | avg act bits | compress min | packed reload ppl | packed vs simulated |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r or "ppl" not in r:
+            lines.append(f"| {r['config']} | error: {str(r.get('error'))[:80]} | | | | | |")
+            continue
+        vs = f"{r['ppl'] / base['ppl']:.3f}x" if base else "-"
+        pk = f"{r['packed_ppl']:.3f}" if "packed_ppl" in r else "-"
+        pvs = f"{r['packed_ppl'] / r['ppl'] - 1:+.2%}" if "packed_ppl" in r else "-"
+        lines.append(f"| {r['config']} | {r['ppl']:.3f} | {vs} | {r['act_bits']:.2f} | {r['compress_s'] / 60:.1f} | {pk} | {pvs} |")
+    return "\n".join(lines)
+
+
+def check(config: str, args) -> None:
+    if config != "base":
+        recipe_for(config)
+
+
+if __name__ == "__main__":
+    _runner.main(run_one, table, doc=__doc__, configs=DEFAULT_CONFIGS, add_args=lambda p: _runner.protocol_args(p),
+                 check=check, errors_in_table=True)
