@@ -16,9 +16,10 @@ Columns: wiki perplexity (first `--windows` windows of 512 tokens, the decode-ex
 its ratio to fp; passkey accuracy (`lmpress.eval.passkey`, `--passkey` samples of `--ctx` tokens,
 needle depths 0..1, greedy through `generate` with the simulated cache); average bits per cached
 element at `--ctx` tokens, metadata included (per-token and FP8 forms: by formula, 16 for fp; the
-KIVI family: `QuantizedKVCache.nbytes()` after feeding `--ctx` tokens, which counts codes, scales,
-GEAR's parts and the full-precision sinks and residual as held, in the model's dtype: 32 bits with
-these fp32 weights, so a bf16 model holds less); that as a ratio of fp16 bytes;
+KIVI family: `QuantizedKVCache.nbytes(float_bytes=2)` after feeding `--ctx` tokens, which counts codes,
+scales, GEAR's and ZipCache's parts as held and the full-precision sinks and residual at 16 bits, as an
+fp16 model holds them; the row also keeps `bits_fp32_model`, those at the 32 bits these fp32 weights
+hold); that as a ratio of fp16 bytes;
 decode tokens/s at `--ctx` (batch 1, the runtime cache against DynamicCache with the KV settings switched off, the
 stock sdpa attention on the same weights; both in this child).
 """
@@ -97,7 +98,8 @@ def run_one(config: str, args) -> dict:
             q = QuantizedKVCache(model)
             model(ids, use_cache=True, **cache_kwargs(q))
         elements = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * ids.shape[1]
-        bits = 8 * q.nbytes() / elements
+        bits = 8 * q.nbytes(float_bytes=2) / elements  # full-precision tokens as an fp16 model holds them
+        row["bits_fp32_model"] = 8 * q.nbytes() / elements
     row["bits"] = bits
     row["vs_fp16"] = bits / 16
     if args.decode:

@@ -273,8 +273,12 @@ class QuantizedKVLayer(DynamicLayer):
         return [t for t in (self.sink_k, self.sink_v, self.keys, self.values, self.kw, self.ks, self.km,
                             self.vw, self.vs, self.vm, *parts) if t is not None]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        """Bytes of every stored tensor; `float_bytes`: count the full-precision tokens (sinks, residual) at that
+        many bytes an element, as a model of that width would hold them (2: an fp16/bf16 model)."""
+        fp = {id(t) for t in (self.sink_k, self.sink_v, self.keys, self.values) if t is not None}
+        return sum(t.numel() * (float_bytes if float_bytes is not None and id(t) in fp else t.element_size())
+                   for t in self.tensors())
 
     # ---- batch operations ---------------------------------------------------------------------
     def _map(self, fn) -> None:
@@ -343,10 +347,11 @@ class QuantizedKVCache(Cache):
         last = self.get_seq_length() + q_len - 1
         self.shared.offset = last - position_ids[:, -1:].long()  # (B|1, 1)
 
-    def nbytes(self) -> int:
-        """Bytes held by every stored tensor (packed codes, scales, mins, full-precision tokens, offsets)."""
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        """Bytes held by every stored tensor (packed codes, scales, mins, full-precision tokens, offsets);
+        `float_bytes` counts the full-precision tokens at that width (2: as an fp16 model holds them)."""
         extra = 0 if self.shared.offset is None else self.shared.offset.numel() * self.shared.offset.element_size()
-        return sum(layer.nbytes() for layer in self.layers) + extra
+        return sum(layer.nbytes(float_bytes) for layer in self.layers) + extra
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)

@@ -165,3 +165,5 @@ def test_runtime_generate_matches_the_simulation_and_counts_the_bytes():
     plain = QuantizedKVCache(plain_model)
     plain_model.generate(tok, **cache_kwargs(plain), **kw)
     assert cache.nbytes() > plain.nbytes()
+    fp_elems = sum(t.numel() for ly in cache.layers for t in (ly.sink_k, ly.sink_v, ly.keys, ly.values))
+    assert cache.nbytes() - cache.nbytes(float_bytes=2) == fp_elems * 2  # fp32 tokens counted as an fp16 model holds them
