@@ -392,13 +392,18 @@ class Sparse24Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 
 
+def sparse_col_dtype(in_features: int) -> torch.dtype:
+    """The CSR column indices' dtype: int16 while every column fits (in_features <= 32767), else int32."""
+    return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+
+
 class LUTLinear(nn.Module):
     """The runtime form of a dense-and-sparse codebook linear (SqueezeLLM, `lmpress.quant.squeezellm`).
 
     Buffers (lmpress's own names; compressed-tensors has no codebook format): `weight_codes` (int32
     words (out, packed_cols(in, bits)) of unsigned `bits`-bit codebook indices, `formats.pack_unsigned`
     order), `weight_codebook` (out, 2^bits) fp16, the sparse part as CSR over the output rows,
-    `weight_sparse_rowptr` (out + 1) int32, `weight_sparse_cols` (nnz) int32 and
+    `weight_sparse_rowptr` (out + 1) int32, `weight_sparse_cols` (nnz) int16 (int32 past 32767 columns) and
     `weight_sparse_values` (nnz) fp16 (corrections added to the codebook value there),
     `weight_shape` (int64 [2] = (out, in)) and `bias`. The weight is codebook[n, code] + sparse,
     in float32. The forward runs `lut_gemm` (Triton) plus a CSR product on CUDA, else the
@@ -415,7 +420,7 @@ class LUTLinear(nn.Module):
         self.register_buffer("weight_codes", torch.zeros(out_features, packed_cols(in_features, bits), dtype=torch.int32, device=device))
         self.register_buffer("weight_codebook", torch.zeros(out_features, 1 << bits, dtype=torch.float16, device=device))
         self.register_buffer("weight_sparse_rowptr", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
-        self.register_buffer("weight_sparse_cols", torch.zeros(nnz, dtype=torch.int32, device=device))
+        self.register_buffer("weight_sparse_cols", torch.zeros(nnz, dtype=sparse_col_dtype(in_features), device=device))
         self.register_buffer("weight_sparse_values", torch.zeros(nnz, dtype=torch.float16, device=device))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
@@ -435,7 +440,7 @@ class LUTLinear(nn.Module):
         out.weight_codes = pack_unsigned(codes, bits)
         out.weight_codebook = codebook.to(torch.float16).contiguous()
         out.weight_sparse_rowptr = torch.cat([nz.new_zeros(1, dtype=torch.int64), nz.sum(1).cumsum(0)]).to(torch.int32)
-        out.weight_sparse_cols = nz.nonzero()[:, 1].to(torch.int32)  # row-major: rows ascending, columns within a row
+        out.weight_sparse_cols = nz.nonzero()[:, 1].to(sparse_col_dtype(linear.in_features))  # row-major: rows ascending
         out.weight_sparse_values = sparse[nz].to(torch.float16)
         if linear.bias is not None:
             out.bias = linear.bias.detach().clone()
@@ -473,7 +478,8 @@ class LUTLinear(nn.Module):
             self.kernel_path = Path("triton-lut")
             y = lut_gemm(x, self.weight_codes, self.weight_codebook, bits=self.bits, in_features=self.in_features, bias=self.bias)
             if self.nnz:
-                S = torch.sparse_csr_tensor(self.weight_sparse_rowptr, self.weight_sparse_cols, self.weight_sparse_values.to(x.dtype),
+                S = torch.sparse_csr_tensor(self.weight_sparse_rowptr, self.weight_sparse_cols.to(torch.int32),
+                                            self.weight_sparse_values.to(x.dtype),
                                             (self.out_features, self.in_features))
                 x2 = x.reshape(-1, self.in_features)  # (..., in) -> (M, in)
                 y = y + (S @ x2.T).T.reshape(y.shape)  # (out, M) -> (M, out) -> (..., out)

@@ -16,7 +16,7 @@ dense grid the LUT kernel reads. The k-means ignores the sparse positions (weigh
 
 Layout (written by `lmpress.kernels.lut_gemm.LUTLinear`): codes as unsigned `bits`-bit fields
 in int32 words per row (`kernels.formats.pack_unsigned`), the codebook (out, 2^bits) fp16, the
-sparse part as CSR (int32 row pointers, int32 columns, fp16 values).
+sparse part as CSR (int32 row pointers, int16 columns (int32 past 32767 inputs), fp16 values).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from lmpress.compress.ct_format import why_not
 from lmpress.compress.models import tiny_llama
 from lmpress.kernels.dispatch import interpreter_ready
 from lmpress.kernels.formats import pack_unsigned, packed_cols
-from lmpress.kernels.linear import LUTLinear
+from lmpress.kernels.linear import LUTLinear, sparse_col_dtype
 from lmpress.kernels.lut_gemm import lut_gemm, lut_gemm_ref, lut_weight
 from lmpress.quant import squeezellm as sq
 from _interpreter import run_triton_tests_in_interpreter
@@ -131,8 +131,9 @@ def test_lut_linear_bits_per_weight_counts_every_stored_bit():
     _, _, m = _lut_linear(N=10, K=64, bits=4)
     nnz = m.nnz
     assert nnz > 0
-    stored = 10 * 8 * 32 + 10 * 16 * 16 + 11 * 32 + nnz * 32 + nnz * 16  # codes, tables, rowptr, cols, values
+    stored = 10 * 8 * 32 + 10 * 16 * 16 + 11 * 32 + nnz * 16 + nnz * 16  # codes, tables, rowptr, cols (int16), values
     assert m.bits_per_weight() == pytest.approx(stored / 640)
+    assert sparse_col_dtype(32767) == torch.int16 and sparse_col_dtype(32768) == torch.int32  # wider layers: int32 columns
 
 
 # ============================================================ the Triton kernel (interpreter)
@@ -248,7 +249,7 @@ def test_plain_kmeans_without_sparse_part_round_trips(tmp_path):
     assert all(m.nnz == 0 for m in model.modules() if isinstance(m, LUTLinear))
     x = torch.randint(0, model.config.vocab_size, (1, 8))
     loaded = load(save(model, tmp_path / "c"))
-    assert loaded.model.layers[0].mlp.up_proj.weight_sparse_cols.dtype == torch.int32
+    assert loaded.model.layers[0].mlp.up_proj.weight_sparse_cols.dtype == torch.int16
     assert torch.equal(loaded(x).logits, model(x).logits)
 
 
