@@ -84,8 +84,8 @@ def recipe_for(name: str) -> Recipe | None:
             kv["gear_rank"] = int(m[1:])
         elif m.startswith("o") and m[1:].replace(".", "", 1).isdigit():
             kv["gear_outliers"] = float(m[1:]) / 100
-        elif m.startswith("z") and m[1:].isdigit():  # ZipCache: this percent of each block's tokens at 4 bits
-            kv.update(key_granularity="token", salient=int(m[1:]) / 100)
+        elif m.startswith("z") and m[1:].isdigit():  # ZipCache: this percent of each block's tokens at 4 bits (KIVI's
+            kv["salient"] = int(m[1:]) / 100  # layout; with -tok the paper's channel-separable token-wise form)
         else:
             raise SystemExit(f"unknown modifier {m!r} in {name!r}")
     stages: list = [{"kv_cache": {}}]

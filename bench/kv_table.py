@@ -10,7 +10,7 @@ Configurations: `fp`; `fp8-head` (FP8 E4M3, a calibrated scale per KV head: reci
 scale: head); `int4-tokhead` (INT4 per token and head: asymmetric min-max over each head's 64
 channels, the per-token form); and the KIVI family of bench/kv_cache.py (`kivi2`, `rotkv2`, with
 its modifiers: -s<N> sinks, -r<N> GEAR rank, -o<P> GEAR outlier percent, -z<P> ZipCache with P% salient
-tokens at 4 bits, -cs clip search...).
+tokens at 4 bits (KIVI's layout; -tok-z<P> the paper's channel-separable token-wise form), -cs clip search...).
 
 Columns: wiki perplexity (first `--windows` windows of 512 tokens, the decode-exact simulation) and
 its ratio to fp; passkey accuracy (`lmpress.eval.passkey`, `--passkey` samples of `--ctx` tokens,

@@ -16,9 +16,9 @@ rotation):
   the sparse part (int16 positions in the block, fp16 values) and the low-rank factors (fp16,
   (G, r) and (r, D)); the stored codes are those of the block without its sparse entries;
 - under ZipCache (`salient` > 0; `lmpress.quant.zipcache`), per block of G tokens, for keys and
-  values: the salient tokens' rows (all KV heads' channels) packed at salient_bits, the others at
-  bits, each token's scale and min (fp16), the block's channel scales (fp16, (H, D)) and which
-  tokens are salient (bool). The attention function decides a block's salient tokens from the
+  values: the salient tokens' codes packed at salient_bits, the others' at bits, which tokens are
+  salient (bool), and the layout's fp16 metadata (`zip_codes`: a token's scale and min and the
+  block's channel scales; or KIVI's per-channel key ranges and per-token value groups). The attention function decides a block's salient tokens from the
   attention its queries gave them and hands the decision back (`zip_commit`); until then the
   block stays in full precision, with the scores accumulated so far (`zip_tail`).
 
@@ -49,7 +49,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from lmpress.quant.kv_cache import (gear_apply, gear_lowrank, gear_outliers, key_rows, quantized_keys, quantized_values,
                                     rows_to_keys, without_outliers)
 
-from lmpress.quant.zipcache import salient_count, zip_codes, zip_dequantize
+from lmpress.quant.zipcache import salient_count, token_axis, zip_codes, zip_dequantize
 
 from .attention import RUNTIME_PREFIX_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
 from .formats import pack_unsigned, packed_cols, unpack_unsigned
@@ -90,8 +90,9 @@ class QuantizedKVLayer(DynamicLayer):
         self.kw = self.ks = self.km = None  # key words, scales, mins
         self.vw = self.vs = self.vm = None
         self.kg = self.vg = None  # GEAR parts per block: (idx, vals, A, Bt), blocks along dim 2
-        self.kz = self.vz = None  # ZipCache parts: (hi words, lo words, scale, min, channel scales, salient), dim 1
+        self.kz = self.vz = None  # ZipCache parts: (hi words, lo words, salient, *metadata per block), blocks on dim 1
         self.zip_tail = None  # ZipCache: (acc (B, n), cnt (n,)) scores of the n unflushed tokens
+        self._zip_shape: dict[bool, tuple] = {}  # keys / values: a token's code shape after the token axis
         self._to_b = None
 
     # ---- transformers' layer API ------------------------------------------------------------
@@ -140,38 +141,46 @@ class QuantizedKVLayer(DynamicLayer):
             sl = slice(S + self.nk, S + self.nk + G)
             kb = self.keys[:, :, :G]
             kb = kb if self._to_b is None else self._to_b(kb, sl)
-            self.kz = self._zip_cat(self.kz, self._zip_pack(kb, hi))
-            self.vz = self._zip_cat(self.vz, self._zip_pack(self.values[:, :, :G], hi))
+            self.kz = self._zip_cat(self.kz, self._zip_pack(kb, hi, keys=True))
+            self.vz = self._zip_cat(self.vz, self._zip_pack(self.values[:, :, :G], hi, keys=False))
             self.keys, self.values = self.keys[:, :, G:].contiguous(), self.values[:, :, G:].contiguous()
             self.nk += G
             self.nv += G
         self.zip_tail = tuple(t.detach() for t in tail)
 
-    def _zip_pack(self, x: torch.Tensor, hi: torch.Tensor):
-        """One block (B, H, G, D) -> (hi words (B, k, W4), lo words (B, G-k, W2), scale, min (B, G), c (B, 1, H, D), hi (B, G))."""
+    def _zip_pack(self, x: torch.Tensor, hi: torch.Tensor, keys: bool):
+        """One block (B, H, G, D) -> (hi words (B, k, W), lo words (B, G-k, W'), hi (B, G), *meta (B, 1, ...)): the codes
+        with their token axis first, the salient tokens' rows packed at salient_bits, the others at bits."""
         a = self.args
-        u, s, m, c = zip_codes(x, hi, a)  # u (B, G, H*D)
-        B, G, HD = u.shape
+        u, meta = zip_codes(x, hi, a, keys)
+        t = u.movedim(token_axis(a, keys), 1)  # (B, G, ...): a token's codes after the token axis
+        self._zip_shape[keys] = t.shape[2:]
+        B, G = t.shape[:2]
+        rows = t.reshape(B, G, -1)  # (B, G, R)
         k = salient_count(a)
-        hw = pack_unsigned(u[hi].reshape(B, k, HD), a.salient_bits)  # rows in position order
-        lw = pack_unsigned(u[~hi].reshape(B, G - k, HD), a.bits)
-        return hw, lw, s, m, c[:, None], hi
+        hw = pack_unsigned(rows[hi].reshape(B, k, -1), a.salient_bits)  # rows in position order
+        lw = pack_unsigned(rows[~hi].reshape(B, G - k, -1), a.bits)
+        return (hw, lw, hi, *(m[:, None] for m in meta))
 
     @staticmethod
     def _zip_cat(old, new):
         return new if old is None else tuple(torch.cat([o, t], dim=1) for o, t in zip(old, new))
 
-    def _zip_unpack(self, parts) -> torch.Tensor:
+    def _zip_unpack(self, parts, keys: bool) -> torch.Tensor:
         """Inverse of the `_zip_pack`s of nb blocks: (B, H, nb*G, D) in the cache's dtype."""
         a = self.args
-        hw, lw, s, m, c, hi = parts
-        B, nb, H, D = c.shape
+        hw, lw, hi, *meta = parts
+        B, nb = meta[0].shape[:2]
         G, k = a.group_size, salient_count(a)
-        u = torch.empty(B, nb * G, H * D, dtype=torch.uint8, device=c.device)
-        u[hi] = unpack_unsigned(hw, a.salient_bits, H * D).reshape(-1, H * D)
-        u[~hi] = unpack_unsigned(lw, a.bits, H * D).reshape(-1, H * D)
-        x = zip_dequantize(u.reshape(B * nb, G, H * D), s.reshape(B * nb, G), m.reshape(B * nb, G),
-                           c.reshape(B * nb, H, D), self.dtype)  # (B*nb, H, G, D)
+        inner = self._zip_shape[keys]
+        R = int(torch.Size(inner).numel())
+        rows = torch.empty(B, nb * G, R, dtype=torch.uint8, device=hw.device)
+        rows[hi] = unpack_unsigned(hw, a.salient_bits, R).reshape(-1, R)
+        rows[~hi] = unpack_unsigned(lw, a.bits, R).reshape(-1, R)
+        u = rows.reshape(B * nb, G, *inner).movedim(1, token_axis(a, keys))  # blocks as a batch
+        x = zip_dequantize(u, tuple(m.reshape(B * nb, *m.shape[2:]) for m in meta), hi.reshape(B * nb, G), a, keys,
+                           self.dtype)  # (B*nb, H, G, D)
+        H, D = x.shape[1], x.shape[3]
         return x.reshape(B, nb, H, G, D).permute(0, 2, 1, 3, 4).reshape(B, H, nb * G, D)
 
     # ---- storage ----------------------------------------------------------------------------
@@ -180,7 +189,7 @@ class QuantizedKVLayer(DynamicLayer):
             return self.keys[:, :, :0]
         a = self.args
         if a.zipcache:
-            kb = self._zip_unpack(self.kz)
+            kb = self._zip_unpack(self.kz, keys=True)
         elif a.key_granularity == "token":
             kb = self._unpack_tokens(self.kw, self.ks, self.km)
         else:
@@ -194,7 +203,7 @@ class QuantizedKVLayer(DynamicLayer):
         if self.nv == 0:
             return self.values[:, :, :0]
         if self.args.zipcache:
-            return self._zip_unpack(self.vz)
+            return self._zip_unpack(self.vz, keys=False)
         vb = self._unpack_tokens(self.vw, self.vs, self.vm)
         return vb if self.vg is None else gear_apply(vb, *self.vg, self.args)
 
@@ -308,6 +317,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.n = self.nk = self.nv = 0
         self.sink_k = self.sink_v = self.kw = self.ks = self.km = self.vw = self.vs = self.vm = self.kg = self.vg = None
         self.kz = self.vz = self.zip_tail = self._to_b = None
+        self._zip_shape = {}
         self.keys = self.values = None
         self.is_initialized = False
 

@@ -95,7 +95,7 @@ def fake_quantize_kv_fp8(x: torch.Tensor, scale: torch.Tensor | None, per_head: 
 
 def check_kv_args(args: KVCacheArgs, head_dim: int | None = None) -> None:
     """Raise ValueError for KV settings that do not fit a head_dim (KIVI value groups must tile it)."""
-    if head_dim is None or args.per_token_only or args.zipcache:  # ZipCache's group_size is a block of tokens
+    if head_dim is None or args.per_token_only or (args.zipcache and args.key_granularity == "token"):  # rows of whole tokens
         return
     g = min(args.group_size, head_dim)
     if head_dim % g:

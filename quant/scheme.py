@@ -247,11 +247,12 @@ class KVCacheArgs:
     rank-`gear_rank` approximation (power iteration, factors in fp16). Values are then flushed in
     whole blocks like keys, so a block's correction is computed once (`lmpress.quant.kv_cache`).
 
-    ZipCache (He et al. 2024, arXiv:2405.14256) with `salient` > 0 and key_granularity token: keys
-    and values are flushed in blocks of `group_size` tokens; in each block the `salient` share of
-    tokens with the highest normalized accumulated attention (the attention a token received divided
-    by the number of queries that saw it) is coded at `salient_bits`, the rest at `bits`, with
-    channel-separable token-wise quantization (`lmpress.quant.zipcache`)."""
+    ZipCache (He et al. 2024, arXiv:2405.14256) with `salient` > 0: keys and values are flushed in
+    blocks of `group_size` tokens; in each block the `salient` share of tokens with the highest
+    normalized accumulated attention (the attention a token received divided by the number of
+    queries that saw it) is coded at `salient_bits`, the rest at `bits`; with key_granularity token
+    in the paper's channel-separable token-wise form, with channel in KIVI's layout
+    (`lmpress.quant.zipcache`)."""
 
     bits: int = 4
     group_size: int = 64
@@ -281,9 +282,9 @@ class KVCacheArgs:
         if isinstance(self.salient, bool) or not isinstance(self.salient, (int, float)) or not 0 <= self.salient <= 1:
             raise ValueError(f"KVCacheArgs.salient={self.salient!r} must be a share in [0, 1] (ZipCache: e.g. 0.25 of tokens at salient_bits)")
         if self.zipcache:
-            if self.type != "int" or self.key_granularity != "token" or self.gear:
-                raise ValueError("KVCacheArgs: ZipCache (salient > 0) quantizes keys and values token-wise: use type int, "
-                                 "key_granularity token, and no GEAR options")
+            if self.type != "int" or self.gear:
+                raise ValueError("KVCacheArgs: ZipCache (salient > 0) mixes 2/4-bit tokens of an integer cache: use type int "
+                                 "and no GEAR options")
             if self.salient_bits not in KV_BITS or self.salient_bits <= self.bits:
                 raise ValueError(f"KVCacheArgs.salient_bits={self.salient_bits!r} must be one of {list(KV_BITS)} above bits={self.bits}")
         if self.type == "float":

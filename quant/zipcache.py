@@ -14,11 +14,17 @@ in blocks of G = `group_size` tokens, R = `residual` tokens after the block's la
 - Bits: in each block, the round(`salient` · G) tokens with the highest score (the earlier token
   on ties) are coded at `salient_bits`, the rest at `bits`. One decision per token, shared by K
   and V and by every KV head.
-- Channel-separable token-wise quantization (the paper's keys): per block, every channel c of
-  every head is divided by sqrt(max_t |x[t, c]|) (fp16), which flattens the channel outliers
-  of keys; then each token is one row over all KV heads' channels, asymmetric min-max at its
-  bits (scale and min fp16, `lmpress.quant.kv_cache.minmax_quantize`). Metadata per element:
-  16 / G (channel scales) + 32 / (kv_heads · head_dim) (a token's scale and min).
+- Codes, two layouts (`zip_codes`):
+  - key_granularity token: channel-separable token-wise quantization (the paper's keys), for K
+    and V: per block, every channel c of every head is divided by sqrt(max_t |x[t, c]|) (fp16),
+    which flattens the channel outliers of keys; then each token is one row over all KV heads'
+    channels, asymmetric min-max at its bits (scale and min fp16). Metadata per element: 16 / G
+    (channel scales) + 32 / (kv_heads · head_dim) (a token's scale and min).
+  - key_granularity channel: KIVI's layout with per-token bits. Keys: one min-max range per
+    channel of the block (scale at salient_bits' resolution and min, fp16), a salient token coded
+    on all 2^sb levels, the others on every (2^sb-1)/(2^b-1)-th one (4 levels of 16 at 2/4 bits).
+    Values: per token in groups of min(G, head_dim) channels, min-max at the token's bits.
+    Metadata: 32 / G (keys) and 32 / min(G, head_dim) (values) per element.
 
 `zip_attention` is the decode-exact simulation: blocks are decided in flush order, and the
 queries before each flush are scored against the cache as they see it.
@@ -27,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import Basis, decode_masks, kv_mixed_attention, minmax_dequantize, minmax_quantize, quantized_keys
+from .kv_cache import MIN_SCALE, Basis, decode_masks, kv_mixed_attention, minmax_dequantize, minmax_quantize, quantized_keys
 from .scheme import KVCacheArgs
 
 PARAM_DTYPE = torch.float16
@@ -39,11 +45,13 @@ def salient_count(args: KVCacheArgs) -> int:
 
 
 def zip_bits(args: KVCacheArgs, kv_heads: int, head_dim: int) -> float:
-    """Bits per quantized element: codes (salient tokens at salient_bits), channel scales, token scale and min."""
+    """Bits per quantized element, K and V averaged: codes (salient tokens at salient_bits) and metadata."""
     G = args.group_size
     k = salient_count(args)
     codes = (k * args.salient_bits + (G - k) * args.bits) / G
-    return codes + 16 / G + 32 / (kv_heads * head_dim)
+    if args.key_granularity == "token":  # channel scales per block, a token's scale and min over all heads
+        return codes + 16 / G + 32 / (kv_heads * head_dim)
+    return codes + (32 / G + 32 / min(G, head_dim)) / 2  # keys: scale, min per channel a block; values per token group
 
 
 def salient_tokens(score: torch.Tensor, args: KVCacheArgs) -> torch.Tensor:
@@ -59,30 +67,83 @@ def channel_scales(x: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax.sqrt(), torch.ones_like(amax)).to(PARAM_DTYPE)
 
 
-def zip_codes(x: torch.Tensor, hi: torch.Tensor, args: KVCacheArgs):
-    """One block x (B, H, G, D), hi bool (B, G) -> (u uint8 (B, G, H*D), scale fp16 (B, G), min fp16 (B, G),
-    channel scales fp16 (B, H, D)): token t coded at salient_bits where hi[t], else bits."""
-    B, H, G, D = x.shape
-    c = channel_scales(x)
-    rows = (x.float() / c.float()[:, :, None]).permute(0, 2, 1, 3).reshape(B, G, H * D)  # (B, G, H*D): a token's row
+def token_axis(args: KVCacheArgs, keys: bool) -> int:
+    """The axis of `zip_codes`' codes that runs over the block's tokens."""
+    return 1 if args.key_granularity == "token" else (3 if keys else 2)
+
+
+def _mixed(rows: torch.Tensor, hi: torch.Tensor, args: KVCacheArgs):
+    """Min-max rows at salient_bits where `hi` (broadcast to rows' leading dims), else bits: (u, scale, min)."""
     lo_q = minmax_quantize(rows, args.bits, args.clip_ratio, args.clip_search)
     hi_q = minmax_quantize(rows, args.salient_bits, args.clip_ratio, args.clip_search)
-    u = torch.where(hi[..., None], hi_q[0], lo_q[0])
-    s, m = (torch.where(hi, h, lo) for h, lo in zip(hi_q[1:], lo_q[1:]))
-    return u, s, m, c
+    return tuple(torch.where(hi[..., None] if i == 0 else hi, h, lo) for i, (h, lo) in enumerate(zip(hi_q, lo_q)))
 
 
-def zip_dequantize(u: torch.Tensor, s: torch.Tensor, m: torch.Tensor, c: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def zip_codes(x: torch.Tensor, hi: torch.Tensor, args: KVCacheArgs, keys: bool):
+    """One block x (B, H, G, D), hi bool (B, G) -> (u uint8, meta): token t coded at salient_bits where hi[t].
+
+    key_granularity token (the paper's channel-separable token-wise form, K and V alike): u (B, G, H*D),
+    meta (scale (B, G), min (B, G), channel scales (B, H, D)), all fp16.
+    key_granularity channel (KIVI's layout): keys u (B, H, D, G), one range per channel of the block (meta
+    scale at salient_bits' resolution, min: (B, H, D)), a token at bits taking every (2^sb-1)/(2^b-1)-th
+    level of it; values u (B, H, G, D/g, g), meta scale, min (B, H, G, D/g), per token in groups of g."""
+    B, H, G, D = x.shape
+    if args.key_granularity == "token":
+        c = channel_scales(x)
+        rows = (x.float() / c.float()[:, :, None]).permute(0, 2, 1, 3).reshape(B, G, H * D)  # (B, G, H*D): a token's row
+        u, s, m = _mixed(rows, hi, args)
+        return u, (s, m, c)
+    if keys:
+        rows = x.float().permute(0, 1, 3, 2)  # (B, H, D, G): a channel's G tokens
+        top = (1 << args.salient_bits) - 1
+        scale, mn = _kivi_range(rows, top, args.clip_ratio)
+        step = _key_steps(scale, hi, args)  # (B, H, D, G)
+        levels = torch.where(hi, top, (1 << args.bits) - 1)[:, None, None, :]  # (B, 1, 1, G)
+        u = torch.minimum(torch.round((rows - mn.float()[..., None]) / step).clamp_(min=0), levels.float())
+        return u.to(torch.uint8), (scale, mn)
+    g = min(args.group_size, D)
+    rows = x.reshape(B, H, G, D // g, g)  # (B, H, G, D/g, g): a token's channel groups
+    u, s, m = _mixed(rows, hi[:, None, :, None], args)
+    return u, (s, m)
+
+
+def _kivi_range(rows: torch.Tensor, top: int, clip_ratio: float):
+    """(scale, min) fp16 of rows (..., G) over the last dim, `top` levels, the range clipped about its midpoint."""
+    lo, hi = rows.amin(-1), rows.amax(-1)
+    if clip_ratio != 1.0:
+        mid, half = (lo + hi) * 0.5, (hi - lo) * (0.5 * clip_ratio)
+        lo, hi = mid - half, mid + half
+    return ((hi - lo) / top).clamp_min(MIN_SCALE).to(PARAM_DTYPE), lo.to(PARAM_DTYPE)
+
+
+def _key_steps(scale: torch.Tensor, hi: torch.Tensor, args: KVCacheArgs) -> torch.Tensor:
+    """Per-token steps (B, H, D, G) of KIVI-layout keys: the fp16 scale, times (2^sb-1)/(2^b-1) off the salient tokens."""
+    ratio = ((1 << args.salient_bits) - 1) / ((1 << args.bits) - 1)
+    mult = torch.where(hi, 1.0, ratio).to(torch.float32)[:, None, None, :]  # (B, 1, 1, G)
+    return scale.float()[..., None] * mult
+
+
+def zip_dequantize(u: torch.Tensor, meta: tuple, hi: torch.Tensor, args: KVCacheArgs, keys: bool,
+                   dtype: torch.dtype) -> torch.Tensor:
     """Inverse of `zip_codes`: (B, H, G, D) in `dtype` (computed in float32)."""
-    B, H, D = c.shape
-    G = u.shape[1]
-    rows = minmax_dequantize(u, s, m, torch.float32)  # (B, G, H*D)
-    return (rows.reshape(B, G, H, D).permute(0, 2, 1, 3) * c.float()[:, :, None]).to(dtype)
+    if args.key_granularity == "token":
+        s, m, c = meta
+        B, H, D = c.shape
+        rows = minmax_dequantize(u, s, m, torch.float32)  # (B, G, H*D)
+        return (rows.reshape(B, -1, H, D).permute(0, 2, 1, 3) * c.float()[:, :, None]).to(dtype)
+    if keys:
+        scale, mn = meta
+        x = u.float() * _key_steps(scale, hi, args) + mn.float()[..., None]  # (B, H, D, G)
+        return x.permute(0, 1, 3, 2).to(dtype)
+    s, m = meta
+    B, H, G, ng, g = u.shape
+    return minmax_dequantize(u, s, m, torch.float32).reshape(B, H, G, ng * g).to(dtype)
 
 
-def zip_fake_quantize(x: torch.Tensor, hi: torch.Tensor, args: KVCacheArgs) -> torch.Tensor:
+def zip_fake_quantize(x: torch.Tensor, hi: torch.Tensor, args: KVCacheArgs, keys: bool) -> torch.Tensor:
     """One block (B, H, G, D) as the cache stores it, dequantized."""
-    return zip_dequantize(*zip_codes(x, hi, args), x.dtype)
+    u, meta = zip_codes(x, hi, args, keys)
+    return zip_dequantize(u, meta, hi, args, keys, x.dtype)
 
 
 def blocks_to_flush(T: int, args: KVCacheArgs, prefix: int = 0) -> list[tuple[int, int]]:
@@ -151,9 +212,9 @@ def zip_attention(
         hi = salient_tokens(acc[:, a:b] / cnt[a:b].clamp(min=1), args)
         sl = slice(a, b)
         kb = key[:, :, sl] if to_basis is None else to_basis(key[:, :, sl], sl)
-        kb = zip_fake_quantize(kb, hi, args)
+        kb = zip_fake_quantize(kb, hi, args, keys=True)
         kq[:, :, sl] = (kb if from_basis is None else from_basis(kb, sl)).to(key.dtype)
-        vq[:, :, sl] = zip_fake_quantize(value[:, :, sl], hi, args)
+        vq[:, :, sl] = zip_fake_quantize(value[:, :, sl], hi, args, keys=False)
         his.append(hi)
     if T > done:
         _accumulate(acc, cnt, query, key, kq, args, slice(done, T), attention_mask, scaling)

@@ -15,6 +15,7 @@ from lmpress.quant.kv_cache import KeyRotation
 from lmpress.quant.scheme import KVCacheArgs
 
 ZIP = KVCacheArgs(bits=2, group_size=8, residual=8, sink_tokens=1, key_granularity="token", salient=0.25)
+ZIPK = KVCacheArgs(bits=2, group_size=8, residual=8, sink_tokens=1, salient=0.25)  # KIVI's layout: per-channel keys
 
 
 def _x(B=2, H=3, n=8, D=16, seed=0, dtype=torch.float32):
@@ -24,8 +25,8 @@ def _x(B=2, H=3, n=8, D=16, seed=0, dtype=torch.float32):
 def test_args_validate_and_round_trip():
     assert KVCacheArgs.from_dict(ZIP.to_dict()) == ZIP and ZIP.zipcache and ZIP.blockwise and not ZIP.per_token_only
     assert "salient" not in KVCacheArgs(bits=2).to_dict()  # manifests written before ZipCache stay identical
-    with pytest.raises(ValueError, match="token-wise"):
-        KVCacheArgs(bits=2, group_size=8, residual=8, salient=0.25)  # per-channel keys
+    with pytest.raises(ValueError, match="no GEAR options"):
+        KVCacheArgs(bits=2, group_size=8, residual=8, salient=0.25, gear_rank=2)
     with pytest.raises(ValueError, match="salient_bits"):
         KVCacheArgs(bits=4, group_size=8, key_granularity="token", salient=0.25, salient_bits=2)
     with pytest.raises(ValueError, match="share"):
@@ -41,17 +42,34 @@ def test_codes_round_trip_and_salient_tokens_get_the_finer_grid():
     x[..., 3] *= 20  # an outlier channel: the channel scale flattens it
     hi = torch.zeros(2, 8, dtype=torch.bool)
     hi[:, [1, 6]] = True
-    u, s, m, c = zc.zip_codes(x, hi, ZIP)
+    u, (s, m, c) = zc.zip_codes(x, hi, ZIP, keys=True)
     assert u.shape == (2, 8, 48) and s.shape == m.shape == (2, 8) and c.shape == (2, 3, 16) and c.dtype == torch.float16
     assert u[hi].max() <= 15 and u[~hi].max() <= 3 and u[hi].max() > 3
-    y = zc.zip_dequantize(u, s, m, c, x.dtype)
-    assert torch.equal(y, zc.zip_fake_quantize(x, hi, ZIP))
+    y = zc.zip_dequantize(u, (s, m, c), hi, ZIP, True, x.dtype)
+    assert torch.equal(y, zc.zip_fake_quantize(x, hi, ZIP, keys=True))
     err = (y - x).square().sum(dim=(1, 3))  # (B, G): per token
     assert err[hi].max() < err[~hi].min()
     # channel-separable beats plain token-wise rows over the outlier channel, at the same bits
     plain = kc.minmax_dequantize(*kc.minmax_quantize(x.permute(0, 2, 1, 3).reshape(2, 8, 48), 2), torch.float32)
     assert (y - x)[:, :, ~hi[0]].norm() < (plain.reshape(2, 8, 3, 16).permute(0, 2, 1, 3) - x)[:, :, ~hi[0]].norm()
     assert zc.zip_bits(ZIP, 3, 64) == pytest.approx((2 * 4 + 6 * 2) / 8 + 16 / 8 + 32 / 192)
+
+
+def test_kivi_layout_codes_share_a_channel_range_at_two_resolutions():
+    x = _x()
+    hi = torch.zeros(2, 8, dtype=torch.bool)
+    hi[:, [0, 5]] = True
+    u, (scale, mn) = zc.zip_codes(x, hi, ZIPK, keys=True)  # u (B, H, D, G): a channel's tokens
+    assert u.shape == (2, 3, 16, 8) and scale.shape == mn.shape == (2, 3, 16)
+    assert u.permute(0, 3, 1, 2)[hi].max() == 15 and u.permute(0, 3, 1, 2)[~hi].max() == 3
+    y = zc.zip_fake_quantize(x, hi, ZIPK, keys=True)
+    err = (y - x).square().sum(dim=(1, 3))  # (B, G)
+    assert err[hi].max() < err[~hi].min()
+    assert torch.equal(y.amin(2), mn.float())  # each channel's block minimum is code 0: kept, to fp16
+    uv, (s, m) = zc.zip_codes(x, hi, ZIPK, keys=False)  # values per token, groups of min(G, D) = 8 channels
+    assert uv.shape == (2, 3, 8, 2, 8) and s.shape == (2, 3, 8, 2)
+    assert torch.equal(zc.zip_dequantize(uv, (s, m), hi, ZIPK, False, x.dtype), zc.zip_fake_quantize(x, hi, ZIPK, keys=False))
+    assert zc.zip_bits(ZIPK, 3, 64) == pytest.approx((2 * 4 + 6 * 2) / 8 + (32 / 8 + 32 / 8) / 2)
 
 
 def test_salient_tokens_take_the_highest_scores_the_earlier_on_ties():
@@ -71,21 +89,22 @@ def _step_by_step(q, k, v, args):
         out, hs, tail = zc.zip_attention(q[:, :, t:t + 1], kd[:, :, :t + 1], vd[:, :, :t + 1], args, prefix=prefix, tail=tail)
         for hi in hs:
             a = args.sink_tokens + prefix
-            kd[:, :, a:a + args.group_size] = zc.zip_fake_quantize(k[:, :, a:a + args.group_size], hi, args)
-            vd[:, :, a:a + args.group_size] = zc.zip_fake_quantize(v[:, :, a:a + args.group_size], hi, args)
+            kd[:, :, a:a + args.group_size] = zc.zip_fake_quantize(k[:, :, a:a + args.group_size], hi, args, keys=True)
+            vd[:, :, a:a + args.group_size] = zc.zip_fake_quantize(v[:, :, a:a + args.group_size], hi, args, keys=False)
             prefix += args.group_size
         outs.append(out)
         his += hs
     return torch.cat(outs, 1), his
 
 
-def test_the_one_forward_simulation_is_decode_exact():
+@pytest.mark.parametrize("args", [ZIP, ZIPK], ids=["cst", "kivi"])
+def test_the_one_forward_simulation_is_decode_exact(args):
     B, Hq, Hkv, T, D = 2, 6, 3, 37, 16
     q, k, v = _x(B, Hq, T, D, 1, torch.float64), _x(B, Hkv, T, D, 2, torch.float64), _x(B, Hkv, T, D, 3, torch.float64)
-    full, his, tail = zc.zip_attention(q, k, v, ZIP)
-    assert len(his) == kc.quantized_keys(T, ZIP) // 8 == 3 and all(h.sum(1).tolist() == [2, 2] for h in his)
+    full, his, tail = zc.zip_attention(q, k, v, args)
+    assert len(his) == kc.quantized_keys(T, args) // 8 == 3 and all(h.sum(1).tolist() == [2, 2] for h in his)
     assert tail[0].shape == (B, T - 1 - 24) and tail[1].shape == (T - 1 - 24,)
-    steps, step_his = _step_by_step(q, k, v, ZIP)
+    steps, step_his = _step_by_step(q, k, v, args)
     assert (steps - full).abs().max().item() < 1e-12
     assert all(torch.equal(a, b) for a, b in zip(his, step_his))
     # the decision follows attention: the token every query attends to is salient
@@ -94,7 +113,7 @@ def test_the_one_forward_simulation_is_decode_exact():
     q2 = q.clone()
     q2[..., 0] = 40.0
     k2[:, :, 12, 0] = 5.0
-    _, his2, _ = zc.zip_attention(q2, k2, v, ZIP)
+    _, his2, _ = zc.zip_attention(q2, k2, v, args)
     assert his2[1][:, 12 - 9].all()
 
 
@@ -124,9 +143,10 @@ def _model(mode="plain", kv=ZIP, dtype=torch.float32):
     return model
 
 
-@pytest.mark.parametrize("mode", ["plain", "rot"])
-def test_the_runtime_cache_decodes_as_the_simulation(mode):
-    model = _model(mode, dtype=torch.float64)
+@pytest.mark.parametrize("mode,args", [("plain", ZIP), ("rot", ZIP), ("plain", ZIPK), ("rot", ZIPK)],
+                         ids=["cst", "cst-rot", "kivi", "kivi-rot"])
+def test_the_runtime_cache_decodes_as_the_simulation(mode, args):
+    model = _model(mode, kv=args, dtype=torch.float64)
     tokens = torch.randint(1, 256, (2, 30), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(tokens).logits
