@@ -30,7 +30,7 @@ import time
 import _runner
 
 DEFAULT_CONFIGS = ("fp,fp8-head,int4-tokhead,kivi2,rotkv2,rotkv2-s4,rotkv2-s4-r2,rotkv2-s4-r4,rotkv2-s4-r2-o1,kivi2-s4-z25,"
-                   "kivi2-s4-z50")
+                   "kivi2-s4-z50,rotkv2-s4-z25,rotkv2-s4-z50")
 
 
 def recipe_for(config: str):
