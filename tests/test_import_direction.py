@@ -20,10 +20,10 @@ ALLOWED = {  # package -> the lmpress packages it may import
     "eval": {"calibration", "kernels", "quant"},
     "kernels": set(),
 }
-# quant's vocabulary (schemes) and pure tensor maths (qparams and fake-quant, FP grids, Hadamard matrices, KV quantization,
-# the Q/K scaling around RoPE that the attention applies online)
+# quant's vocabulary (schemes) and pure tensor maths (qparams and fake-quant, FP grids, Hadamard matrices, KV quantization
+# and ZipCache's mixed-bit codes and saliency, the Q/K scaling around RoPE that the attention applies online)
 KERNEL_VOCABULARY = {"lmpress.quant.scheme", "lmpress.quant.primitives", "lmpress.quant.fp", "lmpress.quant.hadamard",
-                     "lmpress.quant.kv_cache", "lmpress.quant.rope_scale"}
+                     "lmpress.quant.kv_cache", "lmpress.quant.zipcache", "lmpress.quant.rope_scale"}
 
 
 def _imports(path: str, root: str) -> set[str]:
