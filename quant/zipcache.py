@@ -152,7 +152,7 @@ def blocks_to_flush(T: int, args: KVCacheArgs, prefix: int = 0) -> list[tuple[in
     return [(a, a + G) for a in range(S + prefix, S + quantized_keys(T, args), G)]
 
 
-def _accumulate(acc, cnt, query, key, kq, args, rows: slice, attention_mask, scaling) -> None:
+def _accumulate(acc, cnt, query, key, kq, mk_all, rows: slice, attention_mask, scaling) -> None:
     """Add the attention probabilities of the queries at absolute positions `rows` (the cache as each
     sees it when decoded) to acc (B, T), summed over query heads, and the number of queries that saw
     each key to cnt (T,)."""
@@ -160,7 +160,7 @@ def _accumulate(acc, cnt, query, key, kq, args, rows: slice, attention_mask, sca
     Hkv, T = key.shape[1], key.shape[2]
     t0 = T - L
     q = query[:, :, rows.start - t0:rows.stop - t0].reshape(B, Hkv, Hq // Hkv, -1, D)  # (B, Hkv, g, Lc, D)
-    mk = decode_masks(T, L, args, device=query.device)[0][rows.start - t0:rows.stop - t0]  # (Lc, T)
+    mk = mk_all[rows.start - t0:rows.stop - t0]  # (Lc, T): which keys each of these queries sees quantized
     scores = torch.where(mk, q @ kq.transpose(-1, -2)[:, :, None], q @ key.transpose(-1, -2)[:, :, None]).float() * scaling
     t = torch.arange(rows.start, rows.stop, device=query.device)
     seen = torch.arange(T, device=query.device)[None, :] <= t[:, None]  # (Lc, T) causal
@@ -202,12 +202,13 @@ def zip_attention(
         acc[:, S + prefix:S + prefix + n] = tail[0].to(acc)
         cnt[S + prefix:S + prefix + n] = tail[1].to(cnt)
     kq, vq = key.clone(), value.clone()
+    mk_all = decode_masks(T, L, args, device=query.device)[0]  # (L, T), once for every chunk of queries
     his = []
     done = t0  # queries of this call scored so far: [t0, done)
     for a, b in blocks_to_flush(T, args, prefix):
         first = b + args.residual - 1  # the first query that sees the block quantized
         if first > done:
-            _accumulate(acc, cnt, query, key, kq, args, slice(done, first), attention_mask, scaling)
+            _accumulate(acc, cnt, query, key, kq, mk_all, slice(done, first), attention_mask, scaling)
             done = first
         hi = salient_tokens(acc[:, a:b] / cnt[a:b].clamp(min=1), args)
         sl = slice(a, b)
@@ -217,7 +218,7 @@ def zip_attention(
         vq[:, :, sl] = zip_fake_quantize(value[:, :, sl], hi, args, keys=False)
         his.append(hi)
     if T > done:
-        _accumulate(acc, cnt, query, key, kq, args, slice(done, T), attention_mask, scaling)
+        _accumulate(acc, cnt, query, key, kq, mk_all, slice(done, T), attention_mask, scaling)
     out = kv_mixed_attention(query, key, value, kq, vq, args, attention_mask, scaling)
     lo = S + quantized_keys(T, args)
     return out, his, (acc[:, lo:], cnt[lo:])
