@@ -19,7 +19,9 @@ Configurations (`lmpress` KV settings, all on fp32 weights):
   modifiers (any order, e.g. rotkv2-s4-cs): -s<N> N attention-sink tokens kept in full precision;
   -cs per-group clip search; -tok per-token keys; -b<N> RotateKV Hadamard blocks of N channels;
   -noreorder no calibrated channel reordering; GEAR (KVCacheArgs.gear_*): -r<N> rank-N residual per
-  block of 64 tokens of a head, -o<P> P% of each block's entries kept exactly (e.g. rotkv2-s4-r2-o1)
+  block of 64 tokens of a head, -o<P> P% of each block's entries kept exactly (e.g. rotkv2-s4-r2-o1);
+  -g<N> groups of N (keys: tokens, values: channels; default 64); -res<N> the N most recent tokens
+  kept in full precision (default 128): at 4k tokens the window costs N/256 bits an element
 
 `ppl`: `eval.ppl.perplexity`, wiki eval split, the first `windows` windows of 512 tokens, no BOS,
 through the decode-exact simulation (every query sees the cache as decoding would hold it).
@@ -66,7 +68,7 @@ def recipe_for(name: str) -> Recipe | None:
         return None
     bits = {"kivi4": 4, "kivi2": 2, "rotkv4": 4, "rotkv2": 2}.get(base)
     if bits is None:
-        raise SystemExit(f"unknown config {name!r}; use fp, kivi4, kivi2, rotkv4, rotkv2 (+ -s<N>, -b<N>, -cs, -tok, -r<N>, -o<P>, -z<P>)")
+        raise SystemExit(f"unknown config {name!r}; use fp, kivi4, kivi2, rotkv4, rotkv2 (+ -s<N>, -b<N>, -cs, -tok, -r<N>, -o<P>, -z<P>, -g<N>, -res<N>)")
     kv = {"bits": bits, "group_size": 64, "residual": 128, "key_granularity": "channel"}
     rot = {"group_heads": 0, "block": 0, "reorder": True, "values": True, "seed": 0, "samples": 4}
     for m in mods:
@@ -80,6 +82,10 @@ def recipe_for(name: str) -> Recipe | None:
             kv["key_granularity"] = "token"
         elif m == "noreorder":
             rot["reorder"] = False
+        elif m.startswith("res") and m[3:].isdigit():  # the most recent N tokens kept in full precision
+            kv["residual"] = int(m[3:])
+        elif m.startswith("g") and m[1:].isdigit():  # tokens (keys) / channels (values) a quantization group
+            kv["group_size"] = int(m[1:])
         elif m.startswith("r") and m[1:].isdigit():
             kv["gear_rank"] = int(m[1:])
         elif m.startswith("o") and m[1:].replace(".", "", 1).isdigit():
