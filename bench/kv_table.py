@@ -7,7 +7,8 @@ fp16 DynamicCache, and (optionally) decode speed there.
     python bench/kv_table.py --decode 16                       # also decode tok/s at --ctx, vs DynamicCache
 
 Configurations: `fp`; `fp8-head` (FP8 E4M3, a calibrated scale per KV head: recipe kv-fp8 with
-scale: head); `int4-tokhead` (INT4 per token and head: asymmetric min-max over each head's 64
+scale: head); `fp8-tensor` (one calibrated scale per layer for K and one for V, vLLM's default);
+`-qk` on either (QuaRot's online Hadamard on post-RoPE Q and K before the FP8 rounding); `int4-tokhead` (INT4 per token and head: asymmetric min-max over each head's 64
 channels, the per-token form); and the KIVI family of bench/kv_cache.py (`kivi2`, `rotkv2`, with
 its modifiers: -s<N> sinks, -r<N> GEAR rank, -o<P> GEAR outlier percent, -z<P> ZipCache with P% salient
 tokens at 4 bits (KIVI's layout; -tok-z<P> the paper's channel-separable token-wise form), -cs clip search...).
@@ -38,9 +39,13 @@ def recipe_for(config: str):
 
     from lmpress.compress import Recipe
 
-    if config == "fp8-head":
-        return Recipe.from_yaml("version: 1\nname: fp8-head\nschemes: {}\nkv_cache: {preset: FP8_KV, scale: head}\n"
-                                "stages: [kv_cache, act_scales]\n")
+    if config in ("fp8-head", "fp8-tensor", "fp8-head-qk", "fp8-tensor-qk"):
+        # -qk: QuaRot's online Hadamard on post-RoPE Q and K (R3) before the keys are rounded to FP8; the stage also
+        # fuses R1 into the weights (exact in fp32), r2 off
+        rot = "fuse_norms, {rotate: {online: [qk], r2: false}}, " if config.endswith("-qk") else ""
+        scale = config.split("-")[1]
+        return Recipe.from_yaml(f"version: 1\nname: {config}\nschemes: {{}}\nkv_cache: {{preset: FP8_KV, scale: {scale}}}\n"
+                                f"stages: [{rot}kv_cache, act_scales]\n")
     if config == "int4-tokhead":
         return Recipe.from_dict({"version": 1, "name": config, "schemes": {}, "stages": [{"kv_cache": {}}],
                                  "kv_cache": {"bits": 4, "group_size": 64, "key_granularity": "token"}})
