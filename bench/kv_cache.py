@@ -23,7 +23,8 @@ Configurations (`lmpress` KV settings, all on fp32 weights):
   -g<N> groups of N (keys: tokens, values: channels; default 64); -res<N> the N most recent tokens
   kept in full precision (default 128): at 4k tokens the window costs N/256 bits an element
 
-`ppl`: `eval.ppl.perplexity`, wiki eval split, the first `windows` windows of 512 tokens, no BOS,
+`ppl`: `eval.ppl.perplexity`, wiki eval split (`--split calib`: the calibration split, for screening
+settings), the first `windows` windows of 512 tokens, no BOS,
 through the decode-exact simulation (every query sees the cache as decoding would hold it).
 
 `peer`: the issue's protocol for caches that only act when decoding: `prompts` windows of
@@ -114,13 +115,14 @@ def build(name: str, dtype=torch.float32):
 def cmd_ppl(a) -> list[dict]:
     from lmpress.eval.ppl import perplexity
 
-    text = load_text("wiki", "eval")
+    text = load_text("wiki", a.split)
     rows = []
     for name in a.configs.split(","):
         t0 = time.time()
         model, tok = build(name)
         r = perplexity(model, tok, text, seqlen=512, windows=a.windows)
-        rows.append({"config": name, "ppl": r.ppl, "nll": r.nll, "windows": r.windows, "seconds": time.time() - t0})
+        rows.append({"config": name, "ppl": r.ppl, "nll": r.nll, "windows": r.windows, "split": a.split,
+                     "seconds": time.time() - t0})
         print(f"{name:12s} ppl {r.ppl:8.3f}  ({r.windows} x 512, {time.time() - t0:.0f} s)", flush=True)
     fp = next((r["ppl"] for r in rows if r["config"] == "fp"), None)
     if fp:
@@ -304,6 +306,9 @@ def main(argv=None) -> None:
     s = sub.add_parser("ppl")
     s.add_argument("--windows", type=int, default=64)
     s.add_argument("--configs", default="fp,kivi4,kivi2,kivi2-s4,rotkv2,rotkv2-s4")
+    s.add_argument("--split", default="eval", choices=["eval", "calib"],
+                   help="wiki split of the windows: eval (the reported figure) or calib (screening: choose settings "
+                        "on calibration text, never on the eval windows)")
     s = sub.add_parser("peer")
     s.add_argument("--prompts", type=int, default=8)
     s.add_argument("--prompt-len", type=int, default=256)
