@@ -8,7 +8,8 @@ fp16 DynamicCache, and (optionally) decode speed there.
 
 Configurations: `fp`; `fp8-head` (FP8 E4M3, a calibrated scale per KV head: recipe kv-fp8 with
 scale: head); `fp8-tensor` (one calibrated scale per layer for K and one for V, vLLM's default);
-`-qk` on either (QuaRot's online Hadamard on post-RoPE Q and K before the FP8 rounding); `int4-tokhead` (INT4 per token and head: asymmetric min-max over each head's 64
+`-qk` on either (QuaRot's online Hadamard on post-RoPE Q and K before the FP8 rounding);
+`int4-tokhead` (INT4 per token and head: asymmetric min-max over each head's 64
 channels, the per-token form); and the KIVI family of bench/kv_cache.py (`kivi2`, `rotkv2`, with
 its modifiers: -s<N> sinks, -r<N> GEAR rank, -o<P> GEAR outlier percent, -z<P> ZipCache with P% salient
 tokens at 4 bits (KIVI's layout; -tok-z<P> the paper's channel-separable token-wise form), -cs clip search...).
@@ -30,8 +31,8 @@ import time
 
 import _runner
 
-DEFAULT_CONFIGS = ("fp,fp8-head,int4-tokhead,kivi2,rotkv2,rotkv2-s4,rotkv2-s4-r2,rotkv2-s4-r4,rotkv2-s4-r2-o1,kivi2-s4-z25,"
-                   "kivi2-s4-z50,rotkv2-s4-z25,rotkv2-s4-z50")
+DEFAULT_CONFIGS = ("fp,fp8-head,fp8-tensor,int4-tokhead,kivi2,rotkv2,rotkv2-s4,rotkv2-s4-r2,rotkv2-s4-r4,rotkv2-s4-r2-o1,kivi2-s4-z25,"
+                   "kivi2-s4-z50,rotkv2-s4-res64-z5,rotkv2-s4-z25,rotkv2-s4-z50")  # res64-z5: ZipCache at ~3 bits
 
 
 def recipe_for(config: str):
