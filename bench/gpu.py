@@ -15,6 +15,8 @@ and launch time), each with the speed-up over `torch.matmul` in fp16 on the same
   M = 1, 16, 128;
 - W4A4 and W8A8 (`act_quant` + `w4a4_gemm` / `w8a8_gemm`; the int32 accumulators are compared exactly),
   M = 1, 16, 128, 2048 on 4096 x 4096 and 4096 x 11008;
+- COMET's W4Ax (`w4ax_gemm` on int4 weights and 4/8-bit activation groups of 128, the codes made beforehand)
+  on the same shapes;
 - the activation quantization alone (`act_quant`, int4 and int8) and fused with QuaRot's online Hadamard
   (`online_act_quant` with `OnlineHadamard`: the `transform_act_quant` kernel where its tile fits);
 - 2:4 sparse (`sparse24_gemm`, fp16 values) on 4096 x 4096;
@@ -178,7 +180,24 @@ def kernels(dev) -> None:
                     t = _bench(lambda: fp_gemm(x, p, s, args=args, in_features=K))
                     _row(f"{label} weights (fp_gemm)", f"{name} {K}x{N}", M, err < REL_TOL, f"max rel {err:.1e}", t, ref)
 
-    for section in (w4a16, fp, int_gemm, sparse24, kv):  # a section that raises is one FAIL row; the others still run
+    def w4ax():  # COMET's W4Ax: int4 weights x activation groups of 128 channels, 10% of them int8 (the codes made in torch)
+        from lmpress.kernels.w4ax_gemm import w4ax_gemm, w4ax_gemm_ref
+        from lmpress.quant.fmpq import fmpq_quantize
+
+        fm = QuantArgs(bits=4, granularity="group", group_size=128, dynamic=True, outliers=0.1)
+        for name, K, N in INT_SHAPES:
+            w16 = torch.randn(N, K, device=dev, dtype=torch.float16, generator=g)
+            pw, sw = gemm._packed_weight(N, K, QuantArgs(bits=4), dev)[:2]
+            for M in (1, 16, 128, 2048):
+                x = torch.randn(M, K, device=dev, dtype=torch.float16, generator=g)
+                q, sx = fmpq_quantize(x, fm)
+                err = _rel(w4ax_gemm(q, sx, pw, sw, in_features=K, group_size=128),
+                           w4ax_gemm_ref(q, sx, pw, sw, in_features=K, group_size=128))
+                ref = _bench(lambda: torch.matmul(x, w16.t()))
+                t = _bench(lambda: w4ax_gemm(q, sx, pw, sw, in_features=K, group_size=128, out_dtype=torch.float16))
+                _row("W4Ax COMET g128 10% A8 (GEMM only)", f"{name} {K}x{N}", M, err < REL_TOL, f"max rel {err:.1e}", t, ref)
+
+    for section in (w4a16, fp, int_gemm, w4ax, sparse24, kv):  # a section that raises is one FAIL row; the others still run
         try:
             section()
         except Exception as e:  # noqa: BLE001 - report and go on: one device call is all there may be

@@ -7,7 +7,9 @@ packed checkpoint reloaded (`save` + `load`, the CPU runtime path), same windows
 
 Configurations: `base`; a built-in recipe by name (`w4a4kv4-flatquant-gptq`, `w4a4-rtn`, ...);
 `<preset>-<rtn|gptq>`, the preset (W4A4, W6A6, W5A5, W3A8, W2A8, ...) on every linear but lm_head;
-`W4A4s-<rtn|gptq>`, int4 per-channel weights and int4 *static* per-tensor activations (one calibrated
+`comet<P>-<rtn|gptq>`, recipe w4a4kv4-comet (COMET's FMPQ, int4 KV cache) with P% of the activation
+channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); `W4A4s-<rtn|gptq>`, int4
+per-channel weights and int4 *static* per-tensor activations (one calibrated
 scale per linear); `mq-<rtn|gptq>`, the same scheme after stage `mergequant` (MergeQuant's static
 per-channel steps migrated into the neighbours, clip search; no dynamic quantization op at run time).
 Average activation bits: the input bits of every quantized linear weighted by its in_features (the
@@ -21,7 +23,8 @@ import time
 
 import _runner
 
-DEFAULT_CONFIGS = "base,W4A4-gptq,W4A4s-gptq,mq-gptq,mq-rtn,W6A6-rtn,W6A6-gptq,W5A5-gptq,W2A8-gptq,w4a4kv4-flatquant-gptq"
+DEFAULT_CONFIGS = ("base,W4A4-gptq,W4A4s-gptq,mq-gptq,mq-rtn,W6A6-rtn,W6A6-gptq,W5A5-gptq,W2A8-gptq,w4a4kv4-flatquant-gptq,"
+                   "comet0-gptq,comet10-gptq,comet25-gptq")
 W4A4S = {"weights": {"bits": 4, "granularity": "channel", "symmetric": True},
          "inputs": {"bits": 4, "granularity": "tensor", "symmetric": True, "dynamic": False}}
 
@@ -33,6 +36,11 @@ def recipe_for(config: str):
     scheme, _, method = config.rpartition("-")
     if method not in ("rtn", "gptq") or not scheme:
         return Recipe.load(config)
+    if scheme.startswith("comet"):  # COMET's FMPQ at <P>% 8-bit groups, as recipe w4a4kv4-comet (int4 KV cache)
+        recipe = Recipe.load("w4a4kv4-comet").to_dict()
+        recipe["schemes"]["re:.*"]["inputs"]["outliers"] = int(scheme[5:]) / 100
+        recipe["name"], recipe["stages"] = config, [{"kv_cache": {}}, {method: {}}]
+        return Recipe.from_dict(recipe)
     if scheme == "mq":
         body, stages = W4A4S, [{"mergequant": {"clip_search": True, "samples": 16}}, {method: {}}]
     elif scheme == "W4A4s":
@@ -45,13 +53,17 @@ def recipe_for(config: str):
 
 
 def act_bits(model) -> float:
-    """Input bits of the quantized linears weighted by in_features (16 for float inputs)."""
+    """Input bits of the quantized linears weighted by in_features (16 for float inputs; COMET's 4/8-bit
+    groups at their average, `quant.fmpq.average_bits`)."""
+    from lmpress.quant.fmpq import average_bits
+
     num = den = 0
     for m in model.modules():
         scheme = getattr(m, "scheme", None)
         if scheme is None or not hasattr(m, "in_features"):
             continue
-        bits = scheme.inputs.bits if scheme.inputs is not None else 16
+        a = scheme.inputs
+        bits = 16 if a is None else average_bits(m.in_features, a) if a.outliers else a.bits
         num += bits * m.in_features
         den += m.in_features
     return num / den if den else 16.0

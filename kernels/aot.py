@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 
 ARCHS = (80, 90, 100)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}  # bytes per block, opt-in maximum
-KERNEL_MODULES = ("w4a16_gemm", "fp_gemm", "lut_gemm", "w4a4_gemm", "sparse24_gemm", "act_quant", "transform_act_quant", "kv_quant")
+KERNEL_MODULES = ("w4a16_gemm", "fp_gemm", "lut_gemm", "w4a4_gemm", "w4ax_gemm", "sparse24_gemm", "act_quant", "transform_act_quant", "kv_quant")
 ACT_DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}  # activation pointer types the GEMMs take
 
 

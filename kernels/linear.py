@@ -2,14 +2,18 @@
 
 Buffer names follow compressed-tensors `pack-quantized`: `weight_packed` (int32
 [out, packed_cols(in, bits)]), `weight_scale` / `weight_zero_point` (float32 (out|1, n_groups);
-no zero point for symmetric schemes), `weight_shape` (int64 [2] = (out, in)), and `bias`.
+no zero point for symmetric schemes), `weight_shape` (int64 [2] = (out, in)), and `bias`; a static
+activation scheme adds `input_scale` (float32 (1, 1)), COMET's 4/8-bit groups `input_perm` (int64
+(in,), the calibrated channel order, `quant.fmpq`).
 
 The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
 
 - CUDA -> Triton: weight-only schemes through `w4a16_gemm` (2/4/8-bit, any group size);
   per-token activation schemes with per-channel/per-tensor symmetric 4/8-bit weights through
   `act_quant` + the integer GEMM (`w4a4_gemm`: W4A4, W4A8, W8A8); other activation schemes
-  through `act_quant` (fake-quant) + `w4a16_gemm`; floating-point weights (FP8, NVFP4, MXFP4)
+  through `act_quant` (fake-quant) + `w4a16_gemm`; COMET's 4/8-bit activation groups (`inputs.outliers`,
+  with symmetric per-channel weights) through `quant.fmpq.fmpq_quantize` + `w4ax_gemm` on a copy of
+  the weight codes with the columns in `input_perm` order, made once and kept like `_int8_container`; floating-point weights (FP8, NVFP4, MXFP4)
   through `fp_gemm`, their activations (if quantized) fake-quantized in torch first; 3-bit weights
   through the reference.
   Inside a RotatedInput, an online Hadamard before a per-token activation quantization is fused
@@ -74,6 +78,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         static = scheme.inputs is not None and not scheme.inputs.dynamic  # a calibrated activation scale
         self.register_buffer("input_scale", torch.ones(1, 1, dtype=torch.float32, device=device) if static else None)
+        fmpq = scheme.inputs is not None and bool(scheme.inputs.outliers)  # COMET's channel order (quant.fmpq)
+        self.register_buffer("input_perm", torch.arange(in_features, device=device) if fmpq else None)
         self.cache_weight = True
         self._cached: tuple | None = None  # (key, dequantized weight): reference path only
         self._fast: tuple | None = None  # (key, cpu.Int4Pack | cpu.Int8Pack | cpu.Int8MM): CPU fast paths only
@@ -100,11 +106,13 @@ class PackedLinear(nn.Module):
                 raise ValueError(f"{sim.scheme.name} has static activation scales that were never calibrated: "
                                  "add stage `act_scales` (or use `gptq`) to the recipe")
             out.input_scale = sim.input_scale.detach().float().clone()
+        if out.input_perm is not None and sim.input_perm is not None:
+            out.input_perm = sim.input_perm.detach().clone()
         return out
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The scheme's activation fake-quant (dynamic, or with the calibrated `input_scale`)."""
-        return fake_quantize_input(x, self.scheme.inputs, self.input_scale)
+        return fake_quantize_input(x, self.scheme.inputs, self.input_scale, self.input_perm)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(out, in) weight in `dtype`, through the same `dequantize` every form uses."""
@@ -234,6 +242,8 @@ class PackedLinear(nn.Module):
             return fp_gemm(x, self.weight_packed, self.weight_scale, args=w, in_features=self.in_features, bias=self.bias)
         gs = w.group_size if w.granularity == "group" else None
         kw = dict(in_features=self.in_features, group_size=gs, bits=w.bits, bias=self.bias)
+        if a is not None and a.outliers:
+            return self._forward_w4ax(x, int_path=w.type == "int" and w.symmetric and w.granularity in ("channel", "tensor"), **kw)
         if a is None:
             self._note(f"triton-w{w.bits}a16")
             return w4a16_gemm(x, self.weight_packed, self.weight_scale, self.weight_zero_point, **kw)
@@ -256,6 +266,40 @@ class PackedLinear(nn.Module):
             self._note("triton-w4a16", f"activation scheme {a.granularity}/{'sym' if a.symmetric else 'asym'} fake-quantized in torch")
         return w4a16_gemm(xq, self.weight_packed, self.weight_scale, self.weight_zero_point, **kw)
 
+    def _forward_w4ax(self, x: torch.Tensor, int_path: bool, **kw) -> torch.Tensor:
+        """COMET's 4/8-bit activation groups: codes and per-token-group scales over the reordered
+        channels (`quant.fmpq`), then the W4Ax GEMM on the weight's columns in that order."""
+        from lmpress.quant.fmpq import fmpq_quantize
+
+        from .w4ax_gemm import w4ax_gemm
+        from .w4a16_gemm import w4a16_gemm
+
+        a, w = self.scheme.inputs, self.scheme.weights
+        G = a.group_size
+        if not int_path or G < 32 or G & (G - 1):
+            self._note("triton-w4a16", "COMET groups fake-quantized in torch: " + (
+                "group-wise or asymmetric weights do not factor out of the integer sum" if not int_path else
+                f"activation groups of {G} (the W4Ax kernel takes a power of two >= 32)"))
+            return w4a16_gemm(self.quantize_input(x), self.weight_packed, self.weight_scale, self.weight_zero_point, **kw)
+        codes, sx = fmpq_quantize(x, a, self.input_perm)  # (M, K) int8 in perm order, (M, groups)
+        words, w_bits = self._perm_weight()
+        self._note(f"triton-w{w.bits}a{a.bits}/{a.outlier_bits}")
+        y = w4ax_gemm(codes, sx, words, self.weight_scale, in_features=self.in_features, group_size=G, w_bits=w_bits,
+                      bias=self.bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _perm_weight(self) -> tuple[torch.Tensor, int]:
+        """The weight's codes with the columns in `input_perm` order (4- or 8-bit fields; other widths in
+        8-bit containers), made once and kept with the buffers' identity and version, as `_int8_container`."""
+        bits = self.scheme.weights.bits
+        w_bits = bits if bits in (4, 8) else 8
+        key = ("perm", self.weight_packed.data_ptr(), self.weight_packed._version, self.input_perm.data_ptr(),
+               self.input_perm._version, self.weight_packed.device)
+        if self._fast is None or self._fast[0] != key:
+            q = unpack(self.weight_packed, bits, self.in_features)  # (out, in) int8
+            self._fast = (key, pack(q.index_select(1, self.input_perm.to(q.device)).contiguous(), w_bits))
+        return self._fast[1], w_bits
+
     def _int8_container(self) -> torch.Tensor:
         """The codes of a 2/3/5/6-bit weight repacked 8 bits a field (the integer GEMM's int8 containers),
         made once and kept with the buffers' identity and version (`_fast`, as the CPU path's copy)."""
@@ -273,7 +317,8 @@ class PackedLinear(nn.Module):
         if self._cached is not None:
             n += self._cached[1].numel() * self._cached[1].element_size()
         if self._fast is not None:
-            n += self._fast[1].nbytes()
+            f = self._fast[1]  # a CPU pack (its nbytes()) or a repacked tensor (_int8_container, _perm_weight)
+            n += f.nbytes if isinstance(f, torch.Tensor) else f.nbytes()
         return n
 
     def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:

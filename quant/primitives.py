@@ -18,6 +18,7 @@ import math
 import torch
 
 from .fp import BLOCK_FORMATS, E2M1, E4M3, FPFormat, block_scales, grid_index, grid_values, round_to_grid, tensor_scale
+from .fmpq import fmpq_fake_quantize
 from .scheme import QuantArgs
 
 
@@ -178,10 +179,14 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, scale=None, zero=None) -> to
     return dequantize(quantize(x, scale, zero, args), scale, zero, args, dtype=x.dtype)
 
 
-def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None,
+                        input_perm: torch.Tensor | None = None) -> torch.Tensor:
     """A scheme's activation fake-quant. Dynamic args, or a static scheme not calibrated yet
     (`input_scale` None): qparams from `x`. Calibrated static: the per-tensor `input_scale` (1, 1),
-    or for NVFP4 the group scales of `x` under the tensor scale `input_scale`."""
+    or for NVFP4 the group scales of `x` under the tensor scale `input_scale`. COMET's 4/8-bit
+    groups (`args.outliers`): over the channels reordered by `input_perm` (`quant.fmpq`)."""
+    if args.outliers:
+        return fmpq_fake_quantize(x, args, input_perm)
     if args.dynamic or input_scale is None:
         return fake_quantize(x, args)
     if args.block_format is not None:

@@ -35,6 +35,10 @@ class QuantArgs:
     /127, vLLM's kernels). The extreme value then rounds to qmax + 1 and is clamped: at most
     half a step of clipping, on one element per token.
 
+    `outliers` (COMET's FMPQ, `lmpress.quant.fmpq`; dynamic symmetric integer inputs in groups):
+    that share of the channel groups, after the channels are reordered by calibrated absmax
+    (largest first), takes `outlier_bits` (8) instead of `bits`; each token's group has its own scale.
+
     `granularity: block` (FP8 weights: DeepSeek-V3's and compressed-tensors' FP8_BLOCK) takes one
     scale per `group_size` x `group_size` tile of the weight (out and in), edge tiles partial.
 
@@ -56,6 +60,8 @@ class QuantArgs:
     full_range: bool = False
     type: str = "int"
     scale_format: str | None = None
+    outliers: float = 0.0
+    outlier_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
@@ -93,6 +99,17 @@ class QuantArgs:
             raise ValueError(f"QuantArgs.full_range={self.full_range!r} must be true or false")
         if self.full_range and not self.symmetric:
             raise ValueError("QuantArgs.full_range sets the symmetric scale divisor; asymmetric schemes use the full range already")
+        self._check_outliers()
+
+    def _check_outliers(self) -> None:
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not 0 <= self.outliers <= 1:
+            raise ValueError(f"QuantArgs.outliers={self.outliers!r} must be a share of channel groups in [0, 1] (COMET: 0.1-0.25)")
+        if not isinstance(self.outlier_bits, int) or isinstance(self.outlier_bits, bool) or self.outlier_bits not in WEIGHT_BITS \
+                or (self.outliers and self.outlier_bits <= self.bits):
+            raise ValueError(f"QuantArgs.outlier_bits={self.outlier_bits!r} must be one of {list(WEIGHT_BITS)} above bits={self.bits}")
+        if self.outliers and not (self.type == "int" and self.symmetric and self.dynamic and self.granularity == "group"):
+            raise ValueError("QuantArgs.outliers (COMET's 4/8-bit channel groups) is for activations: type int, symmetric, "
+                             "dynamic: true, granularity group (e.g. group_size 64 or 128)")
 
     def _check_float(self) -> None:
         allowed = {8: "FP8 (E4M3; or MXFP8: group_size 32, scale_format e8m0)",
@@ -141,7 +158,7 @@ class QuantArgs:
     def to_dict(self) -> dict[str, Any]:
         # `full_range`, `type` and `scale_format` only when set, so manifests and recipes written
         # before they existed stay identical
-        defaults = {"full_range": False, "type": "int", "scale_format": None}
+        defaults = {"full_range": False, "type": "int", "scale_format": None, "outliers": 0.0, "outlier_bits": 8}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in defaults or getattr(self, f.name) != defaults[f.name]}
 

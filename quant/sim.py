@@ -8,6 +8,7 @@ from torch import nn
 
 from lmpress.kernels.formats import pack, unpack
 
+from .fmpq import channel_order
 from .primitives import dequantize, fake_quantize_input, static_input_scale
 from .scheme import QuantScheme
 
@@ -22,7 +23,9 @@ class SimQuantLinear(nn.Module):
     n_groups)). A scheme with no weight args keeps the float weight and only fake-quantizes the
     inputs. A scheme with static inputs (`inputs.dynamic: false`) gets `input_scale` (float32
     (1, 1)) from `set_input_scale` (calibration: stage `act_scales` or `gptq`); until then its
-    inputs are quantized dynamically.
+    inputs are quantized dynamically. A scheme with COMET's 4/8-bit input groups (`inputs.outliers`)
+    gets `input_perm` (int64 (in,), the channels by calibration absmax, `quant.fmpq`) likewise;
+    until then the channels keep their order.
     """
 
     def __init__(self, linear: nn.Linear, scheme: QuantScheme, copy: bool = True):
@@ -38,11 +41,27 @@ class SimQuantLinear(nn.Module):
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_zero_point", None)
         self.register_buffer("input_scale", None)
+        self.register_buffer("input_perm", None)
 
     @property
     def static_inputs(self) -> bool:
         """The scheme quantizes inputs with a calibrated scale (`inputs.dynamic: false`)."""
         return self.scheme.inputs is not None and not self.scheme.inputs.dynamic
+
+    @property
+    def calibrated_inputs(self) -> bool:
+        """The input quantization takes calibrated state: a static scale, or COMET's channel order."""
+        return self.static_inputs or bool(self.scheme.inputs is not None and self.scheme.inputs.outliers)
+
+    def calibrate_inputs(self, amax: torch.Tensor) -> None:
+        """Calibrate from the inputs' per-channel absmax (in,) over the calibration set: the static
+        scale (from its largest entry), or COMET's channel order."""
+        if self.static_inputs:
+            self.set_input_scale(amax.max())
+        elif self.calibrated_inputs:
+            self.input_perm = channel_order(amax.detach()).to(self.weight.device)
+        else:
+            raise ValueError(f"{self.scheme.name} quantizes inputs dynamically with nothing to calibrate")
 
     def set_input_scale(self, amax: torch.Tensor) -> None:
         """Calibrate a static input scale from the inputs' absmax over the calibration set."""
@@ -52,7 +71,7 @@ class SimQuantLinear(nn.Module):
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The scheme's activation fake-quant (dynamic, or with the calibrated `input_scale`)."""
-        return fake_quantize_input(x, self.scheme.inputs, self.input_scale)
+        return fake_quantize_input(x, self.scheme.inputs, self.input_scale, self.input_perm)
 
     @property
     def quantized(self) -> bool:

@@ -20,7 +20,7 @@ def test_every_triton_kernel_has_aot_variants():
         m = importlib.import_module(f"lmpress.kernels.{mod}")
         jitted = {name for name, obj in vars(m).items() if isinstance(obj, JITFunction) and obj.__module__ == m.__name__}
         assert jitted <= covered, f"lmpress.kernels.{mod}: {sorted(jitted - covered)} have no aot_variants()"
-    assert len(covered) == 9
+    assert len(covered) == 10
 
 
 def test_every_kernel_compiles_for_cuda_without_spills_within_shared_memory():
@@ -30,7 +30,7 @@ def test_every_kernel_compiles_for_cuda_without_spills_within_shared_memory():
     print("\n" + aot.table(results))  # pytest -s shows the table
     bad = [r for r in results if r.problems]
     assert not bad, aot.table(bad)
-    assert {r.kernel for r in results} >= {"w4a16_gemm", "fp_gemm", "lut_gemm", "w4a4_gemm", "sparse24_gemm", "act_quant",
+    assert {r.kernel for r in results} >= {"w4a16_gemm", "fp_gemm", "lut_gemm", "w4a4_gemm", "w4ax_gemm", "sparse24_gemm", "act_quant",
                                            "transform_act_quant", "kv_quant", "kv_dequant"}
 
 

@@ -21,8 +21,10 @@ ALLOWED = {  # package -> the lmpress packages it may import
     "kernels": set(),
 }
 # quant's vocabulary (schemes) and pure tensor maths (qparams and fake-quant, FP grids, Hadamard matrices, KV quantization
-# and ZipCache's mixed-bit codes and saliency, the Q/K scaling around RoPE that the attention applies online)
+# and ZipCache's mixed-bit codes and saliency, the Q/K scaling around RoPE that the attention applies online, COMET's
+# 4/8-bit activation groups)
 KERNEL_VOCABULARY = {"lmpress.quant.scheme", "lmpress.quant.primitives", "lmpress.quant.fp", "lmpress.quant.hadamard",
+                     "lmpress.quant.fmpq",
                      "lmpress.quant.kv_cache", "lmpress.quant.zipcache", "lmpress.quant.rope_scale"}
 
 

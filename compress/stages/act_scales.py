@@ -40,7 +40,7 @@ class ActScales:
         n_layers = len(ctx.arch.decoder_layers(model))
         by_layer: dict[int, list[str]] = {}
         for fqn in ctx.plan:
-            if get_module(model, fqn).static_inputs:
+            if get_module(model, fqn).calibrated_inputs:
                 idx, rel = ctx.arch.layer_of(fqn, n_layers)
                 by_layer.setdefault(idx, []).append(rel)
         fp8_kv = ctx.kv_cache is not None and ctx.kv_cache.is_float

@@ -91,8 +91,9 @@ def stubbed(layer: nn.Module, rels: list[str]):
 
 
 def observe_inputs(step, rels: list[str], later: list[str]) -> None:
-    """Calibrate the static input scales of the linears `rels` (paths in the layer of `step`): one
-    pass with `later` stubbed, the absmax of each one's input over the calibration batches. The
+    """Calibrate the static input scales (or COMET's channel orders) of the linears `rels` (paths in
+    the layer of `step`): one pass with `later` stubbed, the per-channel absmax of each one's input
+    over the calibration batches (`SimQuantLinear.calibrate_inputs`). The
     body of stage `act_scales`; stage `gptq` runs it before collecting a group's Hessians."""
     layer = step.layer
     # a scale fixed by an earlier stage (mergequant: the steps were migrated into the weights) is kept
@@ -102,7 +103,8 @@ def observe_inputs(step, rels: list[str], later: list[str]) -> None:
     amax: dict[str, torch.Tensor] = {}
 
     def hook(rel, _m, args):
-        a = args[0].detach().abs().amax().float()
+        x = args[0].detach()
+        a = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # (..., in) -> per channel (in,)
         amax[rel] = torch.maximum(amax[rel], a) if rel in amax else a
 
     hooks = [sim.register_forward_pre_hook(partial(hook, rel)) for rel, sim in sims.items()]
@@ -113,7 +115,7 @@ def observe_inputs(step, rels: list[str], later: list[str]) -> None:
         for h in hooks:
             h.remove()
     for rel, sim in sims.items():
-        sim.set_input_scale(amax[rel])
+        sim.calibrate_inputs(amax[rel])
 
 
 def static_outside_layers(model: nn.Module, ctx, fqns) -> None:
@@ -139,7 +141,7 @@ def collect_hessians(step, ctx, targets: list[str], later: list[str]):
     by_input: dict[tuple, list[str]] = {}
     for rel in targets:
         by_input.setdefault((group_of[rel], sims[rel].scheme.inputs), []).append(rel)
-    static = [rel for rel in targets if sims[rel].static_inputs]
+    static = [rel for rel in targets if sims[rel].calibrated_inputs]
     if static:
         observe_inputs(step, static, later)
     hooked = {rels[0]: sims[rels[0]] for rels in by_input.values()}
