@@ -8,7 +8,9 @@ token (the min-max observer). Each decoder layer sees the outputs of the layers 
 their weights and static scales already in place; inside a layer the linears go in
 `arch.sequential_groups` order, so o_proj's scale is measured on an attention output computed
 with q/k/v's static quantization. Put it after the weight stage (`rtn`); stage `gptq` calibrates
-the scales of the modules it quantizes itself (`gptq.observe_inputs`), before their Hessians.
+the scales of the modules it quantizes itself (`gptq.observe_inputs`), before their Hessians. The
+same pass calibrates COMET's channel order (`inputs.outliers`, `quant.fmpq`): the channels by their
+absmax over the calibration tokens, largest first.
 
 It also calibrates the FP8 KV cache (`kv_cache: {type: float, scale: tensor|head}`, placed by
 stage `kv_cache` before it): per layer, after the layer's input scales, the absmax of the keys
