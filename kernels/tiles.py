@@ -57,3 +57,19 @@ def store_tile(acc, out_ptr, b_ptr, pid_k, offs_m, offs_n, m_mask, n_mask, strid
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def int_weight_tile(w_ptr, offs_n, n_mask, k0, K, stride_wn, stride_ww,
+                    W_BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The signed weight codes of columns k0..k0+BLOCK_K of rows `offs_n`, transposed for the dot: int8
+    (BLOCK_K, BLOCK_N), zero past K and past N. The words hold W_BITS-bit fields with an offset of
+    2^(W_BITS-1), `formats.pack`'s layout; each word is loaded once. Shared by the integer GEMMs."""
+    W_PER: tl.constexpr = 32 // W_BITS
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_ww = k0 // W_PER + tl.arange(0, BLOCK_K // W_PER)  # (BK / W_PER, BN) words
+    ww = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_ww[:, None] * stride_ww,
+                 mask=(offs_ww * W_PER < K)[:, None] & n_mask[None, :], other=0)
+    fields = (ww[:, None, :] >> (tl.arange(0, W_PER) * W_BITS)[None, :, None]) & ((1 << W_BITS) - 1)
+    qw = tl.reshape(fields, (BLOCK_K, BLOCK_N)) - (1 << (W_BITS - 1))  # (BK / W_PER, W_PER, BN) -> (BK, BN)
+    return tl.where((offs_k < K)[:, None] & n_mask[None, :], qw, 0).to(tl.int8)

@@ -27,7 +27,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import grouped_tile
+    from .tiles import grouped_tile, int_weight_tile
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -91,10 +91,6 @@ if triton is not None:
         EPILOGUE: tl.constexpr,  # False: store the int32 accumulator
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        W_PER: tl.constexpr = 32 // W_BITS
-        W_OFF: tl.constexpr = 1 << (W_BITS - 1)
-        W_FIELD: tl.constexpr = (1 << W_BITS) - 1
-
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,13 +111,7 @@ if triton is not None:
                 a = tl.where(a_mask, qa, 0).to(tl.int8)  # zero past K
             else:
                 a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
-            w_mask = k_mask[:, None] & n_mask[None, :]
-            offs_ww = k0 // W_PER + tl.arange(0, BLOCK_K // W_PER)  # (BK / W_PER, BN) words, each loaded once
-            ww = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_ww[:, None] * stride_ww,
-                         mask=(offs_ww * W_PER < K)[:, None] & n_mask[None, :], other=0)
-            fields = (ww[:, None, :] >> (tl.arange(0, W_PER) * W_BITS)[None, :, None]) & W_FIELD
-            qw = tl.reshape(fields, (BLOCK_K, BLOCK_N)) - W_OFF
-            w = tl.where(w_mask, qw, 0).to(tl.int8)  # (BK, BN)
+            w = int_weight_tile(w_ptr, offs_n, n_mask, k0, K, stride_wn, stride_ww, W_BITS, BLOCK_K, BLOCK_N)  # (BK, BN)
             acc += tl.dot(a, w, out_dtype=tl.int32)
 
         out_mask = m_mask[:, None] & n_mask[None, :]

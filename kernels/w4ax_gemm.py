@@ -26,7 +26,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import grouped_tile
+    from .tiles import grouped_tile, int_weight_tile
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -89,9 +89,6 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # BLOCK_K is the activation group size: one scale per token for each K step
-        W_PER: tl.constexpr = 32 // W_BITS
-        W_OFF: tl.constexpr = 1 << (W_BITS - 1)
-        W_FIELD: tl.constexpr = (1 << W_BITS) - 1
 
         pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,12 +102,7 @@ if triton is not None:
             k_mask = offs_k < K
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
                         mask=m_mask[:, None] & k_mask[None, :], other=0)  # (BM, BK) int8, 4- or 8-bit codes
-            offs_ww = k0 // W_PER + tl.arange(0, BLOCK_K // W_PER)  # (BK / W_PER, BN) words
-            ww = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_ww[:, None] * stride_ww,
-                         mask=(offs_ww * W_PER < K)[:, None] & n_mask[None, :], other=0)
-            fields = (ww[:, None, :] >> (tl.arange(0, W_PER) * W_BITS)[None, :, None]) & W_FIELD
-            qw = tl.reshape(fields, (BLOCK_K, BLOCK_N)) - W_OFF  # (BK / W_PER, W_PER, BN) -> (BK, BN)
-            w = tl.where(k_mask[:, None] & n_mask[None, :], qw, 0).to(tl.int8)
+            w = int_weight_tile(w_ptr, offs_n, n_mask, k0, K, stride_wn, stride_ww, W_BITS, BLOCK_K, BLOCK_N)  # (BK, BN)
             acc = tl.dot(a, w, out_dtype=tl.int32)  # exact
             sa = tl.load(sa_ptr + offs_m * stride_sam + (k0 // BLOCK_K) * stride_sag, mask=m_mask, other=0.0)
             y += acc.to(tl.float32) * sa[:, None]
