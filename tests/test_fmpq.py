@@ -76,14 +76,14 @@ def test_args_validation_says_what_to_do():
     assert s.inputs == QuantArgs(bits=4, granularity="group", group_size=64, dynamic=True, outliers=0.1)
 
 
-def _model_compressed(share: float):
+def _model_compressed(share: float, stages=({"gptq": {}},)):
     from lmpress.calibration.data import CalibrationSet, fingerprint
     from lmpress.compress import Recipe, compress
     from lmpress.compress.models import tiny_llama
 
     model, tok = tiny_llama(seed=0)
     recipe = Recipe.from_dict({"version": 1, "name": "c", "schemes": {"lm_head": None, "re:.*": {
-        "preset": "W4A4", "inputs": {"granularity": "group", "group_size": 32, "outliers": share}}}, "stages": [{"gptq": {}}]})
+        "preset": "W4A4", "inputs": {"granularity": "group", "group_size": 32, "outliers": share}}}, "stages": list(stages)})
     toks = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(3))
     compress(model, recipe, CalibrationSet(tokens=toks, source="random", split="calib", n=4, seqlen=48, seed=3,
                                            fingerprint=fingerprint(toks)))
@@ -105,6 +105,12 @@ def test_gptq_calibrates_the_channel_order_and_packed_reload_is_identical(tmp_pa
         packed = load(path)
         assert torch.equal(packed.model.layers[0].self_attn.q_proj.input_perm, q.input_perm)
         assert torch.equal(packed(x).logits, y)
+
+
+def test_act_scales_calibrates_the_order_after_rtn():
+    model, _ = _model_compressed(0.25, stages=({"rtn": {}}, {"act_scales": {}}))
+    down = model.model.layers[1].mlp.down_proj
+    assert down.input_perm is not None and not torch.equal(down.input_perm, torch.arange(down.in_features))
 
 
 @pytest.mark.triton
