@@ -19,6 +19,16 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile over grid axis 0, in `grouped_tile` order: (offs_m (BM,), offs_n (BN,),
+    m_mask, n_mask). Shared by the integer GEMMs."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def tile_ranges(M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's output tile and K range: (offs_m (BM,), offs_n (BN,), m_mask, n_mask, pid_k, k_lo, k_hi),
     tiles in `grouped_tile` order over grid axis 0, K split in K_SPLIT ranges over axis 1. Shared by the

@@ -27,7 +27,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .tiles import grouped_tile, int_weight_tile
+    from .tiles import int_weight_tile, tile_offsets
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -91,12 +91,7 @@ if triton is not None:
         EPILOGUE: tl.constexpr,  # False: store the int32 accumulator
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
+        offs_m, offs_n, m_mask, n_mask = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
