@@ -11,10 +11,10 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
 - CUDA -> Triton: weight-only schemes through `w4a16_gemm` (2/4/8-bit, any group size);
   per-token activation schemes with per-channel/per-tensor symmetric 4/8-bit weights through
   `act_quant` + the integer GEMM (`w4a4_gemm`: W4A4, W4A8, W8A8); other activation schemes
-  through `act_quant` (fake-quant) + `w4a16_gemm`; COMET's 4/8-bit activation groups (`inputs.outliers`,
-  with symmetric per-channel weights) through `quant.fmpq.fmpq_quantize` + `w4ax_gemm` on a copy of
-  the weight codes with the columns in `input_perm` order, made once and kept like `_int8_container`; floating-point weights (FP8, NVFP4, MXFP4)
-  through `fp_gemm`, their activations (if quantized) fake-quantized in torch first; 3-bit weights
+  through `act_quant` (fake-quant) + `w4a16_gemm`; COMET's 4/8-bit activation groups
+  (`inputs.outliers`, with symmetric per-channel weights) through `quant.fmpq.fmpq_quantize` +
+  `w4ax_gemm` on a copy of the weight codes with the columns in `input_perm` order, made once and
+  kept like `_int8_container`; floating-point weights (FP8, NVFP4, MXFP4) through `fp_gemm`, their activations (if quantized) fake-quantized in torch first; 3-bit weights
   through the reference.
   Inside a RotatedInput, an online Hadamard before a per-token activation quantization is fused
   into it (`transform_act_quant`; path kinds ``triton-rot+...``).
