@@ -55,6 +55,7 @@ ATTN_IMPLEMENTATION = "lmpress"
 SETTINGS_ATTR = "lmpress_attn"
 RUNTIME_PREFIX_ATTR = "_lmpress_quantized_prefix"  # (keys, values) already quantized, set by QuantizedKVCache
 ZIP_STATE_ATTR = "_lmpress_zip_state"  # the ZipCache layer of QuantizedKVCache: zip_tail, zip_commit
+DECODE_STATE_ATTR = "_lmpress_decode_state"  # a QuantizedKVCache layer that attends one query itself: decode_attention
 
 
 class LmpressAttention(nn.Module):
@@ -142,6 +143,9 @@ class LmpressAttention(nn.Module):
         if self.qk_post_scale is not None or self.q_fp8:
             raise ValueError("post-RoPE Q/K scaling and FP8 queries go with the per-token KV cache, not KIVI's "
                              "(its runtime cache holds keys before the attention function)")
+        layer = getattr(key, DECODE_STATE_ATTR, None)
+        if layer is not None:  # the runtime cache's decode step: attention over its codes, no dequantized prefix
+            return layer.decode_attention(query, attention_mask, scaling, self.qk)
         prefix = getattr(key, RUNTIME_PREFIX_ATTR, (0, 0))
         positions = key_positions(key.shape[2], position_ids, device=key.device) if self.key_rotation is not None else None
         to_b, from_b = self.key_basis(positions, key)

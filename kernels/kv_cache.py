@@ -51,8 +51,8 @@ from lmpress.quant.kv_cache import (gear_apply, gear_lowrank, gear_outliers, key
 
 from lmpress.quant.zipcache import salient_count, token_axis, zip_codes, zip_dequantize
 
-from .attention import RUNTIME_PREFIX_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
-from .formats import pack_unsigned, packed_cols, unpack_unsigned
+from .attention import DECODE_STATE_ATTR, RUNTIME_PREFIX_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
+from .formats import pack_unsigned, packed_cols, unpack_unsigned, unsigned_codes_float
 from .kv_quant import kv_pack, kv_unpack
 
 _HOOK_ATTR = "_lmpress_kv_positions_hook"
@@ -93,7 +93,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.kz = self.vz = None  # ZipCache parts: (hi words, lo words, salient, *metadata per block), blocks on dim 1
         self.zip_tail = None  # ZipCache: (acc (B, n), cnt (n,)) scores of the n unflushed tokens
         self._zip_shape: dict[bool, tuple] = {}  # keys / values: a token's code shape after the token axis
-        self._to_b = None
+        self._to_b = self._from_b = None
 
     # ---- transformers' layer API ------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -122,6 +122,13 @@ class QuantizedKVLayer(DynamicLayer):
         self.n += L
         positions = self.shared.positions(self.n, self.device) if self.settings.key_rotation is not None else None
         to_b, from_b = self.settings.key_basis(positions, key_states)
+        if L == 1 and not a.zipcache and not a.gear and a.key_granularity == "channel":
+            # decode: flush first, then the attention function reads the layer itself (`decode_attention`)
+            self._flush(quantized_keys(self.n, a), quantized_values(self.n, a), to_b)
+            self._from_b = from_b if self.settings.key_rotation is not None else None  # a Q/K transform: q enters the basis
+            keys, values = self.keys[:, :, :0], self.values[:, :, :0]  # fresh empty views carry the tag
+            setattr(keys, DECODE_STATE_ATTR, self)
+            return keys, values
         keys = torch.cat([self.sink_k, self._stored_keys(from_b), self.keys], dim=2)
         values = torch.cat([self.sink_v, self._stored_values(), self.values], dim=2)
         setattr(keys, RUNTIME_PREFIX_ATTR, (self.nk, self.nv))
@@ -131,6 +138,47 @@ class QuantizedKVLayer(DynamicLayer):
         else:
             self._flush(quantized_keys(self.n, a), quantized_values(self.n, a), to_b)
         return keys, values
+
+    # ---- decode without the dequantized prefix ----------------------------------------------
+    def decode_attention(self, query: torch.Tensor, attention_mask, scaling: float | None, qk=None) -> torch.Tensor:
+        """Attention of one new query per row, query (B, Hq, 1, D), against this layer as it stands after the
+        step's flush (what the decode-exact simulation shows that query), without building the dequantized
+        prefix: the stored keys' per-channel scale and min go into the query (`stored_key_scores`) and the
+        values' per-token ones into the probabilities (`stored_value_mix`); codes are read through a byte lookup
+        table. Under RotateKV the stored keys are dequantized and rotated back (`from_basis`); under a Q/K
+        transform the query and the full-precision keys enter the basis the stored keys are in. Returns
+        (B, 1, Hq, D) like transformers' attention functions."""
+        a = self.args
+        B, Hq, L, D = query.shape
+        H = self.sink_k.shape[1]
+        ct = torch.promote_types(query.dtype, torch.float32)  # compute type
+        sink_k, res_k = self.sink_k, self.keys
+        if qk is not None:
+            query, sink_k, res_k = qk(query), qk(sink_k), qk(res_k)
+        q = query.reshape(B, H, Hq // H * L, D).to(ct)  # (B, H, gq, D): query heads under their KV head
+
+        def dot(k):  # (B, H, gq, n)
+            return torch.matmul(q, k.to(ct).transpose(-1, -2))
+
+        scores = [dot(sink_k)]
+        if self.nk:
+            if self._from_b is None:
+                scores.append(stored_key_scores(q, self.kw, self.ks, self.km, a.bits, a.group_size))
+            else:
+                S = self.sink_k.shape[2]
+                scores.append(dot(self._from_b(self._unpack_key_groups(self.kw, self.ks, self.km), slice(S, S + self.nk))))
+        scores.append(dot(res_k))
+        s = torch.cat(scores, dim=-1) * (D ** -0.5 if scaling is None else scaling)  # (B, H, gq, T)
+        T = s.shape[-1]
+        if attention_mask is not None:  # (B|1, 1, 1, T): broadcasts over (H, gq)
+            m = attention_mask[..., -T:]
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.to(ct)
+        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # fully masked (pad) rows -> 0
+        ns = self.sink_v.shape[2]
+        out = torch.matmul(p[..., :ns], self.sink_v.to(ct)) + torch.matmul(p[..., ns + self.nv:], self.values.to(ct))
+        if self.nv:
+            out = out + stored_value_mix(p[..., ns:ns + self.nv], self.vw, self.vs, self.vm, a.bits, D)
+        return out.to(query.dtype).reshape(B, Hq, L, D).transpose(1, 2).contiguous()  # (B, 1, Hq, D)
 
     # ---- ZipCache ---------------------------------------------------------------------------
     def zip_commit(self, his: list[torch.Tensor], tail) -> None:
@@ -316,13 +364,40 @@ class QuantizedKVLayer(DynamicLayer):
     def reset(self) -> None:
         self.n = self.nk = self.nv = 0
         self.sink_k = self.sink_v = self.kw = self.ks = self.km = self.vw = self.vs = self.vm = self.kg = self.vg = None
-        self.kz = self.vz = self.zip_tail = self._to_b = None
+        self.kz = self.vz = self.zip_tail = self._to_b = self._from_b = None
         self._zip_shape = {}
         self.keys = self.values = None
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("QuantizedKVCache cannot be cropped (quantized groups cannot be partially removed)")
+
+
+def stored_key_scores(q: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int,
+                      G: int) -> torch.Tensor:
+    """q · k for per-channel quantized keys without dequantizing them: with k = s·u + m per (channel, group of G
+    tokens), q·k = (q ⊙ s)·u + q·m. q (B, H, gq, D) float; words (B, H, D, ng·W), scale/min (B, H, D, ng) ->
+    scores (B, H, gq, ng·G) in q's dtype, token order."""
+    B, H, D, ng = scale.shape
+    words = w.reshape(B, H, D, ng, -1).transpose(2, 3)  # (B, H, ng, D, W): a group's channels
+    u = unsigned_codes_float(words, bits, G).to(q.dtype)  # (B, H, ng, D, G)
+    qs = q[:, :, None] * scale.to(q.dtype).transpose(2, 3)[:, :, :, None, :]  # (B, H, ng, gq, D)
+    sc = torch.matmul(qs, u) + torch.matmul(q, mn.to(q.dtype)).transpose(2, 3)[..., None]  # (B, H, ng, gq, G)
+    return sc.transpose(2, 3).reshape(B, H, q.shape[2], ng * G)  # (B, H, gq, ng·G)
+
+
+def stored_value_mix(p: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int,
+                     D: int) -> torch.Tensor:
+    """p @ v for per-token quantized values without dequantizing them: with v = s·u + m per (token, group of g
+    channels), p·v = (p ⊙ s)·u + p·m. p (B, H, gq, n) float; words (B, H, n, D/g, W), scale/min (B, H, n, D/g) ->
+    (B, H, gq, D) in p's dtype."""
+    B, H, n, ng = scale.shape
+    g = D // ng
+    words = w.transpose(2, 3)  # (B, H, ng, n, W)
+    u = unsigned_codes_float(words, bits, g).to(p.dtype)  # (B, H, ng, n, g)
+    ps = p[:, :, None] * scale.to(p.dtype).transpose(2, 3)[:, :, :, None, :]  # (B, H, ng, gq, n)
+    out = torch.matmul(ps, u) + torch.matmul(p, mn.to(p.dtype)).transpose(2, 3)[..., None]  # (B, H, ng, gq, g)
+    return out.transpose(2, 3).reshape(B, H, p.shape[2], ng * g)  # (B, H, gq, D)
 
 
 class QuantizedKVCache(Cache):

@@ -25,7 +25,7 @@ from lmpress.quant.kv_cache import MIN_SCALE, minmax_dequantize, minmax_quantize
 from lmpress.quant.scheme import KV_BITS, KV_CLIP_GRID
 
 from .dispatch import check_same_device, clamp_pow2, launchable, requested_backend, triton_available
-from .formats import pack_unsigned, packed_cols, unpack_unsigned
+from .formats import pack_unsigned, packed_cols, unsigned_codes_float
 
 try:
     import triton
@@ -57,7 +57,7 @@ def kv_dequant_ref(words: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, b
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(words (rows, W), scale (rows,), min (rows,)) -> values (rows, G) in `dtype`."""
     _check(bits)
-    return minmax_dequantize(unpack_unsigned(words, bits, group), scale, mn, dtype)
+    return minmax_dequantize(unsigned_codes_float(words, bits, group), scale, mn, dtype)  # codes read by byte lookup
 
 
 # ---- Triton -------------------------------------------------------------------------------

@@ -171,7 +171,8 @@ def minmax_quantize(
 
 
 def minmax_dequantize(u: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """u (..., G) uint8, scale/min (...,) -> values (..., G) in `dtype` (computed in float32)."""
+    """u (..., G) codes (uint8, or float32 holding them), scale/min (...,) -> values (..., G) in `dtype` (computed in
+    float32)."""
     return (u.float() * scale.float()[..., None] + mn.float()[..., None]).to(dtype)
 
 
