@@ -8,7 +8,9 @@ packed checkpoint reloaded (`save` + `load`, the CPU runtime path), same windows
 Configurations: `base`; a built-in recipe by name (`w4a4kv4-flatquant-gptq`, `w4a4-rtn`, ...);
 `<preset>-<rtn|gptq>`, the preset (W4A4, W6A6, W5A5, W3A8, W2A8, ...) on every linear but lm_head;
 `comet<P>-<rtn|gptq>`, recipe w4a4kv4-comet (COMET's FMPQ, int4 KV cache) with P% of the activation
-channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); `W4A4s-<rtn|gptq>`, int4
+channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); `quarot-<preset>-<rtn|gptq>`, the
+preset after QuaRot's rotations (fused norms, Hadamard R1 and R2, online Hadamard on down_proj's input; no KV
+cache); `W4A4s-<rtn|gptq>`, int4
 per-channel weights and int4 *static* per-tensor activations (one calibrated
 scale per linear); `mq-<rtn|gptq>`, the same scheme after stage `mergequant` (MergeQuant's static
 per-channel steps migrated into the neighbours, clip search; no dynamic quantization op at run time).
@@ -41,6 +43,10 @@ def recipe_for(config: str):
         recipe["schemes"]["re:.*"]["inputs"]["outliers"] = int(scheme[5:]) / 100
         recipe["name"], recipe["stages"] = config, [{"kv_cache": {}}, {method: {}}]
         return Recipe.from_dict(recipe)
+    if scheme.startswith("quarot-") and scheme[7:] in PRESETS:  # QuaRot's offline R1/R2 and online R4, no KV cache
+        rotate = {"rotate": {"kind": "hadamard", "seed": 0, "online": ["down_proj"], "r2": True}}
+        return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": scheme[7:]},
+                                 "stages": [{"fuse_norms": {}}, rotate, {method: {}}]})
     if scheme == "mq":
         body, stages = W4A4S, [{"mergequant": {"clip_search": True, "samples": 16}}, {method: {}}]
     elif scheme == "W4A4s":
