@@ -23,7 +23,8 @@ builder under the same name), so no model file is forked. The function reads the
 
 The runtime cache `lmpress.kernels.kv_cache.QuantizedKVCache` returns keys/values whose first
 tokens are already quantized (it tags the key tensor with how many, `RUNTIME_PREFIX_ATTR`); the
-function quantizes only the rest, so simulation and runtime give the same attention.
+function quantizes only the rest, so simulation and runtime give the same attention. At a decode step it
+hands over the layer instead (`DECODE_STATE_ATTR`), whose `decode_attention` attends over its codes.
 Modules without settings pass straight through.
 
     attach_attention(model, arch, qk={0: OnlineHadamard(64, seed)}, kv=KVCacheArgs(...))

@@ -30,7 +30,11 @@ Bit layout: `lmpress.kernels.formats.pack_unsigned`; quantize-and-pack and unpac
 call dequantized and every other token in full precision, tags the key tensor with how many
 were quantized (`RUNTIME_PREFIX_ATTR`), then flushes per the rule. The "lmpress" attention
 function quantizes the just-flushed tokens the same way for the queries that must see them
-quantized, so the runtime attention is the simulated one. Works with `model.generate(...,
+quantized, so the runtime attention is the simulated one. A decode step (one new token a row,
+per-channel keys, neither GEAR nor ZipCache) flushes first and returns empty keys tagged with the
+layer (`DECODE_STATE_ATTR`): the attention function then calls `decode_attention`, which attends
+over the stored codes without building the dequantized prefix (`stored_key_scores`,
+`stored_value_mix`). Works with `model.generate(...,
 **cache_kwargs(QuantizedKVCache(model)))`, batch > 1 with left padding included: positions
 for RoPE (RotateKV) come from the model's `position_ids` (a forward pre-hook records them).
 

@@ -172,15 +172,15 @@ def test_runtime_cache_generate_matches_the_simulation_batched(mode):
     assert max((a - b).abs().max().item() for a, b in zip(sim.logits, rt.logits)) < 1e-4
     layer = cache.layers[0]
     assert layer.nk > 0 and layer.nv > 0 and layer.kw.dtype == torch.int32 and layer.ks.dtype == torch.float16
-    # a decode step hands the attention function the layer, not a dequantized prefix (`decode_attention`)
-    k1 = torch.randn(3, layer.sink_k.shape[1], 1, layer.head_dim)
-    keys, values = cache.update(k1, k1.clone(), 0)
-    assert keys.shape[2] == values.shape[2] == 0 and getattr(keys, DECODE_STATE_ATTR) is layer
     assert layer.keys.shape[2] + layer.sink_k.shape[2] + layer.nk == cache.get_seq_length() == 21 + 20 - 1
     # the quantized cache differs from a full-precision one
     ref, _ = tiny_llama(seed=0)
     fp = ref.generate(tok, **kw)
     assert max((a - b).abs().max().item() for a, b in zip(fp.logits, rt.logits)) > 1e-3
+    # a decode step hands the attention function the layer, not a dequantized prefix (`decode_attention`)
+    k1 = torch.randn(3, layer.sink_k.shape[1], 1, layer.head_dim)
+    keys, values = cache.update(k1, k1.clone(), 0)
+    assert keys.shape[2] == values.shape[2] == 0 and getattr(keys, DECODE_STATE_ATTR) is layer
 
 
 def test_runtime_cache_holds_fewer_bytes_and_refuses_per_token_settings():
