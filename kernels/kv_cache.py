@@ -168,9 +168,8 @@ class QuantizedKVLayer(DynamicLayer):
         if self.nk:
             if self._from_b is None:
                 scores.append(stored_key_scores(q, self.kw, self.ks, self.km, a.bits, a.group_size))
-            else:
-                S = self.sink_k.shape[2]
-                scores.append(dot(self._from_b(self._unpack_key_groups(self.kw, self.ks, self.km), slice(S, S + self.nk))))
+            else:  # RotateKV: pre-RoPE keys, rotated back to their positions
+                scores.append(dot(self._stored_keys(self._from_b)))
         scores.append(dot(res_k))
         s = torch.cat(scores, dim=-1) * (D ** -0.5 if scaling is None else scaling)  # (B, H, gq, T)
         T = s.shape[-1]
