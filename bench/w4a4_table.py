@@ -7,6 +7,8 @@ packed checkpoint reloaded (`save` + `load`, the CPU runtime path), same windows
 
 Configurations: `base`; a built-in recipe by name (`w4a4kv4-flatquant-gptq`, `w4a4-rtn`, ...);
 `<preset>-<rtn|gptq>`, the preset (W4A4, W6A6, W5A5, W3A8, W2A8, ...) on every linear but lm_head;
+`flatquant-comet<P>-gptq`, recipe w4a4kv4-flatquant-gptq with COMET's inputs (groups of 64, P% of them
+8-bit; FlatQuant trains its transforms against group-wise int4 inputs, GPTQ then calibrates the channel order);
 `comet<P>-<rtn|gptq>`, recipe w4a4kv4-comet (COMET's FMPQ, int4 KV cache) with P% of the activation
 channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); `quarot-<preset>-<rtn|gptq>`, the
 preset after QuaRot's rotations (fused norms, Hadamard R1 and R2, online Hadamard on down_proj's input; no KV
@@ -38,6 +40,12 @@ def recipe_for(config: str):
     scheme, _, method = config.rpartition("-")
     if method not in ("rtn", "gptq") or not scheme:
         return Recipe.load(config)
+    if scheme.startswith("flatquant-comet") and method == "gptq":  # FlatQuant's transforms, then COMET's inputs
+        recipe = Recipe.load("w4a4kv4-flatquant-gptq").to_dict()
+        recipe["schemes"]["re:.*"]["inputs"] = {"granularity": "group", "group_size": 64,
+                                                "outliers": int(scheme[15:]) / 100}
+        recipe["name"] = config
+        return Recipe.from_dict(recipe)
     if scheme.startswith("comet"):  # COMET's FMPQ at <P>% 8-bit groups, as recipe w4a4kv4-comet (int4 KV cache)
         recipe = Recipe.load("w4a4kv4-comet").to_dict()
         recipe["schemes"]["re:.*"]["inputs"]["outliers"] = int(scheme[5:]) / 100
