@@ -7,8 +7,9 @@ packed checkpoint reloaded (`save` + `load`, the CPU runtime path), same windows
 
 Configurations: `base`; a built-in recipe by name (`w4a4kv4-flatquant-gptq`, `w4a4-rtn`, ...);
 `<preset>-<rtn|gptq>`, the preset (W4A4, W6A6, W5A5, W3A8, W2A8, ...) on every linear but lm_head;
-`flatquant-comet<P>-gptq`, recipe w4a4kv4-flatquant-gptq with COMET's inputs (groups of 64, P% of them
-8-bit; FlatQuant trains its transforms against group-wise int4 inputs, GPTQ then calibrates the channel order);
+`flatquant-comet<P>[-wg<G>]-gptq`, recipe w4a4kv4-flatquant-gptq with COMET's inputs (groups of 64, P% of
+them 8-bit; FlatQuant trains its transforms against group-wise int4 inputs, GPTQ then calibrates the channel
+order), with `-wg<G>` int4 weights in groups of G input channels instead of per channel;
 `comet<P>-<rtn|gptq>`, recipe w4a4kv4-comet (COMET's FMPQ, int4 KV cache) with P% of the activation
 channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); `quarot-<preset>-<rtn|gptq>`, the
 preset after QuaRot's rotations (fused norms, Hadamard R1 and R2, online Hadamard on down_proj's input; no KV
@@ -41,9 +42,12 @@ def recipe_for(config: str):
     if method not in ("rtn", "gptq") or not scheme:
         return Recipe.load(config)
     if scheme.startswith("flatquant-comet") and method == "gptq":  # FlatQuant's transforms, then COMET's inputs
+        share, _, wg = scheme[15:].partition("-wg")
         recipe = Recipe.load("w4a4kv4-flatquant-gptq").to_dict()
-        recipe["schemes"]["re:.*"]["inputs"] = {"granularity": "group", "group_size": 64,
-                                                "outliers": int(scheme[15:]) / 100}
+        body = recipe["schemes"]["re:.*"]
+        body["inputs"] = {"granularity": "group", "group_size": 64, "outliers": int(share) / 100}
+        if wg:  # int4 weights in groups of <G> input channels (symmetric, MSE clip) instead of per channel
+            body["weights"] = {**body["weights"], "granularity": "group", "group_size": int(wg)}
         recipe["name"] = config
         return Recipe.from_dict(recipe)
     if scheme.startswith("comet"):  # COMET's FMPQ at <P>% 8-bit groups, as recipe w4a4kv4-comet (int4 KV cache)
