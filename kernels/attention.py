@@ -114,22 +114,32 @@ class LmpressAttention(nn.Module):
     def kivi(self) -> bool:
         return self.kv is not None and not self.kv.per_token_only
 
-    def key_basis(self, positions: torch.Tensor | None, like: torch.Tensor):
+    @property
+    def rotary(self) -> nn.Module | None:
+        """The model's rotary embedding (attached with `set_rope`), or None."""
+        return self._rope[0] if self._rope else None
+
+    def rope_tables(self, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (B|1, 1, T, D) float32, of the model's RoPE at `positions` (B|1, T)."""
+        if not self._rope:
+            raise RuntimeError("key_rotation needs the model's rotary embedding; attach it with attach_attention/restore_attention")
+        cos, sin = self._rope[0](torch.empty(0, device=device, dtype=torch.float32), positions.to(device))  # (B|1, T, D)
+        return cos[:, None], sin[:, None]
+
+    def key_basis(self, positions: torch.Tensor | None, like: torch.Tensor, tables=None):
         """(to_basis, from_basis) mapping post-RoPE keys of positions `sl` (slices of `positions`,
-        (B|1, T)) into the basis keys are quantized in and back, or (None, None)."""
+        (B|1, T)) into the basis keys are quantized in and back, or (None, None). `tables`: the
+        (cos, sin) of `rope_tables(positions)` when the caller already has them."""
         if self.key_rotation is not None:
-            if not self._rope:
-                raise RuntimeError("key_rotation needs the model's rotary embedding; attach it with attach_attention/restore_attention")
-            pos = positions.to(like.device)
-            cos, sin = self._rope[0](torch.empty(0, device=like.device, dtype=torch.float32), pos)  # (B|1, T, D)
-            cos, sin = cos[:, None], sin[:, None]  # (B|1, 1, T, D)
+            cos, sin = tables if tables is not None else self.rope_tables(positions, like.device)
             kr = self.key_rotation
 
-            def to_basis(k, sl):
-                return kr(invert_rope(k.float(), cos[:, :, sl], sin[:, :, sl]))
+            def to_basis(k, sl):  # in float32, or float64 for a float64 model
+                return kr(invert_rope(k.to(torch.promote_types(k.dtype, torch.float32)), cos[:, :, sl], sin[:, :, sl]))
 
             def from_basis(kb, sl):
-                return apply_rope(kr.inverse(kb.float()), cos[:, :, sl], sin[:, :, sl]).to(like.dtype)
+                return apply_rope(kr.inverse(kb.to(torch.promote_types(kb.dtype, torch.float32))),
+                                  cos[:, :, sl], sin[:, :, sl]).to(like.dtype)
 
             return to_basis, from_basis
         if self.qk is not None:

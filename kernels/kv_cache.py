@@ -51,8 +51,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from lmpress.quant.kv_cache import (gear_apply, gear_lowrank, gear_outliers, key_rows, quantized_keys, quantized_values,
-                                    rows_to_keys, without_outliers)
-
+                                    rope_on_pairs, rope_pair_order, rows_to_keys, without_outliers)
 from lmpress.quant.zipcache import salient_count, token_axis, zip_codes, zip_dequantize
 
 from .attention import DECODE_STATE_ATTR, RUNTIME_PREFIX_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
@@ -63,10 +62,28 @@ _HOOK_ATTR = "_lmpress_kv_positions_hook"
 
 
 class _Shared:
-    """State shared by the layers of one cache: per-row position offset (pos = index - offset)."""
+    """State shared by the layers of one cache: per-row position offset (pos = index - offset), and the
+    RoPE tables of the current step (computed by the first layer that asks, reused by the others)."""
 
     def __init__(self) -> None:
-        self.offset: torch.Tensor | None = None  # (B|1, 1) long
+        self._tables_key, self._tables = None, None
+        self.offset = None
+
+    @property
+    def offset(self) -> torch.Tensor | None:
+        return self._offset
+
+    @offset.setter
+    def offset(self, value: torch.Tensor | None) -> None:  # (B|1, 1) long; new positions: the tables are stale
+        self._offset, self._tables_key, self._tables = value, None, None
+
+    def rope_tables(self, settings, n: int, device):
+        """(positions (B|1, n), (cos, sin) each (B|1, 1, n, D)) for `settings`' rotary embedding."""
+        key = (id(settings.rotary), n, str(device))
+        if key != self._tables_key:
+            pos = self.positions(n, device)
+            self._tables_key, self._tables = key, (pos, settings.rope_tables(pos, device))
+        return self._tables
 
     def positions(self, n: int, device) -> torch.Tensor:
         idx = torch.arange(n, device=device)[None, :]  # (1, n)
@@ -97,7 +114,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.kz = self.vz = None  # ZipCache parts: (hi words, lo words, salient, *metadata per block), blocks on dim 1
         self.zip_tail = None  # ZipCache: (acc (B, n), cnt (n,)) scores of the n unflushed tokens
         self._zip_shape: dict[bool, tuple] = {}  # keys / values: a token's code shape after the token axis
-        self._to_b = self._from_b = None
+        self._to_b = self._from_b = self._tables = None
 
     # ---- transformers' layer API ------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -124,12 +141,14 @@ class QuantizedKVLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states[:, :, max(take, 0):]], dim=2)
         self.values = torch.cat([self.values, value_states[:, :, max(take, 0):]], dim=2)
         self.n += L
-        positions = self.shared.positions(self.n, self.device) if self.settings.key_rotation is not None else None
-        to_b, from_b = self.settings.key_basis(positions, key_states)
+        positions, tables = (self.shared.rope_tables(self.settings, self.n, self.device)
+                             if self.settings.key_rotation is not None else (None, None))
+        to_b, from_b = self.settings.key_basis(positions, key_states, tables)
         if L == 1 and not a.zipcache and not a.gear and a.key_granularity == "channel":
             # decode: flush first, then the attention function reads the layer itself (`decode_attention`)
             self._flush(quantized_keys(self.n, a), quantized_values(self.n, a), to_b)
             self._from_b = from_b if self.settings.key_rotation is not None else None  # a Q/K transform: q enters the basis
+            self._tables = tables
             keys, values = self.keys[:, :, :0], self.values[:, :, :0]  # fresh empty views carry the tag
             setattr(keys, DECODE_STATE_ATTR, self)
             return keys, values
@@ -168,8 +187,11 @@ class QuantizedKVLayer(DynamicLayer):
         if self.nk:
             if self._from_b is None:
                 scores.append(stored_key_scores(q, self.kw, self.ks, self.km, a.bits, a.group_size))
-            else:  # RotateKV: pre-RoPE keys, rotated back to their positions
-                scores.append(dot(self._stored_keys(self._from_b)))
+            else:  # RotateKV: pre-RoPE keys, rotated back (one matrix) and RoPE'd at their positions (one complex product)
+                S = a.sink_tokens
+                cos, sin = (t[:, :, S:S + self.nk] for t in self._tables)
+                sc = rotated_key_scores(q, self._stored_keys(None), self.settings.key_rotation, cos, sin)
+                scores.append(sc if sc is not None else dot(self._stored_keys(self._from_b)))
         scores.append(dot(res_k))
         s = torch.cat(scores, dim=-1) * (D ** -0.5 if scaling is None else scaling)  # (B, H, gq, T)
         T = s.shape[-1]
@@ -367,7 +389,7 @@ class QuantizedKVLayer(DynamicLayer):
     def reset(self) -> None:
         self.n = self.nk = self.nv = 0
         self.sink_k = self.sink_v = self.kw = self.ks = self.km = self.vw = self.vs = self.vm = self.kg = self.vg = None
-        self.kz = self.vz = self.zip_tail = self._to_b = self._from_b = None
+        self.kz = self.vz = self.zip_tail = self._to_b = self._from_b = self._tables = None
         self._zip_shape = {}
         self.keys = self.values = None
         self.is_initialized = False
@@ -387,6 +409,24 @@ def stored_key_scores(q: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn:
     qs = q[:, :, None] * scale.to(q.dtype).transpose(2, 3)[:, :, :, None, :]  # (B, H, ng, gq, D)
     sc = torch.matmul(qs, u) + torch.matmul(q, mn.to(q.dtype)).transpose(2, 3)[..., None]  # (B, H, ng, gq, G)
     return sc.transpose(2, 3).reshape(B, H, q.shape[2], ng * G)  # (B, H, gq, ng·G)
+
+
+def rotated_key_scores(q: torch.Tensor, kb: torch.Tensor, kr, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """q · RoPE(R⁻¹ k̂) for RotateKV's stored keys k̂ (B, H, n, D), in the basis of `kr` (KeyRotation), at positions
+    whose RoPE tables cos/sin are (B|1, 1, n, D); q (B, H, gq, D) -> scores (B, H, gq, n) in q's dtype. R⁻¹ is one
+    product with `kr.pair_matrix` (`kr.inverse_pairs`; its output in RoPE's pair order), RoPE one complex product, and q enters the pair
+    order. The rotation and RoPE run in float32 (float64 for a float64 q), as `key_basis`' from_basis does. None
+    when the RoPE tables are not rotate-half ones (the caller takes the general path)."""
+    B, H, n, D = kb.shape
+    ct = torch.promote_types(kb.dtype, torch.float32)
+    gh = kr.group_heads
+    kg = kb.to(ct).transpose(1, 2).reshape(B, n, H // gh, gh * D)  # (B, n, groups, size): a group's heads
+    y = kr.inverse_pairs(kg).reshape(B, n, H, D)  # (B, n, H, D), each head in pair order
+    k = rope_on_pairs(y, cos.transpose(1, 2), sin.transpose(1, 2))  # tables (B|1, n, 1, D)
+    if k is None:
+        return None
+    qp = q[..., rope_pair_order(D).to(q.device)]  # (B, H, gq, D) in pair order: q·k is unchanged
+    return torch.einsum("bhgd,bnhd->bhgn", qp, k.to(q.dtype))
 
 
 def stored_value_mix(p: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int,

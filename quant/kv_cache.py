@@ -425,6 +425,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def rope_pair_order(D: int) -> torch.Tensor:
+    """The channel order (D,) that puts each RoPE pair (j, j + D/2) side by side: 0, D/2, 1, D/2 + 1, ..."""
+    h = D // 2
+    return torch.stack([torch.arange(h), torch.arange(h) + h], dim=-1).reshape(-1)
+
+
+def rope_on_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """`apply_rope` on x (..., D) whose channels are in `rope_pair_order`, as one complex multiplication;
+    cos/sin (..., D) in the usual order broadcast against x. The result stays in pair order. None when the
+    tables do not repeat their halves (not transformers' rotate-half RoPE: use `apply_rope`)."""
+    h = x.shape[-1] // 2
+    c, s = cos[..., :h], sin[..., :h]
+    if not (torch.equal(c, cos[..., h:]) and torch.equal(s, sin[..., h:])):
+        return None
+    z = torch.view_as_complex(x.reshape(*x.shape[:-1], h, 2).contiguous())  # (..., h): x_j + i·x_{j+h}
+    return torch.view_as_real(z * torch.complex(c, s).to(z.dtype)).reshape(x.shape)
+
+
 def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Exact inverse of `apply_rope` (also with an attention scaling folded into cos/sin)."""
     return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
@@ -521,6 +539,30 @@ class KeyRotation(nn.Module):
         y = torch.gather(y, -1, self.inv_perm.expand(*y.shape[:2], -1, -1))
         return self._ungrouped(y, x.shape)
 
+    def pair_matrix(self, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """`inverse` as one matrix per head group, with its output columns in RoPE's pair order:
+        (groups, size, size) M with x_g @ M[g] = inverse(x) of group g, each head's D channels laid out as
+        (j, j + D/2) pairs, j < D/2 (`rope_pair_order`), so that a complex view of the result takes RoPE as
+        one multiplication. Built once per dtype and device, in float64, by `inverse` of the identity."""
+        cache = self.__dict__.setdefault("_pair_matrices", {})
+        key = (dtype, str(device))
+        if key not in cache:
+            gh, D = self.group_heads, self.head_dim
+            size, groups = gh * D, self.n_kv // gh
+            eye = torch.eye(size, dtype=torch.float64, device=self.perm.device)
+            x = eye[None, :, None, :].expand(1, size, groups, size)  # grouped (1, T = size, groups, size): row t = e_t
+            y = self.inverse(self._ungrouped(x, (1, self.n_kv, size, D)))  # (1, H, size, D)
+            M = self._grouped(y)[0].transpose(0, 1)  # (groups, size, size): M[g][t] = inverse(e_t) of group g
+            il = (rope_pair_order(D)[None, :] + D * torch.arange(gh)[:, None]).reshape(-1)  # (size,) pair order per head
+            cache[key] = M[:, :, il.to(M.device)].to(dtype=dtype, device=device).contiguous()
+        return cache[key]
+
+    def inverse_pairs(self, kg: torch.Tensor) -> torch.Tensor:
+        """`inverse` of grouped keys kg (..., groups, size), each head's output channels in RoPE's pair order:
+        one matmul with `pair_matrix`. (Through the Hadamard's Kronecker factors it is fewer multiply-adds, but the
+        reorder then costs a column gather, which measured slower on CPU than the dense size x size matmul.)"""
+        return torch.einsum("...gs,gsu->...gu", kg, self.pair_matrix(kg.dtype, kg.device))
+
     def spec(self) -> dict:
         return {"n_kv": self.n_kv, "head_dim": self.head_dim, "group_heads": self.group_heads, "block": self.block,
                 "seed": self.seed, "perm": self.perm.tolist()}
@@ -554,5 +596,5 @@ __all__ = [
     "fake_quantize_kv", "fake_quantize_kv_fp8", "check_kv_args", "fake_quantize_keys_values", "minmax_quantize", "minmax_dequantize",
     "key_rows", "rows_to_keys", "token_rows", "fake_quantize_keys_kivi", "fake_quantize_tokens_kivi",
     "quantized_keys", "quantized_values", "decode_masks", "quantized_copy", "kv_mixed_attention", "gear_fake_quantize",
-    "apply_rope", "invert_rope", "key_positions", "zigzag_order", "KeyRotation", "fold_value_rotation",
+    "apply_rope", "invert_rope", "rope_pair_order", "rope_on_pairs", "key_positions", "zigzag_order", "KeyRotation", "fold_value_rotation",
 ]

@@ -12,12 +12,12 @@ from lmpress.compress.models import tiny_llama
 from lmpress.kernels.dispatch import interpreter_ready
 from lmpress.kernels.formats import pack_unsigned, unpack_unsigned
 from lmpress.kernels.attention import DECODE_STATE_ATTR
-from lmpress.kernels.kv_cache import QuantizedKVCache, cache_kwargs
+from lmpress.kernels.kv_cache import QuantizedKVCache, cache_kwargs, rotated_key_scores
 from lmpress.kernels.kv_quant import kv_dequant_ref, kv_quant_ref
 from lmpress.kernels.online import OnlineHadamard
 from lmpress.kernels.attention import attach_attention, attention_specs, settings_of, attention_modules
 from lmpress.quant.kv_cache import (
-    KeyRotation, apply_rope, decode_masks, invert_rope, minmax_dequantize, minmax_quantize, quantized_keys,
+    KeyRotation, apply_rope, decode_masks, invert_rope, rope_on_pairs, rope_pair_order, minmax_dequantize, minmax_quantize, quantized_keys,
     quantized_values, zigzag_order,
 )
 from lmpress.quant.scheme import KV2, KVCacheArgs
@@ -181,6 +181,26 @@ def test_runtime_cache_generate_matches_the_simulation_batched(mode):
     k1 = torch.randn(3, layer.sink_k.shape[1], 1, layer.head_dim)
     keys, values = cache.update(k1, k1.clone(), 0)
     assert keys.shape[2] == values.shape[2] == 0 and getattr(keys, DECODE_STATE_ATTR) is layer
+
+
+def test_runtime_cache_computes_the_rope_tables_once_a_step(monkeypatch):
+    """RotateKV's runtime cache: at a decode step the first layer computes the RoPE tables, the other layers reuse
+    them, and the attention function computes none; the next step (new positions) computes them again."""
+    from lmpress.kernels.attention import LmpressAttention
+
+    model, calls = _model("rot"), []
+    real = LmpressAttention.rope_tables
+    monkeypatch.setattr(LmpressAttention, "rope_tables", lambda self, *a: calls.append(1) or real(self, *a))
+    tok, mask = _padded_batch()
+    cache = QuantizedKVCache(model)
+    with torch.no_grad():
+        x = model(tok, attention_mask=mask, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+        assert len(cache.layers) == 2
+        for step in range(2):
+            calls.clear()
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+            x = model(x, attention_mask=mask, use_cache=True, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
+            assert len(calls) == 1
 
 
 def test_runtime_cache_holds_fewer_bytes_and_refuses_per_token_settings():
@@ -348,3 +368,30 @@ def test_key_rotation_fast_transform_is_the_dense_rotation(n_kv, head_dim, group
     grouped = torch.gather(grouped, -1, kr.perm.expand(2, 5, -1, -1))
     dense = (grouped.reshape(2, 5, n_kv // group_heads, -1, block) @ Q).reshape(2, 5, n_kv, head_dim).transpose(1, 2)
     assert (y - dense).abs().max().item() < 1e-13
+
+
+@pytest.mark.parametrize("n_kv,head_dim,group_heads,block", [(3, 64, 3, 192), (4, 16, 2, 8), (6, 12, 2, 24), (2, 8, 1, 8),
+                                                             (2, 6, 1, 6)])
+def test_rotated_key_scores_is_q_dot_rope_of_the_inverse_rotation(n_kv, head_dim, group_heads, block):
+    """The RotateKV decode path: the inverse rotation as one pair-ordered matrix, RoPE as one complex product, q in
+    pair order; equal (float64) to q · apply_rope(inverse(k̂)). Reordered channels; odd head dims; groups of heads."""
+    g = torch.Generator().manual_seed(3)
+    size = group_heads * head_dim
+    kr = KeyRotation(n_kv, head_dim, group_heads, block, 5,
+                     perm=[torch.randperm(size, generator=g).tolist() for _ in range(n_kv // group_heads)])
+    B, n, gq, h = 2, 9, 3, head_dim // 2
+    kb = torch.randn(B, n_kv, n, head_dim, dtype=torch.float64, generator=g)
+    q = torch.randn(B, n_kv, gq, head_dim, dtype=torch.float64, generator=g)
+    ang = torch.rand(1, 1, n, h, dtype=torch.float64, generator=g) * 6
+    cos, sin = ang.cos().repeat(1, 1, 1, 2), ang.sin().repeat(1, 1, 1, 2)  # (1, 1, n, D): halves repeated
+    ref = q @ apply_rope(kr.inverse(kb), cos, sin).transpose(-1, -2)  # (B, H, gq, n)
+    assert (rotated_key_scores(q, kb, kr, cos, sin) - ref).abs().max().item() < 1e-12
+    M = kr.pair_matrix(torch.float64)  # (groups, size, size), pair order per head
+    y = torch.einsum("bngs,gsu->bngu", kb.transpose(1, 2).reshape(B, n, -1, size), M).reshape(B, n, n_kv, head_dim)
+    back = torch.argsort(rope_pair_order(head_dim))
+    assert (y[..., back].transpose(1, 2) - kr.inverse(kb)).abs().max().item() < 1e-13
+    assert kr.fast == (block != 6)  # no Hadamard of order 6: a random orthogonal block
+    assert (kr.inverse_pairs(kb.transpose(1, 2).reshape(B, n, -1, size)).reshape(y.shape) - y).abs().max().item() < 1e-13
+    # tables whose halves differ are not rotate-half RoPE: the caller takes the general path
+    assert rope_on_pairs(y, torch.rand(1, n, 1, head_dim, dtype=torch.float64), sin.transpose(1, 2)) is None
+    assert rotated_key_scores(q, kb, kr, torch.rand(1, 1, n, head_dim, dtype=torch.float64), sin) is None
