@@ -34,7 +34,9 @@ quantized, so the runtime attention is the simulated one. A decode step (one new
 per-channel keys, neither GEAR nor ZipCache) flushes first and returns empty keys tagged with the
 layer (`DECODE_STATE_ATTR`): the attention function then calls `decode_attention`, which attends
 over the stored codes without building the dequantized prefix (`stored_key_scores`,
-`stored_value_mix`). Works with `model.generate(...,
+`stored_value_mix`); under RotateKV the stored pre-RoPE keys are rotated back by one matrix and
+RoPE'd as one complex product (`rotated_key_scores`), with the RoPE tables computed once a step
+for all layers (`_Shared.rope_tables`). Works with `model.generate(...,
 **cache_kwargs(QuantizedKVCache(model)))`, batch > 1 with left padding included: positions
 for RoPE (RotateKV) come from the model's `position_ids` (a forward pre-hook records them).
 
