@@ -215,7 +215,7 @@ def test_options_are_validated():
         make_stage("flatquant", {"steps": 3})
     with pytest.raises(ValueError, match="flatquant.loss='l1'.*relative"):
         make_stage("flatquant", {"loss": "l1"})
-    for name in ("w4a4kv4-flatquant", "w4a4kv4-flatquant-gptq"):
+    for name in ("w4a4kv4-flatquant", "w4a4kv4-flatquant-gptq", "w4a4kv4-flatquant-comet-gptq"):
         r = Recipe.load(name)
         assert r.needs_calibration and r.kv_args.bits == 4 and r.scheme_for("lm_head") is None
 
@@ -248,6 +248,25 @@ def test_packed_checkpoint_reproduces_simulated_logits(tiny, tokens, tmp_path, s
     T0 = model.get_submodule("model.layers.1.post_attention_layernorm.transform")
     T1 = loaded.get_submodule("model.layers.1.post_attention_layernorm.transform")
     assert torch.equal(T0.kron_right, T1.kron_right) and torch.equal(T0.kron_scale, T1.kron_scale)
+    with torch.no_grad():
+        got = loaded(tokens).logits
+    assert (got - sim).abs().max().item() <= 1e-4
+
+
+def test_comet_inputs_after_flatquant_calibrate_an_order_and_reload_packed(tiny, tokens, tmp_path):
+    """Recipe w4a4kv4-flatquant-comet-gptq's form: FlatQuant trained against group-wise int4 inputs, then GPTQ gives
+    each linear COMET's channel order over its *transformed* inputs; the packed checkpoint reproduces the logits."""
+    model, tok = tiny
+    r = _recipe(["kv_cache", "gptq"], epochs=1, fold_weight_clip=False).to_dict()
+    r["schemes"]["re:.*"]["inputs"] = {"granularity": "group", "group_size": 16, "outliers": 0.25}
+    compress(model, Recipe.from_dict(r), _calib())
+    q = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q, SimQuantLinear) and q.scheme.inputs.outliers == 0.25
+    assert torch.equal(torch.sort(q.input_perm).values, torch.arange(q.in_features))
+    assert not torch.equal(q.input_perm, torch.arange(q.in_features))  # ordered by the calibration absmax
+    with torch.no_grad():
+        sim = model(tokens).logits
+    loaded = load(save(model, tmp_path / "ckpt", tokenizer=tok))
     with torch.no_grad():
         got = loaded(tokens).logits
     assert (got - sim).abs().max().item() <= 1e-4
