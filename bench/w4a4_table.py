@@ -7,9 +7,9 @@ packed checkpoint reloaded (`save` + `load`, the CPU runtime path), same windows
 
 Configurations: `base`; a built-in recipe by name (`w4a4kv4-flatquant-gptq`, `w4a4-rtn`, ...);
 `<preset>-<rtn|gptq>`, the preset (W4A4, W6A6, W5A5, W3A8, W2A8, ...) on every linear but lm_head;
-`flatquant-comet<P>[-wg<G>]-gptq`, recipe w4a4kv4-flatquant-gptq with COMET's inputs (groups of 64, P% of
-them 8-bit; FlatQuant trains its transforms against group-wise int4 inputs, GPTQ then calibrates the channel
-order), with `-wg<G>` int4 weights in groups of G input channels instead of per channel;
+`flatquant-comet<P>[-wg<G>]-gptq`, recipe w4a4kv4-flatquant-comet-gptq (FlatQuant, then COMET's inputs in
+groups of 64) with P% of the groups 8-bit, and with `-wg<G>` int4 weights in groups of G input channels
+instead of per channel;
 `comet<P>-<rtn|gptq>`, recipe w4a4kv4-comet (COMET's FMPQ, int4 KV cache) with P% of the activation
 channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); `quarot-<preset>-<rtn|gptq>`, the
 preset after QuaRot's rotations (fused norms, Hadamard R1 and R2, online Hadamard on down_proj's input; no KV
@@ -41,11 +41,11 @@ def recipe_for(config: str):
     scheme, _, method = config.rpartition("-")
     if method not in ("rtn", "gptq") or not scheme:
         return Recipe.load(config)
-    if scheme.startswith("flatquant-comet") and method == "gptq":  # FlatQuant's transforms, then COMET's inputs
+    if scheme.startswith("flatquant-comet") and method == "gptq":  # recipe w4a4kv4-flatquant-comet-gptq at P%
         share, _, wg = scheme[15:].partition("-wg")
-        recipe = Recipe.load("w4a4kv4-flatquant-gptq").to_dict()
+        recipe = Recipe.load("w4a4kv4-flatquant-comet-gptq").to_dict()
         body = recipe["schemes"]["re:.*"]
-        body["inputs"] = {"granularity": "group", "group_size": 64, "outliers": int(share) / 100}
+        body["inputs"]["outliers"] = int(share) / 100
         if wg:  # int4 weights in groups of <G> input channels (symmetric, MSE clip) instead of per channel
             body["weights"] = {**body["weights"], "granularity": "group", "group_size": int(wg)}
         recipe["name"] = config

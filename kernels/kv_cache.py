@@ -416,9 +416,9 @@ def stored_key_scores(q: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn:
 def rotated_key_scores(q: torch.Tensor, kb: torch.Tensor, kr, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
     """q · RoPE(R⁻¹ k̂) for RotateKV's stored keys k̂ (B, H, n, D), in the basis of `kr` (KeyRotation), at positions
     whose RoPE tables cos/sin are (B|1, 1, n, D); q (B, H, gq, D) -> scores (B, H, gq, n) in q's dtype. R⁻¹ is one
-    product with `kr.pair_matrix` (`kr.inverse_pairs`; its output in RoPE's pair order), RoPE one complex product, and q enters the pair
-    order. The rotation and RoPE run in float32 (float64 for a float64 q), as `key_basis`' from_basis does. None
-    when the RoPE tables are not rotate-half ones (the caller takes the general path)."""
+    matmul (`kr.inverse_pairs`, its output in RoPE's pair order), RoPE one complex product, and q enters the
+    pair order. The rotation and RoPE run in float32 (float64 for float64 keys), as `key_basis`' from_basis
+    does. None when the RoPE tables are not rotate-half ones (the caller takes the general path)."""
     B, H, n, D = kb.shape
     ct = torch.promote_types(kb.dtype, torch.float32)
     gh = kr.group_heads
