@@ -7,9 +7,10 @@ packed checkpoint reloaded (`save` + `load`, the CPU runtime path), same windows
 
 Configurations: `base`; a built-in recipe by name (`w4a4kv4-flatquant-gptq`, `w4a4-rtn`, ...);
 `<preset>-<rtn|gptq>`, the preset (W4A4, W6A6, W5A5, W3A8, W2A8, ...) on every linear but lm_head;
-`flatquant-comet<P>[-wg<G>][-e<E>]-gptq`, recipe w4a4kv4-flatquant-comet-gptq (FlatQuant, then COMET's
+`flatquant-comet<P>[-wg<G>][-e<E>][-s<N>]-gptq`, recipe w4a4kv4-flatquant-comet-gptq (FlatQuant, then COMET's
 inputs in groups of 64) with P% of the groups 8-bit, with `-wg<G>` int4 weights in groups of G input
-channels instead of per channel, and with `-e<E>` E FlatQuant epochs instead of 2;
+channels instead of per channel, `-e<E>` E FlatQuant epochs instead of 2, `-s<N>` FlatQuant trained on
+the first N calibration sequences instead of 32;
 `comet<P>-<rtn|gptq>`, recipe w4a4kv4-comet (COMET's FMPQ, int4 KV cache) with P% of the activation
 channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); `quarot-<preset>-<rtn|gptq>`, the
 preset after QuaRot's rotations (fused norms, Hadamard R1 and R2, online Hadamard on down_proj's input; no KV
@@ -49,10 +50,12 @@ def recipe_for(config: str):
         for option in options:
             if option.startswith("wg"):  # int4 weights in groups of <G> input channels (symmetric, MSE clip)
                 body["weights"] = {**body["weights"], "granularity": "group", "group_size": int(option[2:])}
-            elif option.startswith("e"):  # FlatQuant epochs
-                next(s for s in recipe["stages"] if "flatquant" in s)["flatquant"]["epochs"] = int(option[1:])
+            elif option[:1] in ("e", "s"):  # FlatQuant epochs / training sequences
+                flat = next(s for s in recipe["stages"] if "flatquant" in s)["flatquant"]
+                flat["epochs" if option[0] == "e" else "samples"] = int(option[1:])
             else:
-                raise ValueError(f"{config}: unknown option {option!r} (wg<G>: weight groups, e<E>: FlatQuant epochs)")
+                raise ValueError(f"{config}: unknown option {option!r} (wg<G>: weight groups, e<E>: FlatQuant epochs, "
+                                 "s<N>: FlatQuant training sequences)")
         recipe["name"] = config
         return Recipe.from_dict(recipe)
     if scheme.startswith("comet"):  # COMET's FMPQ at <P>% 8-bit groups, as recipe w4a4kv4-comet (int4 KV cache)
