@@ -16,7 +16,7 @@ channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); 
 preset after QuaRot's rotations (fused norms, Hadamard R1 and R2, online Hadamard on down_proj's input; no KV
 cache); `W4A4s-<rtn|gptq>`, int4
 per-channel weights and int4 *static* per-tensor activations (one calibrated
-scale per linear); `mq-<rtn|gptq>`, the same scheme after stage `mergequant` (MergeQuant's static
+scale per linear); `mq-<rtn|gptq>`, recipe w4a4-static-mergequant: the same scheme after stage `mergequant` (MergeQuant's static
 per-channel steps migrated into the neighbours, clip search; no dynamic quantization op at run time).
 Average activation bits: the input bits of every quantized linear weighted by its in_features (the
 elements of a token's inputs), 16 where inputs stay in float.
@@ -67,9 +67,11 @@ def recipe_for(config: str):
         rotate = {"rotate": {"kind": "hadamard", "seed": 0, "online": ["down_proj"], "r2": True}}
         return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": scheme[7:]},
                                  "stages": [{"fuse_norms": {}}, rotate, {method: {}}]})
-    if scheme == "mq":
-        body, stages = W4A4S, [{"mergequant": {"clip_search": True, "samples": 16}}, {method: {}}]
-    elif scheme == "W4A4s":
+    if scheme == "mq":  # recipe w4a4-static-mergequant, its weight stage by `method`
+        recipe = Recipe.load("w4a4-static-mergequant").to_dict()
+        recipe["name"], recipe["stages"] = config, recipe["stages"][:1] + [{method: {}}]
+        return Recipe.from_dict(recipe)
+    if scheme == "W4A4s":
         body, stages = W4A4S, [{method: {}}] + ([{"act_scales": {}}] if method == "rtn" else [])
     elif scheme in PRESETS:
         body, stages = scheme, [{method: {}}]

@@ -215,7 +215,8 @@ def test_options_are_validated():
         make_stage("flatquant", {"steps": 3})
     with pytest.raises(ValueError, match="flatquant.loss='l1'.*relative"):
         make_stage("flatquant", {"loss": "l1"})
-    for name in ("w4a4kv4-flatquant", "w4a4kv4-flatquant-gptq", "w4a4kv4-flatquant-comet-gptq"):
+    for name in ("w4a4kv4-flatquant", "w4a4kv4-flatquant-gptq", "w4a4kv4-flatquant-comet-gptq",
+                 "w4a4kv4-flatquant-comet-g64-gptq"):
         r = Recipe.load(name)
         assert r.needs_calibration and r.kv_args.bits == 4 and r.scheme_for("lm_head") is None
 
@@ -253,15 +254,19 @@ def test_packed_checkpoint_reproduces_simulated_logits(tiny, tokens, tmp_path, s
     assert (got - sim).abs().max().item() <= 1e-4
 
 
-def test_comet_inputs_after_flatquant_calibrate_an_order_and_reload_packed(tiny, tokens, tmp_path):
-    """Recipe w4a4kv4-flatquant-comet-gptq's form: FlatQuant trained against group-wise int4 inputs, then GPTQ gives
-    each linear COMET's channel order over its *transformed* inputs; the packed checkpoint reproduces the logits."""
+@pytest.mark.parametrize("weights", [{}, {"granularity": "group", "group_size": 16}], ids=["channel", "g16"])
+def test_comet_inputs_after_flatquant_calibrate_an_order_and_reload_packed(tiny, tokens, tmp_path, weights):
+    """Recipes w4a4kv4-flatquant-comet-gptq (per-channel weights) and -g64-gptq (weights in groups)'s form: FlatQuant
+    trained against group-wise int4 inputs, then GPTQ gives each linear COMET's channel order over its *transformed*
+    inputs; the packed checkpoint reproduces the logits."""
     model, tok = tiny
     r = _recipe(["kv_cache", "gptq"], epochs=1, fold_weight_clip=False).to_dict()
     r["schemes"]["re:.*"]["inputs"] = {"granularity": "group", "group_size": 16, "outliers": 0.25}
+    r["schemes"]["re:.*"]["weights"] = {"mse_clip": True, **weights}
     compress(model, Recipe.from_dict(r), _calib())
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(q, SimQuantLinear) and q.scheme.inputs.outliers == 0.25
+    assert q.scheme.weights.granularity == weights.get("granularity", "channel")
     assert torch.equal(torch.sort(q.input_perm).values, torch.arange(q.in_features))
     assert not torch.equal(q.input_perm, torch.arange(q.in_features))  # ordered by the calibration absmax
     with torch.no_grad():

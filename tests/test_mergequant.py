@@ -66,9 +66,11 @@ def test_no_dynamic_quantization_op_is_left_and_it_beats_a_per_tensor_step(tmp_p
     with torch.no_grad():
         ref = ref_model(toks).logits
     errs = {}
+    builtin = Recipe.load("w4a4-static-mergequant").to_dict()  # stages [mergequant, gptq]
+    assert [next(iter(s)) for s in builtin["stages"]] == ["mergequant", "gptq"]
     for stages in ("[mergequant, gptq]", "[gptq]"):
         model, tok = tiny_llama(seed=0)
-        recipe = Recipe.from_yaml(f'version: 1\nname: t\nschemes: {{lm_head: null, "re:.*": {W4A4S}}}\nstages: {stages}\n')
+        recipe = Recipe.from_dict({**builtin, "stages": builtin["stages"][stages.startswith("[gptq"):]})
         compress(model, recipe, calib)
         sims = [m for m in model.modules() if hasattr(m, "static_inputs")]
         with torch.no_grad():
