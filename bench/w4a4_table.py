@@ -10,7 +10,7 @@ Configurations: `base`; a built-in recipe by name (`w4a4kv4-flatquant-gptq`, `w4
 `flatquant-comet<P>[-wg<G>][-e<E>][-s<N>]-gptq`, recipe w4a4kv4-flatquant-comet-gptq (FlatQuant, then COMET's
 inputs in groups of 64) with P% of the groups 8-bit, with `-wg<G>` int4 weights in groups of G input
 channels instead of per channel, `-e<E>` E FlatQuant epochs instead of 2, `-s<N>` FlatQuant trained on
-the first N calibration sequences instead of 32;
+the first N calibration sequences instead of 32, `-kvg<G>` the int4 KV cache in groups of G instead of 64;
 `comet<P>-<rtn|gptq>`, recipe w4a4kv4-comet (COMET's FMPQ, int4 KV cache) with P% of the activation
 channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); `quarot-<preset>-<rtn|gptq>`, the
 preset after QuaRot's rotations (fused norms, Hadamard R1 and R2, online Hadamard on down_proj's input; no KV
@@ -50,12 +50,14 @@ def recipe_for(config: str):
         for option in options:
             if option.startswith("wg"):  # int4 weights in groups of <G> input channels (symmetric, MSE clip)
                 body["weights"] = {**body["weights"], "granularity": "group", "group_size": int(option[2:])}
+            elif option.startswith("kvg"):  # the int4 KV cache in groups of <G> along head_dim
+                recipe["kv_cache"]["group_size"] = int(option[3:])
             elif option[:1] in ("e", "s"):  # FlatQuant epochs / training sequences
                 flat = next(s for s in recipe["stages"] if "flatquant" in s)["flatquant"]
                 flat["epochs" if option[0] == "e" else "samples"] = int(option[1:])
             else:
                 raise ValueError(f"{config}: unknown option {option!r} (wg<G>: weight groups, e<E>: FlatQuant epochs, "
-                                 "s<N>: FlatQuant training sequences)")
+                                 "s<N>: FlatQuant training sequences, kvg<G>: KV cache groups)")
         recipe["name"] = config
         return Recipe.from_dict(recipe)
     if scheme.startswith("comet"):  # COMET's FMPQ at <P>% 8-bit groups, as recipe w4a4kv4-comet (int4 KV cache)
