@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +52,47 @@ def file_mib(path: Path) -> float:
 # --------------------------------------------------------------------------- llama.cpp's runtime
 
 
+def _amx_built(llama_cpp) -> bool:
+    """Whether this llama.cpp build has ggml's AMX int8 kernels (built with -march=native on an AMX Xeon)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+@contextmanager
+def _without_extra_buffer_types(llama_cpp):
+    """Models loaded inside get `use_extra_bufts = False`: their weights stay in llama.cpp's plain CPU
+    buffers, neither repacked for AMX nor for the AVX2 kernels. `Llama` takes no argument for it, so the
+    default-params function its constructor calls is wrapped for the duration."""
+    module = llama_cpp.llama.llama_cpp  # the name `Llama.__init__` calls llama_model_default_params through
+    default = module.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
+
+
 def _llama(path: Path, n_ctx: int, n_batch: int, logits_all: bool, threads: int):
     try:
         import llama_cpp
+        import llama_cpp.llama
     except ImportError as e:
         raise LlamaCppUnavailable(f"import llama_cpp failed ({e}); install the extra: pip install 'lmpress[llamacpp]'") from None
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=logits_all,
-                           n_threads=threads, n_threads_batch=threads, verbose=False)
+    # llama-cpp-python 0.3.36 (ggml 0.25.3) built on a Sapphire Rapids Xeon (AMX_INT8) segfaults in its first
+    # llama_decode on any model with quantized weights in the AMX buffer: our Q4_K file and llama.cpp's own
+    # Q4_1 SmolLM2 file alike, at 1 or 2 threads, batch 16 or 256; F32 files and use_extra_bufts=False run.
+    # So on an AMX build, weights stay in plain buffers (perplexity unchanged; decode speed without repacking).
+    amx = _amx_built(llama_cpp)
+    if amx:
+        log.info("llama.cpp built with AMX: loading %s without extra buffer types (its AMX path segfaults)", Path(path).name)
+    with _without_extra_buffer_types(llama_cpp) if amx else nullcontext():
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                               logits_all=logits_all, n_threads=threads, n_threads_batch=threads, verbose=False)
 
 
 def _window_nll(logits: np.ndarray, window: list[int]) -> np.ndarray:
