@@ -18,7 +18,7 @@ prints a `PARTIAL <json>` line, which stands in for the row if the child dies la
 stdout and all stderr of the child pass through to the parent's stderr.
 
 Each row gets, from the driver: `config`, `repeat`, `threads`, `args`, `versions` (python, torch,
-transformers, lmpress, git commit, library tree), `wall_s` (the whole child process), `cpu_s` (its user +
+transformers, lmpress, git commit, library tree, CPU model), `wall_s` (the whole child process), `cpu_s` (its user +
 system time, and its children's, from wait4), `max_rss_mib` (its peak resident set, from wait4),
 `loadavg_start` / `loadavg_end` (os.getloadavg, 1/5/15 min). A configuration that fails becomes
 a row with `error` (exit status and the last stderr line; `stderr_tail` keeps the last lines)
@@ -205,14 +205,36 @@ def lib_tree(commit: str = "HEAD") -> str | None:
     return tree + ("+dirty" if dirty else "")
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector ISA, "Intel(R) Xeon(R) Processor (amx)" (/proc/cpuinfo;
+    `platform.processor()` elsewhere): timings and even the last digits of a float result depend on it,
+    and the machine can change between sittings of a run."""
+    name, flags = None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name is None:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = next((i for i, flag in (("amx", "amx_int8"), ("avx512", "avx512f"), ("avx2", "avx2")) if flag in flags), None)
+    name = name or platform.processor() or platform.machine()
+    return f"{name} ({isa})" if isa else name
+
+
 def versions(*extra: str) -> dict:
-    """python, torch, transformers, lmpress (and the `extra` distributions) as installed, the git commit and
-    the library tree (`lib_tree`)."""
+    """python, torch, transformers, lmpress (and the `extra` distributions) as installed, the git commit,
+    the library tree (`lib_tree`) and the CPU (`cpu_model`)."""
     out = {"python": platform.python_version()}
     for name in ("torch", "transformers", "lmpress", *extra):
         out[name] = _dist_version(name)
     out["commit"] = _commit()
     out["lib_tree"] = lib_tree()
+    out["cpu"] = cpu_model()
     return out
 
 
