@@ -35,12 +35,15 @@ def test_packed_checkpoint_reproduces_simulated_logits(smollm2, tmp_path):
 
 
 def test_w8a8_smoothquant_rtn_within_two_percent(smollm2, eval_text):
-    """8 windows and 16 calibration sequences here (the closing note reports 64 windows)."""
+    """8 windows and 64 calibration sequences here (the closing note reports 64 windows). With 16
+    sequences the margin was thin and the CPU decided it: 1.0216 on an AMX Xeon, under 1.02 on an AVX2
+    EPYC. On the Xeon, 8 windows with 64 sequences: 1.0111; 64 windows with 16, 32, 128 sequences:
+    1.0188, 1.0162, 1.0105."""
     from lmpress.calibration.data import sample_calibration
     from lmpress.eval.ppl import perplexity
 
     model, tok = smollm2
     base = perplexity(model, tok, eval_text, seqlen=512, windows=8).ppl
-    compress(model, Recipe.load("w8a8-smoothquant-rtn"), calib=sample_calibration(tok, "wiki", n=16, seqlen=512))
+    compress(model, Recipe.load("w8a8-smoothquant-rtn"), calib=sample_calibration(tok, "wiki", n=64, seqlen=512))
     w8a8 = perplexity(model, tok, eval_text, seqlen=512, windows=8).ppl
     assert w8a8 / base < 1.02, (base, w8a8)
