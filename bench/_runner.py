@@ -351,21 +351,22 @@ def _one(config: str, cmd: list[str], args, env, deadline: float | None) -> dict
     (a peer that does not install) or the budget is spent."""
     child_env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     t0 = time.monotonic()
-    spent = {"error": f"not run: the --budget of {args.budget:g} min was spent"} if deadline is not None else None
-    if deadline is not None and t0 >= deadline:  # before `env`: a spent budget installs no peer
-        row = spent
-    else:
+
+    def spent() -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
+    row = None
+    if not spent():  # checked before `env` too: a spent budget installs no peer
         try:
             child_env.update((env(config, args) if env is not None else None) or {})
         except Exception as e:  # say why in one line, go on with the other configurations
             lines = str(e).strip().splitlines()
             row = {"error": f"{type(e).__name__}: {lines[-1] if lines else ''}"}
-        else:
-            if deadline is not None and time.monotonic() >= deadline:
-                row = spent
-            else:
-                setup_s = time.monotonic() - t0
-                return {**_spawn(cmd, child_env, deadline), "setup_s": round(setup_s, 2)}
+    if row is None and spent():
+        row = {"error": f"not run: the --budget of {args.budget:g} min was spent"}
+    if row is None:
+        setup_s = round(time.monotonic() - t0, 2)  # before the child runs
+        return {**_spawn(cmd, child_env, deadline), "setup_s": setup_s}
     load = [round(x, 2) for x in os.getloadavg()]
     return {**row, "setup_s": round(time.monotonic() - t0, 2), "wall_s": 0.0, "cpu_s": 0.0, "max_rss_mib": 0.0,
             "loadavg_start": load, "loadavg_end": load}
