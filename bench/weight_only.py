@@ -19,7 +19,10 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
 - peers, run by llm-compressor 0.13 (installed on first use into an isolated folder, `_peers.py`)
   on the same calibration tokens: `llmc-gptq` (GPTQModifier, static act-order), `llmc-awq`
   (AWQModifier, its LLaMA mappings, duo scaling), `autoround` (llm-compressor's AutoRoundModifier
-  over auto-round 0.14.2, 200 iterations a block).
+  over auto-round 0.14.2, 200 iterations a block);
+- ideas, not in the default list: `gptq-mse`, `quarot-gptq-mse`, `awq-gptq-mse` (the recipe with the
+  weights' clipping ratio searched for the least squared error, `mse_clip`), `quarot-signround` (the
+  offline rotations, then learned rounding instead of GPTQ).
 All integer rows are groups of 64, asymmetric; the W3 rows are the same recipes with 3-bit weights.
 lm_head and the embeddings stay in high precision. Columns: perplexity on the wiki eval split
 (first `--windows` windows of `--seqlen` tokens) and its ratio to the base; the same on the
@@ -40,6 +43,20 @@ import _runner
 METHODS = {"rtn": "w4a16-rtn", "gptq": "w4a16-gptq", "awq": "w4a16-awq", "awq-gptq": "w4a16-awq-gptq",
            "signround": "w4a16-signround", "quarot-gptq": "w4a16-quarot-gptq", "squeezellm": "w{bits}a16-squeezellm"}
 PEERS = {"llmc-gptq": "llmcompressor", "llmc-awq": "llmcompressor", "autoround": "autoround"}
+
+
+def _mse(data: dict) -> None:
+    data["schemes"]["re:.*"]["weights"]["mse_clip"] = True
+
+
+def _signround_after_rotation(data: dict) -> None:
+    data["stages"] = [s for s in data["stages"] if "gptq" not in s] + [{"signround": {"iters": 200, "lr": None}}]
+
+
+# ideas tried on the table's protocol (issue 24: "each idea tried"), built here from a library recipe so the
+# library tree stays the table's: method -> (the method it starts from, what it changes in the recipe's dict)
+IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "awq-gptq-mse": ("awq-gptq", _mse),
+         "quarot-signround": ("quarot-gptq", _signround_after_rotation)}
 # the order of a full run: the rows each target compares first, the slow ones last
 DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for m in ("rtn", "gptq", "squeezellm", "awq-gptq", "quarot-gptq", "llmc-gptq",
                                                                "llmc-awq", "awq", "signround", "autoround") for b in (4, 3)])
@@ -48,8 +65,8 @@ GROUP = 64
 
 def parse(config: str) -> tuple[int, str]:
     bits, _, method = config.partition("-")
-    if bits not in ("w4", "w3") or (method not in METHODS and method not in PEERS):
-        raise SystemExit(f"unknown configuration {config!r}: use base or w4|w3-<{'|'.join([*METHODS, *PEERS])}>")
+    if bits not in ("w4", "w3") or (method not in METHODS and method not in PEERS and method not in IDEAS):
+        raise SystemExit(f"unknown configuration {config!r}: use base or w4|w3-<{'|'.join([*METHODS, *IDEAS, *PEERS])}>")
     return int(bits[1]), method
 
 
@@ -57,11 +74,15 @@ def recipe_for(config: str):
     from lmpress.compress import Recipe
 
     bits, method = parse(config)
-    data = Recipe.load(METHODS[method].format(bits=bits)).to_dict()
-    if method != "squeezellm":
+    start, tweak = IDEAS.get(method, (method, None))
+    data = Recipe.load(METHODS[start].format(bits=bits)).to_dict()
+    if start != "squeezellm":
         weights = data["schemes"]["re:.*"].setdefault("weights", {})
         weights.update(bits=bits, group_size=GROUP, symmetric=False)
         data["name"] = f"{data['name']}-w{bits}" if bits != 4 else data["name"]
+    if tweak is not None:
+        tweak(data)
+        data["name"] = f"{data['name']}+{method}"
     return Recipe.from_dict(data)
 
 
@@ -173,7 +194,7 @@ def add_args(p) -> None:
 def check(config: str, args) -> None:
     if config != "base":
         bits, method = parse(config)
-        if method in METHODS:
+        if method in METHODS or method in IDEAS:
             recipe_for(config)
 
 
