@@ -23,7 +23,9 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
 - ideas, not in the default list: `gptq-mse`, `quarot-gptq-mse`, `awq-gptq-mse` (the recipe with the
   weights' clipping ratio searched for the least squared error, `mse_clip`), `quarot-signround` (the
   offline rotations, then learned rounding instead of GPTQ), `spinquant-gptq-mse` (learned R1 / R2,
-  SpinQuant's, 100 steps on the next-token loss, fused offline, then GPTQ with `mse_clip`).
+  SpinQuant's, 100 steps on the next-token loss, fused offline, then GPTQ with `mse_clip`;
+  `spinquant200-gptq-mse` the same with 200 steps), `spinquant-signround` (the learned rotations,
+  then learned rounding instead of GPTQ).
 All integer rows are groups of 64, asymmetric; the W3 rows are the same recipes with 3-bit weights.
 lm_head and the embeddings stay in high precision. Columns: perplexity on the wiki eval split
 (first `--windows` windows of `--seqlen` tokens) and its ratio to the base; the same on the
@@ -54,20 +56,23 @@ def _signround_after_rotation(data: dict) -> None:
     data["stages"] = [s for s in data["stages"] if "gptq" not in s] + [{"signround": {"iters": 200, "lr": None}}]
 
 
-def _learned_rotation(data: dict) -> None:
+def _learned_rotation(data: dict, steps: int = 100, mse: bool = True) -> None:
     """quarot-gptq's randomized Hadamard R1 / R2 replaced by SpinQuant's learned ones (Cayley SGD on the
     next-token loss under the weights' RTN fake-quant, all fused offline), and GPTQ with `mse_clip`."""
-    learn = {"steps": 100, "lr": 1.5, "momentum": 0.9, "max_step": 0.05, "batch_size": 1, "samples": None, "seqlen": 256,
+    learn = {"steps": steps, "lr": 1.5, "momentum": 0.9, "max_step": 0.05, "batch_size": 1, "samples": None, "seqlen": 256,
              "loss": "ce", "weights": True, "r2": True, "init": "hadamard", "seed": 0, "keep_best": True, "holdout": 4,
              "online": []}
     data["stages"] = [{"learn_rotation": learn} if "rotate" in s else s for s in data["stages"]]
-    _mse(data)
+    if mse:
+        _mse(data)
 
 
 # ideas tried on the table's protocol (issue 24: "each idea tried"), built here from a library recipe so the
 # library tree stays the table's: method -> (the method it starts from, what it changes in the recipe's dict)
 IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "awq-gptq-mse": ("awq-gptq", _mse),
-         "quarot-signround": ("quarot-gptq", _signround_after_rotation), "spinquant-gptq-mse": ("quarot-gptq", _learned_rotation)}
+         "quarot-signround": ("quarot-gptq", _signround_after_rotation), "spinquant-gptq-mse": ("quarot-gptq", _learned_rotation),
+         "spinquant200-gptq-mse": ("quarot-gptq", lambda d: _learned_rotation(d, steps=200)),
+         "spinquant-signround": ("quarot-gptq", lambda d: (_learned_rotation(d, mse=False), _signround_after_rotation(d)))}
 # the order of a full run: the rows each target compares first, the slow ones last
 DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for m in ("rtn", "gptq", "squeezellm", "awq-gptq", "quarot-gptq", "llmc-gptq",
                                                                "llmc-awq", "awq", "signround", "autoround") for b in (4, 3)])
