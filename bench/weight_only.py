@@ -13,7 +13,7 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
 - `awq-gptq`: AWQ, then GPTQ on the scaled weights (recipe w4a16-awq-gptq);
 - `signround`: learned rounding, 200 SignSGD steps a layer (recipe w4a16-signround);
 - `quarot-gptq`: fused norms, R1 and R2 offline (no online op: a plain model), then GPTQ (recipe
-  w4a16-quarot-gptq);
+  w4a16-quarot-gptq; with the library of 7a9c910 on, that recipe searches the clipping: `mse_clip`);
 - `squeezellm`: per-channel Fisher-weighted k-means codebooks with 0.45% of the weights kept
   exactly in a sparse part (recipe w4a16-squeezellm / w3a16-squeezellm);
 - peers, run by llm-compressor 0.13 (installed on first use into an isolated folder, `_peers.py`)
@@ -26,6 +26,9 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   SpinQuant's, 100 steps on the next-token loss, fused offline, then GPTQ with `mse_clip`;
   `spinquant200-gptq-mse` the same with 200 steps), `spinquant-signround` (the learned rotations,
   then learned rounding instead of GPTQ).
+The table of bench/results/weight_only-f4cc7ab.jsonl carries on with `--resume` only from a checkout whose
+library folders are f4cc7ab's (`git checkout f4cc7ab -- calibration compress eval kernels prune quant
+pyproject.toml constraints.txt` in a clone of main, committed there): rows are reused on equal library trees.
 All integer rows are groups of 64, asymmetric; the W3 rows are the same recipes with 3-bit weights.
 lm_head and the embeddings stay in high precision. Columns: perplexity on the wiki eval split
 (first `--windows` windows of `--seqlen` tokens) and its ratio to the base; the same on the
