@@ -27,7 +27,7 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   `spinquant200-gptq-mse` the same with 200 steps), `spinquant-signround` (the learned rotations,
   then learned rounding instead of GPTQ).
 The table of bench/results/weight_only-f4cc7ab.jsonl carries on with `--resume` only from a checkout whose
-library folders are f4cc7ab's (`git checkout f4cc7ab -- calibration compress eval kernels prune quant
+library folders are f4cc7ab's (`git restore --source=f4cc7ab --staged --worktree -- calibration compress eval kernels prune quant
 pyproject.toml constraints.txt` in a clone of main, committed there): rows are reused on equal library trees.
 All integer rows are groups of 64, asymmetric; the W3 rows are the same recipes with 3-bit weights.
 lm_head and the embeddings stay in high precision. Columns: perplexity on the wiki eval split
