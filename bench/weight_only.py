@@ -13,7 +13,9 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
 - `awq-gptq`: AWQ, then GPTQ on the scaled weights (recipe w4a16-awq-gptq);
 - `signround`: learned rounding, 200 SignSGD steps a layer (recipe w4a16-signround);
 - `quarot-gptq`: fused norms, R1 and R2 offline (no online op: a plain model), then GPTQ (recipe
-  w4a16-quarot-gptq; with the library of 7a9c910 on, that recipe searches the clipping: `mse_clip`);
+  w4a16-quarot-gptq; with the library of c49288e on, that recipe searches the clipping: `mse_clip`);
+- `spinquant-gptq` (library c49288e on): learned R1 / R2 fused offline, then GPTQ with `mse_clip`
+  (recipe w4a16-spinquant-gptq);
 - `squeezellm`: per-channel Fisher-weighted k-means codebooks with 0.45% of the weights kept
   exactly in a sparse part (recipe w4a16-squeezellm / w3a16-squeezellm);
 - peers, run by llm-compressor 0.13 (installed on first use into an isolated folder, `_peers.py`)
@@ -47,7 +49,8 @@ import _peers
 import _runner
 
 METHODS = {"rtn": "w4a16-rtn", "gptq": "w4a16-gptq", "awq": "w4a16-awq", "awq-gptq": "w4a16-awq-gptq",
-           "signround": "w4a16-signround", "quarot-gptq": "w4a16-quarot-gptq", "squeezellm": "w{bits}a16-squeezellm"}
+           "signround": "w4a16-signround", "quarot-gptq": "w4a16-quarot-gptq", "squeezellm": "w{bits}a16-squeezellm",
+           "spinquant-gptq": "w4a16-spinquant-gptq"}  # the last: library c49288e on
 PEERS = {"llmc-gptq": "llmcompressor", "llmc-awq": "llmcompressor", "autoround": "autoround"}
 
 
@@ -56,18 +59,21 @@ def _mse(data: dict) -> None:
 
 
 def _signround_after_rotation(data: dict) -> None:
-    data["stages"] = [s for s in data["stages"] if "gptq" not in s] + [{"signround": {"iters": 200, "lr": None}}]
+    from lmpress.compress import Recipe
+
+    learn = Recipe.load(METHODS["signround"]).to_dict()["stages"]  # the w4a16-signround recipe's own stage
+    data["stages"] = [s for s in data["stages"] if "gptq" not in s] + learn
+    data["schemes"]["re:.*"]["weights"].pop("mse_clip", None)  # signround learns the clipping itself
 
 
-def _learned_rotation(data: dict, steps: int = 100, mse: bool = True) -> None:
+def _learned_rotation(data: dict, steps: int = 100) -> None:
     """quarot-gptq's randomized Hadamard R1 / R2 replaced by SpinQuant's learned ones (Cayley SGD on the
     next-token loss under the weights' RTN fake-quant, all fused offline), and GPTQ with `mse_clip`."""
     learn = {"steps": steps, "lr": 1.5, "momentum": 0.9, "max_step": 0.05, "batch_size": 1, "samples": None, "seqlen": 256,
              "loss": "ce", "weights": True, "r2": True, "init": "hadamard", "seed": 0, "keep_best": True, "holdout": 4,
              "online": []}
     data["stages"] = [{"learn_rotation": learn} if "rotate" in s else s for s in data["stages"]]
-    if mse:
-        _mse(data)
+    _mse(data)
 
 
 # ideas tried on the table's protocol (issue 24: "each idea tried"), built here from a library recipe so the
@@ -75,7 +81,7 @@ def _learned_rotation(data: dict, steps: int = 100, mse: bool = True) -> None:
 IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "awq-gptq-mse": ("awq-gptq", _mse),
          "quarot-signround": ("quarot-gptq", _signround_after_rotation), "spinquant-gptq-mse": ("quarot-gptq", _learned_rotation),
          "spinquant200-gptq-mse": ("quarot-gptq", lambda d: _learned_rotation(d, steps=200)),
-         "spinquant-signround": ("quarot-gptq", lambda d: (_learned_rotation(d, mse=False), _signround_after_rotation(d)))}
+         "spinquant-signround": ("quarot-gptq", lambda d: (_learned_rotation(d), _signround_after_rotation(d)))}
 # the order of a full run: the rows each target compares first, the slow ones last
 DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for m in ("rtn", "gptq", "squeezellm", "awq-gptq", "quarot-gptq", "llmc-gptq",
                                                                "llmc-awq", "awq", "signround", "autoround") for b in (4, 3)])
