@@ -138,6 +138,18 @@ def env(*names: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- running llm-compressor
 
 
+def _cpu_only_pinning() -> None:
+    """llm-compressor 0.13's AWQ pins its cached activations (`IntermediatesCache.pin_memory`, for
+    non-blocking host-to-device copies), and `Tensor.pin_memory` raises "Cannot access accelerator
+    device when none is available" on a CPU-only torch. With no accelerator there is nothing to copy
+    to, so the pinning is skipped; nothing else changes."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+
+
 def llmcompressor_oneshot(model, tok, calib, recipe) -> None:
     """llm-compressor's `oneshot` with `recipe` (a modifier or a list of them) on our calibration tokens
     (`calib.tokens`, (n, seqlen), no padding), in place: the model is left in llm-compressor's
@@ -145,6 +157,7 @@ def llmcompressor_oneshot(model, tok, calib, recipe) -> None:
     from datasets import Dataset
     from llmcompressor import oneshot
 
+    _cpu_only_pinning()
     ids = calib.tokens  # (n, seqlen)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
