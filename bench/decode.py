@@ -1,4 +1,4 @@
-"""CPU greedy decode at batch 1: SmolLM2-135M packed W4A16 (CPU fast path) vs the fp32 base, same run.
+"""CPU greedy decode at batch 1: a packed SmolLM2-135M checkpoint (any recipe; W4A16 below) vs the fp32 base, same run.
 
     lmpress compress smollm2-135m --recipe w4a16-rtn --out /tmp/w4a16     # once (groups of 64, asym)
     python bench/decode.py --ckpt /tmp/w4a16                              # 5 alternating repeats
@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return (args.tokens - 1) / (time.perf_counter() - t0), toks
 
     decode(base), decode(packed)  # warm up (and repack the packed weights once)
-    rates = {"fp32 base": [], "W4A16 packed": []}
+    rates = {"fp32 base": [], "packed": []}
     toks_packed = None
     for _ in range(args.repeats):
         rates["fp32 base"].append(decode(base)[0])
         r, toks_packed = decode(packed)
-        rates["W4A16 packed"].append(r)
+        rates["packed"].append(r)
 
     paths: dict[str, int] = {}
     for m in packed.modules():
