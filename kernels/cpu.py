@@ -25,34 +25,42 @@ That is bfloat16 arithmetic (x rounded to bf16, one bf16 output rounding): close
 simulation, not bit-identical. SmolLM2-135M W4A16 g64: one-token logits ~2e-2 relative after
 30 layers, perplexity +0.13% on 16 x 512 wiki windows with the op forced on every row.
 
-Opt-in (``LMPRESS_INT8_GEMM=1``): schemes that quantize activations per token (W8A8, W4A8, W4A4:
-symmetric 4/8-bit codes, symmetric per-channel or per-tensor 4/8-bit weights) take ``int8mm`` at
-every size: the activation codes and scales exactly as the simulation computes them
-(`compute_qparams` / `quantize`), then oneDNN's int8 GEMM (``onednn.qlinear_pointwise`` on the
-weight codes prepacked once by ``onednn.qlinear_prepack``; int4 codes sit in int8 containers) with
-unit activation scale and zero point, so it returns ``fp32(sum_k qx_k qw_k) * s_w[n]``; the
-per-token scale follows. The integer sum is exact where the simulation sums fp32 products, so one
-layer differs from it by fp32 rounding only (2e-7 relative); but across a model those differences
-flip codes of later layers' activations, and SmolLM2-135M w8a8-smoothquant-rtn moved +0.16% in
-perplexity (16 x 512 wiki windows, 18.219 -> 18.249), over the 0.1% an exact default path may move.
-So it is not the default: the simulation's fake-quant form is what compressed-tensors' own forward
-computes in stock transformers, and load() must agree with it. Measured here on one thread against
-an fp32 F.linear of the dequantized weight: 1 x 4096 x 11008 9.8 ms -> 1.0 ms, 16 x 4096 x 4096 13.5
-ms -> 0.8 ms, 512 x 576 x 1536 13.2 ms -> 1.2 ms, activation quantization included;
-``torch._int_mm``, the other exact op, was 8-35x slower than fp32. oneDNN runs signed int8 sources
-through a reference loop (5 s for 256 x 576 x 1536), so the codes go in as unsigned bytes with zero
-point 128. The bf16 weight-only ops stay off these schemes: codes rounded from bf16-perturbed inputs
-differ from the simulation's, and a 4-bit code that flips is a large error (un-rotated SmolLM2 W4A4
-RTN: +8.6% perplexity).
+Schemes that quantize activations per token (symmetric dynamic codes, symmetric per-channel or
+per-tensor weights: W8A8, W4A8, W4A4...) can take ``int8mm`` at every size: the activation codes and
+scales exactly as the simulation computes them (`compute_qparams` / `quantize`), then oneDNN's int8
+GEMM (``onednn.qlinear_pointwise`` on the weight codes prepacked once by ``onednn.qlinear_prepack``;
+int4 codes sit in int8 containers) with unit activation scale and zero point, so it returns
+``fp32(sum_k qx_k qw_k) * s_w[n]``; the per-token scale follows. The integer sum is exact where the
+simulation sums fp32 products, so one layer differs from it by fp32 rounding only (2e-7 relative);
+but across a model those differences flip codes of later layers' activations. How far that moves a
+model depends on the activation width, so ``LMPRESS_INT8_GEMM`` (`INT8MM_ENV`) picks:
+
+- unset (default): 8-bit activations take ``int8mm``; narrower ones run exactly (``dequant``). With
+  8-bit codes one flip is 1/255 of the token's range, and SmolLM2-135M moved well inside the 0.1% an
+  exact default may move on the 64 x 512 wiki windows: w8a8-smoothquant-rtn 16.679 -> 16.690
+  (+0.067%); figures for w8a8-rtn and W4A8 in README. With 4-bit codes one flip is 1/15 of it:
+  w4a4kv4-quarot-rtn moved +1.6% (16 windows), so W4A4 stays exact by default;
+- ``1``: every scheme that fits takes ``int8mm`` (W4A4, W6A6... too: faster, documented as not exact);
+- ``0``: none does (every activation-quantized scheme runs exactly as simulated, as compressed-tensors'
+  own forward does in stock transformers).
+
+Measured here on one thread against an fp32 F.linear of the dequantized weight: 1 x 4096 x 11008
+9.8 ms -> 1.0 ms, 16 x 4096 x 4096 13.5 ms -> 0.8 ms, 512 x 576 x 1536 13.2 ms -> 1.2 ms, activation
+quantization included; ``torch._int_mm``, the other exact op, was 8-35x slower than fp32. oneDNN runs
+signed int8 sources through a reference loop (5 s for 256 x 576 x 1536), so the codes go in as
+unsigned bytes with zero point 128. A CPU without VNNI sums u8 x s8 pairs in 16 bits and saturates
+(`int8mm_exact`): there nothing takes ``int8mm``. The bf16 weight-only ops stay off these schemes:
+codes rounded from bf16-perturbed inputs differ from the simulation's, and a 4-bit code that flips
+is a large error (un-rotated SmolLM2 W4A4 RTN: +8.6% perplexity).
 
 Everything else takes ``dequant``: the weight is dequantized on the fly (`dequantize_fast`,
 bit-identical to `dequantize`), activations are fake-quantized by the torch reference, and
 F.linear runs in the model's dtype, which reproduces the simulation exactly. That is the path
 above `SMALL_M` rows for weight-only schemes (prefill, perplexity: there the op loses to an fp32
 matmul anyway), and for 2- and 3-bit weights, group sizes that are not multiples of 32 (the op's
-groups must nest in ours), asymmetric or group-wise 8-bit weights, float16 activations, and
-activation schemes by default, and those the int8 GEMM cannot express (group-wise or asymmetric
-weights, static or asymmetric activations).
+groups must nest in ours), asymmetric or group-wise 8-bit weights, float16 activations,
+activations narrower than 8 bits unless opted in, and the activation schemes the int8 GEMM cannot
+express (group-wise or asymmetric weights, static or asymmetric activations).
 
 Nothing dequantized is kept between calls: a module holds its packed buffers plus, on the op
 paths, the repacked copy (int4: N*K/2 bytes; int8 and int8mm: N*K bytes).
@@ -81,7 +89,9 @@ FAST_DTYPES = (torch.float32, torch.bfloat16)
 # the C binding skips torch.ops' Python overload resolution (~5-10 us a call, ~200 calls a token)
 _INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or torch.ops.aten._weight_int4pack_mm_for_cpu
 _QLINEAR = getattr(getattr(torch.ops, "onednn", None), "qlinear_pointwise", None)  # x86 builds with oneDNN
-INT8MM_ENV = "LMPRESS_INT8_GEMM"  # "1": activation-quantized schemes take oneDNN's int8 GEMM (opt-in: not bit-identical)
+# which activation-quantized schemes take oneDNN's int8 GEMM (not bit-identical): unset, 8-bit activations;
+# "1", every width that fits; "0", none
+INT8MM_ENV = "LMPRESS_INT8_GEMM"
 
 
 def _round_up(n: int, m: int) -> int:
@@ -89,20 +99,17 @@ def _round_up(n: int, m: int) -> int:
 
 
 def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> tuple[str, str]:
-    """(kind, why): ``int8mm`` (activation-quantized schemes under `INT8MM_ENV`, any number of rows), ``int4pack`` /
+    """(kind, why): ``int8mm`` (activation-quantized schemes as `INT8MM_ENV` picks, any number of rows), ``int4pack`` /
     ``int8pack`` (torch's bf16 weight-only ops, up to `SMALL_M` rows; above it the caller takes
     ``dequant``), or ``dequant`` (exact: on-the-fly dequantization + F.linear) with the reason the
     ops do not fit."""
     if weights.type == "float" or (inputs is not None and inputs.type == "float"):
         return "dequant", "floating-point formats: exact grid lookup + fp32 GEMM (torch has no CPU FP8/FP4 GEMM)"
     if inputs is not None:
-        if os.environ.get(INT8MM_ENV, "") != "1":
-            return "dequant", (f"quantized activations: exact fake-quant + fp32 GEMM ({INT8MM_ENV}=1 opts into oneDNN's "
-                               "int8 GEMM: faster, not bit-identical)")
-        why = int8mm_misfit(weights, inputs)
+        why = int8mm_misfit(weights, inputs) or int8mm_declined(inputs)
         if not why and not int8mm_exact():
             why = ("quantized activations: this CPU's oneDNN int8 GEMM saturates (no VNNI: u8 x s8 pairs summed in "
-                   f"16 bits), so {INT8MM_ENV}=1 is ignored; exact fake-quant + fp32 GEMM instead")
+                   "16 bits); exact fake-quant + fp32 GEMM instead")
         return ("dequant", why) if why else ("int8mm", "")
     if x_dtype not in FAST_DTYPES:
         return "dequant", f"{x_dtype} activations: torch's CPU int4/int8 kernels are vectorized for bfloat16 only"
@@ -117,6 +124,17 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
             return "dequant", "asymmetric 8-bit weights: the int8 op has no zero point"
         return "int8pack", ""
     return "dequant", f"{weights.bits}-bit weights: no torch CPU kernel (only 4 and 8 bits)"
+
+
+def int8mm_declined(inputs: QuantArgs) -> str:
+    """Why `INT8MM_ENV` keeps these activations off the int8 GEMM ('' when it lets them on)."""
+    choice = os.environ.get(INT8MM_ENV, "")
+    if choice == "0":
+        return f"quantized activations: {INT8MM_ENV}=0, exact fake-quant + fp32 GEMM"
+    if choice != "1" and inputs.bits < 8:
+        return (f"{inputs.bits}-bit activations: exact fake-quant + fp32 GEMM by default ({INT8MM_ENV}=1 opts into "
+                "oneDNN's int8 GEMM: faster, and a flipped narrow code moves perplexity over 0.1%)")
+    return ""
 
 
 def int8mm_misfit(weights: QuantArgs, inputs: QuantArgs) -> str:

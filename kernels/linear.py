@@ -19,9 +19,10 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
   Inside a RotatedInput, an online Hadamard before a per-token activation quantization is fused
   into it (`transform_act_quant`; path kinds ``triton-rot+...``).
 - CPU -> `lmpress.kernels.cpu`, for layers of at least `cpu.MIN_FAST_WEIGHTS` weights under
-  ``auto`` (smaller ones take the cached reference): with ``LMPRESS_INT8_GEMM=1``, per-token
-  activation schemes with symmetric per-channel 4/8-bit weights run oneDNN's int8 GEMM on the
-  codes (`cpu-int8mm`, every size; not bit-identical); weight-only 4/8-bit schemes run torch's
+  ``auto`` (smaller ones take the cached reference): per-token 8-bit activation schemes with
+  symmetric per-channel weights run oneDNN's int8 GEMM on the codes (`cpu-int8mm`, every size; not
+  bit-identical: perplexity within 0.1% of the simulation; ``LMPRESS_INT8_GEMM=1`` adds narrower
+  activations, ``=0`` turns it off, see `cpu`); weight-only 4/8-bit schemes run torch's
   int4/int8 ops in bfloat16 on a repacked copy for up to `cpu.SMALL_M` rows (decode); larger calls and whatever the ops cannot serve dequantize on the
   fly and run F.linear (exact, nothing kept).
 - the reference (``LMPRESS_KERNELS=ref``, small layers under ``auto``, autograd, and Triton's

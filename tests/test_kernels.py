@@ -132,21 +132,18 @@ CPU_SCHEMES = {  # name: (scheme, path for a few rows)
     "W4A16-g128-partial": (W4A16, "cpu-int4pack"),  # N and K padded for the op
     "W4-channel-asym": (QuantScheme(weights=_w(4, sym=False)), "cpu-int4pack"),
     "W8A16": (QuantScheme(weights=_w(8)), "cpu-int8pack"),
-    "W4A8": (W4A8, "cpu-dequant"),
-    "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-dequant"),
-    "W8A8": (W8A8, "cpu-dequant"),
 }
-INT8MM_SCHEMES = {  # LMPRESS_INT8_GEMM=1: name -> (scheme, path at every size)
-    "W4A8": (W4A8, "cpu-int8mm"),
-    "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-int8mm"),
-    "W8A8": (W8A8, "cpu-int8mm"),  # full_range activations (/127.5)
-    "W6A6": (PRESETS["W6A6"], "cpu-int8mm"),  # any width: codes in int8
-    "W5A5": (PRESETS["W5A5"], "cpu-int8mm"),
-    "W8A8-tensor-weights": (QuantScheme(weights=_w(8, gran="tensor"), inputs=W8A8.inputs), "cpu-int8mm"),
-    "W4A4-g64": (QuantScheme(weights=_w(4, 64), inputs=W4A4.inputs), "cpu-dequant"),  # group scales do not factor out
-    "W8A8-asym-weights": (QuantScheme(weights=_w(8, sym=False), inputs=W8A8.inputs), "cpu-dequant"),
+INT8MM_SCHEMES = {  # name -> (scheme, path at every size with LMPRESS_INT8_GEMM=1, path with it unset)
+    "W4A8": (W4A8, "cpu-int8mm", "cpu-int8mm"),
+    "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-int8mm", "cpu-dequant"),  # 4-bit codes: exact by default
+    "W8A8": (W8A8, "cpu-int8mm", "cpu-int8mm"),  # full_range activations (/127.5)
+    "W6A6": (PRESETS["W6A6"], "cpu-int8mm", "cpu-dequant"),  # any width: codes in int8
+    "W5A5": (PRESETS["W5A5"], "cpu-int8mm", "cpu-dequant"),
+    "W8A8-tensor-weights": (QuantScheme(weights=_w(8, gran="tensor"), inputs=W8A8.inputs), "cpu-int8mm", "cpu-int8mm"),
+    "W4A4-g64": (QuantScheme(weights=_w(4, 64), inputs=W4A4.inputs), "cpu-dequant", "cpu-dequant"),  # group scales do not factor out
+    "W8A8-asym-weights": (QuantScheme(weights=_w(8, sym=False), inputs=W8A8.inputs), "cpu-dequant", "cpu-dequant"),
     "W8-asym-A8": (QuantScheme(weights=_w(8), inputs=QuantArgs(bits=8, granularity="token", dynamic=True, symmetric=False)),
-                   "cpu-dequant"),
+                   "cpu-dequant", "cpu-dequant"),
 }
 INT8MM_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # the exact integer sum vs the simulation's fp32 (bf16) GEMM
 
@@ -174,33 +171,42 @@ def test_cpu_path_matches_reference(name, dtype, monkeypatch):
     assert packed._cached is None  # no dequantized copy kept
 
 
+@pytest.mark.parametrize("choice", ["", "1", "0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(INT8MM_SCHEMES))
-def test_int8_gemm_opt_in_matches_the_simulation_to_rounding(name, dtype, monkeypatch):
-    """LMPRESS_INT8_GEMM=1: oneDNN's int8 GEMM on the simulation's own codes, at every size; the exact
-    integer sum differs from the simulation's fp32 (bf16) GEMM by rounding only."""
-    scheme, kind = INT8MM_SCHEMES[name]
-    saturates = kind == "cpu-int8mm" and not cpu.int8mm_exact()  # a CPU without VNNI: the opt-in is ignored
+def test_int8_gemm_matches_the_simulation_to_rounding(name, dtype, choice, monkeypatch):
+    """oneDNN's int8 GEMM on the simulation's own codes, at every size, for the schemes LMPRESS_INT8_GEMM
+    picks (unset: 8-bit activations; 1: every width that fits; 0: none): the exact integer sum differs
+    from the simulation's fp32 (bf16) GEMM by rounding only. Every other scheme is the simulation exactly."""
+    scheme, opted, default = INT8MM_SCHEMES[name]
+    kind = {"1": opted, "": default, "0": "cpu-dequant"}[choice]
+    saturates = kind == "cpu-int8mm" and not cpu.int8mm_exact()  # a CPU without VNNI: nothing takes it
     if saturates:
         kind = "cpu-dequant"
+    why = ("the int8 GEMM takes" if opted == "cpu-dequant" else "saturates" if saturates
+           else f"{cpu.INT8MM_ENV}=0" if choice == "0" else f"{cpu.INT8MM_ENV}=1 opts into")
     sim = _sim(scheme, 200, 40, dtype=dtype)
     packed = PackedLinear.from_sim(sim)
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
-    monkeypatch.setenv(cpu.INT8MM_ENV, "1")
+    if choice:
+        monkeypatch.setenv(cpu.INT8MM_ENV, choice)
+    else:
+        monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
     with torch.no_grad():
         for x in (_x(3, 200, dtype=dtype), _x(2, 9, 200, dtype=dtype)):  # decode and > SMALL_M rows
             y = packed(x)
             assert packed.kernel_path.kind == kind and y.dtype == dtype
             if kind == "cpu-dequant":
                 assert torch.equal(y, sim(x))
-                assert ("saturates" if saturates else "the int8 GEMM takes") in packed.kernel_path.reason
+                assert why in packed.kernel_path.reason, packed.kernel_path.reason
             else:
                 assert _rel(y, sim(x)) < INT8MM_TOL[dtype]
     assert packed._cached is None  # no dequantized copy kept
 
 
-def test_int8_gemm_opt_in_is_ignored_where_the_cpu_saturates(monkeypatch):
-    monkeypatch.setenv(cpu.INT8MM_ENV, "1")
+@pytest.mark.parametrize("choice", ["", "1"])
+def test_int8_gemm_is_ignored_where_the_cpu_saturates(choice, monkeypatch):
+    monkeypatch.setenv(cpu.INT8MM_ENV, choice)
     monkeypatch.setattr(cpu, "int8mm_exact", lambda: False)
     kind, why = cpu.plan(W8A8.weights, W8A8.inputs, torch.float32)
     assert kind == "dequant" and "saturates" in why and "VNNI" in why
@@ -215,9 +221,10 @@ def test_int8_gemm_opt_in_is_ignored_where_the_cpu_saturates(monkeypatch):
     (QuantScheme(weights=_w(4, 16, sym=False)), "multiple of 32"),
     (QuantScheme(weights=_w(8, sym=False)), "asymmetric 8-bit"),
     (QuantScheme(weights=_w(8, 32)), "group-wise 8-bit"),
-    (QuantScheme(weights=_w(8), inputs=W8A8.inputs), "LMPRESS_INT8_GEMM=1 opts into"),
+    (QuantScheme(weights=_w(4), inputs=W4A4.inputs), "LMPRESS_INT8_GEMM=1 opts into"),
 ])
 def test_cpu_path_dequantizes_what_the_ops_do_not_fit(scheme, why, monkeypatch):
+    monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
     sim = _sim(scheme, 128, 32)
     packed = PackedLinear.from_sim(sim)
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
@@ -512,10 +519,14 @@ def test_rotated_packed_linear_other_paths_apply_the_transform_first(name, backe
     T = OnlineHadamard(160, 3)
     mod = RotatedInput(T, PackedLinear.from_sim(sim))
     monkeypatch.setenv("LMPRESS_KERNELS", backend)
+    monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
+    # on the CPU by default: W8A8 through the int8 GEMM (where this CPU sums exactly), W4A4 exactly
+    kind = "ref" if backend == "ref" else "cpu-int8mm" if name == "W8A8" and cpu.int8mm_exact() else "cpu-dequant"
     x = _x(2, 5, 160)
     with torch.no_grad():
-        assert torch.equal(mod(x), sim(T(x)))
-    assert mod.linear.kernel_path.kind == ("ref" if backend == "ref" else "cpu-dequant")
+        y, want = mod(x), sim(T(x))
+    assert mod.linear.kernel_path.kind == kind
+    assert _rel(y, want) < INT8MM_TOL[torch.float32] if kind == "cpu-int8mm" else torch.equal(y, want)
 
 
 TQ_CASES = [  # M, m, p, kind, bits, packed, clip, dtype
