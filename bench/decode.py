@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in rates.items()}
     for k, v in rates.items():
         print(f"  {k:14s} {med[k]:7.2f} tokens/s   (runs: {', '.join(f'{x:.2f}' for x in v)})")
-    print(f"  ratio packed / base: {med['W4A16 packed'] / med['fp32 base']:.2f}x")
+    print(f"  ratio packed / base: {med['packed'] / med['fp32 base']:.2f}x")
     print(f"  paths of the packed linears (last call): {paths}")
     print(f"  linear-weight bytes: fp32 {base_bytes / 2**20:.1f} MiB, packed {packed_bytes / 2**20:.1f} MiB "
           f"({100 * packed_bytes / base_bytes:.1f}% of fp32) over {len(quantized)} linears")

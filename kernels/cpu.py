@@ -26,23 +26,18 @@ simulation, not bit-identical. SmolLM2-135M W4A16 g64: one-token logits ~2e-2 re
 30 layers, perplexity +0.13% on 16 x 512 wiki windows with the op forced on every row.
 
 Schemes that quantize activations per token (symmetric dynamic codes, symmetric per-channel or
-per-tensor weights: W8A8, W4A8, W4A4...) can take ``int8mm`` at every size: the activation codes and
-scales exactly as the simulation computes them (`compute_qparams` / `quantize`), then oneDNN's int8
-GEMM (``onednn.qlinear_pointwise`` on the weight codes prepacked once by ``onednn.qlinear_prepack``;
-int4 codes sit in int8 containers) with unit activation scale and zero point, so it returns
-``fp32(sum_k qx_k qw_k) * s_w[n]``; the per-token scale follows. The integer sum is exact where the
-simulation sums fp32 products, so one layer differs from it by fp32 rounding only (2e-7 relative);
-but across a model those differences flip codes of later layers' activations. How far that moves a
-model depends on the activation width, so ``LMPRESS_INT8_GEMM`` (`INT8MM_ENV`) picks:
-
-- unset (default): 8-bit activations take ``int8mm``; narrower ones run exactly (``dequant``). With
-  8-bit codes one flip is 1/255 of the token's range, and SmolLM2-135M moved well inside the 0.1% an
-  exact default may move on the 64 x 512 wiki windows: w8a8-smoothquant-rtn 16.679 -> 16.690
-  (+0.067%); figures for w8a8-rtn and W4A8 in README. With 4-bit codes one flip is 1/15 of it:
-  w4a4kv4-quarot-rtn moved +1.6% (16 windows), so W4A4 stays exact by default;
-- ``1``: every scheme that fits takes ``int8mm`` (W4A4, W6A6... too: faster, documented as not exact);
-- ``0``: none does (every activation-quantized scheme runs exactly as simulated, as compressed-tensors'
-  own forward does in stock transformers).
+per-tensor weights: W8A8, W4A8, W4A4..., `quant.primitives.int_factored`) take ``int8mm`` at every
+size: the activation codes and scales exactly as the simulation computes them (`token_codes`, the
+codes of `compute_qparams` / `quantize` in 8 ops), then oneDNN's int8 GEMM (``onednn.qlinear_pointwise``
+on the weight codes prepacked once by ``onednn.qlinear_prepack``; narrower codes sit in int8
+containers) with unit activation scale and zero point, so it returns ``fp32(sum_k qx_k qw_k) * s_w[n]``;
+the per-token scale follows. The simulation of these schemes is that computation (`int_linear`: an fp32
+GEMM of the codes, exact while partial sums stay under 2^24, then the same epilogue in the same order),
+so this path is bit-identical to it, at every activation width (tests/test_kernels.py). Until
+2026-12-06 the simulation summed dequantized fp32 products instead; then the integer sum differed from
+it by rounding, which flipped later layers' codes (w4a4kv4-quarot-rtn +1.6% perplexity at 16 windows),
+and only 8-bit activations took this path by default. ``LMPRESS_INT8_GEMM=0`` (`INT8MM_ENV`) takes every
+scheme off it (the same numbers through an fp32 GEMM of the unpacked codes, slower).
 
 Measured here on one thread against an fp32 F.linear of the dequantized weight: 1 x 4096 x 11008
 9.8 ms -> 1.0 ms, 16 x 4096 x 4096 13.5 ms -> 0.8 ms, 512 x 576 x 1536 13.2 ms -> 1.2 ms, activation
@@ -55,11 +50,12 @@ is a large error (un-rotated SmolLM2 W4A4 RTN: +8.6% perplexity).
 
 Everything else takes ``dequant``: the weight is dequantized on the fly (`dequantize_fast`,
 bit-identical to `dequantize`), activations are fake-quantized by the torch reference, and
-F.linear runs in the model's dtype, which reproduces the simulation exactly. That is the path
+F.linear runs in the model's dtype (`int_factored` schemes: `int_linear` on the unpacked codes),
+which reproduces the simulation exactly. That is the path
 above `SMALL_M` rows for weight-only schemes (prefill, perplexity: there the op loses to an fp32
 matmul anyway), and for 2- and 3-bit weights, group sizes that are not multiples of 32 (the op's
 groups must nest in ours), asymmetric or group-wise 8-bit weights, float16 activations,
-activations narrower than 8 bits unless opted in, and the activation schemes the int8 GEMM cannot
+every activation-quantized scheme under ``LMPRESS_INT8_GEMM=0``, and the activation schemes the int8 GEMM cannot
 express (group-wise or asymmetric weights, static or asymmetric activations).
 
 Nothing dequantized is kept between calls: a module holds its packed buffers plus, on the op
@@ -69,12 +65,13 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from lmpress.quant.primitives import compute_qparams, dequantize, quantize
+from lmpress.quant.primitives import dequantize, int_factored
 from lmpress.quant.scheme import QuantArgs
 
 from .formats import unpack, unsigned_codes
@@ -89,8 +86,7 @@ FAST_DTYPES = (torch.float32, torch.bfloat16)
 # the C binding skips torch.ops' Python overload resolution (~5-10 us a call, ~200 calls a token)
 _INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or torch.ops.aten._weight_int4pack_mm_for_cpu
 _QLINEAR = getattr(getattr(torch.ops, "onednn", None), "qlinear_pointwise", None)  # x86 builds with oneDNN
-# which activation-quantized schemes take oneDNN's int8 GEMM (not bit-identical): unset, 8-bit activations;
-# "1", every width that fits; "0", none
+# "0" keeps activation-quantized schemes off oneDNN's int8 GEMM (the same numbers either way: `int_linear`)
 INT8MM_ENV = "LMPRESS_INT8_GEMM"
 
 
@@ -106,7 +102,7 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
     if weights.type == "float" or (inputs is not None and inputs.type == "float"):
         return "dequant", "floating-point formats: exact grid lookup + fp32 GEMM (torch has no CPU FP8/FP4 GEMM)"
     if inputs is not None:
-        why = int8mm_misfit(weights, inputs) or int8mm_declined(inputs)
+        why = int8mm_misfit(weights, inputs) or int8mm_declined()
         if not why and not int8mm_exact():
             why = ("quantized activations: this CPU's oneDNN int8 GEMM saturates (no VNNI: u8 x s8 pairs summed in "
                    "16 bits); exact fake-quant + fp32 GEMM instead")
@@ -126,14 +122,10 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
     return "dequant", f"{weights.bits}-bit weights: no torch CPU kernel (only 4 and 8 bits)"
 
 
-def int8mm_declined(inputs: QuantArgs) -> str:
-    """Why `INT8MM_ENV` keeps these activations off the int8 GEMM ('' when it lets them on)."""
-    choice = os.environ.get(INT8MM_ENV, "")
-    if choice == "0":
-        return f"quantized activations: {INT8MM_ENV}=0, exact fake-quant + fp32 GEMM"
-    if choice != "1" and inputs.bits < 8:
-        return (f"{inputs.bits}-bit activations: exact fake-quant + fp32 GEMM by default ({INT8MM_ENV}=1 opts into "
-                "oneDNN's int8 GEMM: faster, and a flipped narrow code moves perplexity over 0.1%)")
+def int8mm_declined() -> str:
+    """Why `INT8MM_ENV` keeps activation-quantized schemes off the int8 GEMM ('' when it lets them on)."""
+    if os.environ.get(INT8MM_ENV, "") == "0":
+        return f"quantized activations: {INT8MM_ENV}=0, the simulation's fp32 GEMM of the codes"
     return ""
 
 
@@ -141,13 +133,13 @@ def int8mm_misfit(weights: QuantArgs, inputs: QuantArgs) -> str:
     """Why oneDNN's int8 GEMM cannot run this activation-quantized scheme exactly ('' when it can)."""
     if _QLINEAR is None or not torch.backends.mkldnn.is_available():
         return "quantized activations: this torch build has no oneDNN int8 GEMM; exact fake-quant + fp32 GEMM instead"
+    if int_factored(weights, inputs):
+        return ""
     if inputs.granularity != "token" or not inputs.dynamic or not inputs.symmetric or inputs.type != "int":
         return (f"{'dynamic' if inputs.dynamic else 'static'} {'symmetric' if inputs.symmetric else 'asymmetric'} "
                 f"{inputs.bits}-bit {inputs.granularity} activations: the int8 GEMM takes dynamic symmetric per-token codes")
-    if weights.type != "int" or not weights.symmetric or weights.granularity == "group":
-        return (f"{weights.bits}-bit {'symmetric' if weights.symmetric else 'asymmetric'} {weights.granularity} weights "
-                "under quantized activations: the int8 GEMM takes symmetric codes with one scale per output channel")
-    return ""
+    return (f"{weights.bits}-bit {weights.type} {'symmetric' if weights.symmetric else 'asymmetric'} {weights.granularity} "
+            "weights under quantized activations: the int8 GEMM takes symmetric integer codes with one scale per output channel")
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,14 +185,48 @@ def prepare_int8mm(packed: torch.Tensor, scale: torch.Tensor, args: QuantArgs, i
     return Int8MM(torch.ops.onednn.qlinear_prepack(w, None), col, torch.zeros(N, dtype=torch.int64), inputs)
 
 
-def linear_int8mm(x2: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """(M, K) float activations -> (M, N): the simulation's per-token codes, the exact integer GEMM,
+def token_codes(x2: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (codes + 128 as uint8 (M, K), scales fp32 (M, 1)) of dynamic symmetric per-token
+    integer activations: bit-identical to `compute_qparams` + `quantize` (tests/test_kernels.py), in 8 torch
+    ops where the generic pair takes ~30, which a decode step pays once per linear. oneDNN's fast kernels
+    take unsigned activations (signed int8 takes a reference loop, ~1000x slower here), so the codes go in
+    shifted by 128 and zero point 128 takes it back."""
+    xf = x2.float()  # (M, K)
+    # range_to_qparams' symmetric range max(-min(x, 0), max(x, 0)) * clip is absmax * clip exactly
+    # (negation is exact and rounding a product by clip >= 0 is monotone)
+    s = xf.abs().amax(1, keepdim=True)  # (M, 1)
+    if args.clip_ratio != 1.0:
+        s = s * args.clip_ratio
+    s = s / torch.full((), args.sym_divisor)
+    s = torch.where(s > 0, s, 1.0)  # an all-zero row: scale 1, as there
+    q = (xf / s).round_().clamp_(args.qmin, args.qmax).add_(128)  # (M, K) integers in [0, 255], exact in fp32
+    return q.to(torch.uint8), s
+
+
+_LAST = threading.local()  # .codes: (x, x._version, args, u, s) of the last decode-sized call
+
+
+def shared_token_codes(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_codes` of x (..., K), taken from the previous call when that one quantized this very tensor
+    (the same object, unmodified since: its `_version`) under an equal scheme. A decoder's q/k/v
+    projections read one normed hidden state and gate/up another, so a decode step computes 4 sets of
+    codes a layer instead of 7. Only up to `SMALL_M` rows (the memo holds the input until the next call)
+    and not for inference-mode tensors (they keep no version counter)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if x2.shape[0] > SMALL_M or x.is_inference():
+        return token_codes(x2, args)
+    last = getattr(_LAST, "codes", None)
+    if last is not None and last[0] is x and last[1] == x._version and (last[2] is args or last[2] == args):
+        return last[3], last[4]
+    u, s = token_codes(x2, args)
+    _LAST.codes = (x, x._version, args, u, s)
+    return u, s
+
+
+def linear_int8mm(x: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """(..., K) float activations -> (M, N): the simulation's per-token codes, the exact integer GEMM,
     then ``* s_w[n] * s_x[m]`` (+ bias) in fp32."""
-    sx, zx = compute_qparams(x2, prep.inputs)  # (M, 1) fp32 each; zero points 0 (symmetric)
-    q = quantize(x2, sx, zx, prep.inputs)  # (M, K) int8
-    # oneDNN's fast kernels take unsigned activations (signed int8 takes a reference loop, ~1000x slower
-    # here): q + 128 as uint8 is the byte q with its top bit flipped, and zero point 128 takes it back
-    u = q.view(torch.uint8).bitwise_xor_(128)
+    u, sx = shared_token_codes(x, prep.inputs)  # (M, K) uint8 q + 128, (M, 1) fp32
     y = _QLINEAR(u, 1.0, 128, prep.weight, prep.col_scale, prep.zero, None, 1.0, 0, torch.float32, "none", [], "")
     y = y * sx
     if bias is not None:

@@ -19,14 +19,15 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
   Inside a RotatedInput, an online Hadamard before a per-token activation quantization is fused
   into it (`transform_act_quant`; path kinds ``triton-rot+...``).
 - CPU -> `lmpress.kernels.cpu`, for layers of at least `cpu.MIN_FAST_WEIGHTS` weights under
-  ``auto`` (smaller ones take the cached reference): per-token 8-bit activation schemes with
-  symmetric per-channel weights run oneDNN's int8 GEMM on the codes (`cpu-int8mm`, every size; not
-  bit-identical: perplexity within 0.1% of the simulation; ``LMPRESS_INT8_GEMM=1`` adds narrower
-  activations, ``=0`` turns it off, see `cpu`); weight-only 4/8-bit schemes run torch's
-  int4/int8 ops in bfloat16 on a repacked copy for up to `cpu.SMALL_M` rows (decode); larger calls and whatever the ops cannot serve dequantize on the
-  fly and run F.linear (exact, nothing kept).
+  ``auto`` (smaller ones take the cached reference unless they take ``cpu-int8mm``): per-token
+  activation schemes with symmetric per-channel weights (`quant.primitives.int_factored`: W8A8, W4A8,
+  W4A4...) run oneDNN's int8 GEMM on the codes (`cpu-int8mm`, every size, bit-identical to the
+  simulation's `int_linear`; ``LMPRESS_INT8_GEMM=0`` turns it off, see `cpu`); weight-only 4/8-bit
+  schemes run torch's int4/int8 ops in bfloat16 on a repacked copy for up to `cpu.SMALL_M` rows
+  (decode); larger calls and whatever the ops cannot serve dequantize on the fly and run F.linear
+  (exact, nothing kept).
 - the reference (``LMPRESS_KERNELS=ref``, small layers under ``auto``, autograd, and Triton's
-  fallbacks): unpack + dequantize + F.linear,
+  fallbacks): unpack + dequantize + F.linear (`int_factored` schemes: `int_linear` on the codes),
   bit-identical to SimQuantLinear. By default it keeps the dequantized weight after the first
   forward (keyed on the buffers' identity and version, so a reload invalidates it): speed of
   fp32 at the memory cost of fp32. `cache_weight = False` dequantizes on every call instead.
@@ -39,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmpress.quant.primitives import dequantize, fake_quantize, fake_quantize_input, n_groups, qparam_rows
+from lmpress.quant.primitives import (dequantize, fake_quantize, fake_quantize_input, int_factored, int_linear, n_groups,
+                                      qparam_rows)
 from lmpress.quant.scheme import QuantScheme
 
 from . import cpu
@@ -147,7 +149,10 @@ class PackedLinear(nn.Module):
                 if not triton_available():
                     return self._forward_ref(x, "triton is not installed")
                 backend = "triton"
-            elif x.device.type == "cpu" and self.out_features * self.in_features >= cpu.MIN_FAST_WEIGHTS:
+            elif x.device.type == "cpu" and (self.out_features * self.in_features >= cpu.MIN_FAST_WEIGHTS or (
+                    # a small layer on the int8 GEMM still beats the reference's generic fake-quant, and
+                    # k/v reuse q's codes (`cpu.shared_token_codes`)
+                    self.scheme.inputs is not None and cpu.plan(self.scheme.weights, self.scheme.inputs, x.dtype)[0] == "int8mm")):
                 backend = "cpu"
             else:
                 return self._forward_ref(x, "small layer: the cached fp32 weight is cheap and faster" if x.device.type == "cpu" else "")
@@ -167,6 +172,8 @@ class PackedLinear(nn.Module):
     # ---- reference: the oracle -------------------------------------------------------------
     def _forward_ref(self, x: torch.Tensor, reason: str) -> torch.Tensor:
         self._note("ref", reason)
+        if int_factored(self.scheme.weights, self.scheme.inputs):  # the simulation's integer GEMM + epilogue
+            return int_linear(x, self._weight_for(torch.float32, codes=True), self.weight_scale, self.scheme.inputs, self.bias)
         if self.scheme.inputs is not None:
             x = self.quantize_input(x)
         return F.linear(x, self._weight_for(x.dtype), self.bias)
@@ -184,13 +191,15 @@ class PackedLinear(nn.Module):
         kind, why = cpu.plan(self.scheme.weights, inputs, x.dtype)
         if kind == "dequant" or (M > cpu.SMALL_M and kind != "int8mm"):  # exact: the simulation's operations
             self._note("cpu-dequant", why or f"{M} rows > {cpu.SMALL_M}")
+            if int_factored(self.scheme.weights, inputs):  # the simulation's integer GEMM + epilogue
+                return int_linear(x, unpack(self.weight_packed, self.scheme.weights.bits, K), self.weight_scale, inputs, self.bias)
             xin = self.quantize_input(x) if inputs is not None else x
             return cpu.linear_dequant(xin, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                       self.scheme.weights, K, self.bias)
         self._note("cpu-" + kind)
         prep = self._cpu_prep(kind)
         if kind == "int8mm":
-            y = cpu.linear_int8mm(x2, prep, self.bias, x.dtype)
+            y = cpu.linear_int8mm(x, prep, self.bias, x.dtype)  # x itself: q/k/v (gate/up) share its codes
         else:
             y = cpu.linear_small_m(x2, prep, self.bias, x.dtype)
         return y.view(*x.shape[:-1], N)
@@ -322,12 +331,18 @@ class PackedLinear(nn.Module):
             n += f.nbytes if isinstance(f, torch.Tensor) else f.nbytes()
         return n
 
-    def _weight_for(self, dtype: torch.dtype) -> torch.Tensor:
-        if not self.cache_weight:
+    def _weight_for(self, dtype: torch.dtype, codes: bool = False) -> torch.Tensor:
+        """The dequantized weight in `dtype` or, with `codes`, the integer codes in `dtype` (`int_linear`'s operand),
+        kept between calls unless `cache_weight` is off."""
+        def make() -> torch.Tensor:
+            if codes:
+                return unpack(self.weight_packed, self.scheme.weights.bits, self.in_features).to(dtype)  # (out, in)
             return self.dequantized_weight(dtype)
-        key = (dtype,) + self._buffers_key()
+        if not self.cache_weight:
+            return make()
+        key = (dtype, codes) + self._buffers_key()
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self.dequantized_weight(dtype))
+            self._cached = (key, make())
         return self._cached[1]
 
     def extra_repr(self) -> str:
@@ -414,10 +429,8 @@ class Sparse24Linear(nn.Module):
                                      dtype=dtype, **self._gemm_args())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scheme.inputs is not None:
-            x = fake_quantize(x, self.scheme.inputs)
         backend = requested_backend()
-        w = self.scheme.weights
+        w, a = self.scheme.weights, self.scheme.inputs
         triton_ok = (x.is_cuda and triton_available() and backend in ("auto", "triton") and not (x.requires_grad and torch.is_grad_enabled())
                      and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
                      and (w is None or (w.bits in (2, 4, 8) and (w.granularity != "group" or w.group_size % 4 == 0))))
@@ -425,14 +438,22 @@ class Sparse24Linear(nn.Module):
             from .sparse24_gemm import sparse24_gemm
 
             self.kernel_path = Path("triton-sparse24")
-            return sparse24_gemm(x, self.weight_sparse24_values, self.weight_sparse24_meta, *self._qparams(),
-                                 bias=self.bias, **self._gemm_args())
+            return sparse24_gemm(fake_quantize(x, a) if a is not None else x, self.weight_sparse24_values,
+                                 self.weight_sparse24_meta, *self._qparams(), bias=self.bias, **self._gemm_args())
         self.kernel_path = Path("ref", "" if not x.is_cuda else "no Triton kernel for this scheme")
-        key = (x.dtype, self.weight_sparse24_values.data_ptr(), self.weight_sparse24_values._version,
-               self.weight_sparse24_meta.data_ptr(), self.weight_sparse24_meta._version, x.device)
+        factored = int_factored(w, a)  # the simulation's integer GEMM + epilogue on the dense codes (zeros where pruned)
+        key = (torch.float32 if factored else x.dtype, factored, self.weight_sparse24_values.data_ptr(),
+               self.weight_sparse24_values._version, self.weight_sparse24_meta.data_ptr(), self.weight_sparse24_meta._version, x.device)
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self.dense_weight(x.dtype))
-        return F.linear(x, self._cached[1], self.bias)
+            from .sparse24_gemm import sparse24_dense_weight
+
+            dense = (sparse24_dense_weight(self.weight_sparse24_values, self.weight_sparse24_meta, torch.ones_like(self.weight_scale),
+                                           None, dtype=torch.float32, **self._gemm_args()) if factored  # (out, in) codes
+                     else self.dense_weight(x.dtype))
+            self._cached = (key, dense)
+        if factored:
+            return int_linear(x, self._cached[1], self.weight_scale, a, self.bias)
+        return F.linear(fake_quantize(x, a) if a is not None else x, self._cached[1], self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"

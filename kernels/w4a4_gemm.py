@@ -1,7 +1,8 @@
 """Integer GEMM on quantized activations and weights: W4A4, W4A8, W8A8 (and W8A4).
 
     acc[m, n] = sum_k qx[m, k] * qw[n, k]              (int32, exact)
-    y[m, n]   = acc * s_x[m] * s_w[n] (+ bias[n])       (fp32 epilogue, stored in the activation dtype)
+    y[m, n]   = acc * s_w[n] * s_x[m] (+ bias[n])       (fp32 epilogue, stored in the activation dtype;
+                                                        the simulation's `int_linear`, in its order)
 
 Activations come from `act_quant` (per-token symmetric codes: int8 (M, K), or 4-bit codes
 packed 8 per int32 along K); weights are the on-disk ``weight_packed`` (4- or 8-bit fields,
@@ -57,7 +58,7 @@ def int_gemm_ref(
     lead = a.shape[:-1] if not a_packed else (qa.shape[0],)
     if out_dtype == torch.int32:
         return acc.reshape(*lead, -1)
-    y = acc.float() * s_x.reshape(-1, 1).float() * _channel_scale(weight_scale, qw.shape[0])[None, :]
+    y = acc.float() * _channel_scale(weight_scale, qw.shape[0])[None, :] * s_x.reshape(-1, 1).float()  # `int_linear`'s order
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype).reshape(*lead, -1)
@@ -114,7 +115,7 @@ if triton is not None:
         if EPILOGUE:
             sa = tl.load(sa_ptr + offs_m, mask=m_mask, other=0.0)
             sw = tl.load(sw_ptr + offs_n * stride_swn, mask=n_mask, other=0.0)
-            y = acc.to(tl.float32) * sa[:, None] * sw[None, :]
+            y = acc.to(tl.float32) * sw[None, :] * sa[:, None]  # s_w first: `quant.primitives.int_linear`'s order
             if HAS_BIAS:
                 y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)

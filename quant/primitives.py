@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .fp import BLOCK_FORMATS, E2M1, E4M3, FPFormat, block_scales, grid_index, grid_values, round_to_grid, tensor_scale
 from .fmpq import fmpq_fake_quantize
@@ -195,6 +196,36 @@ def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Ten
         scale = input_scale.float().reshape(1, 1)
         zero = torch.zeros_like(scale)
     return fake_quantize(x, args, scale, zero)
+
+
+def int_factored(weights: QuantArgs | None, inputs: QuantArgs | None) -> bool:
+    """Whether a linear under these schemes factors into an integer GEMM and a scale epilogue: symmetric
+    integer weights with one scale per output channel (or per tensor) under dynamic symmetric per-token
+    integer activations (W8A8, W4A8, W4A4, W6A6...). Every form computes such a linear by `int_linear`."""
+    return (weights is not None and inputs is not None and weights.type == "int" and weights.symmetric
+            and weights.granularity in ("channel", "tensor") and inputs.type == "int" and inputs.symmetric
+            and inputs.dynamic and inputs.granularity == "token" and not inputs.outliers)
+
+
+def int_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, inputs: QuantArgs,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) float, w_codes (N, K) integer codes (any dtype), w_scale (N|1, 1) -> (..., N) in x's dtype:
+    ``(sum_k q_x[m, k] q_w[n, k]) * s_w[n] * s_x[m] + b[n]`` in float32 (float64 for float64 x), x's codes and scales as
+    `compute_qparams` / `quantize` give them. The sum is an fp32 GEMM of the codes, exact (in any order)
+    while its partial sums stay under 2^24 in magnitude: always for 4-bit codes with K < 2^18; for 8-bit
+    codes unless a token's full-scale codes align with a row's over more than ~1000 channels. So this is,
+    bit for bit, what an integer GEMM with a scale epilogue returns (oneDNN's on CPU: `kernels.cpu`), not
+    the fp32 sum of dequantized products: the simulation of `int_factored` schemes is the integer kernel.
+    Differentiable in x through s_x, as `fake_quantize` is."""
+    K = x.shape[-1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 models (invariance tests) stay so
+    x2 = x.reshape(-1, K).float()  # (M, K)
+    s, _ = compute_qparams(x2, inputs)  # (M, 1); zero points 0 (symmetric)
+    q = torch.clamp(torch.round(x2 / s), inputs.qmin, inputs.qmax)  # (M, K): `quantize`'s codes, in fp32
+    y = F.linear(q.to(acc), w_codes.to(acc)) * w_scale.to(acc).reshape(1, -1) * s.to(acc)  # (M, N)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def static_input_scale(amax: torch.Tensor, args: QuantArgs) -> torch.Tensor:

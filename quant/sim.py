@@ -9,12 +9,14 @@ from torch import nn
 from lmpress.kernels.formats import pack, unpack
 
 from .fmpq import channel_order
-from .primitives import dequantize, fake_quantize_input, static_input_scale
+from .primitives import dequantize, fake_quantize_input, int_factored, int_linear, static_input_scale
 from .scheme import QuantScheme
 
 
 class SimQuantLinear(nn.Module):
-    """y = fq_in(x) @ dequant(W_q)^T + b.
+    """y = fq_in(x) @ dequant(W_q)^T + b; for schemes that factor into an integer GEMM (`int_factored`:
+    symmetric per-channel integer weights under dynamic symmetric per-token integer activations),
+    y = (q_x @ q_w^T) * s_w * s_x + b in float32 (`int_linear`), as integer kernels compute it.
 
     Buffers: `weight` (the dequantized weight, in the original dtype), `weight_codes_packed` (the
     int8 codes (out, in) packed into int32 words by `kernels.formats.pack`: 8 to a word at 4 bits,
@@ -104,6 +106,9 @@ class SimQuantLinear(nn.Module):
             self.weight.data = deq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_codes_packed is not None and int_factored(self.scheme.weights, self.scheme.inputs):
+            # integer GEMM + scale epilogue, what the packed runtime's kernels compute
+            return int_linear(x, self.weight_codes, self.weight_scale, self.scheme.inputs, self.bias)
         if self.scheme.inputs is not None:
             x = self.quantize_input(x)
         return F.linear(x, self.weight, self.bias)

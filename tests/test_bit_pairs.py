@@ -14,7 +14,8 @@ from lmpress.quant.scheme import PRESETS
 
 
 @pytest.mark.parametrize("preset", ["W6A6", "W5A5", "W3A8", "W2A8"])
-def test_bit_pair_packs_reloads_and_runs_in_stock_transformers(preset, tmp_path):
+def test_bit_pair_packs_reloads_and_runs_in_stock_transformers(preset, tmp_path, monkeypatch):
+    import lmpress.quant.sim as sim_module
     from lmpress.eval.stock import stock_logits
 
     model, tok = tiny_llama(seed=0)
@@ -32,4 +33,11 @@ def test_bit_pair_packs_reloads_and_runs_in_stock_transformers(preset, tmp_path)
     with torch.no_grad():
         y = model(x).logits
         assert torch.equal(load(path)(x).logits, y)
-    assert torch.equal(stock_logits([path], x)[str(path)], y)
+    stock = stock_logits([path], x)[str(path)]
+    # compressed-tensors' forward sums dequantized fp32 products; ours sums the integer codes and scales
+    # after (`int_linear`, as integer kernels do): rounding apart per layer, which flips later codes (this
+    # random tiny model: 2e-2 relative at W5A5, 2e-7 at W3A8). Run the fake-quant way, ours is it exactly.
+    assert ((stock - y).norm() / y.norm()).item() < 5e-2
+    monkeypatch.setattr(sim_module, "int_factored", lambda weights, inputs: False)
+    with torch.no_grad():
+        assert torch.equal(stock, model(x).logits)

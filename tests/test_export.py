@@ -42,8 +42,9 @@ def _stock_logits(paths, tokens, tmp_path=None) -> dict:
     return stock_logits(paths, tokens, timeout=300)
 
 
-def test_compressed_tensors_artifacts_load_in_stock_transformers(tmp_path, tokens):
+def test_compressed_tensors_artifacts_load_in_stock_transformers(tmp_path, tokens, monkeypatch):
     pytest.importorskip("compressed_tensors")
+    import lmpress.kernels.linear as packed_linear
     from lmpress.compress.models import tiny_llama
 
     paths, ours = {}, {}
@@ -57,13 +58,22 @@ def test_compressed_tensors_artifacts_load_in_stock_transformers(tmp_path, token
         with torch.no_grad():
             ours[name] = load(path)(tokens).logits
     stock = _stock_logits(paths.values(), tokens, tmp_path)
-    # weight-only: same weights, same logits; W8A8: same int8 weights and, with the preset's
-    # full_range rule, the same activation codes as compressed-tensors' reference forward
-    for name in ("w4a16-g32-asym", "w4a16-channel", "w3a16-g32", "w8a16-channel", "w8a8"):
+    # weight-only: same weights, same logits
+    for name in ("w4a16-g32-asym", "w4a16-channel", "w3a16-g32", "w8a16-channel"):
         diff = (stock[str(paths[name])] - ours[name]).abs().max().item()
         assert diff <= 1e-4, (name, diff)
+    # W8A8: same int8 weights and, with the preset's full_range rule, the same activation codes as
+    # compressed-tensors' reference forward. That forward sums dequantized fp32 products (fake-quant +
+    # F.linear); ours sums the integer codes and scales after (`int_linear`, as int8 kernels do), which
+    # differs per layer by rounding (max 4e-3 on logits of max 2 here). Run the fake-quant way, ours is it.
+    assert (stock[str(paths["w8a8"])] - ours["w8a8"]).abs().max().item() <= 1e-2
+    monkeypatch.setattr(packed_linear, "int_factored", lambda weights, inputs: False)
+    monkeypatch.setenv("LMPRESS_KERNELS", "ref")
+    with torch.no_grad():
+        fq = {name: load(paths[name])(tokens).logits for name in ("w8a8", "w8a8-vllm-rule")}
+    assert (stock[str(paths["w8a8"])] - fq["w8a8"]).abs().max().item() <= 1e-4
     # the absmax/127 rule (vLLM's) is a different quantizer: transformers runs it differently
-    assert (stock[str(paths["w8a8-vllm-rule"])] - ours["w8a8-vllm-rule"]).abs().max().item() > 1e-3
+    assert (stock[str(paths["w8a8-vllm-rule"])] - fq["w8a8-vllm-rule"]).abs().max().item() > 1e-3
 
 
 FP_SCHEMES = {  # tiny model: input widths 96 and 160, multiples of 16 and 32

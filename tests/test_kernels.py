@@ -133,19 +133,18 @@ CPU_SCHEMES = {  # name: (scheme, path for a few rows)
     "W4-channel-asym": (QuantScheme(weights=_w(4, sym=False)), "cpu-int4pack"),
     "W8A16": (QuantScheme(weights=_w(8)), "cpu-int8pack"),
 }
-INT8MM_SCHEMES = {  # name -> (scheme, path at every size with LMPRESS_INT8_GEMM=1, path with it unset)
-    "W4A8": (W4A8, "cpu-int8mm", "cpu-int8mm"),
-    "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-int8mm", "cpu-dequant"),  # 4-bit codes: exact by default
-    "W8A8": (W8A8, "cpu-int8mm", "cpu-int8mm"),  # full_range activations (/127.5)
-    "W6A6": (PRESETS["W6A6"], "cpu-int8mm", "cpu-dequant"),  # any width: codes in int8
-    "W5A5": (PRESETS["W5A5"], "cpu-int8mm", "cpu-dequant"),
-    "W8A8-tensor-weights": (QuantScheme(weights=_w(8, gran="tensor"), inputs=W8A8.inputs), "cpu-int8mm", "cpu-int8mm"),
-    "W4A4-g64": (QuantScheme(weights=_w(4, 64), inputs=W4A4.inputs), "cpu-dequant", "cpu-dequant"),  # group scales do not factor out
-    "W8A8-asym-weights": (QuantScheme(weights=_w(8, sym=False), inputs=W8A8.inputs), "cpu-dequant", "cpu-dequant"),
+INT8MM_SCHEMES = {  # name -> (scheme, CPU path at every size unless LMPRESS_INT8_GEMM=0)
+    "W4A8": (W4A8, "cpu-int8mm"),
+    "W4A4-clip": (QuantScheme(weights=_w(4), inputs=A4_CLIP), "cpu-int8mm"),
+    "W8A8": (W8A8, "cpu-int8mm"),  # full_range activations (/127.5)
+    "W6A6": (PRESETS["W6A6"], "cpu-int8mm"),  # any width: codes in int8
+    "W5A5": (PRESETS["W5A5"], "cpu-int8mm"),
+    "W8A8-tensor-weights": (QuantScheme(weights=_w(8, gran="tensor"), inputs=W8A8.inputs), "cpu-int8mm"),
+    "W4A4-g64": (QuantScheme(weights=_w(4, 64), inputs=W4A4.inputs), "cpu-dequant"),  # group scales do not factor out
+    "W8A8-asym-weights": (QuantScheme(weights=_w(8, sym=False), inputs=W8A8.inputs), "cpu-dequant"),
     "W8-asym-A8": (QuantScheme(weights=_w(8), inputs=QuantArgs(bits=8, granularity="token", dynamic=True, symmetric=False)),
-                   "cpu-dequant", "cpu-dequant"),
+                   "cpu-dequant"),
 }
-INT8MM_TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}  # the exact integer sum vs the simulation's fp32 (bf16) GEMM
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -171,20 +170,19 @@ def test_cpu_path_matches_reference(name, dtype, monkeypatch):
     assert packed._cached is None  # no dequantized copy kept
 
 
-@pytest.mark.parametrize("choice", ["", "1", "0"])
+@pytest.mark.parametrize("choice", ["", "0"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(INT8MM_SCHEMES))
-def test_int8_gemm_matches_the_simulation_to_rounding(name, dtype, choice, monkeypatch):
-    """oneDNN's int8 GEMM on the simulation's own codes, at every size, for the schemes LMPRESS_INT8_GEMM
-    picks (unset: 8-bit activations; 1: every width that fits; 0: none): the exact integer sum differs
-    from the simulation's fp32 (bf16) GEMM by rounding only. Every other scheme is the simulation exactly."""
-    scheme, opted, default = INT8MM_SCHEMES[name]
-    kind = {"1": opted, "": default, "0": "cpu-dequant"}[choice]
+def test_int8_gemm_is_the_simulation(name, dtype, choice, monkeypatch):
+    """oneDNN's int8 GEMM on the simulation's own codes, at every size and every activation width, unless
+    LMPRESS_INT8_GEMM=0: bit-identical to the simulation, whose integer-factored schemes are an fp32 GEMM of
+    the codes with the same scale epilogue (`int_linear`). Every other scheme is the simulation exactly too."""
+    scheme, fits = INT8MM_SCHEMES[name]
+    kind = "cpu-dequant" if choice == "0" else fits
     saturates = kind == "cpu-int8mm" and not cpu.int8mm_exact()  # a CPU without VNNI: nothing takes it
     if saturates:
         kind = "cpu-dequant"
-    why = ("the int8 GEMM takes" if opted == "cpu-dequant" else "saturates" if saturates
-           else f"{cpu.INT8MM_ENV}=0" if choice == "0" else f"{cpu.INT8MM_ENV}=1 opts into")
+    why = ("the int8 GEMM takes" if fits == "cpu-dequant" else "saturates" if saturates else f"{cpu.INT8MM_ENV}=0")
     sim = _sim(scheme, 200, 40, dtype=dtype)
     packed = PackedLinear.from_sim(sim)
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
@@ -196,12 +194,30 @@ def test_int8_gemm_matches_the_simulation_to_rounding(name, dtype, choice, monke
         for x in (_x(3, 200, dtype=dtype), _x(2, 9, 200, dtype=dtype)):  # decode and > SMALL_M rows
             y = packed(x)
             assert packed.kernel_path.kind == kind and y.dtype == dtype
+            assert torch.equal(y, sim(x))
             if kind == "cpu-dequant":
-                assert torch.equal(y, sim(x))
                 assert why in packed.kernel_path.reason, packed.kernel_path.reason
-            else:
-                assert _rel(y, sim(x)) < INT8MM_TOL[dtype]
     assert packed._cached is None  # no dequantized copy kept
+
+
+def test_int_linear_is_an_exact_integer_gemm():
+    """`int_linear` (the simulation of integer-factored schemes) against int64 arithmetic in float64:
+    the integer sum is exact, then the scale epilogue in float32, in its order."""
+    from lmpress.quant.primitives import compute_qparams, int_linear, quantize
+
+    for bits, K in ((4, 4099), (8, 1000)):  # odd K; 8-bit partial sums stay under 2^24 (127 * 127 * 1000)
+        a = QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True)
+        x = _x(5, K) * 4
+        x[2, 3] = 300.0  # an outlier: its token's other codes shrink
+        qw = torch.randint(-(1 << (bits - 1)) + 1, 1 << (bits - 1), (7, K), generator=torch.Generator().manual_seed(3))
+        sw = torch.rand(7, 1, generator=torch.Generator().manual_seed(4)) / 50
+        b = _x(7)
+        y = int_linear(x, qw.to(torch.int8), sw, a, b)  # (5, 7)
+        sx, zx = compute_qparams(x, a)
+        acc = quantize(x, sx, zx, a).long() @ qw.long().T  # (5, 7) exact int64
+        want = (acc.float() * sw.reshape(1, -1) * sx + b).float()
+        assert torch.equal(y, want)
+        assert torch.equal(int_linear(x.reshape(1, 5, K), qw, sw, a, b), want.reshape(1, 5, 7))  # (..., K) -> (..., N)
 
 
 @pytest.mark.parametrize("choice", ["", "1"])
@@ -215,13 +231,55 @@ def test_int8_gemm_is_ignored_where_the_cpu_saturates(choice, monkeypatch):
                                                                    else "dequant")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,clip,full_range", [(8, 1.0, True), (8, 1.0, False), (4, 0.9, False), (6, 0.85, True), (5, 1.0, False)])
+def test_token_codes_are_the_simulations_codes(bits, clip, full_range, dtype):
+    """The int8 GEMM's own per-token quantizer gives the codes and scales `compute_qparams` + `quantize`
+    give, bit for bit, over odd widths, all-zero and subnormal rows, clipped ranges and one-sided rows."""
+    from lmpress.quant.primitives import compute_qparams, quantize
+
+    args = QuantArgs(bits=bits, granularity="token", dynamic=True, symmetric=True, clip_ratio=clip, full_range=full_range)
+    x = (torch.randn(9, 37) * torch.logspace(-3, 3, 9)[:, None]).to(dtype)  # (9, 37): rows over six decades
+    x[1] = 0  # all zero: scale 1
+    x[2] = x[2].abs()  # positive only
+    x[3] = -x[3].abs()  # negative only
+    x[4, :] = torch.tensor(1e-45).to(dtype) if dtype == torch.float32 else 0  # the smallest subnormal: its scale underflows
+    x[5, 7] = 1e4  # one outlier
+    u, s = cpu.token_codes(x, args)
+    ref_s, z = compute_qparams(x, args)  # (9, 1) each
+    ref_q = quantize(x, ref_s, z, args)  # (9, 37) int8
+    assert u.dtype == torch.uint8 and s.dtype == torch.float32 and s.shape == (9, 1)
+    assert torch.equal(s, ref_s)
+    assert torch.equal(u.to(torch.int16) - 128, ref_q.to(torch.int16))
+
+
+def test_shared_token_codes_reuse_only_the_same_unmodified_tensor():
+    """q/k/v read one tensor: its codes are computed once, and recomputed whenever they could differ."""
+    a8, a4 = W8A8.inputs, QuantArgs(bits=4, granularity="token", dynamic=True, symmetric=True)
+    x = _x(1, 3, 40)  # (1, 3, 40): decode-sized
+    u, s = cpu.shared_token_codes(x, a8)
+    fresh = cpu.token_codes(x.reshape(-1, 40), a8)
+    assert torch.equal(u, fresh[0]) and torch.equal(s, fresh[1])
+    assert cpu.shared_token_codes(x, a8)[0] is u  # the same tensor, unmodified: reused
+    assert cpu.shared_token_codes(x.clone(), a8)[0] is not u  # an equal but other tensor: recomputed
+    assert cpu.shared_token_codes(x, a4)[0] is not u  # another scheme: recomputed
+    u8, _ = cpu.shared_token_codes(x, a8)
+    x[0, 0, 0] = 50.0  # in place: the version counter moves
+    u9, s9 = cpu.shared_token_codes(x, a8)
+    assert u9 is not u8 and torch.equal(u9, cpu.token_codes(x.reshape(-1, 40), a8)[0]) and s9[0, 0] > s[0, 0]
+    big = _x(cpu.SMALL_M + 1, 40)  # prefill-sized: never held
+    assert cpu.shared_token_codes(big, a8)[0] is not cpu.shared_token_codes(big, a8)[0]
+    with torch.inference_mode():  # no version counter: never reused
+        xi = _x(2, 40)
+        assert cpu.shared_token_codes(xi, a8)[0] is not cpu.shared_token_codes(xi, a8)[0]
+
+
 @pytest.mark.parametrize("scheme,why", [
     (QuantScheme(weights=_w(3, 64, sym=False)), "3-bit"),
     (QuantScheme(weights=_w(2, 64, sym=False)), "2-bit"),
     (QuantScheme(weights=_w(4, 16, sym=False)), "multiple of 32"),
     (QuantScheme(weights=_w(8, sym=False)), "asymmetric 8-bit"),
     (QuantScheme(weights=_w(8, 32)), "group-wise 8-bit"),
-    (QuantScheme(weights=_w(4), inputs=W4A4.inputs), "LMPRESS_INT8_GEMM=1 opts into"),
 ])
 def test_cpu_path_dequantizes_what_the_ops_do_not_fit(scheme, why, monkeypatch):
     monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
@@ -260,7 +318,7 @@ def test_cpu_path_holds_no_fp32_copy(monkeypatch):
 
 # ============================================================ dispatch
 def test_dispatch_env(monkeypatch):
-    sim = _sim(W4A8, 200, 24)
+    sim = _sim(W4A16, 200, 24)
     packed = PackedLinear.from_sim(sim)
     x = _x(2, 200)
     monkeypatch.setenv("LMPRESS_KERNELS", "ref")
@@ -268,6 +326,12 @@ def test_dispatch_env(monkeypatch):
     assert torch.equal(packed(x), sim(x)) and packed.kernel_path.kind == "ref"
     monkeypatch.setenv("LMPRESS_KERNELS", "auto")  # small layer on CPU: the reference
     assert torch.equal(packed(x), sim(x)) and "small layer" in packed.kernel_path.reason
+    monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
+    sim8 = _sim(W4A8, 200, 24)  # ... unless it takes the int8 GEMM, which beats the reference's fake-quant
+    packed8 = PackedLinear.from_sim(sim8)
+    y = packed8(x)
+    assert packed8.kernel_path.kind == ("cpu-int8mm" if cpu.int8mm_exact() else "ref")
+    assert torch.equal(y, sim8(x))
     monkeypatch.setenv("LMPRESS_KERNELS", "cuda")
     with pytest.raises(ValueError, match="LMPRESS_KERNELS='cuda'"):
         packed(x)
@@ -520,13 +584,13 @@ def test_rotated_packed_linear_other_paths_apply_the_transform_first(name, backe
     mod = RotatedInput(T, PackedLinear.from_sim(sim))
     monkeypatch.setenv("LMPRESS_KERNELS", backend)
     monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
-    # on the CPU by default: W8A8 through the int8 GEMM (where this CPU sums exactly), W4A4 exactly
-    kind = "ref" if backend == "ref" else "cpu-int8mm" if name == "W8A8" and cpu.int8mm_exact() else "cpu-dequant"
+    # on the CPU by default: through the int8 GEMM (where this CPU sums exactly), which is the simulation
+    kind = "ref" if backend == "ref" else "cpu-int8mm" if cpu.int8mm_exact() else "cpu-dequant"
     x = _x(2, 5, 160)
     with torch.no_grad():
         y, want = mod(x), sim(T(x))
     assert mod.linear.kernel_path.kind == kind
-    assert _rel(y, want) < INT8MM_TOL[torch.float32] if kind == "cpu-int8mm" else torch.equal(y, want)
+    assert torch.equal(y, want)
 
 
 TQ_CASES = [  # M, m, p, kind, bits, packed, clip, dtype

@@ -93,6 +93,12 @@ SCHEMES = [
     QuantScheme(weights=QuantArgs(bits=4, granularity="group", group_size=16, symmetric=False), sparsity="2:4"),
     QuantScheme(weights=QuantArgs(bits=4), sparsity="2:4"),
     QuantScheme(weights=QuantArgs(bits=8, granularity="group", group_size=12), sparsity="2:4"),
+    # integer-factored (`int_linear`: the integer GEMM + scale epilogue), per-channel and per-tensor weights
+    QuantScheme(weights=QuantArgs(bits=8), inputs=QuantArgs(bits=8, granularity="token", dynamic=True), sparsity="2:4"),
+    QuantScheme(weights=QuantArgs(bits=4, granularity="tensor"), inputs=QuantArgs(bits=4, granularity="token", dynamic=True),
+                sparsity="2:4"),
+    QuantScheme(weights=QuantArgs(bits=4, granularity="group", group_size=16), inputs=QuantArgs(bits=8, granularity="token", dynamic=True),
+                sparsity="2:4"),  # group-wise weights: fake-quant + F.linear
 ]
 
 
