@@ -12,7 +12,7 @@ prefill is not timed, every decode step is (`torch.no_grad`, `use_cache=True`, a
 last logits). Reported: median tokens/s over the repeats for each model, their ratio, and
 whether the packed model's greedy tokens equal the reference path's. Memory: the bytes each
 model holds for the weights of the linears that the recipe quantizes (lm_head and embeddings
-are kept in both and left out): nn.Linear weights for the base, `PackedLinear.weight_nbytes()`
+are kept in both and left out): nn.Linear weights for the base, `weight_nbytes()` of each PackedLinear or Sparse24Linear
 after decoding for the packed model (packed words, qparams and any runtime copy: the CPU
 path's repacked int4 weight; the reference path's cached fp32 weight would show up here too).
 The machine's thread count and load average are printed with the result, because on shared
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmpress.compress import load
     from lmpress.compress.models import load_model
     from lmpress.kernels.kv_cache import cache_kwargs, returned_cache
-    from lmpress.kernels.linear import PackedLinear
+    from lmpress.kernels.linear import PackedLinear, Sparse24Linear
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,16 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         r, toks_packed = decode(packed)
         rates["packed"].append(r)
 
+    runtime = (PackedLinear, Sparse24Linear)  # the packed model's quantized (or 2:4-sparse) linears
     paths: dict[str, int] = {}
     for m in packed.modules():
-        if isinstance(m, PackedLinear) and m.kernel_path is not None:
+        if isinstance(m, runtime) and m.kernel_path is not None:
             paths[str(m.kernel_path)] = paths.get(str(m.kernel_path), 0) + 1
-    packed_bytes = sum(m.weight_nbytes() for m in packed.modules() if isinstance(m, PackedLinear))
+    packed_bytes = sum(m.weight_nbytes() for m in packed.modules() if isinstance(m, runtime))
     os.environ["LMPRESS_KERNELS"] = "ref"
     _, toks_ref = decode(packed)  # the oracle's greedy tokens (this fills the reference's fp32 cache)
     os.environ["LMPRESS_KERNELS"] = args.kernels
 
-    quantized = {n for n, m in packed.named_modules() if isinstance(m, PackedLinear)}
+    quantized = {n for n, m in packed.named_modules() if isinstance(m, runtime)}
     base_bytes = sum(m.weight.numel() * m.weight.element_size() for n, m in base.named_modules()
                      if isinstance(m, nn.Linear) and n in quantized)
     load_avg = os.getloadavg()

@@ -455,6 +455,15 @@ class Sparse24Linear(nn.Module):
             return int_linear(x, self._cached[1], self.weight_scale, a, self.bias)
         return F.linear(fake_quantize(x, a) if a is not None else x, self._cached[1], self.bias)
 
+    def weight_nbytes(self) -> int:
+        """Bytes this module holds for its weight: the 2:4 values and metadata, qparams, and the
+        reference path's cached dense weight (or codes) once a forward made it."""
+        n = sum(t.numel() * t.element_size() for name, t in self.named_buffers(recurse=False)
+                if t is not None and name != "bias")
+        if self._cached is not None:
+            n += self._cached[1].numel() * self._cached[1].element_size()
+        return n
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 

@@ -109,8 +109,10 @@ def test_sparse24_linear_matches_sim_exactly(scheme, in_f):
     packed = Sparse24Linear.from_sim(sim)
     assert torch.equal(packed.dense_weight(), sim.weight)
     x = torch.randn(3, 4, in_f)
+    held = packed.weight_nbytes()  # before a forward: values, metadata, qparams
     assert torch.equal(packed(x), sim(x))
     assert packed.kernel_path.kind == "ref"
+    assert packed.weight_nbytes() == held + 11 * in_f * 4  # + the reference's cached dense fp32 weight (or codes)
     # the state dict round-trips through a meta-device skeleton
     fresh = Sparse24Linear(in_f, 11, scheme, bias=True, device="meta")
     fresh.load_state_dict(packed.state_dict(), assign=True)
