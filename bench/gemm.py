@@ -24,7 +24,7 @@ with the device's dense fp16 (int8 for the integer GEMMs) peak and memory bandwi
 small table (unknown devices print n/a).
 
 CPU (median of wall-clock repeats, `PackedLinear` with LMPRESS_KERNELS=cpu: torch's bf16 int4
-op up to 16 rows (`cpu.SMALL_M`), on-the-fly dequantization + fp32 matmul above): against fp32 and bf16
+op up to 64 rows (`cpu.SMALL_M`; 16 before 2026-12-06), on-the-fly dequantization + fp32 matmul above): against fp32 and bf16
 `torch.matmul` with the same activations; ratio = matmul time / CPU-path time (> 1: the CPU
 path is faster). "warm" times one weight over and over (it sits in cache: flattering for fp32);
 "cold" (M <= 16) rotates over copies of the layer that together exceed the caches, as a decode

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmpress.kernels.linear import LUTLinear, PackedLinear, Sparse24Linear
+from lmpress.kernels.linear import LUTLinear, PackedLinear, Sparse24Linear, link_siblings
 from lmpress.quant.scheme import QuantScheme
 from lmpress.quant.sim import SimQuantLinear
 
@@ -415,8 +415,31 @@ def load(out_dir: str | Path, device: str | torch.device = "cpu", verify: bool =
     if still_meta:
         raise CheckpointError(f"{out}: no tensors for {still_meta[:5]}; the checkpoint is incomplete")
     model.to(device).eval()
+    link_sibling_linears(model)
+    from lmpress.kernels.kv_cache import use_runtime_cache
+
+    use_runtime_cache(model)  # a per-token quantized KV cache: forwards with use_cache=True get QuantizedKVCache
     model.lmpress_meta = {"manifest": manifest, "path": str(out)}
     return model
+
+
+def link_sibling_linears(model: nn.Module) -> int:
+    """Link each decoder layer's PackedLinears that read one input (q/k/v, gate/up: the architecture
+    record's sequential groups) so that the CPU paths run them as one GEMM (`kernels.linear.SiblingGroup`,
+    bit-identical to separate calls). Architectures without a record are left as they are."""
+    from .arch import record_for
+
+    arch = record_for(model)
+    if arch is None:
+        return 0
+    try:
+        n_layers = len(arch.decoder_layers(model))
+    except AttributeError:
+        return 0
+    groups = [[f"{arch.layers}.{i}.{p}" for p in g] for i in range(n_layers) for g in arch.sequential_groups if len(g) > 1]
+    n = link_siblings(model, groups)
+    log.debug("linked %d groups of packed linears that read one input", n)
+    return n
 
 
 def inspect(out_dir: str | Path) -> dict[str, Any]:

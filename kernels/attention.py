@@ -57,6 +57,7 @@ SETTINGS_ATTR = "lmpress_attn"
 RUNTIME_PREFIX_ATTR = "_lmpress_quantized_prefix"  # (keys, values) already quantized, set by QuantizedKVCache
 ZIP_STATE_ATTR = "_lmpress_zip_state"  # the ZipCache layer of QuantizedKVCache: zip_tail, zip_commit
 DECODE_STATE_ATTR = "_lmpress_decode_state"  # a QuantizedKVCache layer that attends one query itself: decode_attention
+TOKEN_KV_ATTR = "_lmpress_token_kv"  # keys/values of the per-token form, transformed and quantized as they entered the cache
 
 
 class LmpressAttention(nn.Module):
@@ -182,6 +183,8 @@ class LmpressAttention(nn.Module):
                 or self.qk_post_scale is not None or self.q_fp8)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        if getattr(key, TOKEN_KV_ATTR, False):  # QuantizedKVCache's per-token layer did the keys' and values' part
+            return (self.qk(query) if self.qk is not None else query), key, value
         query, key = self._prepare_qk(query, key)
         if self.qk is not None:
             query, key = self.qk(query), self.qk(key)
@@ -190,6 +193,17 @@ class LmpressAttention(nn.Module):
                 self._observe(key, value)
             key, value = fake_quantize_keys_values(key, value, self.kv, (self.k_scale, self.v_scale))
         return query, key, value
+
+    def token_cache_misfit(self) -> str:
+        """Why the runtime per-token layer (`kernels.kv_cache.PerTokenKVLayer`) cannot hold this attention's cache
+        ('' when it can): it takes the per-token integer form with no post-RoPE scaling or FP8 queries."""
+        if self.kv is None or not self.kv.per_token_only:
+            return "no per-token KV settings"
+        if self.kv.is_float:
+            return "an FP8 cache (static scales): fake-quantized by the attention function"
+        if self.qk_post_scale is not None or self.q_fp8:
+            return "post-RoPE Q/K scaling or FP8 queries"
+        return ""
 
     def spec(self) -> dict[str, Any]:
         if self.kv is not None and self.kv.is_float and self.k_scale is None:

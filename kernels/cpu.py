@@ -14,7 +14,7 @@ What torch 2.13 provides, and what it asks for (checked numerically in tests/tes
 
 Both are vectorized (AVX2 / AVX512) for bfloat16 activations only; their float32 and float16
 variants are scalar loops, 15-50x slower than an fp32 matmul on this machine. So, for up to
-`SMALL_M` rows (decode), weight-only schemes (W4A16, W8A16) run the op in bfloat16 for float32
+`SMALL_M` rows (decode, batched decode, prompts up to 64 tokens), weight-only schemes (W4A16, W8A16) run the op in bfloat16 for float32
 and bfloat16 models:
 
 - per-channel / per-tensor weights: the op gets unit scales (and the exact integer zero point
@@ -52,8 +52,8 @@ Everything else takes ``dequant``: the weight is dequantized on the fly (`dequan
 bit-identical to `dequantize`), activations are fake-quantized by the torch reference, and
 F.linear runs in the model's dtype (`int_factored` schemes: `int_linear` on the unpacked codes),
 which reproduces the simulation exactly. That is the path
-above `SMALL_M` rows for weight-only schemes (prefill, perplexity: there the op loses to an fp32
-matmul anyway), and for 2- and 3-bit weights, group sizes that are not multiples of 32 (the op's
+above `SMALL_M` rows for weight-only schemes (long prompts, perplexity windows: there the op, whose cost
+grows with the rows, loses to dequantization + an fp32 matmul), and for 2- and 3-bit weights, group sizes that are not multiples of 32 (the op's
 groups must nest in ours), asymmetric or group-wise 8-bit weights, float16 activations,
 every activation-quantized scheme under ``LMPRESS_INT8_GEMM=0``, and the activation schemes the int8 GEMM cannot
 express (group-wise or asymmetric weights, static or asymmetric activations).
@@ -77,7 +77,11 @@ from lmpress.quant.scheme import QuantArgs
 from .formats import unpack, unsigned_codes
 
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
-SMALL_M = 16  # rows up to which the bf16 weight-only ops beat dequantize + fp32 matmul (measured: 1536x576, 576x1536)
+# rows up to which the bf16 weight-only ops beat dequantize + fp32 matmul: an int4 g64 call costs ~21 us a row at
+# 1536 x 576 against ~1 ms of dequantization + the fp32 GEMM (1 thread: 662 / 1468 us at 32 rows, 1346 / 1812 at 64,
+# 2764 / 2529 at 128; 2 threads 721 / 1190 at 64; 576 x 1536 and 576 x 576 alike, 2026-12-06). 16 until then: a
+# 32-token prompt dequantized every weight (W4A16 time to first token ~3x the fp32 base's)
+SMALL_M = 64
 # `auto` sends smaller layers to the (cached fp32) reference: below this the int4 op's fixed cost
 # (~0.1 ms a call here) exceeds a streamed fp32 GEMV (SmolLM2's 192x576 k/v: 0.10 ms against 0.05 ms
 # cold at one row), and their fp32 copies are small (SmolLM2: 25 MiB of 405; the model stays < 40%)

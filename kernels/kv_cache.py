@@ -50,14 +50,14 @@ import functools
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from lmpress.quant.kv_cache import (gear_apply, gear_lowrank, gear_outliers, key_rows, quantized_keys, quantized_values,
+from lmpress.quant.kv_cache import (dequantize_kv_tokens, gear_apply, quantize_kv_tokens, gear_lowrank, gear_outliers, key_rows, quantized_keys, quantized_values,
                                     rope_on_pairs, rope_pair_order, rows_to_keys, without_outliers)
 from lmpress.quant.zipcache import salient_count, token_axis, zip_codes, zip_dequantize
 
-from .attention import DECODE_STATE_ATTR, RUNTIME_PREFIX_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
-from .formats import pack_unsigned, packed_cols, unpack_unsigned, unsigned_codes_float
+from .attention import DECODE_STATE_ATTR, RUNTIME_PREFIX_ATTR, TOKEN_KV_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
+from .formats import pack_trusted, pack_unsigned, packed_cols, unpack_unsigned, unsigned_codes_float
 from .kv_quant import kv_pack, kv_unpack
 
 _HOOK_ATTR = "_lmpress_kv_positions_hook"
@@ -104,7 +104,7 @@ class QuantizedKVLayer(DynamicLayer):
         if settings is None or not settings.kivi:
             raise ValueError(
                 "QuantizedKVCache stores KIVI settings (per-channel keys or a residual window); this attention has "
-                f"{'none' if settings is None or settings.kv is None else 'the per-token form, simulated by the attention function: use DynamicCache'}"
+                f"{'none' if settings is None or settings.kv is None else 'the per-token form: PerTokenKVLayer holds it'}"
             )
         self.settings, self.args, self.shared = settings, settings.kv, shared
         self.n = 0  # tokens held
@@ -400,6 +400,111 @@ class QuantizedKVLayer(DynamicLayer):
         raise NotImplementedError("QuantizedKVCache cannot be cropped (quantized groups cannot be partially removed)")
 
 
+class PerTokenKVLayer(DynamicLayer):
+    """One layer's cache in the per-token (QuaRot) form: each token's keys, after the attention's online Q/K
+    transform (R3), and its values are quantized once, as they enter (`quant.kv_cache.quantize_kv_tokens`),
+    and kept as packed codes with float32 scales and zero points per token and group. `update` returns the
+    whole cache dequantized, tagged (`TOKEN_KV_ATTR`) so that the attention function only transforms the query.
+
+    Keys and values are stacked on a leading axis of 2 and quantized, packed, stored and dequantized
+    together: a decode step costs ~25 small ops a layer, whatever the length.
+    - words int32 (2, B, H, T, packed_cols(Dp, bits));
+    - scale and zero point + 2^(bits-1) float32 (2, B, H, T, Dp / g).
+
+    The simulation (and a DynamicCache) instead transforms and fake-quantizes every cached token again at every
+    step. Tokens are quantized on their own and the transform acts on each row alone, so a prefill through this
+    layer is bit-identical to it (tests/test_kv_cache.py). A decode step differs only where the transform
+    sums one token's rows in another order than the whole prefix's (`quant.hadamard.DENSE_ROWS`): fp32 rounding.
+    At 4 bits and groups of 64 it holds 0.31x the bytes of an fp16 DynamicCache (0.5 byte of codes and 8 bytes
+    of qparams per 64 elements, against 2 bytes an element)."""
+
+    is_croppable = True
+
+    def __init__(self, settings, shared: "_Shared | None" = None):
+        super().__init__()
+        why = settings.token_cache_misfit() if settings is not None else "no lmpress attention settings"
+        if why:
+            raise ValueError(f"PerTokenKVLayer holds the per-token integer KV form; this attention has {why}")
+        self.settings, self.args = settings, settings.kv
+        self.words = self.scale = self.zero = None  # (2, B, H, T, ...): keys then values, token axis 3
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = key_states.shape[-1]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        a, qk = self.args, self.settings.qk
+        kv = torch.stack([qk(key_states) if qk is not None else key_states, value_states])  # (2, B, H, L, D)
+        q, sc, z = quantize_kv_tokens(kv, a.bits, a.group_size, a.symmetric, a.clip_ratio)  # (2, B, H, L, Dp) int8
+        words = pack_trusted(q.reshape(-1, q.shape[-1]), a.bits).reshape(*q.shape[:-1], -1)  # (2, B, H, L, words)
+        z = z + float(1 << (a.bits - 1))  # the zero point of the unsigned codes (integers: exact)
+        if self.words is None:
+            self.words, self.scale, self.zero = words, sc, z
+        else:
+            self.words, self.scale, self.zero = (torch.cat([o, n], dim=3) for o, n in
+                                                 ((self.words, words), (self.scale, sc), (self.zero, z)))
+        keys, values = self._dequantized().unbind(0)  # (B, H, T, D) each
+        setattr(keys, TOKEN_KV_ATTR, True)
+        return keys, values
+
+    def _dequantized(self) -> torch.Tensor:
+        """(2, B, H, T, D) in the model's dtype: `dequantize_kv_tokens` of the stored codes, bit for bit, as
+        (u - (z + 2^(bits-1))) * s on the unsigned codes u read through a byte lookup table."""
+        ng = self.scale.shape[-1]
+        g = min(self.args.group_size, self.head_dim)
+        u = unsigned_codes_float(self.words, self.args.bits, ng * g)  # (2, B, H, T, Dp) float32
+        lead = u.shape[:-1]
+        x = (u.view(*lead, ng, g) - self.zero[..., None]).mul_(self.scale[..., None]).view(*lead, ng * g)
+        if ng * g != self.head_dim:
+            x = x[..., : self.head_dim]
+        return x if x.dtype == self.dtype else x.to(self.dtype)
+
+    def get_seq_length(self) -> int:
+        return 0 if self.words is None else self.words.shape[3]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.words, self.scale, self.zero) if t is not None]
+
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        """Bytes of the stored codes and qparams (it holds no full-precision token: `float_bytes` does not apply)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def _map(self, fn) -> None:  # fn acts on dim 0 = batch: the stacked k/v axis stays in front
+        if self.words is not None:
+            self.words, self.scale, self.zero = (torch.stack([fn(t[0]), fn(t[1])]) for t in (self.words, self.scale, self.zero))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove and self.words is not None:  # each token on its own: its codes simply go
+            self.words, self.scale, self.zero = (t[:, :, :, :tokens_to_remove] for t in (self.words, self.scale, self.zero))
+
+    def offload(self) -> None:
+        if self.words is not None:
+            self.words, self.scale, self.zero = (t.to("cpu", non_blocking=True) for t in (self.words, self.scale, self.zero))
+
+    def prefetch(self) -> None:
+        if self.words is not None and self.words.device != self.device:
+            self.words, self.scale, self.zero = (t.to(self.device, non_blocking=True) for t in (self.words, self.scale, self.zero))
+
+    def reset(self) -> None:
+        self.words = self.scale = self.zero = None
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
 def stored_key_scores(q: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int,
                       G: int) -> torch.Tensor:
     """q · k for per-channel quantized keys without dequantizing them: with k = s·u + m per (channel, group of G
@@ -464,7 +569,7 @@ class QuantizedKVCache(Cache):
             if len(attns) != n:
                 raise ValueError(f"found {len(attns)} attention modules (with layer_idx and head_dim) for {n} decoder "
                                  "layers; pass arch=lmpress.compress.arch_for(model)")
-        layers = [QuantizedKVLayer(settings_of(attn), self.shared) for attn in attns]
+        layers = [_layer_for(settings_of(attn), self.shared) for attn in attns]
         super().__init__(layers=layers)
         _install_positions_hook(model)
 
@@ -497,6 +602,65 @@ class QuantizedKVCache(Cache):
         super().batch_repeat_interleave(repeats)
         if self.shared.offset is not None and self.shared.offset.shape[0] > 1:
             self.shared.offset = self.shared.offset.repeat_interleave(repeats, dim=0)
+
+
+def _layer_for(settings, shared: _Shared) -> DynamicLayer:
+    """KIVI settings -> QuantizedKVLayer; the per-token integer form -> PerTokenKVLayer (else their errors)."""
+    if settings is not None and settings.kv is not None and settings.kv.per_token_only:
+        return PerTokenKVLayer(settings, shared)
+    return QuantizedKVLayer(settings, shared)
+
+
+def runtime_cache_misfit(model: nn.Module, per_token: bool = False) -> str:
+    """Why `QuantizedKVCache(model)` cannot hold this model's cache ('' when it can): every attention module
+    (with layer_idx and head_dim) must carry KIVI or per-token integer KV settings (`per_token`: the latter)."""
+    attns = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "head_dim")]
+    if not attns:
+        return "no attention modules with layer_idx and head_dim"
+    for attn in attns:
+        s = settings_of(attn)
+        if s is None or s.kv is None:
+            return f"layer {attn.layer_idx} has no KV settings"
+        if s.kv.per_token_only and s.token_cache_misfit():
+            return f"layer {attn.layer_idx}: {s.token_cache_misfit()}"
+        if per_token and not s.kv.per_token_only:
+            return f"layer {attn.layer_idx}: KIVI settings (pass QuantizedKVCache(model) yourself)"
+    return ""
+
+
+_DEFAULT_HOOK_ATTR = "_lmpress_default_cache_hook"
+
+
+def _default_cache_pre_hook(module, args, kwargs):
+    if kwargs.get("use_cache") is not True:
+        return None
+    name = cache_kwarg()
+    cache = kwargs.get(name)
+    if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):  # none, or generate's fresh one
+        return args, {**kwargs, name: QuantizedKVCache(module)}
+    return None
+
+
+def use_runtime_cache(model: nn.Module, enable: bool = True) -> bool:
+    """Make `QuantizedKVCache(model)` the cache of every forward called with ``use_cache=True`` that brings no
+    cache (or an empty DynamicCache, as `generate` does), for a model whose attention modules all carry the
+    per-token integer KV form: its tokens are then transformed and quantized once, as they enter, not at every
+    step, and kept as codes (`PerTokenKVLayer`). `compress.load` calls it. Returns whether it did
+    (`runtime_cache_misfit` says why not); ``enable=False`` takes it back (the DynamicCache and the
+    simulation's attention, which fake-quantizes the whole prefix at every step)."""
+    if not enable:
+        handle = getattr(model, _DEFAULT_HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            setattr(model, _DEFAULT_HOOK_ATTR, None)
+        return False
+    if runtime_cache_misfit(model, per_token=True):
+        return False
+    if getattr(model, _DEFAULT_HOOK_ATTR, None) is None:
+        _install_positions_hook(model)  # before ours runs: ours is prepended, so the cache it makes sees its positions
+        setattr(model, _DEFAULT_HOOK_ATTR,
+                model.register_forward_pre_hook(_default_cache_pre_hook, with_kwargs=True, prepend=True))
+    return True
 
 
 # ---- the cache argument's name ------------------------------------------------------------------
@@ -542,4 +706,4 @@ def dynamic_cache_nbytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
 
-__all__ = ["QuantizedKVCache", "QuantizedKVLayer", "cache_kwarg", "cache_kwargs", "dynamic_cache_nbytes", "returned_cache"]
+__all__ = ["PerTokenKVLayer", "QuantizedKVCache", "QuantizedKVLayer", "runtime_cache_misfit", "use_runtime_cache", "cache_kwarg", "cache_kwargs", "dynamic_cache_nbytes", "returned_cache"]

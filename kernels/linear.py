@@ -25,7 +25,9 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
   simulation's `int_linear`; ``LMPRESS_INT8_GEMM=0`` turns it off, see `cpu`); weight-only 4/8-bit
   schemes run torch's int4/int8 ops in bfloat16 on a repacked copy for up to `cpu.SMALL_M` rows
   (decode); larger calls and whatever the ops cannot serve dequantize on the fly and run F.linear
-  (exact, nothing kept).
+  (exact, nothing kept). Linears that read one input (a layer's q/k/v, gate/up; `link_siblings`,
+  which `compress.load` calls) run as one GEMM over their stacked weights on those op paths
+  (`SiblingGroup`, bit-identical to separate calls).
 - the reference (``LMPRESS_KERNELS=ref``, small layers under ``auto``, autograd, and Triton's
   fallbacks): unpack + dequantize + F.linear (`int_factored` schemes: `int_linear` on the codes),
   bit-identical to SimQuantLinear. By default it keeps the dequantized weight after the first
@@ -35,6 +37,10 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
 `kernel_path` records what the last forward ran and, for a fallback, why.
 """
 from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +92,8 @@ class PackedLinear(nn.Module):
         self.cache_weight = True
         self._cached: tuple | None = None  # (key, dequantized weight): reference path only
         self._fast: tuple | None = None  # (key, cpu.Int4Pack | cpu.Int8Pack | cpu.Int8MM): CPU fast paths only
+        self._plan: tuple | None = None  # (x dtype, INT8MM_ENV's value, cpu.plan's answer): asked ~200 times a token
+        self._group: SiblingGroup | None = None  # the linears reading the same input (`link_siblings`)
         self.kernel_path: Path | None = None
 
     @classmethod
@@ -133,7 +141,7 @@ class PackedLinear(nn.Module):
         if transform is not None:
             if self._runs_triton(x):
                 return self._forward_triton(x, transform)
-            x = transform(x)
+            return self._dispatch(transform(x), grouped=False)  # a new tensor for each reader: nothing to share
         return self._dispatch(x)
 
     def _runs_triton(self, x: torch.Tensor) -> bool:  # the choice _dispatch makes
@@ -142,8 +150,12 @@ class PackedLinear(nn.Module):
         backend = requested_backend()
         return backend == "triton" or (backend == "auto" and x.is_cuda and triton_available())
 
-    def _dispatch(self, x: torch.Tensor) -> torch.Tensor:
+    def _dispatch(self, x: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         backend = requested_backend()
+        if grouped and self._group is not None and backend in ("auto", "cpu") and not (x.requires_grad and torch.is_grad_enabled()):
+            y = self._group.forward(self, x, small_to_ref=backend == "auto")
+            if y is not None:
+                return y
         if backend == "auto":
             if x.is_cuda:
                 if not triton_available():
@@ -153,7 +165,7 @@ class PackedLinear(nn.Module):
                     # a small layer on the int8 GEMM still beats the reference's `int_linear` (generic qparams +
                     # fp32 GEMM of the codes), as k/v reuse q's codes (`cpu.shared_token_codes`): 192 x 576, one
                     # row, one thread, 40 us against 65 us
-                    self.scheme.inputs is not None and cpu.plan(self.scheme.weights, self.scheme.inputs, x.dtype)[0] == "int8mm")):
+                    self.scheme.inputs is not None and self.cpu_plan(x.dtype)[0] == "int8mm")):
                 backend = "cpu"
             else:
                 return self._forward_ref(x, "small layer: the cached fp32 weight is cheap and faster" if x.device.type == "cpu" else "")
@@ -189,7 +201,7 @@ class PackedLinear(nn.Module):
         if M == 0:
             return self._forward_ref(x, "no rows")
         inputs = self.scheme.inputs
-        kind, why = cpu.plan(self.scheme.weights, inputs, x.dtype)
+        kind, why = self.cpu_plan(x.dtype)
         if kind == "dequant" or (M > cpu.SMALL_M and kind != "int8mm"):  # exact: the simulation's operations
             self._note("cpu-dequant", why or f"{M} rows > {cpu.SMALL_M}")
             if int_factored(self.scheme.weights, inputs):  # the simulation's integer GEMM + epilogue
@@ -213,15 +225,17 @@ class PackedLinear(nn.Module):
     def _cpu_prep(self, kind: str):
         key = (kind,) + self._buffers_key()
         if self._fast is None or self._fast[0] != key:
-            args = self.scheme.weights
-            if kind == "int4pack":
-                prep = cpu.prepare_int4(self.weight_packed, self.weight_scale, self.weight_zero_point, args, self.in_features)
-            elif kind == "int8mm":
-                prep = cpu.prepare_int8mm(self.weight_packed, self.weight_scale, args, self.in_features, self.scheme.inputs)
-            else:
-                prep = cpu.prepare_int8(self.weight_packed, self.weight_scale, args, self.in_features)
-            self._fast = (key, prep)
+            self._fast = (key, _cpu_pack(kind, self.weight_packed, self.weight_scale, self.weight_zero_point, self.scheme,
+                                         self.in_features))
         return self._fast[1]
+
+    def cpu_plan(self, dtype: torch.dtype) -> tuple[str, str]:
+        """`cpu.plan` for this scheme and an activation dtype, kept until the dtype or `cpu.INT8MM_ENV` changes."""
+        env = os.environ.get(cpu.INT8MM_ENV, "")
+        p = self._plan
+        if p is None or p[0] is not dtype or p[1] != env:
+            p = self._plan = (dtype, env, cpu.plan(self.scheme.weights, self.scheme.inputs, dtype))
+        return p[2]
 
     # ---- Triton ----------------------------------------------------------------------------
     def _forward_triton(self, x: torch.Tensor, transform: nn.Module | None = None) -> torch.Tensor:
@@ -330,6 +344,8 @@ class PackedLinear(nn.Module):
         if self._fast is not None:
             f = self._fast[1]  # a CPU pack (its nbytes()) or a repacked tensor (_int8_container, _perm_weight)
             n += f.nbytes if isinstance(f, torch.Tensor) else f.nbytes()
+        if self._group is not None and self._group.members[0] is self:  # the group's stacked copy, counted once
+            n += self._group.nbytes()
         return n
 
     def _weight_for(self, dtype: torch.dtype, codes: bool = False) -> torch.Tensor:
@@ -348,6 +364,131 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+def _cpu_pack(kind: str, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme,
+              in_features: int):
+    """The CPU op's copy of a weight (`cpu.plan`'s kind): int4 tiles, int8 rows, or oneDNN's prepacked int8 codes."""
+    if kind == "int4pack":
+        return cpu.prepare_int4(packed, scale, zero, scheme.weights, in_features)
+    if kind == "int8mm":
+        return cpu.prepare_int8mm(packed, scale, scheme.weights, in_features, scheme.inputs)
+    return cpu.prepare_int8(packed, scale, scheme.weights, in_features)
+
+
+class SiblingGroup:
+    """PackedLinears that read one input tensor: a decoder layer's q/k/v, or gate/up (`link_siblings`).
+
+    On the CPU op paths, the first member called on a tensor runs one GEMM over the members' weights
+    stacked along the output dimension. It keeps the other members' slices of the output for their
+    calls on that very tensor (the same object, unmodified since: `_version`), and drops each slice as
+    it is taken. Every output column is computed on its own:
+    - on the int8 GEMM from an exact integer sum and the same per-column epilogue;
+    - on the bf16 weight-only ops in the same tiles.
+    So this equals the separate calls on the same op bit for bit (tests/test_kernels.py). A decode step
+    then issues 4 GEMMs a layer instead of 7. Under ``auto`` a k/v projection too small for the ops on
+    its own (`cpu.MIN_FAST_WEIGHTS`) joins q's GEMM instead of taking the fp32 reference, and so takes
+    that op's arithmetic: exact on the int8 GEMM, bfloat16 on the weight-only int4/int8 ops (as q's).
+
+    Not used (the members run alone, as before):
+    - under autograd, off the CPU, or for inference-mode tensors (they keep no version counter);
+    - with an online transform (each reader gets a new tensor);
+    - on the dequant path, i.e. weight-only schemes above `cpu.SMALL_M` rows: an fp32 GEMM's summation
+      order may depend on N.
+    """
+
+    def __init__(self, members: Sequence["PackedLinear"]):
+        self.members = tuple(members)
+        self.sizes = [m.out_features for m in self.members]
+        self._fast: tuple | None = None  # (key, CPU op's copy of the stacked weights, stacked bias or None)
+        self._memo: dict[int, tuple] = {}  # thread id -> (x, x._version, {member index: output}, Path)
+
+    def forward(self, member: "PackedLinear", x: torch.Tensor, small_to_ref: bool = False) -> torch.Tensor | None:
+        """`member`'s output on x, from the group's GEMM; None when the group does not apply (see the class doc).
+        `small_to_ref` (``auto``): a group smaller than `cpu.MIN_FAST_WEIGHTS` in all is left to the members'
+        own choice, as a lone layer of that size would be, unless it takes the int8 GEMM."""
+        if x.device.type != "cpu" or x.is_inference() or x.dtype not in cpu.FAST_DTYPES:
+            return None
+        i = next(j for j, m in enumerate(self.members) if m is member)
+        tid = threading.get_ident()
+        memo = self._memo.get(tid)
+        if memo is not None and memo[0] is x and memo[1] == x._version:
+            y = memo[2].pop(i, None)
+            if y is not None:
+                if not memo[2]:
+                    del self._memo[tid]
+                if member.kernel_path != memo[3]:
+                    member.kernel_path = memo[3]
+                return y
+        K = x.shape[-1]
+        M = x.numel() // max(K, 1)
+        kind = self.members[0].cpu_plan(x.dtype)[0]
+        if M == 0 or not (kind == "int8mm" or (kind in ("int4pack", "int8pack") and M <= cpu.SMALL_M)):
+            return None
+        if small_to_ref and kind != "int8mm" and sum(self.sizes) * K < cpu.MIN_FAST_WEIGHTS:
+            return None
+        prep, bias = self._prep(kind)
+        if kind == "int8mm":
+            y = cpu.linear_int8mm(x, prep, bias, x.dtype)  # (M, N_1 + ... + N_n)
+        else:
+            y = cpu.linear_small_m(x.reshape(M, K), prep, bias, x.dtype)  # (M, N_1 + ... + N_n)
+        outs = {j: o.view(*x.shape[:-1], n) for j, (o, n) in enumerate(zip(y.split(self.sizes, dim=1), self.sizes))}
+        path = Path("cpu-" + kind, f"one GEMM for the {len(self.members)} linears reading this input")
+        mine = outs.pop(i)
+        self._memo[tid] = (x, x._version, outs, path)
+        if member.kernel_path != path:
+            member.kernel_path = path
+        return mine
+
+    def _prep(self, kind: str) -> tuple:
+        ms = self.members
+        key = (kind,) + tuple(m._buffers_key() for m in ms) + tuple(
+            (m.bias.data_ptr(), m.bias._version) for m in ms if m.bias is not None)
+        if self._fast is None or self._fast[0] != key:
+            self._fast = None  # free the old copy before building the new one
+
+            def rows(t: torch.Tensor, m: PackedLinear) -> torch.Tensor:  # (1, g) per-tensor qparams -> (N_m, g)
+                return t.expand(m.out_features, -1) if t.shape[0] == 1 else t
+
+            packed = torch.cat([m.weight_packed for m in ms])  # (sum N, words)
+            scale = torch.cat([rows(m.weight_scale, m) for m in ms])  # (sum N, groups)
+            zero = None if ms[0].weight_zero_point is None else torch.cat([rows(m.weight_zero_point, m) for m in ms])
+            bias = None
+            if any(m.bias is not None for m in ms):
+                dt = next(m.bias.dtype for m in ms if m.bias is not None)
+                bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=dt) for m in ms])
+            self._fast = (key, _cpu_pack(kind, packed, scale, zero, ms[0].scheme, ms[0].in_features), bias)
+        return self._fast[1], self._fast[2]
+
+    def nbytes(self) -> int:
+        """Bytes of the stacked copy (0 before the first grouped call)."""
+        if self._fast is None:
+            return 0
+        return self._fast[1].nbytes() + (self._fast[2].numel() * self._fast[2].element_size() if self._fast[2] is not None else 0)
+
+
+def link_siblings(model: nn.Module, groups: Iterable[Sequence[str]]) -> int:
+    """Give each set of PackedLinears named in `groups` (module paths; each set reads one input tensor,
+    e.g. a layer's q/k/v) a `SiblingGroup`. Sets that are not all PackedLinears of one scheme and input
+    width (a RotatedInput, a mixed-precision plan, COMET's permuted or static activation scales) are
+    left alone. Returns the number of groups linked."""
+    n = 0
+    for names in groups:
+        try:
+            mods = [model.get_submodule(p) for p in names]
+        except AttributeError:
+            continue
+        if len(mods) < 2 or not all(type(m) is PackedLinear for m in mods):
+            continue
+        first = mods[0]
+        if any(m.scheme != first.scheme or m.in_features != first.in_features or m.input_perm is not None
+               or m.input_scale is not None for m in mods) or first.scheme.weights.type != "int":
+            continue
+        group = SiblingGroup(mods)
+        for m in mods:
+            m._group = group
+        n += 1
+    return n
 
 
 class Sparse24Linear(nn.Module):
@@ -441,10 +582,15 @@ class Sparse24Linear(nn.Module):
             self.kernel_path = Path("triton-sparse24")
             return sparse24_gemm(fake_quantize(x, a) if a is not None else x, self.weight_sparse24_values,
                                  self.weight_sparse24_meta, *self._qparams(), bias=self.bias, **self._gemm_args())
-        self.kernel_path = Path("ref", "" if not x.is_cuda else "no Triton kernel for this scheme")
+        why = "" if not x.is_cuda else "no Triton kernel for this scheme"
+        p = self.kernel_path
+        if p is None or p.kind != "ref" or p.reason != why:
+            self.kernel_path = Path("ref", why)
         factored = int_factored(w, a)  # the simulation's integer GEMM + epilogue on the dense codes (zeros where pruned)
-        key = (torch.float32 if factored else x.dtype, factored, self.weight_sparse24_values.data_ptr(),
-               self.weight_sparse24_values._version, self.weight_sparse24_meta.data_ptr(), self.weight_sparse24_meta._version, x.device)
+        b = self._buffers  # direct: nn.Module.__getattr__ costs ~1 us, and decode runs ~200 of these a token
+        vals, meta = b["weight_sparse24_values"], b["weight_sparse24_meta"]
+        key = (torch.float32 if factored else x.dtype, factored, vals.data_ptr(), vals._version, meta.data_ptr(), meta._version,
+               x.device)
         if self._cached is None or self._cached[0] != key:
             from .sparse24_gemm import sparse24_dense_weight
 
@@ -453,8 +599,8 @@ class Sparse24Linear(nn.Module):
                      else self.dense_weight(x.dtype))
             self._cached = (key, dense)
         if factored:
-            return int_linear(x, self._cached[1], self.weight_scale, a, self.bias)
-        return F.linear(fake_quantize(x, a) if a is not None else x, self._cached[1], self.bias)
+            return int_linear(x, self._cached[1], b["weight_scale"], a, b["bias"])
+        return F.linear(fake_quantize(x, a) if a is not None else x, self._cached[1], b["bias"])
 
     def weight_nbytes(self) -> int:
         """Bytes this module holds for its weight: the 2:4 values and metadata, qparams, and the

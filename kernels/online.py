@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from lmpress.quant.hadamard import (
-    check_block, hadamard_factors, hadamard_matrix, hadamard_transform, has_hadamard, random_block_hadamard, random_hadamard,
-    random_orthogonal, random_signs,
+    DENSE_ROWS, check_block, hadamard_factors, hadamard_matrix, hadamard_transform, has_hadamard, random_block_hadamard,
+    random_hadamard, random_orthogonal, random_signs,
 )
 
 KINDS = ("hadamard", "kron")
+SMALL_DENSE = 256  # transforms up to this size (a head: R3) run as one dense matmul at decode (64 KiB of fp32 at 128)
 
 
 class OnlineHadamard(nn.Module):
@@ -54,7 +55,7 @@ class OnlineHadamard(nn.Module):
             block = None if block == size else block
         self.size, self.seed, self.block = size, seed, block  # block: Q = diag(s) (I ⊗ H_block) / sqrt(block)
         self.fast = has_hadamard(size if block is None else block)
-        self._kron: dict = {}  # device -> kron_factors(), built on first use
+        self._kron: dict = {}  # device -> kron_factors(); ("q", dtype, device) -> Q (`_small_q`): built on first use
         if self.fast:
             Hm, p = hadamard_factors(size if block is None else block)
             self.p = p
@@ -73,11 +74,25 @@ class OnlineHadamard(nn.Module):
             raise ValueError(f"OnlineHadamard of size {self.size} got an input whose last dim is {x.shape[-1]}")
         if self.dense is not None:
             return torch.matmul(x, self.dense.to(x.dtype))
+        if self.block is None and self.size <= SMALL_DENSE and x.numel() <= DENSE_ROWS * self.size:
+            return torch.matmul(x, self._small_q(x.dtype, x.device)) / math.sqrt(self.size)  # decode rows of R3
         if self.signs is not None:
             x = x * self.signs.to(x.dtype)
         if self.block is not None:  # (..., n) -> (..., n / b, b): each block on its own
             return hadamard_transform(x.reshape(*x.shape[:-1], -1, self.block), self.Hm, self.p).reshape(x.shape)
         return hadamard_transform(x, self.Hm, self.p)  # fwht over 2^k, a small matmul for H_m
+
+    def _small_q(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """diag(s) H_n (n, n), entries ±1, in `dtype` on `device`, kept: for up to `DENSE_ROWS` rows a transform
+        of at most `SMALL_DENSE` channels is one matmul and the normalisation, instead of the signs, the two
+        factors and the normalisation (integer inputs sum exactly, as in the fused kernel's reference)."""
+        key = ("q", dtype, device)
+        if key not in self._kron:
+            H = hadamard_matrix(self.size).to(torch.float64)
+            if self.signs is not None:
+                H = self.signs.to(torch.float64).cpu()[:, None] * H
+            self._kron[key] = H.to(device=device, dtype=dtype)
+        return self._kron[key]
 
     @torch.no_grad()
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:

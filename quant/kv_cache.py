@@ -49,7 +49,7 @@ from torch import nn
 
 from .fp import E4M3, round_to_grid
 from .hadamard import hadamard_factors, hadamard_transform, has_hadamard, random_hadamard, random_signs
-from .primitives import fake_quantize
+from .primitives import dequantize, fake_quantize
 from .scheme import KV_BITS, KV_CLIP_GRID, KVCacheArgs, QuantArgs
 
 PARAM_DTYPE = torch.float16  # scale and min as the runtime cache stores them
@@ -71,15 +71,51 @@ def fake_quantize_kv(
         raise ValueError(f"fake_quantize_kv: bits={bits!r}; use one of {list(KV_BITS)}")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"fake_quantize_kv: group_size={group_size!r} must be a positive integer")
+    return dequantize_kv_tokens(*quantize_kv_tokens(x, bits, group_size, symmetric, clip_ratio), bits, symmetric,
+                                clip_ratio, x.shape[-1], x.dtype)
+
+
+def _token_args(bits: int, symmetric: bool, clip_ratio: float) -> QuantArgs:
+    return QuantArgs(bits=bits, granularity="channel", symmetric=symmetric, clip_ratio=clip_ratio)  # rows: (token, group)
+
+
+def quantize_kv_tokens(x: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                       clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-token form's codes of `x` (B, heads, T, head_dim): (int8 codes (B, heads, T, Dp), scale and zero
+    point float32 (B, heads, T, Dp / g)), g = min(group_size, head_dim), Dp = head_dim padded to whole groups.
+    Each token's groups are quantized on their own, so the codes of a concatenation are the concatenated codes
+    (the runtime cache quantizes each token once, `kernels.kv_cache.PerTokenKVLayer`). `fake_quantize_kv` is
+    `dequantize_kv_tokens` of these."""
     d = x.shape[-1]
     g = min(group_size, d)
     pad = (-d) % g
     # zero padding leaves every group's qparams unchanged (the range is clamped to include 0)
     xp = F.pad(x, (0, pad)) if pad else x
-    rows = xp.reshape(-1, g)  # (B * heads * T * groups, g): one row per (head, token, group)
-    args = QuantArgs(bits=bits, granularity="channel", symmetric=symmetric, clip_ratio=clip_ratio)
-    out = fake_quantize(rows, args).reshape(xp.shape)
-    return out[..., :d] if pad else out
+    rows = xp.reshape(-1, g).float()  # (B * heads * T * groups, g): one row per (head, token, group)
+    args = _token_args(bits, symmetric, clip_ratio)
+    # `compute_qparams` + `quantize` of these rows (channel granularity: one range a row) in 14 ops where the
+    # generic pair takes ~30; a decode step pays this per layer (tests/test_kv_cache.py checks it bit for bit)
+    lo = rows.amin(1, keepdim=True).clamp_(max=0.0)  # (rows, 1): the range widened to hold 0
+    hi = rows.amax(1, keepdim=True).clamp_(min=0.0)
+    if clip_ratio != 1.0:
+        lo, hi = lo * clip_ratio, hi * clip_ratio
+    div = torch.full((), args.sym_divisor if symmetric else args.qmax - args.qmin, dtype=hi.dtype, device=hi.device)
+    scale = (torch.maximum(-lo, hi) if symmetric else hi - lo) / div
+    scale = torch.where(scale > 0, scale, 1.0)  # an all-zero group: scale 1
+    zero = torch.zeros_like(scale) if symmetric else (args.qmin - torch.round(lo / scale)).clamp_(args.qmin, args.qmax)
+    q = (rows / scale).round_().add_(zero).clamp_(args.qmin, args.qmax).to(torch.int8)  # (rows, g)
+    lead = (*xp.shape[:-1], xp.shape[-1] // g)  # (B, heads, T, groups)
+    return q.reshape(xp.shape), scale.reshape(lead), zero.reshape(lead)
+
+
+def dequantize_kv_tokens(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
+                         clip_ratio: float, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_kv_tokens`: codes (..., Dp) int8 (or the same integers as float32), scale / zero
+    (..., Dp / g) -> (..., head_dim) in `dtype`, through `dequantize` (bit-identical to `fake_quantize_kv`)."""
+    g = q.shape[-1] // scale.shape[-1]
+    args = _token_args(bits, symmetric, clip_ratio)
+    out = dequantize(q.reshape(-1, g), scale.reshape(-1, 1), zero.reshape(-1, 1), args, dtype=dtype).reshape(q.shape)
+    return out[..., :head_dim] if q.shape[-1] != head_dim else out
 
 
 def fake_quantize_kv_fp8(x: torch.Tensor, scale: torch.Tensor | None, per_head: bool = False) -> torch.Tensor:
@@ -593,7 +629,7 @@ def fold_value_rotation(v_proj: nn.Linear, o_proj: nn.Linear, n_heads: int, n_kv
 
 
 __all__ = [
-    "fake_quantize_kv", "fake_quantize_kv_fp8", "check_kv_args", "fake_quantize_keys_values", "minmax_quantize", "minmax_dequantize",
+    "fake_quantize_kv", "quantize_kv_tokens", "dequantize_kv_tokens", "fake_quantize_kv_fp8", "check_kv_args", "fake_quantize_keys_values", "minmax_quantize", "minmax_dequantize",
     "key_rows", "rows_to_keys", "token_rows", "fake_quantize_keys_kivi", "fake_quantize_tokens_kivi",
     "quantized_keys", "quantized_values", "decode_masks", "quantized_copy", "kv_mixed_attention", "gear_fake_quantize",
     "apply_rope", "invert_rope", "rope_pair_order", "rope_on_pairs", "key_positions", "zigzag_order", "KeyRotation", "fold_value_rotation",

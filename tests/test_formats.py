@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lmpress.kernels.formats import SUPPORTED_BITS, pack, packed_cols, unpack
+from lmpress.kernels.formats import SUPPORTED_BITS, pack, pack_trusted, packed_cols, unpack
 
 
 def _reference_pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -26,6 +26,14 @@ def _random_codes(rows, cols, bits, seed=0):
     if q.numel():  # make sure both extremes appear
         q.view(-1)[0], q.view(-1)[-1] = lo, hi
     return q.to(torch.int8)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (17, 100), (2, 11), (4, 0), (0, 5), (6, 64)])
+def test_pack_trusted_is_pack(bits, shape):
+    q = _random_codes(*shape, bits)
+    p = pack_trusted(q, bits)
+    assert p.dtype == torch.int32 and torch.equal(p, pack(q, bits))
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)

@@ -49,8 +49,22 @@ def test_random_hadamard_orthonormal_and_seeded(n):
 
 @pytest.mark.parametrize("n", [1, 2, 16, 12, 96, 576, 1536])
 def test_fast_transform_equals_dense(n):
-    x = torch.randn(3, 5, n, dtype=torch.float64)
-    dense = x @ hadamard_matrix(n).to(torch.float64) / math.sqrt(n)
-    assert torch.allclose(hadamard_transform(x), dense, atol=1e-10)
+    for rows in (3 * 5, 3 * 7):  # up to DENSE_ROWS rows: H_p as one matmul; above: the butterflies
+        x = torch.randn(3, rows // 3, n, dtype=torch.float64)
+        dense = x @ hadamard_matrix(n).to(torch.float64) / math.sqrt(n)
+        assert torch.allclose(hadamard_transform(x), dense, atol=1e-10)
     if n & (n - 1) == 0:
         assert torch.allclose(fwht(x), x @ hadamard_matrix(n).to(torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("size,seed", [(64, 3), (12, None), (256, 0), (576, 1)])
+def test_online_hadamard_forward_is_its_matrix_at_decode_and_prefill_rows(size, seed):
+    """A few rows (decode: one dense matmul by Q for a head-sized transform, `SMALL_DENSE`) and many rows (the
+    fast transform) both compute x @ Q (float64, tight)."""
+    from lmpress.kernels.online import OnlineHadamard
+
+    h = OnlineHadamard(size, seed)
+    Q = h.matrix(torch.float64)
+    for rows in (3, 40):
+        x = torch.randn(rows, size, dtype=torch.float64)
+        assert torch.allclose(h(x), x @ Q, atol=1e-12)

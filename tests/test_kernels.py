@@ -163,7 +163,7 @@ def test_cpu_path_matches_reference(name, dtype, monkeypatch):
             assert torch.equal(y1, sim(x1))  # activation-quantized: exactly the simulation
         else:
             assert _rel(y1, sim(x1)) < 1e-2  # bfloat16 arithmetic (input and output rounding, bf16 qparams)
-        x2 = _x(2, 9, 200, dtype=dtype)  # 18 rows > SMALL_M: on-the-fly dequantization, exact
+        x2 = _x(2, 33, 200, dtype=dtype)  # 66 rows > SMALL_M: on-the-fly dequantization, exact
         y2 = packed(x2)
         assert packed.kernel_path.kind == "cpu-dequant"
         assert torch.equal(y2, sim(x2))
@@ -191,7 +191,7 @@ def test_int8_gemm_is_the_simulation(name, dtype, choice, monkeypatch):
     else:
         monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
     with torch.no_grad():
-        for x in (_x(3, 200, dtype=dtype), _x(2, 9, 200, dtype=dtype)):  # decode and > SMALL_M rows
+        for x in (_x(3, 200, dtype=dtype), _x(2, 33, 200, dtype=dtype)):  # decode and > SMALL_M rows
             y = packed(x)
             assert packed.kernel_path.kind == kind and y.dtype == dtype
             assert torch.equal(y, sim(x))
@@ -370,6 +370,79 @@ def test_checkpoint_cpu_path_end_to_end(tiny, tokens, tmp_path, monkeypatch):
         assert _rel(runtime(one).logits, model(one).logits) < 2e-2  # 1 row: bf16 int4 op
     kinds = {m.kernel_path.kind for m in runtime.modules() if isinstance(m, PackedLinear)}
     assert kinds == {"cpu-int4pack"}
+
+
+GROUP_SCHEMES = {  # scheme, the CPU path a lone member takes at 3 rows
+    "W8A8": (W8A8, "cpu-int8mm"),
+    "W4A4-tensor": (QuantScheme(weights=_w(4, gran="tensor"), inputs=W4A4.inputs), "cpu-int8mm"),
+    "W4A16-g64-asym": (QuantScheme(weights=_w(4, 64, sym=False)), "cpu-int4pack"),
+    "W4A16-channel": (QuantScheme(weights=_w(4)), "cpu-int4pack"),
+    "W8A16": (QuantScheme(weights=_w(8)), "cpu-int8pack"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(GROUP_SCHEMES))
+def test_sibling_group_is_the_separate_linears(name, dtype, monkeypatch):
+    """Linears reading one input run as one stacked GEMM on the CPU op paths: bit-identical to each alone,
+    the other members' outputs taken only for the very same unmodified tensor."""
+    from lmpress.kernels.linear import link_siblings
+
+    scheme, kind = GROUP_SCHEMES[name]
+    monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
+    sims = [_sim(scheme, 192, n, bias=b, dtype=dtype, seed=i) for i, (n, b) in enumerate([(40, True), (24, False), (24, True)])]
+    alone = [PackedLinear.from_sim(s) for s in sims]
+    parent = nn.ModuleDict({k: PackedLinear.from_sim(s) for k, s in zip("qkv", sims)})
+    assert link_siblings(parent, [["q", "k", "v"], ["q", "nope"]]) == 1
+    grouped = list(parent.values())
+    with torch.no_grad():
+        for x in (_x(3, 192, dtype=dtype), _x(2, 33, 192, dtype=dtype)):  # decode; above SMALL_M
+            want = [m(x) for m in alone]
+            got = [m(x) for m in grouped]
+            for g, w, m in zip(got, want, grouped):
+                assert torch.equal(g, w)
+                stacked = x.shape[0] == 3 or kind == "cpu-int8mm"  # the bf16 weight-only ops: up to SMALL_M rows
+                assert ("one GEMM for the 3 linears" in m.kernel_path.reason) == stacked, m.kernel_path
+            assert not grouped[0]._group._memo  # every slice taken
+        x = _x(3, 192, dtype=dtype)
+        grouped[0](x)
+        x.mul_(2)  # changed in place: k must not get the slice computed before
+        assert torch.equal(grouped[1](x), alone[1](x))
+        assert torch.equal(grouped[2](_x(3, 192, dtype=dtype, seed=7)), alone[2](_x(3, 192, dtype=dtype, seed=7)))
+        with torch.inference_mode():  # no version counter: each member alone
+            xi = _x(3, 192, dtype=dtype)
+            assert torch.equal(grouped[1](xi), alone[1](xi)) and "one GEMM" not in grouped[1].kernel_path.reason
+    assert grouped[0].weight_nbytes() > alone[0].weight_nbytes()  # the stacked copy is counted, once
+
+
+def test_link_siblings_skips_mixed_schemes_and_other_modules():
+    from lmpress.kernels.linear import link_siblings
+
+    a, b = PackedLinear.from_sim(_sim(W8A8, 64, 16)), PackedLinear.from_sim(_sim(W4A8, 64, 16))
+    parent = nn.ModuleDict({"a": a, "b": b, "c": nn.Linear(64, 16), "d": PackedLinear.from_sim(_sim(W8A8, 32, 16))})
+    assert link_siblings(parent, [["a", "b"], ["a", "c"], ["a", "d"], ["a"]]) == 0
+    assert a._group is None and b._group is None
+
+
+def test_checkpoint_links_siblings_and_stays_exact(tiny, tokens, tmp_path, monkeypatch):
+    """A reloaded checkpoint runs each layer's q/k/v and gate/up as one GEMM on the CPU, with the same logits."""
+    from lmpress.compress import compress, load, save
+
+    model, _ = tiny
+    compress(model, "w8a8-rtn")
+    save(model, tmp_path / "ckpt")
+    runtime = load(tmp_path / "ckpt")
+    packed = [m for m in runtime.modules() if isinstance(m, PackedLinear)]
+    groups = {id(m._group) for m in packed if m._group is not None}
+    assert len(groups) == 2 * runtime.config.num_hidden_layers
+    monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
+    with torch.no_grad():
+        got = [runtime(t).logits for t in (tokens, tokens[:1, :1])]
+        assert sum("one GEMM" in m.kernel_path.reason for m in packed) == 5 * runtime.config.num_hidden_layers
+        for m in packed:
+            m._group = None
+        want = [runtime(t).logits for t in (tokens, tokens[:1, :1])]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 # ============================================================ Triton kernels (interpreter)

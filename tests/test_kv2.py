@@ -214,9 +214,102 @@ def test_runtime_cache_holds_fewer_bytes_and_refuses_per_token_settings():
         ref, _ = tiny_llama(seed=0)
         ref(ids, use_cache=True, **cache_kwargs(d))
     assert q.get_seq_length() == 256 and q.nbytes() < 0.35 * dynamic_cache_nbytes(d)
-    per_token = _model(kv=KVCacheArgs(bits=4, group_size=16, key_granularity="token"))
-    with pytest.raises(ValueError, match="per-token form"):
-        QuantizedKVCache(per_token)
+    fp8 = _model(kv=KVCacheArgs(bits=8, type="float", symmetric=True, scale="tensor", group_size=16, key_granularity="token"))
+    with pytest.raises(ValueError, match="FP8 cache"):
+        QuantizedKVCache(fp8)
+
+
+# ----------------------------------------------------------------------------- the per-token form's runtime cache
+PER_TOKEN = KVCacheArgs(bits=4, group_size=16, key_granularity="token")
+
+
+@pytest.mark.parametrize("bits,sym,D,g", [(4, False, 16, 16), (2, False, 12, 8), (4, True, 16, 8), (8, True, 16, 16),
+                                          (8, False, 20, 64)])
+def test_per_token_codes_are_the_generic_quantizers(bits, sym, D, g):
+    """`quantize_kv_tokens` (14 ops) gives `compute_qparams` + `quantize`'s codes and qparams bit for bit, zero
+    rows and padded groups included, and `fake_quantize_kv` is their `dequantize`."""
+    import torch.nn.functional as F
+
+    from lmpress.quant.kv_cache import dequantize_kv_tokens, fake_quantize_kv, quantize_kv_tokens
+    from lmpress.quant.primitives import compute_qparams, dequantize, quantize
+    from lmpress.quant.scheme import QuantArgs
+
+    x = torch.randn(2, 3, 7, D, generator=torch.Generator().manual_seed(bits)) * 3
+    x[0, 1, 2] = 0.0  # an all-zero token
+    x[1, 0, 3] = x[1, 0, 3].abs()  # one-sided
+    q, sc, z = quantize_kv_tokens(x, bits, g, sym)
+    gg = min(g, D)
+    rows = F.pad(x, (0, (-D) % gg)).reshape(-1, gg)  # (rows, g)
+    args = QuantArgs(bits=bits, granularity="channel", symmetric=sym)
+    s_ref, z_ref = compute_qparams(rows, args)
+    assert torch.equal(q.reshape(-1, gg), quantize(rows, s_ref, z_ref, args))
+    assert torch.equal(sc.reshape(-1, 1), s_ref) and torch.equal(z.reshape(-1, 1), z_ref)
+    ref = dequantize(quantize(rows, s_ref, z_ref, args), s_ref, z_ref, args).reshape(*x.shape[:-1], -1)[..., :D]
+    assert torch.equal(fake_quantize_kv(x, bits, g, sym), ref)
+    assert torch.equal(dequantize_kv_tokens(q, sc, z, bits, sym, 1.0, D, x.dtype), ref)
+
+
+@pytest.mark.parametrize("mode", ["plain", "qk"])
+def test_per_token_runtime_cache_quantizes_each_token_once(mode, monkeypatch):
+    """QuantizedKVCache holds the per-token form as codes (`PerTokenKVLayer`): the prefill and, without a Q/K
+    transform, every decode step equal the simulation (which re-quantizes the whole prefix each step) bit for
+    bit; with the transform, decode steps are fp32-rounding apart and pick the same tokens. Each token's keys
+    and values are quantized once."""
+    from lmpress.kernels import kv_cache as kvc
+    from lmpress.kernels.kv_cache import PerTokenKVLayer, dynamic_cache_nbytes
+
+    model = _model(mode, kv=PER_TOKEN)
+    tok, mask = _padded_batch()
+    seen = []
+    real = kvc.quantize_kv_tokens
+    monkeypatch.setattr(kvc, "quantize_kv_tokens", lambda x, *a: seen.append(x.shape[3]) or real(x, *a))
+    with torch.no_grad():
+        rt, sim = QuantizedKVCache(model), DynamicCache()
+        assert all(isinstance(layer, PerTokenKVLayer) for layer in rt.layers)
+        x_rt = x_sim = None
+        for step in range(6):
+            ids = tok if step == 0 else torch.cat([x_rt, x_sim])[:3]
+            m = mask if step == 0 else torch.cat([mask, torch.ones(3, step, dtype=mask.dtype)], 1)
+            a = model(ids, attention_mask=m, use_cache=True, **cache_kwargs(rt)).logits[:, -1]
+            b = model(ids, attention_mask=m, use_cache=True, **cache_kwargs(sim)).logits[:, -1]
+            if step == 0 or mode == "plain":
+                assert torch.equal(a, b), step
+            else:
+                assert (a - b).abs().max().item() < 1e-5
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            x_rt = x_sim = a.argmax(-1, keepdim=True)
+    assert seen == [21] * 2 + [1] * 10  # 2 layers: the prompt once, then one token a step
+    layer = rt.layers[0]
+    assert layer.get_seq_length() == 26 and layer.words.dtype == torch.int32
+    # 4-bit codes (8 bytes per 16 elements) + fp32 scale and zero point per 16, against 2 bytes an element
+    assert rt.nbytes() == dynamic_cache_nbytes(sim) // 4 * 2 * (8 + 8) // 16 // 2
+    layer.crop(-2)
+    assert layer.get_seq_length() == 24
+
+
+def test_loaded_per_token_model_decodes_through_the_runtime_cache(tokens, tmp_path):
+    """A reloaded checkpoint with a per-token KV cache takes QuantizedKVCache whenever a forward asks for a
+    cache and brings none (or generate's empty DynamicCache); use_cache=False and a filled cache are left alone."""
+    from lmpress.kernels.kv_cache import returned_cache, use_runtime_cache
+
+    model, _ = tiny_llama(seed=0)
+    compress(model, "w4a4kv4-quarot-rtn")
+    save(model, tmp_path / "ckpt")
+    rt = load(tmp_path / "ckpt")
+    ids = tokens[:1, :12]
+    with torch.no_grad():
+        out = rt(ids, use_cache=True)
+        assert isinstance(returned_cache(out), QuantizedKVCache)
+        assert rt(ids, use_cache=False).logits.shape == out.logits.shape
+        gen = rt.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        assert isinstance(gen.past_key_values, QuantizedKVCache)
+        assert not use_runtime_cache(rt, enable=False)
+        assert isinstance(returned_cache(rt(ids, use_cache=True)), DynamicCache)
+        sim = rt.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        filled = returned_cache(rt(ids, use_cache=True))
+        assert use_runtime_cache(rt)
+        assert returned_cache(rt(ids[:, :1], use_cache=True, **cache_kwargs(filled))) is filled
+    assert torch.equal(gen.sequences, sim)
 
 
 # ----------------------------------------------------------------------------- RotateKV pieces
