@@ -52,8 +52,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from lmpress.quant.kv_cache import (dequantize_kv_tokens, gear_apply, quantize_kv_tokens, gear_lowrank, gear_outliers, key_rows, quantized_keys, quantized_values,
-                                    rope_on_pairs, rope_pair_order, rows_to_keys, without_outliers)
+from lmpress.quant.kv_cache import (gear_apply, gear_lowrank, gear_outliers, key_rows, quantize_kv_tokens, quantized_keys,
+                                    quantized_values, rope_on_pairs, rope_pair_order, rows_to_keys, without_outliers)
 from lmpress.quant.zipcache import salient_count, token_axis, zip_codes, zip_dequantize
 
 from .attention import DECODE_STATE_ATTR, RUNTIME_PREFIX_ATTR, TOKEN_KV_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
@@ -413,14 +413,14 @@ class PerTokenKVLayer(DynamicLayer):
 
     The simulation (and a DynamicCache) instead transforms and fake-quantizes every cached token again at every
     step. Tokens are quantized on their own and the transform acts on each row alone, so a prefill through this
-    layer is bit-identical to it (tests/test_kv_cache.py). A decode step differs only where the transform
+    layer is bit-identical to it (tests/test_kv2.py). A decode step differs only where the transform
     sums one token's rows in another order than the whole prefix's (`quant.hadamard.DENSE_ROWS`): fp32 rounding.
     At 4 bits and groups of 64 it holds 0.31x the bytes of an fp16 DynamicCache (0.5 byte of codes and 8 bytes
     of qparams per 64 elements, against 2 bytes an element)."""
 
     is_croppable = True
 
-    def __init__(self, settings, shared: "_Shared | None" = None):
+    def __init__(self, settings):
         super().__init__()
         why = settings.token_cache_misfit() if settings is not None else "no lmpress attention settings"
         if why:
@@ -607,7 +607,7 @@ class QuantizedKVCache(Cache):
 def _layer_for(settings, shared: _Shared) -> DynamicLayer:
     """KIVI settings -> QuantizedKVLayer; the per-token integer form -> PerTokenKVLayer (else their errors)."""
     if settings is not None and settings.kv is not None and settings.kv.per_token_only:
-        return PerTokenKVLayer(settings, shared)
+        return PerTokenKVLayer(settings)
     return QuantizedKVLayer(settings, shared)
 
 

@@ -49,7 +49,7 @@ from torch import nn
 
 from .fp import E4M3, round_to_grid
 from .hadamard import hadamard_factors, hadamard_transform, has_hadamard, random_hadamard, random_signs
-from .primitives import dequantize, fake_quantize
+from .primitives import dequantize
 from .scheme import KV_BITS, KV_CLIP_GRID, KVCacheArgs, QuantArgs
 
 PARAM_DTYPE = torch.float16  # scale and min as the runtime cache stores them
@@ -94,7 +94,7 @@ def quantize_kv_tokens(x: torch.Tensor, bits: int, group_size: int, symmetric: b
     rows = xp.reshape(-1, g).float()  # (B * heads * T * groups, g): one row per (head, token, group)
     args = _token_args(bits, symmetric, clip_ratio)
     # `compute_qparams` + `quantize` of these rows (channel granularity: one range a row) in 14 ops where the
-    # generic pair takes ~30; a decode step pays this per layer (tests/test_kv_cache.py checks it bit for bit)
+    # generic pair takes ~30; a decode step pays this per layer (tests/test_kv2.py checks it bit for bit)
     lo = rows.amin(1, keepdim=True).clamp_(max=0.0)  # (rows, 1): the range widened to hold 0
     hi = rows.amax(1, keepdim=True).clamp_(min=0.0)
     if clip_ratio != 1.0:
