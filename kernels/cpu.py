@@ -39,6 +39,15 @@ it by rounding, which flipped later layers' codes (w4a4kv4-quarot-rtn +1.6% perp
 and only 8-bit activations took this path by default. ``LMPRESS_INT8_GEMM=0`` (`INT8MM_ENV`) takes every
 scheme off it (the same numbers through an fp32 GEMM of the unpacked codes, slower).
 
+Up to `GEMV_M` rows (decode) the same integer sum comes from fbgemm's int8 GEMM instead
+(``quantized.linear_with_input_q_dq_qweight_dq_output_fp32`` on ``quantized.linear_prepack``'s copy of the
+codes, given the float codes with unit scale and zero point 128, which it turns into the same bytes), where
+a probe finds it exact (`gemv_exact`): its fixed cost per call is lower. One thread, us a call, oneDNN /
+fbgemm (2026-12-06, `torch.equal` outputs): 1 x 576 x 960 35 / 20, 1 x 576 x 3072 76 / 51, 1 x 1536 x 576
+38 / 25, 2 x 576 x 3072 103 / 58, 4 x 576 x 3072 126 / 80, 1 x 4096 x 12288 2108 / 1875; from 16 rows on
+oneDNN wins (16 x 576 x 3072 104 / 175, 256 x 576 x 1536 284 / 990). Each copy is made on its first use,
+so a model that prefills and decodes holds both (2 x N*K bytes).
+
 Measured here on one thread against an fp32 F.linear of the dequantized weight: 1 x 4096 x 11008
 9.8 ms -> 1.0 ms, 16 x 4096 x 4096 13.5 ms -> 0.8 ms, 512 x 576 x 1536 13.2 ms -> 1.2 ms, activation
 quantization included; ``torch._int_mm``, the other exact op, was 8-35x slower than fp32. oneDNN runs
@@ -59,14 +68,16 @@ every activation-quantized scheme under ``LMPRESS_INT8_GEMM=0``, and the activat
 express (group-wise or asymmetric weights, static or asymmetric activations).
 
 Nothing dequantized is kept between calls: a module holds its packed buffers plus, on the op
-paths, the repacked copy (int4: N*K/2 bytes; int8 and int8mm: N*K bytes).
+paths, the repacked copy (int4: N*K/2 bytes; int8: N*K bytes; int8mm: N*K bytes for each of its two GEMMs in use).
 """
 from __future__ import annotations
 
 import functools
 import os
 import threading
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +101,9 @@ FAST_DTYPES = (torch.float32, torch.bfloat16)
 # the C binding skips torch.ops' Python overload resolution (~5-10 us a call, ~200 calls a token)
 _INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or torch.ops.aten._weight_int4pack_mm_for_cpu
 _QLINEAR = getattr(getattr(torch.ops, "onednn", None), "qlinear_pointwise", None)  # x86 builds with oneDNN
+_GEMV = getattr(getattr(torch.ops, "quantized", None), "linear_with_input_q_dq_qweight_dq_output_fp32", None)  # fbgemm
+# rows up to which fbgemm's int8 GEMM beats oneDNN's (module doc); oneDNN above
+GEMV_M = 4
 # "0" keeps activation-quantized schemes off oneDNN's int8 GEMM (the same numbers either way: `int_linear`)
 INT8MM_ENV = "LMPRESS_INT8_GEMM"
 
@@ -166,31 +180,86 @@ def int8mm_exact() -> bool:
     return bool(torch.equal(y, exact.expand(4, N)))
 
 
-@dataclass
-class Int8MM:
-    """Weight codes prepacked for oneDNN's int8 GEMM (`onednn.qlinear_prepack`), with the per-channel scales."""
+def _fbgemm_prepack(w: torch.Tensor, col_scale: torch.Tensor):
+    """fbgemm's packed form of int8 codes w (N, K) with per-channel scales (a torch ScriptObject)."""
+    N = w.shape[0]
+    prev = torch.backends.quantized.engine
+    with warnings.catch_warnings():  # torch marks its quantized tensor types deprecated; this one only carries w
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(w, col_scale.double(), torch.zeros(N, dtype=torch.int64), 0)
+        try:
+            torch.backends.quantized.engine = "fbgemm"
+            return torch.ops.quantized.linear_prepack(qw, None)
+        finally:
+            torch.backends.quantized.engine = prev
 
-    weight: torch.Tensor  # int8, oneDNN's blocked layout of the (N, K) codes
+
+@functools.lru_cache(maxsize=1)
+def gemv_exact() -> bool:
+    """Whether fbgemm's int8 GEMM is present and sums exactly here (checked once, on extreme codes, as
+    `int8mm_exact`): without VNNI it too adds u8 x s8 pairs in 16 bits, which saturates."""
+    if _GEMV is None or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    K, N = 256, 16
+    w = torch.full((N, K), 127, dtype=torch.int8)
+    w[1::2] = -127  # (N, K): rows of +127 and -127
+    q = torch.full((4, K), 127.0)
+    q[2:] = -127.0  # (4, K): codes +127 and -127 under zero point 128 (bytes 255 and 1)
+    try:
+        y = _GEMV(q, 1.0, 128, _fbgemm_prepack(w, torch.ones(N)))
+    except RuntimeError:
+        return False
+    exact = (q.to(torch.int64) @ w.to(torch.int64).T).float()  # (4, N) the exact sums
+    return bool(torch.equal(y, exact))
+
+
+@dataclass(eq=False)
+class Int8MM:
+    """Weight codes for the exact int8 GEMMs, each copy prepacked on its first use: oneDNN's
+    (`onednn.qlinear_prepack`) above `GEMV_M` rows, fbgemm's (`quantized.linear_prepack`) up to it."""
+
+    codes: Callable[[], torch.Tensor]  # -> (N, K) int8 codes, read from the packed words when a copy is made
     col_scale: torch.Tensor  # fp32 (N,)
     zero: torch.Tensor  # int64 (N,) zeros: symmetric weights
     inputs: QuantArgs  # the activations' scheme: their codes are computed as the simulation does
+    in_features: int  # K
+    _onednn: torch.Tensor | None = field(default=None, repr=False)  # int8, oneDNN's blocked layout
+    _fbgemm: Any = field(default=None, repr=False)  # fbgemm's packed codes (a ScriptObject)
+
+    def onednn(self) -> torch.Tensor:
+        if self._onednn is None:
+            self._onednn = torch.ops.onednn.qlinear_prepack(self.codes(), None)
+        return self._onednn
+
+    def fbgemm(self):
+        if self._fbgemm is None:
+            self._fbgemm = _fbgemm_prepack(self.codes(), self.col_scale)
+        return self._fbgemm
 
     def nbytes(self) -> int:
-        return self.weight.numel() + self.col_scale.numel() * 4 + self.zero.numel() * 8
+        N = self.col_scale.numel()
+        n = N * 4 + self.zero.numel() * 8
+        if self._onednn is not None:
+            n += self._onednn.numel()
+        if self._fbgemm is not None:  # the N x K codes and fbgemm's int32 column sums
+            n += N * self.in_features + 4 * N
+        return n
 
 
-def prepare_int8mm(packed: torch.Tensor, scale: torch.Tensor, args: QuantArgs, in_features: int,
+def prepare_int8mm(packed: torch.Tensor | Callable[[], torch.Tensor], scale: torch.Tensor, args: QuantArgs, in_features: int,
                    inputs: QuantArgs) -> Int8MM:
-    from .formats import unpack
-
-    N = packed.shape[0]
-    w = unpack(packed.cpu(), args.bits, int(in_features))  # (N, K) int8 codes in [qmin, qmax]
+    """`packed`: the int32 words (N, words), or a function returning them (a sibling group's stacked words, so
+    that they exist only while a copy is made). No GEMM's copy is made here: each on its first use."""
+    words = packed if callable(packed) else (lambda: packed)
+    N = scale.shape[0] if scale.shape[0] != 1 else words().shape[0]
+    K = int(in_features)
     col = scale.float().cpu().reshape(-1).expand(N).contiguous()
-    return Int8MM(torch.ops.onednn.qlinear_prepack(w, None), col, torch.zeros(N, dtype=torch.int64), inputs)
+    return Int8MM(lambda: unpack(words().cpu(), args.bits, K), col, torch.zeros(N, dtype=torch.int64), inputs, K)
 
 
-def token_codes(x2: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> (codes + 128 as uint8 (M, K), scales fp32 (M, 1)) of dynamic symmetric per-token
+def token_codes(x2: torch.Tensor, args: QuantArgs, as_bytes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (codes + 128 as uint8 (M, K), or with `as_bytes=False` the codes themselves in float32
+    (fbgemm's GEMM takes those), scales fp32 (M, 1)) of dynamic symmetric per-token
     integer activations: bit-identical to `compute_qparams` + `quantize` (tests/test_kernels.py), in 8 torch
     ops where the generic pair takes ~30, which a decode step pays once per linear. oneDNN's fast kernels
     take unsigned activations (signed int8 takes a reference loop, ~1000x slower here), so the codes go in
@@ -203,14 +272,14 @@ def token_codes(x2: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.
         s = s * args.clip_ratio
     s = s / torch.full((), args.sym_divisor)
     s = torch.where(s > 0, s, 1.0)  # an all-zero row: scale 1, as there
-    q = (xf / s).round_().clamp_(args.qmin, args.qmax).add_(128)  # (M, K) integers in [0, 255], exact in fp32
-    return q.to(torch.uint8), s
+    q = (xf / s).round_().clamp_(args.qmin, args.qmax)  # (M, K) integers in [qmin, qmax], exact in fp32
+    return (q.add_(128).to(torch.uint8), s) if as_bytes else (q, s)
 
 
-_LAST = threading.local()  # .codes: (x, x._version, args, u, s) of the last decode-sized call
+_LAST = threading.local()  # .codes: (x, x._version, args, as_bytes, u, s) of the last decode-sized call
 
 
-def shared_token_codes(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_token_codes(x: torch.Tensor, args: QuantArgs, as_bytes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_codes` of x (..., K), taken from the previous call when that one quantized this very tensor
     (the same object, unmodified since: its `_version`) under an equal scheme. A decoder's q/k/v
     projections read one normed hidden state and gate/up another, so a decode step computes 4 sets of
@@ -218,20 +287,25 @@ def shared_token_codes(x: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, 
     and not for inference-mode tensors (they keep no version counter)."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] > SMALL_M or x.is_inference():
-        return token_codes(x2, args)
+        return token_codes(x2, args, as_bytes)
     last = getattr(_LAST, "codes", None)
-    if last is not None and last[0] is x and last[1] == x._version and (last[2] is args or last[2] == args):
-        return last[3], last[4]
-    u, s = token_codes(x2, args)
-    _LAST.codes = (x, x._version, args, u, s)
+    if (last is not None and last[0] is x and last[1] == x._version and (last[2] is args or last[2] == args)
+            and last[3] == as_bytes):
+        return last[4], last[5]
+    u, s = token_codes(x2, args, as_bytes)
+    _LAST.codes = (x, x._version, args, as_bytes, u, s)
     return u, s
 
 
 def linear_int8mm(x: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """(..., K) float activations -> (M, N): the simulation's per-token codes, the exact integer GEMM,
-    then ``* s_w[n] * s_x[m]`` (+ bias) in fp32."""
-    u, sx = shared_token_codes(x, prep.inputs)  # (M, K) uint8 q + 128, (M, 1) fp32
-    y = _QLINEAR(u, 1.0, 128, prep.weight, prep.col_scale, prep.zero, None, 1.0, 0, torch.float32, "none", [], "")
+    """(..., K) float activations -> (M, N): the simulation's per-token codes, the exact integer GEMM (fbgemm's
+    up to `GEMV_M` rows where `gemv_exact`, oneDNN's otherwise), then ``* s_w[n] * s_x[m]`` (+ bias) in fp32."""
+    if x.numel() <= GEMV_M * x.shape[-1] and gemv_exact():
+        q, sx = shared_token_codes(x, prep.inputs, as_bytes=False)  # (M, K) fp32 q, (M, 1) fp32
+        y = _GEMV(q, 1.0, 128, prep.fbgemm())  # fp32(sum_k q_k qw_k) * s_w[n]: it quantizes q / 1 + 128 exactly
+    else:
+        u, sx = shared_token_codes(x, prep.inputs)  # (M, K) uint8 q + 128, (M, 1) fp32
+        y = _QLINEAR(u, 1.0, 128, prep.onednn(), prep.col_scale, prep.zero, None, 1.0, 0, torch.float32, "none", [], "")
     y = y * sx
     if bias is not None:
         y = y + bias.float()

@@ -366,9 +366,10 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 
 
-def _cpu_pack(kind: str, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme,
+def _cpu_pack(kind: str, packed, scale: torch.Tensor, zero: torch.Tensor | None, scheme: QuantScheme,
               in_features: int):
-    """The CPU op's copy of a weight (`cpu.plan`'s kind): int4 tiles, int8 rows, or oneDNN's prepacked int8 codes."""
+    """The CPU op's copy of a weight (`cpu.plan`'s kind): int4 tiles, int8 rows, or the int8 GEMMs' codes (each
+    prepacked on first use; `packed` may then be a function returning the words)."""
     if kind == "int4pack":
         return cpu.prepare_int4(packed, scale, zero, scheme.weights, in_features)
     if kind == "int8mm":
@@ -450,7 +451,10 @@ class SiblingGroup:
             def rows(t: torch.Tensor, m: PackedLinear) -> torch.Tensor:  # (1, g) per-tensor qparams -> (N_m, g)
                 return t.expand(m.out_features, -1) if t.shape[0] == 1 else t
 
-            packed = torch.cat([m.weight_packed for m in ms])  # (sum N, words)
+            def stacked() -> torch.Tensor:
+                return torch.cat([m.weight_packed for m in ms])  # (sum N, words)
+
+            packed = stacked if kind == "int8mm" else stacked()  # int8mm reads the words when it makes a copy
             scale = torch.cat([rows(m.weight_scale, m) for m in ms])  # (sum N, groups)
             zero = None if ms[0].weight_zero_point is None else torch.cat([rows(m.weight_zero_point, m) for m in ms])
             bias = None

@@ -220,6 +220,37 @@ def test_int_linear_is_an_exact_integer_gemm():
         assert torch.equal(int_linear(x.reshape(1, 5, K), qw, sw, a, b), want.reshape(1, 5, 7))  # (..., K) -> (..., N)
 
 
+@pytest.mark.parametrize("gemv", [True, False])
+@pytest.mark.parametrize("name", ["W8A8", "W4A4-clip", "W8A8-tensor-weights"])
+def test_both_int8_gemms_are_the_simulation(name, gemv, monkeypatch):
+    """Up to `GEMV_M` rows fbgemm's int8 GEMM (where it sums exactly), oneDNN's above: either is bit-identical to
+    the simulation, and each weight copy is made only when a call of its size comes."""
+    if gemv and not cpu.gemv_exact() or not cpu.int8mm_exact():
+        pytest.skip("this CPU's int8 GEMMs saturate (no VNNI)")
+    monkeypatch.setattr(cpu, "gemv_exact", lambda: gemv)
+    monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
+    monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
+    sim = _sim(INT8MM_SCHEMES[name][0], 200, 40)
+    packed = PackedLinear.from_sim(sim)
+    with torch.no_grad():
+        for rows in (1, cpu.GEMV_M):
+            x = _x(rows, 200) * 3
+            assert torch.equal(packed(x), sim(x)) and packed.kernel_path.kind == "cpu-int8mm"
+        prep = packed._fast[1]
+        assert (prep._fbgemm is not None) == gemv and (prep._onednn is None) == gemv
+        small = prep.nbytes()
+        x = _x(cpu.GEMV_M + 1, 200)
+        assert torch.equal(packed(x), sim(x)) and prep._onednn is not None
+        assert prep.nbytes() == small + (prep._onednn.numel() if gemv else 0)
+
+
+def test_token_codes_in_float_are_the_bytes_codes():
+    x = _x(5, 77) * 4
+    u, s = cpu.token_codes(x, W8A8.inputs)
+    q, s2 = cpu.token_codes(x, W8A8.inputs, as_bytes=False)
+    assert q.dtype == torch.float32 and torch.equal(s, s2) and torch.equal(q, u.float() - 128)
+
+
 @pytest.mark.parametrize("choice", ["", "1"])
 def test_int8_gemm_is_ignored_where_the_cpu_saturates(choice, monkeypatch):
     monkeypatch.setenv(cpu.INT8MM_ENV, choice)
@@ -263,6 +294,7 @@ def test_shared_token_codes_reuse_only_the_same_unmodified_tensor():
     assert cpu.shared_token_codes(x, a8)[0] is u  # the same tensor, unmodified: reused
     assert cpu.shared_token_codes(x.clone(), a8)[0] is not u  # an equal but other tensor: recomputed
     assert cpu.shared_token_codes(x, a4)[0] is not u  # another scheme: recomputed
+    assert cpu.shared_token_codes(x, a8, as_bytes=False)[0].dtype == torch.float32  # another form: recomputed
     u8, _ = cpu.shared_token_codes(x, a8)
     x[0, 0, 0] = 50.0  # in place: the version counter moves
     u9, s9 = cpu.shared_token_codes(x, a8)
