@@ -455,23 +455,31 @@ def dequantize_fast(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return w if dtype == torch.float32 else w.to(dtype)
 
 
-CHUNK_BYTES = 1 << 21  # fp32 bytes of weight dequantized at a time on the dequant path
+CHUNK_BYTES = 1 << 21  # fp32 bytes of weight dequantized at a time on the dequant path, for large layers
+WHOLE_BYTES = 1 << 23  # layers up to this many fp32 bytes are dequantized whole
 
 
 def linear_dequant(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                    args: QuantArgs, in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, dequantize(W), bias) with W dequantized on the fly and dropped afterwards.
 
-    Layers up to ~CHUNK_BYTES of fp32 weight: one `dequantize_fast` and the very F.linear the
-    simulation runs (bit-identical to it). Larger ones: blocks of output channels, so the
-    dequantized block stays in cache and no layer-sized buffer is faulted in per call
-    (LLaMA-7B 4096x4096 at 128 rows: 147 ms against 232 ms whole and 130 ms for the bare fp32
-    matmul); equal to the simulation within fp32 summation order.
+    Layers up to WHOLE_BYTES of fp32 weight: one `dequantize_fast` and the very F.linear the simulation
+    runs (bit-identical to it). Larger ones: blocks of ~CHUNK_BYTES of output channels, so the dequantized
+    block stays in cache and no layer-sized buffer is faulted in per call; equal to the simulation within
+    fp32 summation order. ms a call, 1 thread, EPYC (bench load), int4 g64 (`/tmp` script, session 27):
+
+    | M x K x N | bare fp32 matmul | blocks of 2 MiB | whole |
+    |---|---:|---:|---:|
+    | 256 x 576 x 1536 | 4.51 | 5.67 | 5.22 |
+    | 256 x 1536 x 576 | 4.78 | 6.52 | 5.13 |
+    | 256 x 576 x 3072 | 9.70 | 11.12 | 10.17 |
+    | 128 x 4096 x 4096 | 50.1 | 56.7 | 115.9 |
+    | 128 x 4096 x 11008 | 143.7 | 156.0 | 304.2 |
     """
     K, N = int(in_features), packed.shape[0]
-    rows = max(64, CHUNK_BYTES // (4 * max(K, 1)))
-    if N <= rows:
+    if N * K * 4 <= WHOLE_BYTES:
         return F.linear(x, dequantize_fast(packed, scale, zero, args, K, x.dtype), bias)
+    rows = max(64, CHUNK_BYTES // (4 * max(K, 1)))
     x2 = x.reshape(-1, K)
     y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
     per_row = scale.shape[0] != 1

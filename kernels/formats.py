@@ -80,22 +80,34 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_trusted(q: torch.Tensor, bits: int) -> torch.Tensor:
     """`pack` for codes the caller made in range (no range check, which reads the codes back), in byte arithmetic
-    for 2/4/8 bits on a little-endian machine: each byte of the bitstream is its 8 // bits codes shifted together,
-    and the bytes viewed as the int32 words (~6 small ops where `pack` takes ~15; the runtime KV cache packs every
-    new token). Other widths and byte orders: `pack`. Same words as `pack` (tests/test_formats.py)."""
+    for 2/4/8 bits on a little-endian machine (`pack_bytes`; the runtime KV cache packs every new token). Other
+    widths and byte orders: `pack`. Same words as `pack` (tests/test_formats.py)."""
     if bits not in (2, 4, 8) or sys.byteorder != "little" or q.dim() != 2 or q.numel() == 0:
         return pack(q, bits)
-    rows, cols = q.shape
+    return pack_bytes((q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8), bits)
+
+
+def pack_bytes(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_trusted` for unsigned codes: uint8 (rows, cols) in [0, 2^bits), made in range by the caller -> the
+    int32 words `pack` gives for the signed codes u - 2^(bits-1). 2/4/8 bits on a little-endian machine: each
+    byte of the bitstream is its 8 // bits codes shifted together, and the bytes viewed as the words (~4 small
+    ops where `pack` takes ~15); otherwise through `pack`."""
+    if u.dim() != 2:
+        raise ValueError(f"pack_bytes expects a 2-D tensor (rows, cols), got shape {tuple(u.shape)}")
+    if bits not in (2, 4, 8) or sys.byteorder != "little" or u.numel() == 0:
+        return pack((u.to(torch.int16) - (1 << (bits - 1))).to(torch.int8), bits)
+    rows, cols = u.shape
     words = packed_cols(cols, bits)
     per = 8 // bits  # codes a byte
-    u = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)  # (rows, cols) in [0, 2^bits)
     pad = words * (_WORD // bits) - cols
     if pad:
         u = torch.nn.functional.pad(u, (0, pad))  # zero bits past the last element
     u = u.view(rows, words * 4, per)  # (rows, bytes, per): a byte's codes, lowest bits first
-    b = u[:, :, 0].clone() if per > 1 else u[:, :, 0].contiguous()
-    for k in range(1, per):
-        b |= u[:, :, k] << (k * bits)
+    if per == 1:
+        return u[:, :, 0].contiguous().view(torch.int32)
+    b = u[:, :, per - 1] << ((per - 1) * bits)  # (rows, bytes): a fresh tensor; the other codes or-ed in
+    for k in range(per - 1):
+        b |= u[:, :, k] << (k * bits) if k else u[:, :, k]
     return b.view(torch.int32)  # (rows, words): little-endian bytes in stream order
 
 

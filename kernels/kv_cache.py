@@ -57,7 +57,7 @@ from lmpress.quant.kv_cache import (gear_apply, gear_lowrank, gear_outliers, key
 from lmpress.quant.zipcache import salient_count, token_axis, zip_codes, zip_dequantize
 
 from .attention import DECODE_STATE_ATTR, RUNTIME_PREFIX_ATTR, TOKEN_KV_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
-from .formats import pack_trusted, pack_unsigned, packed_cols, unpack_unsigned, unsigned_codes_float
+from .formats import pack_bytes, pack_unsigned, packed_cols, unpack_unsigned, unsigned_codes_float
 from .kv_quant import kv_pack, kv_unpack
 
 _HOOK_ATTR = "_lmpress_kv_positions_hook"
@@ -438,9 +438,9 @@ class PerTokenKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         a, qk = self.args, self.settings.qk
         kv = torch.stack([qk(key_states) if qk is not None else key_states, value_states])  # (2, B, H, L, D)
-        q, sc, z = quantize_kv_tokens(kv, a.bits, a.group_size, a.symmetric, a.clip_ratio)  # (2, B, H, L, Dp) int8
-        words = pack_trusted(q.reshape(-1, q.shape[-1]), a.bits).reshape(*q.shape[:-1], -1)  # (2, B, H, L, words)
-        z = z + float(1 << (a.bits - 1))  # the zero point of the unsigned codes (integers: exact)
+        # (2, B, H, L, Dp) uint8 codes and the zero point both + 2^(bits-1), scale: (2, B, H, L, Dp / g)
+        u, sc, z = quantize_kv_tokens(kv, a.bits, a.group_size, a.symmetric, a.clip_ratio, unsigned=True)
+        words = pack_bytes(u.reshape(-1, u.shape[-1]), a.bits).reshape(*u.shape[:-1], -1)  # (2, B, H, L, words)
         if self.words is None:
             self.words, self.scale, self.zero = words, sc, z
         else:

@@ -80,12 +80,13 @@ def _token_args(bits: int, symmetric: bool, clip_ratio: float) -> QuantArgs:
 
 
 def quantize_kv_tokens(x: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                       clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       clip_ratio: float = 1.0, unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-token form's codes of `x` (B, heads, T, head_dim): (int8 codes (B, heads, T, Dp), scale and zero
     point float32 (B, heads, T, Dp / g)), g = min(group_size, head_dim), Dp = head_dim padded to whole groups.
     Each token's groups are quantized on their own, so the codes of a concatenation are the concatenated codes
     (the runtime cache quantizes each token once, `kernels.kv_cache.PerTokenKVLayer`). `fake_quantize_kv` is
-    `dequantize_kv_tokens` of these."""
+    `dequantize_kv_tokens` of these. `unsigned`: the codes and the zero point both shifted by 2^(bits-1)
+    (uint8 codes in [0, 2^bits), the form the runtime cache packs and stores), the same integers otherwise."""
     d = x.shape[-1]
     g = min(group_size, d)
     pad = (-d) % g
@@ -93,17 +94,22 @@ def quantize_kv_tokens(x: torch.Tensor, bits: int, group_size: int, symmetric: b
     xp = F.pad(x, (0, pad)) if pad else x
     rows = xp.reshape(-1, g).float()  # (B * heads * T * groups, g): one row per (head, token, group)
     args = _token_args(bits, symmetric, clip_ratio)
-    # `compute_qparams` + `quantize` of these rows (channel granularity: one range a row) in 14 ops where the
+    # `compute_qparams` + `quantize` of these rows (channel granularity: one range a row) in ~12 ops where the
     # generic pair takes ~30; a decode step pays this per layer (tests/test_kv2.py checks it bit for bit)
-    lo = rows.amin(1, keepdim=True).clamp_(max=0.0)  # (rows, 1): the range widened to hold 0
-    hi = rows.amax(1, keepdim=True).clamp_(min=0.0)
+    lo, hi = torch.aminmax(rows, dim=1, keepdim=True)  # (rows, 1) each
+    lo, hi = lo.clamp_(max=0.0), hi.clamp_(min=0.0)  # the range widened to hold 0
     if clip_ratio != 1.0:
         lo, hi = lo * clip_ratio, hi * clip_ratio
     div = torch.full((), args.sym_divisor if symmetric else args.qmax - args.qmin, dtype=hi.dtype, device=hi.device)
     scale = (torch.maximum(-lo, hi) if symmetric else hi - lo) / div
     scale = torch.where(scale > 0, scale, 1.0)  # an all-zero group: scale 1
     zero = torch.zeros_like(scale) if symmetric else (args.qmin - torch.round(lo / scale)).clamp_(args.qmin, args.qmax)
-    q = (rows / scale).round_().add_(zero).clamp_(args.qmin, args.qmax).to(torch.int8)  # (rows, g)
+    q = (rows / scale).round_().add_(zero).clamp_(args.qmin, args.qmax)  # (rows, g) integers in [qmin, qmax]
+    if unsigned:  # integers below 2^bits: the shift is exact in fp32
+        half = float(1 << (bits - 1))
+        q, zero = q.add_(half).to(torch.uint8), zero + half
+    else:
+        q = q.to(torch.int8)
     lead = (*xp.shape[:-1], xp.shape[-1] // g)  # (B, heads, T, groups)
     return q.reshape(xp.shape), scale.reshape(lead), zero.reshape(lead)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lmpress.kernels.formats import SUPPORTED_BITS, pack, pack_trusted, packed_cols, unpack
+from lmpress.kernels.formats import SUPPORTED_BITS, pack, pack_bytes, pack_trusted, packed_cols, unpack
 
 
 def _reference_pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -34,6 +34,8 @@ def test_pack_trusted_is_pack(bits, shape):
     q = _random_codes(*shape, bits)
     p = pack_trusted(q, bits)
     assert p.dtype == torch.int32 and torch.equal(p, pack(q, bits))
+    u = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)  # the unsigned codes, as the KV cache makes them
+    assert torch.equal(pack_bytes(u, bits), p)
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)

@@ -99,6 +99,7 @@ def test_linear_dequant_in_blocks_matches(args, bias, monkeypatch):
     x = _x(2, 20, 96)
     whole = F.linear(x, cpu.reference_weight(p, s, z, args, 96, torch.float32), b)
     assert torch.equal(cpu.linear_dequant(x, p, s, z, args, 96, b), whole)  # one block: the same F.linear
+    monkeypatch.setattr(cpu, "WHOLE_BYTES", 199 * 96 * 4)  # 200 channels: too large to go whole
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 64 * 96 * 4)  # blocks of 64 output channels
     assert _rel(cpu.linear_dequant(x, p, s, z, args, 96, b), whole) < 1e-6
 

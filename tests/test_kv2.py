@@ -247,6 +247,10 @@ def test_per_token_codes_are_the_generic_quantizers(bits, sym, D, g):
     ref = dequantize(quantize(rows, s_ref, z_ref, args), s_ref, z_ref, args).reshape(*x.shape[:-1], -1)[..., :D]
     assert torch.equal(fake_quantize_kv(x, bits, g, sym), ref)
     assert torch.equal(dequantize_kv_tokens(q, sc, z, bits, sym, 1.0, D, x.dtype), ref)
+    u, sc_u, z_u = quantize_kv_tokens(x, bits, g, sym, unsigned=True)  # the runtime cache's form: both shifted
+    half = 1 << (bits - 1)
+    assert u.dtype == torch.uint8 and torch.equal(u.to(torch.int16), q.to(torch.int16) + half)
+    assert torch.equal(sc_u, sc) and torch.equal(z_u, z + half)
 
 
 @pytest.mark.parametrize("mode", ["plain", "qk"])
@@ -262,7 +266,7 @@ def test_per_token_runtime_cache_quantizes_each_token_once(mode, monkeypatch):
     tok, mask = _padded_batch()
     seen = []
     real = kvc.quantize_kv_tokens
-    monkeypatch.setattr(kvc, "quantize_kv_tokens", lambda x, *a: seen.append(x.shape[3]) or real(x, *a))
+    monkeypatch.setattr(kvc, "quantize_kv_tokens", lambda x, *a, **k: seen.append(x.shape[3]) or real(x, *a, **k))
     with torch.no_grad():
         rt, sim = QuantizedKVCache(model), DynamicCache()
         assert all(isinstance(layer, PerTokenKVLayer) for layer in rt.layers)
