@@ -165,6 +165,10 @@ def run_one(config: str, args) -> dict:
             _peers.llmcompressor_oneshot(model, tok, calib, peer_modifiers(bits, method, args))
             row["compress_s"] = time.perf_counter() - t0
             row["versions"] = _runner.versions("llmcompressor", "compressed-tensors", "auto-round")
+            left = sorted({str(t.dtype) for t in model.state_dict().values() if t.is_floating_point() and t.dtype != torch.float32})
+            if left:  # AutoRound tunes under bf16 autocast where the CPU has bf16 and leaves its weights in bf16
+                row["peer_cast_from"] = left  # to fp32 (exact) for the fp32 evaluation every row gets
+                model.float()
         else:
             row["compress_s"] = _runner.compress_timed(model, tok, recipe_for(config), args)
             row.update(_runner.packed_check(model, args))
