@@ -150,10 +150,11 @@ def _cpu_only_pinning() -> None:
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
-def llmcompressor_oneshot(model, tok, calib, recipe) -> None:
+def llmcompressor_oneshot(model, tok, calib, recipe) -> dict:
     """llm-compressor's `oneshot` with `recipe` (a modifier or a list of them) on our calibration tokens
     (`calib.tokens`, (n, seqlen), no padding), in place: the model is left in llm-compressor's
-    fake-quantized (or pruned) form, evaluable like ours."""
+    fake-quantized (or pruned) form, evaluable like ours. Returns what was mended after it for the
+    row to record (`autoround_zero_points`), else {}."""
     from datasets import Dataset
     from llmcompressor import oneshot
 
@@ -162,3 +163,41 @@ def llmcompressor_oneshot(model, tok, calib, recipe) -> None:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], processor=tok)
+    mended = autoround_zero_points(model)
+    return {"peer_zero_points": mended} if mended else {}
+
+
+def autoround_zero_points(model) -> dict:
+    """Give AutoRound's own zero points to the compressed-tensors forward; {} when no module holds them.
+
+    llm-compressor 0.13.0's AutoRoundModifier (`_postprocess_qparams`) copies AutoRound's `scale` into
+    `weight_scale` but not its `zp` into `weight_zero_point`. Its `weight` holds AutoRound's dequantized grid,
+    and the frozen compressed-tensors forward quantizes it again with the zero points of llm-compressor's
+    min-max observer, clamping any group whose tuned zero point moved. AutoRound's zero points are unsigned
+    (codes in [0, 2^b)), compressed-tensors' signed (codes in [-2^(b-1), 2^(b-1))), so they are shifted by
+    2^(b-1), as auto-round's own compressed-tensors export does since intel/auto-round#2273 (2026-09).
+    Returns the share of zero points that changed and the largest distance, in quantization steps, between
+    the compressed-tensors fake quantization and AutoRound's weights afterwards (a few thousandths: AutoRound
+    tunes under bf16 autocast and stores its grid in bf16)."""
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    changed = total = 0
+    worst = 0.0
+    for m in model.modules():
+        zp, scheme = getattr(m, "zp", None), getattr(m, "quantization_scheme", None)
+        if not isinstance(zp, torch.Tensor) or scheme is None or getattr(m, "weight_zero_point", None) is None:
+            continue
+        args, half = scheme.weights, 2 ** (scheme.weights.num_bits - 1)
+        if zp.min() < 0 or zp.max() > 2 * half - 1:
+            raise ValueError(f"AutoRound zero points outside [0, {2 * half - 1}]: not the unsigned convention this "
+                             "mapping assumes; check the auto-round version")
+        signed = (zp.float() - half).reshape(m.weight_zero_point.shape)  # (N, K / G)
+        changed += int((signed != m.weight_zero_point.float()).sum())
+        total += signed.numel()
+        m.weight_zero_point.data.copy_(signed.to(m.weight_zero_point.dtype))
+        w, scale = m.weight.detach().float(), m.weight_scale.detach().float()  # (N, K), (N, K / G)
+        fq = fake_quantize(w, scale, m.weight_zero_point, args)
+        steps = (fq - w).view(*scale.shape, -1).abs() / scale.unsqueeze(-1)  # (N, K / G, G)
+        worst = max(worst, float(steps.max()))
+    return {"changed": changed / total, "max_steps": worst} if total else {}

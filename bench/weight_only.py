@@ -21,7 +21,8 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
 - peers, run by llm-compressor 0.13 (installed on first use into an isolated folder, `_peers.py`)
   on the same calibration tokens: `llmc-gptq` (GPTQModifier, static act-order), `llmc-awq`
   (AWQModifier, its LLaMA mappings, duo scaling), `autoround` (llm-compressor's AutoRoundModifier
-  over auto-round 0.14.2, 200 iterations a block);
+  over auto-round 0.14.2, 200 iterations a block; llm-compressor 0.13 drops AutoRound's zero points,
+  `_peers.autoround_zero_points` gives them back and the row records how many had differed);
 - ideas, not in the default list: `gptq-mse`, `quarot-gptq-mse`, `awq-gptq-mse` (the recipe with the
   weights' clipping ratio searched for the least squared error, `mse_clip`), `quarot-signround` (the
   offline rotations, then learned rounding instead of GPTQ), `spinquant-gptq-mse` (learned R1 / R2,
@@ -162,8 +163,9 @@ def run_one(config: str, args) -> dict:
         if method in PEERS:
             calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed)
             t0 = time.perf_counter()
-            _peers.llmcompressor_oneshot(model, tok, calib, peer_modifiers(bits, method, args))
+            mended = _peers.llmcompressor_oneshot(model, tok, calib, peer_modifiers(bits, method, args))
             row["compress_s"] = time.perf_counter() - t0
+            row.update(mended)
             row["versions"] = _runner.versions("llmcompressor", "compressed-tensors", "auto-round")
             left = sorted({str(t.dtype) for t in model.state_dict().values() if t.is_floating_point() and t.dtype != torch.float32})
             if left:  # AutoRound tunes under bf16 autocast where the CPU has bf16 and leaves its weights in bf16
