@@ -136,9 +136,9 @@ def _compressed(args, apply) -> dict:
     calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed)
     t0 = time.perf_counter()
     with _runner.RssPeak() as peak:
-        mended = apply(model, tok, calib)
+        out = apply(model, tok, calib)  # compress: its Report; an llm-compressor peer: what was mended after it
     row = {"compress_s": time.perf_counter() - t0, "peak_rss_mib": _runner.rss_mib(), "peak_compress_mib": peak.mib,
-           "calib_fingerprint": calib.fingerprint, **(mended or {})}
+           "calib_fingerprint": calib.fingerprint, **(out if isinstance(out, dict) else {})}
     row.update(_ppl(model, _eval_ids(tok, args), args))
     return row
 
