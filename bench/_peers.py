@@ -177,8 +177,8 @@ def autoround_zero_points(model) -> dict:
     (codes in [0, 2^b)), compressed-tensors' signed (codes in [-2^(b-1), 2^(b-1))), so they are shifted by
     2^(b-1), as auto-round's own compressed-tensors export does since intel/auto-round#2273 (2026-09).
     Returns the share of zero points that changed and the largest distance, in quantization steps, between
-    the compressed-tensors fake quantization and AutoRound's weights afterwards (a few thousandths: AutoRound
-    tunes under bf16 autocast and stores its grid in bf16)."""
+    the compressed-tensors fake quantization and AutoRound's weights afterwards (0.049 on SmolLM2, far under the
+    half step that would flip a code: AutoRound tunes under bf16 autocast and stores its grid in bf16)."""
     import torch
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
