@@ -69,8 +69,52 @@ def test_learned_rounding_beats_round_to_nearest(calib, tokens, tmp_path):
 def test_signround_refusals(calib):
     with pytest.raises(ValueError, match=r"signround.iters=0 must be a positive integer"):
         make_stage("signround", {"iters": 0})
+    with pytest.raises(ValueError, match=r"signround.reference='float' is not one of float_model, float_layer"):
+        make_stage("signround", {"reference": "float"})
+    with pytest.raises(ValueError, match=r"signround.keep_best='yes' must be true or false"):
+        make_stage("signround", {"keep_best": "yes"})
     model, _ = tiny_model("llama", **SHAPE)
     fp4 = Recipe.from_dict({"version": 1, "name": "x", "schemes": {"lm_head": None, "re:.*": "NVFP4A16"},
                             "stages": [{"signround": {"iters": 2}}]})
     with pytest.raises(ValueError, match=r"signround cannot learn the rounding of model.layers.0.self_attn.q_proj: float grids"):
         compress(model, fp4, calib)
+
+
+def _signround(**options) -> Recipe:
+    return Recipe.from_dict({"version": 1, "name": "sr", "schemes": {"lm_head": None, "re:.*": {"preset": "W4A16",
+                             "weights": {"group_size": 32, "symmetric": False}}}, "stages": [{"signround": options}]})
+
+
+@pytest.mark.parametrize("reference", ["float_model", "float_layer"])
+def test_reference_is_the_float_models_output_or_the_float_layers(calib, monkeypatch, reference):
+    """float_model (AutoRound's): every layer learns against the float model's own hidden states after
+    it; float_layer: against the float layer on the quantized inputs, which differ from layer 1 on."""
+    from lmpress.compress.stages.signround import SignRound
+
+    seen = {}
+    learn = SignRound.learn_layer
+
+    def spy(self, step, ctx, mine, targets, kwargs):
+        seen[step.index] = torch.cat(targets)  # (n, T, hidden)
+        return learn(self, step, ctx, mine, targets, kwargs)
+
+    monkeypatch.setattr(SignRound, "learn_layer", spy)
+    model, _ = tiny_model("llama", num_hidden_layers=3, **SHAPE)
+    with torch.no_grad():
+        hidden = model(calib.tokens, output_hidden_states=True).hidden_states  # embeddings, then after each layer (last: normed)
+    compress(model, _signround(iters=3, reference=reference), calib)
+    assert sorted(seen) == [0, 1, 2]
+    assert torch.allclose(seen[0], hidden[1], atol=1e-5)  # layer 0's inputs are the float model's either way
+    gap = (seen[1] - hidden[2]).abs().max().item()
+    assert gap < 1e-5 if reference == "float_model" else gap > 1e-3, gap
+
+
+def test_keep_best_keeps_the_better_of_the_least_loss_step_and_the_last(calib):
+    """The same SignSGD run (keep_best only chooses among its steps): layer 0, on the same inputs
+    either way, ends at an error no higher with keep_best than without."""
+    losses = {}
+    for keep_best in (False, True):
+        model, _ = tiny_model("llama", **SHAPE)
+        report = compress(model, _signround(iters=8, lr=0.2, keep_best=keep_best), calib)
+        losses[keep_best] = report.modules["model.layers.0.self_attn.q_proj"]["layer_loss"]
+    assert losses[True] <= losses[False], losses

@@ -1,15 +1,24 @@
 """Stage `signround`: learned rounding (SignRound / AutoRound-style, `lmpress.quant.signround`),
 decoder block by decoder block, in place of `rtn` / `gptq`.
 
-Per layer, on its calibration inputs (the outputs of the layers already quantized): the float
-layer's outputs are the targets; every weight-quantized linear of the layer gets its rounding
-offsets V and range multipliers alpha, beta, trained together by SignSGD on the mean squared error
-of the layer's output, one calibration batch a step (`iters` steps, AutoRound's 200 by default,
-lr 1/iters decaying linearly). The learned quantization is kept only if its error over all
-batches is below round-to-nearest's (the starting point); then the codes are installed, as GPTQ's
-are. Modules outside the decoder layers (an lm_head in the plan) get RTN.
+Per layer, on its calibration inputs (the outputs of the layers already quantized), every
+weight-quantized linear of the layer gets its rounding offsets V and range multipliers alpha,
+beta, trained together by SignSGD on the mean squared error of the layer's output against a
+reference, one calibration batch a step (`iters` steps, AutoRound's 200 by default, lr 1/iters
+decaying linearly). The reference (`reference`):
 
-    stages: [{signround: {iters: 200}}]      # recipe w4a16-signround
+- `float_model` (AutoRound's, its `enable_quanted_input`): the float model's output of the layer,
+  i.e. the float layer on the float model's own hidden states, carried alongside the quantized
+  ones. The layer learns to undo the error of the layers before it, not only its own.
+- `float_layer`: the float layer on the same (quantized) inputs, GPTQ's target: each layer's own
+  error only.
+
+With `keep_best` (AutoRound's default) the parameters of the step with the least batch loss are
+kept where their error over all batches is below the last step's. The learned quantization is
+kept only if its error over all batches is below round-to-nearest's (the starting point); then
+the codes are installed, as GPTQ's are. Modules outside the decoder layers (an lm_head in the plan) get RTN.
+
+    stages: [{signround: {iters: 200, reference: float_model, keep_best: true}}]   # w4a16-signround
 """
 from __future__ import annotations
 
@@ -51,17 +60,43 @@ def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
+def _layer_kwargs(step) -> list[dict]:
+    """The keyword arguments (position embeddings, mask, ...) the layer is called with, one dict per batch."""
+    kwargs: list[dict] = []
+    hook = step.layer.register_forward_pre_hook(lambda _m, _a, kw: kwargs.append(kw), with_kwargs=True)
+    try:
+        step.forward(until=[step.layer])  # stops as each batch enters the layer
+    finally:
+        hook.remove()
+    return kwargs
+
+
+@torch.no_grad()
+def _run(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """`layer` on each batch of `hidden` (B, T, hidden_size) with its `kwargs`; outputs on CPU."""
+    dev = next(layer.parameters()).device
+    return [_out(layer(x.to(dev), **kw)).to("cpu") for x, kw in zip(hidden, kwargs)]
+
+
 @register_stage("signround", needs_calibration=True)
 @dataclass(frozen=True)
 class SignRound:
     iters: int = 200
     lr: float | None = None  # default 1 / iters
+    reference: str = "float_model"  # or "float_layer" (see the module doc)
+    keep_best: bool = True  # the least-loss step's parameters, where better than the last step's
+
+    REFERENCES = ("float_model", "float_layer")
 
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
             raise ValueError(f"signround.iters={self.iters!r} must be a positive integer (AutoRound uses 200)")
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr <= 1):
             raise ValueError(f"signround.lr={self.lr!r} must be a number in (0, 1] or null (1 / iters)")
+        if self.reference not in self.REFERENCES:
+            raise ValueError(f"signround.reference={self.reference!r} is not one of {', '.join(self.REFERENCES)}")
+        if not isinstance(self.keep_best, bool):
+            raise ValueError(f"signround.keep_best={self.keep_best!r} must be true or false")
 
     def apply(self, model: nn.Module, ctx) -> None:
         if ctx.calib is None:
@@ -74,22 +109,24 @@ class SignRound:
         n_layers = len(ctx.arch.decoder_layers(model))
         todo, fallback = GPTQ.targets(model, ctx, n_layers)
         t0 = time.perf_counter()
+        float_hidden = None  # the float model's inputs of the current layer (reference float_model), one per batch
         for step in LayerwiseRunner(model, ctx.arch, ctx.calib.tokens, batch_size=ctx.batch_size, device=ctx.device):
+            kwargs = _layer_kwargs(step)
+            if self.reference == "float_model":
+                float_in = float_hidden if float_hidden is not None else step.inputs
+                float_hidden = _run(step.layer, float_in, kwargs)  # the float layer (nothing installed yet)
+                targets = float_hidden
+            else:
+                targets = step.forward() if step.index in todo else None
             if step.index in todo:
-                self.learn_layer(step, ctx, todo[step.index])
+                self.learn_layer(step, ctx, todo[step.index], targets, kwargs)
         log.info("signround: %d layers in %.0f s", len(todo), time.perf_counter() - t0)
         rtn_modules(model, ctx, fallback, note="not in a decoder layer: no layer inputs to learn on (RTN)")
 
-    def learn_layer(self, step, ctx, mine: dict) -> None:
-        """Learn and install the rounding of the modules `mine` ({path in the layer: (fqn, scheme)})."""
+    def learn_layer(self, step, ctx, mine: dict, targets: list[torch.Tensor], kwargs: list[dict]) -> None:
+        """Learn and install the rounding of the modules `mine` ({path in the layer: (fqn, scheme)})
+        against `targets` (one (B, T, hidden) per batch), the layer called with `kwargs` per batch."""
         layer = step.layer
-        targets = step.forward()  # the float layer's outputs, one (B, T, hidden) per batch
-        kwargs: list[dict] = []
-        hook = layer.register_forward_pre_hook(lambda _m, _a, kw: kwargs.append(kw), with_kwargs=True)
-        try:
-            step.forward(until=[layer])  # the layer's keyword arguments per batch; stops as it is entered
-        finally:
-            hook.remove()
         dev = next(layer.parameters()).device
         inputs = [x.to(dev) for x in step.inputs]
         sims = {rel: get_module(layer, rel) for rel in mine}
@@ -114,14 +151,26 @@ class SignRound:
                 for t in p.values():
                     t.requires_grad_(True)
             lr = self.lr if self.lr is not None else 1.0 / self.iters
+            best, best_at = float("inf"), None
             with torch.enable_grad():
                 for it in range(self.iters):
-                    loss(it % len(inputs)).backward()
+                    batch_loss = loss(it % len(inputs))
+                    if self.keep_best and batch_loss.item() < best:  # the parameters that gave it, before this step
+                        best, best_at = batch_loss.item(), {rel: {k: t.detach().clone() for k, t in p.items()} for rel, p in params.items()}
+                    batch_loss.backward()
                     sign_step(list(params.values()), lr * (1 - it / self.iters))
             for p in params.values():
                 for t in p.values():
                     t.requires_grad_(False)
             learned = total()
+            if best_at is not None:  # the least-loss step's parameters, where they beat the last step's over all batches
+                last = {rel: dict(p) for rel, p in params.items()}
+                for rel in params:
+                    params[rel].update(best_at[rel])
+                if not (at_best := total()) < learned:
+                    for rel in params:
+                        params[rel].update(last[rel])
+                learned = min(learned, at_best)
             if not learned < rtn:  # never worse than the starting point on the calibration data
                 for rel in params:
                     params[rel].update(start[rel])
