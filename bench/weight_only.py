@@ -11,7 +11,9 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
 - `gptq`: GPTQ (act-order, static groups, true-sequential; recipe w4a16-gptq);
 - `awq`: AWQ scales and clipping search, then RTN (recipe w4a16-awq);
 - `awq-gptq`: AWQ, then GPTQ on the scaled weights (recipe w4a16-awq-gptq);
-- `signround`: learned rounding, 200 SignSGD steps a layer (recipe w4a16-signround);
+- `signround`: learned rounding, 200 SignSGD steps a layer (recipe w4a16-signround; with the library
+  of 83f5ad4 on, against the float model's output of each layer, AutoRound's reference, and the
+  least-loss step kept; before, against the float layer on the quantized inputs, the last step kept);
 - `quarot-gptq`: fused norms, R1 and R2 offline (no online op: a plain model), then GPTQ (recipe
   w4a16-quarot-gptq; with the library of c49288e on, that recipe searches the clipping: `mse_clip`);
 - `spinquant-gptq` (library c49288e on): learned R1 / R2 fused offline, then GPTQ with `mse_clip`
@@ -28,7 +30,8 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   offline rotations, then learned rounding instead of GPTQ), `spinquant-gptq-mse` (learned R1 / R2,
   SpinQuant's, 100 steps on the next-token loss, fused offline, then GPTQ with `mse_clip`;
   `spinquant200-gptq-mse` the same with 200 steps), `spinquant-signround` (the learned rotations,
-  then learned rounding instead of GPTQ).
+  then learned rounding instead of GPTQ), `signround-float-layer` (library 83f5ad4 on: learned
+  rounding as it was before, against the float layer on the quantized inputs, the last step kept).
 The table of bench/results/weight_only-f4cc7ab.jsonl carries on with `--resume` only from a checkout whose
 library folders are f4cc7ab's (`git restore --source=f4cc7ab --staged --worktree -- calibration compress eval kernels prune quant
 pyproject.toml constraints.txt` in a clone of main, committed there): rows are reused on equal library trees.
@@ -67,6 +70,13 @@ def _signround_after_rotation(data: dict) -> None:
     data["schemes"]["re:.*"]["weights"].pop("mse_clip", None)  # signround learns the clipping itself
 
 
+def _signround_float_layer(data: dict) -> None:
+    """signround as before 83f5ad4: each layer against the float layer on its quantized inputs, the last step kept."""
+    for stage in data["stages"]:
+        if "signround" in stage:
+            stage["signround"].update(reference="float_layer", keep_best=False)
+
+
 def _learned_rotation(data: dict, steps: int = 100) -> None:
     """quarot-gptq's randomized Hadamard R1 / R2 replaced by SpinQuant's learned ones (Cayley SGD on the
     next-token loss under the weights' RTN fake-quant, all fused offline), and GPTQ with `mse_clip`."""
@@ -82,7 +92,8 @@ def _learned_rotation(data: dict, steps: int = 100) -> None:
 IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "awq-gptq-mse": ("awq-gptq", _mse),
          "quarot-signround": ("quarot-gptq", _signround_after_rotation), "spinquant-gptq-mse": ("quarot-gptq", _learned_rotation),
          "spinquant200-gptq-mse": ("quarot-gptq", lambda d: _learned_rotation(d, steps=200)),
-         "spinquant-signround": ("quarot-gptq", lambda d: (_learned_rotation(d), _signround_after_rotation(d)))}
+         "spinquant-signround": ("quarot-gptq", lambda d: (_learned_rotation(d), _signround_after_rotation(d))),
+         "signround-float-layer": ("signround", _signround_float_layer)}
 # the order of a full run: the rows each target compares first, the slow ones last
 DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for m in ("rtn", "gptq", "squeezellm", "awq-gptq", "quarot-gptq", "llmc-gptq",
                                                                "llmc-awq", "awq", "signround", "autoround") for b in (4, 3)])
