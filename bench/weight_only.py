@@ -31,7 +31,8 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   SpinQuant's, 100 steps on the next-token loss, fused offline, then GPTQ with `mse_clip`;
   `spinquant200-gptq-mse` the same with 200 steps), `spinquant-signround` (the learned rotations,
   then learned rounding instead of GPTQ), `signround-float-layer` (library 83f5ad4 on: learned
-  rounding as it was before, against the float layer on the quantized inputs, the last step kept).
+  rounding as it was before, against the float layer on the quantized inputs, the last step kept),
+  `signround-amp` (the stage's `amp`, added after 83f5ad4: its steps under bfloat16 autocast, AutoRound's amp).
 The table of bench/results/weight_only-f4cc7ab.jsonl carries on with `--resume` only from a checkout whose
 library folders are f4cc7ab's (`git restore --source=f4cc7ab --staged --worktree -- calibration compress eval kernels prune quant
 pyproject.toml constraints.txt` in a clone of main, committed there): rows are reused on equal library trees.
@@ -79,6 +80,13 @@ def _signround_float_layer(data: dict) -> None:
             stage["signround"].update(reference="float_layer", keep_best=False)
 
 
+def _signround_amp(data: dict) -> None:
+    """signround's steps under bfloat16 autocast (AutoRound's amp; the choices between steps stay float32)."""
+    for stage in data["stages"]:
+        if "signround" in stage:
+            stage["signround"]["amp"] = True
+
+
 def _learned_rotation(data: dict, steps: int = 100) -> None:
     """quarot-gptq's randomized Hadamard R1 / R2 replaced by SpinQuant's learned ones (Cayley SGD on the
     next-token loss under the weights' RTN fake-quant, all fused offline), and GPTQ with `mse_clip`."""
@@ -95,7 +103,7 @@ IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "
          "quarot-signround": ("quarot-gptq", _signround_after_rotation), "spinquant-gptq-mse": ("quarot-gptq", _learned_rotation),
          "spinquant200-gptq-mse": ("quarot-gptq", lambda d: _learned_rotation(d, steps=200)),
          "spinquant-signround": ("quarot-gptq", lambda d: (_learned_rotation(d), _signround_after_rotation(d))),
-         "signround-float-layer": ("signround", _signround_float_layer)}
+         "signround-float-layer": ("signround", _signround_float_layer), "signround-amp": ("signround", _signround_amp)}
 # the order of a full run: the rows each target compares first, the slow ones last
 DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for m in ("rtn", "gptq", "squeezellm", "awq-gptq", "quarot-gptq", "llmc-gptq",
                                                                "llmc-awq", "awq", "signround", "autoround") for b in (4, 3)])

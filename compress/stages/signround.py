@@ -16,7 +16,9 @@ decaying linearly). The reference (`reference`):
 With `keep_best` (AutoRound's default) the parameters of the step with the least batch loss are
 kept where their error over all batches is below the last step's. The learned quantization is
 kept only if its error over all batches is below round-to-nearest's (the starting point); then
-the codes are installed, as GPTQ's are. Modules outside the decoder layers (an lm_head in the plan) get RTN.
+the codes are installed, as GPTQ's are. With `amp` the training steps run under bfloat16 autocast
+(AutoRound's `amp`, which on CPU tunes in bfloat16); the loss, the parameters and every choice
+between steps (least-loss step, RTN) stay float32. Modules outside the decoder layers (an lm_head in the plan) get RTN.
 
     stages: [{signround: {iters: 200, reference: float_model, keep_best: true}}]   # w4a16-signround
 """
@@ -85,6 +87,7 @@ class SignRound:
     lr: float | None = None  # default 1 / iters
     reference: str = "float_model"  # or "float_layer" (see the module doc)
     keep_best: bool = True  # the least-loss step's parameters, where better than the last step's
+    amp: bool = False  # the training steps under bfloat16 autocast (faster where the CPU has bf16 dot products)
 
     REFERENCES = ("float_model", "float_layer")
 
@@ -95,8 +98,9 @@ class SignRound:
             raise ValueError(f"signround.lr={self.lr!r} must be a number in (0, 1] or null (1 / iters)")
         if self.reference not in self.REFERENCES:
             raise ValueError(f"signround.reference={self.reference!r} is not one of {', '.join(self.REFERENCES)}")
-        if not isinstance(self.keep_best, bool):
-            raise ValueError(f"signround.keep_best={self.keep_best!r} must be true or false")
+        for name in ("keep_best", "amp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"signround.{name}={getattr(self, name)!r} must be true or false")
 
     def apply(self, model: nn.Module, ctx) -> None:
         if ctx.calib is None:
@@ -138,8 +142,10 @@ class SignRound:
         for rel, sim in sims.items():
             set_module(layer, rel, _Learning(sim, params[rel]))
 
-        def loss(j: int) -> torch.Tensor:
-            return (_out(layer(inputs[j], **kwargs[j])).float() - targets[j].to(dev).float()).pow(2).mean()
+        def loss(j: int, amp: bool = False) -> torch.Tensor:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                out = _out(layer(inputs[j], **kwargs[j]))
+            return (out.float() - targets[j].to(dev).float()).pow(2).mean()
 
         def total() -> float:
             with torch.no_grad():
@@ -154,7 +160,7 @@ class SignRound:
             best, best_at = float("inf"), None
             with torch.enable_grad():
                 for it in range(self.iters):
-                    batch_loss = loss(it % len(inputs))
+                    batch_loss = loss(it % len(inputs), self.amp)
                     if self.keep_best and batch_loss.item() < best:  # the parameters that gave it, before this step
                         best, best_at = batch_loss.item(), {rel: {k: t.detach().clone() for k, t in p.items()} for rel, p in params.items()}
                     batch_loss.backward()
@@ -185,6 +191,6 @@ class SignRound:
             sim.set_quantized(q, scale, zero)
             if ctx.report is not None:
                 ctx.report.record_module(mine[rel][0], scheme=sim.scheme.name, method="signround", **quant_error(W, sim.weight),
-                                         layer_loss=learned, layer_loss_rtn=rtn, iters=self.iters)
+                                         layer_loss=learned, layer_loss_rtn=rtn, iters=self.iters, amp=self.amp)
         log.info("signround: %s: layer output error %.4g (RTN %.4g, %.3f of it%s) in %.1f s", step.name, min(learned, rtn), rtn,
                  min(learned, rtn) / rtn if rtn > 0 else 1.0, "" if learned < rtn else "; kept RTN", time.perf_counter() - t0)
