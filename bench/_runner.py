@@ -112,13 +112,14 @@ class RssPeak:
         self.peak = max(self.peak, self.rss())
 
 
-def compress_timed(model, tok, recipe, args) -> float:
-    """Sample the calibration set (`args.n` x `args.seqlen`, `args.seed`, wiki) when the recipe
-    calibrates, compress `model` in place; returns the compression seconds (sampling excluded)."""
+def compress_timed(model, tok, recipe, args, source: str = "wiki") -> float:
+    """Sample the calibration set (`args.n` x `args.seqlen`, `args.seed`, from `source`, a source or a
+    mix of `sample_calibration`) when the recipe calibrates, compress `model` in place; returns the
+    compression seconds (sampling excluded)."""
     from lmpress.calibration.data import sample_calibration
     from lmpress.compress import compress
 
-    calib = sample_calibration(tok, "wiki", n=args.n, seqlen=args.seqlen, seed=args.seed) if recipe.needs_calibration else None
+    calib = sample_calibration(tok, source, n=args.n, seqlen=args.seqlen, seed=args.seed) if recipe.needs_calibration else None
     t0 = time.perf_counter()
     compress(model, recipe, calib)
     return time.perf_counter() - t0
