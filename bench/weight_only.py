@@ -39,7 +39,8 @@ The table of bench/results/weight_only-f4cc7ab.jsonl carries on with `--resume` 
 library folders are f4cc7ab's (`git restore --source=f4cc7ab --staged --worktree -- calibration compress eval kernels prune quant
 pyproject.toml constraints.txt` in a clone of main, committed there): rows are reused on equal library trees.
 bench/results/weight_only-83f5ad4.jsonl holds the rows of signround's new reference (library tree 9292d727e79c,
-main at 83f5ad4: base, w4-rtn and w3-rtn there equal the f4cc7ab table's to the last digit).
+main at 83f5ad4: base, w4-rtn and w3-rtn there equal the f4cc7ab table's to the last digit; w4-signround and
+w3-signround with the new reference).
 All integer rows are groups of 64, asymmetric; the W3 rows are the same recipes with 3-bit weights.
 lm_head and the embeddings stay in high precision. Columns: perplexity on the wiki eval split
 (first `--windows` windows of `--seqlen` tokens) and its ratio to the base; the same on the
