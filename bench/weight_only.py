@@ -34,7 +34,8 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   rounding as it was before, against the float layer on the quantized inputs, the last step kept),
   `signround-amp` (the stage's `amp`, added after 83f5ad4: its steps under bfloat16 autocast, AutoRound's amp).
 - `<method or idea>-mix` (e.g. `w4-gptq-mix`): calibrated on the mix `MIX` (wiki 3 parts, Python's reference
-  documentation 1 part) instead of wiki alone; the row's `calib` names it.
+  documentation 1 part) instead of wiki alone; the row's `calib` names it (rows w4-gptq-mix, w4-gptq-mse-mix and
+  w4-squeezellm-mix are in the f4cc7ab table).
 The table of bench/results/weight_only-f4cc7ab.jsonl carries on with `--resume` only from a checkout whose
 library folders are f4cc7ab's (`git restore --source=f4cc7ab --staged --worktree -- calibration compress eval kernels prune quant
 pyproject.toml constraints.txt` in a clone of main, committed there): rows are reused on equal library trees.
