@@ -283,7 +283,7 @@ def add_args(p) -> None:
 def check(config: str, args) -> None:
     if config != "base":
         bits, method = parse(config)
-        if method.removesuffix("-mix") in METHODS or method.removesuffix("-mix") in IDEAS:
+        if (plain := method.removesuffix("-mix")) in METHODS or plain in IDEAS:
             recipe_for(config)
 
 

@@ -18,7 +18,8 @@ kept where their error over all batches is below the last step's. The learned qu
 kept only if its error over all batches is below round-to-nearest's (the starting point); then
 the codes are installed, as GPTQ's are. With `amp` the training steps run under bfloat16 autocast
 (AutoRound's `amp`, which on CPU tunes in bfloat16); the loss, the parameters and every choice
-between steps (least-loss step, RTN) stay float32. Modules outside the decoder layers (an lm_head in the plan) get RTN.
+between steps (least-loss step, RTN) stay float32. Modules outside the decoder layers (an lm_head
+in the plan) get RTN.
 
     stages: [{signround: {iters: 200, reference: float_model, keep_best: true}}]   # w4a16-signround
 """
