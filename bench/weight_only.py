@@ -32,7 +32,15 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   `spinquant200-gptq-mse` the same with 200 steps), `spinquant-signround` (the learned rotations,
   then learned rounding instead of GPTQ), `signround-float-layer` (library 83f5ad4 on: learned
   rounding as it was before, against the float layer on the quantized inputs, the last step kept),
-  `signround-amp` (the stage's `amp`, added after 83f5ad4: its steps under bfloat16 autocast, AutoRound's amp).
+  `signround-amp` (the stage's `amp`, added after 83f5ad4: its steps under bfloat16 autocast, AutoRound's amp),
+  `gptq-damp10` and `gptq-mse-damp10` (GPTQ's damping 10% of the mean Hessian diagonal instead of 1%),
+  `squeezellm-plain` (k-means without the Fisher weights), `squeezellm-s20` (0.20% sparse instead of 0.45%: W3 at
+  3.30 bits per weight, below uniform g64's 3.3125).
+- `--val pydoc`: a third text (Python's reference documentation, `pydoc_text`; or any source of load_text), for
+  choosing settings that generalize without looking at `--ood`: rows then report its perplexity and the share of
+  RTN's gap closed there too. An idea for the out-of-domain rule is judged by that rule on the validation text
+  (below RTN, at least half of the wiki share kept); the `--ood` columns only report. Rows on `--val pydoc`
+  calibrate on wiki alone (the `-mix` rows calibrate on pydoc, so they have no held-out validation there).
 - `<method or idea>-mix` (e.g. `w4-gptq-mix`): calibrated on the mix `MIX` (wiki 3 parts, Python's reference
   documentation 1 part) instead of wiki alone; the row's `calib` names it (rows w4-gptq-mix, w4-gptq-mse-mix and
   w4-squeezellm-mix are in the f4cc7ab table).
@@ -77,18 +85,13 @@ def _signround_after_rotation(data: dict) -> None:
     data["schemes"]["re:.*"]["weights"].pop("mse_clip", None)  # signround learns the clipping itself
 
 
-def _signround_float_layer(data: dict) -> None:
-    """signround as before 83f5ad4: each layer against the float layer on its quantized inputs, the last step kept."""
-    for stage in data["stages"]:
-        if "signround" in stage:
-            stage["signround"].update(reference="float_layer", keep_best=False)
-
-
-def _signround_amp(data: dict) -> None:
-    """signround's steps under bfloat16 autocast (AutoRound's amp; the choices between steps stay float32)."""
-    for stage in data["stages"]:
-        if "signround" in stage:
-            stage["signround"]["amp"] = True
+def _options(stage: str, **options):
+    """A tweak that sets `options` of the recipe's stage `stage`."""
+    def tweak(data: dict) -> None:
+        for s in data["stages"]:
+            if stage in s:
+                s[stage].update(options)
+    return tweak
 
 
 def _learned_rotation(data: dict, steps: int = 100) -> None:
@@ -107,7 +110,19 @@ IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "
          "quarot-signround": ("quarot-gptq", _signround_after_rotation), "spinquant-gptq-mse": ("quarot-gptq", _learned_rotation),
          "spinquant200-gptq-mse": ("quarot-gptq", lambda d: _learned_rotation(d, steps=200)),
          "spinquant-signround": ("quarot-gptq", lambda d: (_learned_rotation(d), _signround_after_rotation(d))),
-         "signround-float-layer": ("signround", _signround_float_layer), "signround-amp": ("signround", _signround_amp)}
+         # signround as before 83f5ad4: each layer against the float layer on its quantized inputs, the last step kept
+         "signround-float-layer": ("signround", _options("signround", reference="float_layer", keep_best=False)),
+         # signround's steps under bfloat16 autocast (AutoRound's amp; the choices between steps stay float32)
+         "signround-amp": ("signround", _options("signround", amp=True)),
+         # GPTQ's damping at 10% of the mean Hessian diagonal instead of 1%: a stronger isotropic prior where the
+         # calibration text has little variance (for the out-of-domain rule; chosen on the validation text, not on --ood)
+         "gptq-damp10": ("gptq", _options("gptq", damp=0.1)),
+         "gptq-mse-damp10": ("gptq", lambda d: (_mse(d), _options("gptq", damp=0.1)(d))),
+         # SqueezeLLM's k-means unweighted (no Fisher): the codebooks see no calibration text
+         "squeezellm-plain": ("squeezellm", _options("squeezellm", fisher=False)),
+         # SqueezeLLM with 0.20% sparse (0.15% outliers, 0.05% Fisher-sensitive) instead of 0.45%: at 3 bits its bits
+         # per weight (3.30) are then below uniform g64's 3.3125, for "SqueezeLLM 3-bit beats W3 GPTQ at equal bits"
+         "squeezellm-s20": ("squeezellm", _options("squeezellm", outliers=0.0015, sensitive=0.0005))}
 # the order of a full run: the rows each target compares first, the slow ones last
 DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for m in ("rtn", "gptq", "squeezellm", "awq-gptq", "quarot-gptq", "llmc-gptq",
                                                                "llmc-awq", "awq", "signround", "autoround") for b in (4, 3)])
@@ -197,12 +212,22 @@ def bits_per_weight(model, bits: int) -> float:
 
 
 def ood_ppl(model, tok, args) -> dict:
+    """Perplexity on the out-of-domain text (`ood_ppl`) and, with `--val`, on the validation text (`val_ppl`)."""
     from lmpress.calibration.data import load_text
     from lmpress.eval.ppl import perplexity
 
-    t0 = time.perf_counter()
-    res = perplexity(model, tok, load_text(args.ood, "eval"), seqlen=args.seqlen, windows=args.windows)
-    return {"ood_ppl": res.ppl, "ood_eval_s": time.perf_counter() - t0}
+    out = {}
+    for key, source in (("ood", args.ood), ("val", val_source(args))):
+        if source is not None:
+            t0 = time.perf_counter()
+            out[f"{key}_ppl"] = perplexity(model, tok, load_text(source, "eval"), seqlen=args.seqlen, windows=args.windows).ppl
+            out[f"{key}_eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def val_source(args) -> str | None:
+    """The validation text's source: `--val pydoc` is Python's reference documentation (`pydoc_text`)."""
+    return pydoc_text() if args.val == "pydoc" else args.val
 
 
 def run_one(config: str, args) -> dict:
@@ -248,18 +273,19 @@ def _closed(r: dict, base: dict | None, rtn: dict | None, key: str) -> str:
 def table(rows: list[dict], args) -> str:
     ok = {r["config"]: r for r in rows if "error" not in r}
     base = ok.get("base")
+    val = f" {args.val} ppl | RTN gap closed ({args.val}) |" if args.val else ""
     lines = [
         f"{args.model}; wiki eval split and `{args.ood}`, first {args.windows} windows x {args.seqlen} tokens each; "
         f"calibration wiki {args.n} x {args.seqlen} (seed {args.seed}); groups of {GROUP}, asymmetric; lm_head kept; "
         f"CPU fp32, {args.threads} threads",
         "",
         f"| config | by | wiki ppl | vs base | {args.ood} ppl | vs base | RTN gap closed (wiki / {args.ood}) | bits/weight "
-        "| compress s | peak RSS MiB | packed = simulated |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| compress s | peak RSS MiB | packed = simulated |{val}",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|" + "---:|---:|" * bool(val),
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | | error: {r['error'][:80]} | | | | | | | | |")
+            lines.append(f"| {r['config']} | | error: {r['error'][:80]} | | | | | | | | |" + " | |" * bool(val))
             continue
         method = r["config"].partition("-")[2]
         by = "llm-compressor" if method.startswith("llmc") else "auto-round" if method == "autoround" else "lmpress"
@@ -270,13 +296,16 @@ def table(rows: list[dict], args) -> str:
         eq = {True: "yes", False: "NO"}.get(r.get("packed_equal"), "-")
         lines.append(f"| {r['config']} | {by} | {r['ppl']:.3f} | {vs} | {r.get('ood_ppl', float('nan')):.3f} | {vs_ood} | "
                      f"{_closed(r, base, rtn, 'ppl')} / {_closed(r, base, rtn, 'ood_ppl')} | {bpw} | {r['compress_s']:.0f} | "
-                     f"{r.get('max_rss_mib', 0):.0f} | {eq} |")
+                     f"{r.get('max_rss_mib', 0):.0f} | {eq} |"
+                     + (f" {r.get('val_ppl', float('nan')):.3f} | {_closed(r, base, rtn, 'val_ppl')} |" if val else ""))
     return "\n".join(lines)
 
 
 def add_args(p) -> None:
     _runner.protocol_args(p)
     p.add_argument("--ood", default="canterbury", help="the out-of-domain eval text (a source of load_text; default canterbury)")
+    p.add_argument("--val", default=None, help="a third text, to choose settings for generalizing on (`pydoc`, or a source "
+                   "of load_text); rows then report its perplexity too (default: none)")
     p.add_argument("--autoround-iters", type=int, default=200, help="AutoRound iterations a block (default 200)")
 
 
