@@ -122,6 +122,30 @@ def inverse_cholesky(H: torch.Tensor, rev: torch.Tensor, dead_rev: torch.Tensor,
     )
 
 
+def asymmetric_target(W: torch.Tensor, H: torch.Tensor, dXX: torch.Tensor, alpha: float, damp: float = 0.01) -> torch.Tensor:
+    """GPTAQ's target (Li et al., 2025, "asymmetric calibration"): the weight W* (out, in) whose GPTQ
+    on the quantized model's inputs x̃ matches the float model's output W x, x its float inputs.
+
+    With H = (2/N) Σ x̃ x̃ᵀ and dXX = (2/N) Σ (x - x̃) x̃ᵀ (both (in, in), over the same N tokens),
+    min_Q Σ |W x - Q x̃|² = min_Q tr((Q - W*) H (Q - W*)ᵀ) + const, where W* = W + W dXX H⁻¹ (the
+    normal equations). `alpha` scales the correction (GPTAQ uses 0.25; 1 is the exact least squares);
+    H is dampened as GPTQ dampens it (`damp` of the mean live diagonal; dead inputs get H_jj = 1), so
+    alpha = 1 with a tiny `damp` gives the least-squares weight. Computed in float64, returned float32.
+    """
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]) or dXX.shape != H.shape:
+        raise ValueError(f"asymmetric_target: W (out, in), H and dXX (in, in), got {tuple(W.shape)}, {tuple(H.shape)}, "
+                         f"{tuple(dXX.shape)}")
+    Hd = H.double().clone()  # (in, in)
+    diag = Hd.diagonal()
+    dead = diag <= 0
+    live_mean = float(diag[~dead].mean()) if int(dead.sum()) < H.shape[0] else 1.0
+    diag[dead] = 1.0
+    diag.add_(damp * live_mean)
+    M = W.double() @ dXX.double().to(W.device)  # (out, in)
+    correction = torch.linalg.solve(Hd.to(W.device), M.T).T  # M Hd⁻¹ (Hd symmetric): (out, in)
+    return (W.double() + alpha * correction).float()
+
+
 def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
     """(U, damp used): U the upper Cholesky factor (float32, natural column order) of the dampened
     inverse Hessian, as `gptq_quantize` uses it, for solvers on other grids (quant/gguf.py). Dead

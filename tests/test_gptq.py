@@ -16,7 +16,7 @@ from lmpress.compress import Recipe, compress, load, save
 from lmpress.compress.stage import make_stage
 from lmpress.compress.stages import gptq as gptq_stage
 from lmpress.compress.models import tiny_llama
-from lmpress.quant.gptq import GPTQError, gptq_quantize, gptq_quantize_shared, layer_objective
+from lmpress.quant.gptq import GPTQError, asymmetric_target, gptq_quantize, gptq_quantize_shared, layer_objective
 from lmpress.quant.primitives import dequantize, fake_quantize
 from lmpress.quant.rtn import rtn_quantize
 from lmpress.quant.scheme import QuantArgs, QuantScheme
@@ -328,12 +328,88 @@ def test_stage_stubs_do_not_change_the_result(monkeypatch):
         ({"act_order": "yes"}, "act_order"),
         ({"true_sequential": 1}, "true_sequential"),
         ({"batch_size": 0}, "batch_size"),
+        ({"gptaq": 1.5}, "gptaq"),
+        ({"gptaq": True}, "gptaq"),
         ({"bogus": 1}, "bogus"),
     ],
 )
 def test_stage_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         make_stage("gptq", options)
+
+
+def test_asymmetric_target_is_the_least_squares_weight():
+    """alpha 1, no dampening: W* solves min_Q Σ |W x - Q x̃|² (normal equations, float64); alpha 0: W."""
+    g = torch.Generator().manual_seed(3)
+    Xq = torch.randn(500, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g, dtype=torch.float64)  # (n, in)
+    X = Xq + 0.1 * torch.randn(500, 40, generator=g, dtype=torch.float64)  # the float inputs
+    W = torch.randn(24, 40, generator=g, dtype=torch.float64)  # (out, in)
+    H = 2.0 / 500 * Xq.T @ Xq
+    dXX = 2.0 / 500 * (X - Xq).T @ Xq  # (in, in)
+    want = torch.linalg.lstsq(Xq, X @ W.T).solution.T  # (out, in)
+    got = asymmetric_target(W, H, dXX, alpha=1.0, damp=1e-12)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(asymmetric_target(W.float(), H, dXX, alpha=0.0), W.float())
+    half = asymmetric_target(W, H, dXX, alpha=0.5, damp=1e-12).double()
+    assert torch.allclose(half, (W + want) / 2, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="asymmetric_target"):
+        asymmetric_target(W, H[:5], dXX, alpha=1.0)
+
+
+GPTAQ_RECIPE = """
+version: 1
+name: w4a16-gptaq
+schemes:
+  lm_head: null
+  "re:.*": {preset: W4A16, weights: {group_size: 32, symmetric: false}}
+stages:
+- gptq: {gptaq: 1.0}
+"""
+
+
+def test_stage_gptaq_corrects_towards_the_float_model(monkeypatch):
+    """gptaq: layer 0's q/k/v see the float inputs themselves (no correction: GPTQ's codes); layer 1's
+    correction is built from the float model's q/k/v input minus the quantized model's."""
+    calib = _calib(n=6, seqlen=24)
+    seen = []
+    real = gptq_stage.asymmetric_target
+
+    def spy(W, H, dXX, alpha, damp):
+        seen.append(dXX.clone())
+        return real(W, H, dXX, alpha, damp)
+
+    monkeypatch.setattr(gptq_stage, "asymmetric_target", spy)
+    model, _ = tiny_llama()
+    compress(model, Recipe.from_yaml(GPTAQ_RECIPE), calib)
+    plain, _ = tiny_llama()
+    compress(plain, Recipe.from_yaml(GPTAQ_RECIPE.replace("gptaq: 1.0", "gptaq: 0.0")), calib)
+    assert len(seen) == 2 * 7  # one target per weight: 2 layers x (q, k, v, o, gate, up, down)
+    assert torch.count_nonzero(seen[0]) == 0  # layer 0, q: float and quantized inputs are the same tensor
+    for name in ("q_proj", "k_proj", "v_proj"):
+        a = model.model.layers[0].self_attn.get_submodule(name)
+        b = plain.model.layers[0].self_attn.get_submodule(name)
+        assert torch.equal(a.weight_codes, b.weight_codes), name
+    assert not torch.equal(model.model.layers[1].mlp.down_proj.weight_codes, plain.model.layers[1].mlp.down_proj.weight_codes)
+
+    def q_input(m):
+        got = []
+        h = m.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: got.append(a[0].detach()))
+        with torch.no_grad():
+            m(calib.tokens)
+        h.remove()
+        return got[0].reshape(-1, got[0].shape[-1]).double()  # (n * seqlen, hidden)
+
+    ref, _ = tiny_llama()
+    x, xq = q_input(ref), q_input(model)
+    want = 2.0 / x.shape[0] * (x - xq).T @ xq
+    layer1_q = seen[7]  # layer 0: q, k, v, o, gate, up, down; then layer 1's q
+    assert torch.allclose(layer1_q, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
+def test_stage_gptaq_refuses_the_larger_than_memory_path():
+    stage = make_stage("gptq", {"gptaq": 0.25})
+    with pytest.raises(ValueError, match="in-memory"):
+        stage.quantize_layer(None, None, {})
 
 
 def test_stage_needs_calibration():

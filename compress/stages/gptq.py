@@ -23,6 +23,15 @@ rows independently, so this gives the same codes in one pass).
 in the packed format); `act_order: false` computes each group's qparams when GPTQ reaches it,
 from the error-compensated weights (the classic GPTQ).
 
+`gptaq: alpha` (GPTAQ, Li et al. 2025, "asymmetric calibration"; its code uses alpha 0.25): the
+stage also carries the float model's hidden states beside the quantized ones (as signround's
+`float_model` reference), runs each float layer on them, and records the float input x of every
+sequential group's linears. Each weight is then solved towards the float model's output rather than
+its own: GPTQ runs on `quant.gptq.asymmetric_target` (W + alpha W dXX H⁻¹, dXX = (2/N) Σ (x - x̃) x̃ᵀ
+over the tokens of H), with the same H. A layer thereby also undoes the error of the layers before
+it. The float pass keeps the plan's activation fake-quant where a scheme has one (as signround's
+does). Only the in-memory walk carries those hidden states (larger-than-memory runs refuse it).
+
 Modules of the plan outside the decoder layers' known linears (e.g. `lm_head` when a recipe
 quantizes it) have no layer inputs to calibrate on here: they fall back to RTN, with a log note.
 """
@@ -39,7 +48,7 @@ from torch import nn
 
 from lmpress.calibration.layerwise import LayerwiseRunner, group_passes
 from lmpress.calibration.stats import capture_input_stats
-from lmpress.quant.gptq import gptq_quantize_shared, layer_objective, single_thread
+from lmpress.quant.gptq import asymmetric_target, gptq_quantize_shared, layer_objective, single_thread
 from lmpress.quant.primitives import dequantize, quant_error
 from lmpress.quant.rtn import rtn_quantize
 from lmpress.quant.sim import SimQuantLinear
@@ -90,6 +99,38 @@ def stubbed(layer: nn.Module, rels: list[str]):
             set_module(layer, rel, mod)
 
 
+def layer_output(o):
+    """A decoder layer's hidden states out of what it returns (a tensor, or a tuple led by it)."""
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+def layer_kwargs(step) -> list[dict]:
+    """The keyword arguments (position embeddings, mask, ...) the layer is called with, one dict per batch."""
+    kwargs: list[dict] = []
+    hook = step.layer.register_forward_pre_hook(lambda _m, _a, kw: kwargs.append(kw), with_kwargs=True)
+    try:
+        step.forward(until=[step.layer])  # stops as each batch enters the layer
+    finally:
+        hook.remove()
+    return kwargs
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], inputs_of: dict[str, list] | None = None
+              ) -> list[torch.Tensor]:
+    """`layer` on each batch of `hidden` (B, T, hidden_size) with its `kwargs`; outputs on CPU. With
+    `inputs_of` ({path in the layer: []}), each of those modules' inputs is appended to its list, one
+    per batch, on CPU."""
+    dev = next(layer.parameters()).device
+    hooks = [layer.get_submodule(rel).register_forward_pre_hook(lambda _m, args, got=got: got.append(args[0].detach().to("cpu")))
+             for rel, got in (inputs_of or {}).items()]
+    try:
+        return [layer_output(layer(x.to(dev), **kw)).to("cpu") for x, kw in zip(hidden, kwargs)]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def observe_inputs(step, rels: list[str], later: list[str]) -> None:
     """Calibrate the static input scales (or COMET's channel orders) of the linears `rels` (paths in
     the layer of `step`): one pass with `later` stubbed, the per-channel absmax of each one's input
@@ -130,11 +171,14 @@ def static_outside_layers(model: nn.Module, ctx, fqns) -> None:
                              "give it a dynamic input scheme (inputs: {dynamic: true}) or none")
 
 
-def collect_hessians(step, ctx, targets: list[str], later: list[str]):
+def collect_hessians(step, ctx, targets: list[str], later: list[str], float_inputs: dict[int, list] | None = None):
     """Run the layer once with `later` stubbed and collect one Hessian per distinct input:
     the modules of a sequential group read the same tensor, and those with the same input
     quantization see the same values. Returns (sims {rel: module}, by_input {(group, input
-    args): [rel, ...]}, stats {first rel of each input: HessianAccumulator})."""
+    args): [rel, ...]}, stats {first rel of each input: HessianAccumulator}, cross). With
+    `float_inputs` ({sequential group: the float model's input of its linears, one per batch}),
+    cross is {first rel of each input: Σ (x - x̃) x̃ᵀ (in, in) float64} over the same tokens as its
+    Hessian (x̃ the input counted there, x the float one); else {}."""
     layer = step.layer
     sims: dict[str, SimQuantLinear] = {rel: layer.get_submodule(rel) for rel in targets}
     group_of = {rel: gi for gi, group in enumerate(ctx.arch.sequential_groups) for rel in group}
@@ -146,9 +190,26 @@ def collect_hessians(step, ctx, targets: list[str], later: list[str]):
         observe_inputs(step, static, later)
     hooked = {rels[0]: sims[rels[0]] for rels in by_input.values()}
     transforms = {rels[0]: sims[rels[0]].quantize_input for (_, inp), rels in by_input.items() if inp is not None}
-    with stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
-        step.forward(until=list(hooked.values()))  # nothing after the hooked inputs is needed
-    return sims, by_input, stats
+    cross: dict[str, torch.Tensor] = {}
+    seen: dict[str, int] = {}
+
+    def accumulate(rel, _m, args):
+        fn = transforms.get(rel)
+        xq = (fn(args[0]) if fn is not None else args[0]).detach().float()
+        xq = xq.reshape(-1, xq.shape[-1])  # (..., in) -> (n, in)
+        xf = float_inputs[group_of[rel]][seen.get(rel, 0)].to(xq.device).float().reshape(xq.shape)  # (n, in)
+        seen[rel] = seen.get(rel, 0) + 1
+        c = ((xf - xq).T @ xq).double()  # (in, in)
+        cross[rel] = cross[rel].add_(c) if rel in cross else c
+
+    hooks = [] if float_inputs is None else [m.register_forward_pre_hook(partial(accumulate, rel)) for rel, m in hooked.items()]
+    try:
+        with stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
+            step.forward(until=list(hooked.values()))  # nothing after the hooked inputs is needed
+    finally:
+        for h in hooks:
+            h.remove()
+    return sims, by_input, stats, cross
 
 
 @register_stage("gptq", needs_calibration=True)
@@ -159,9 +220,13 @@ class GPTQ:
     act_order: bool = True
     true_sequential: bool = True
     batch_size: int | None = None
+    gptaq: float = 0.0  # GPTAQ's alpha: match the float model's outputs (see the module doc); 0: GPTQ
 
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
+        a = self.gptaq
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0 <= a <= 1):
+            raise ValueError(f"gptq: option gptaq={a!r} must be a number in [0, 1] (GPTAQ's alpha, e.g. 0.25; 0 for plain GPTQ)")
         _positive_int("batch_size", self.batch_size, allow_none=True)
         d = self.damp
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d <= 1):
@@ -216,50 +281,70 @@ class GPTQ:
         log.info("gptq: %d layers, %d calibration sequences x %d tokens, act_order=%s, true_sequential=%s",
                  n_layers, ctx.calib.tokens.shape[0], ctx.calib.tokens.shape[1], self.act_order, self.true_sequential)
         t_all = time.perf_counter()
+        float_hidden = None  # gptaq: the float model's inputs of the current layer, one per batch
         for step in runner:
             mine = todo.get(step.index)
+            float_inputs = None
+            if self.gptaq:  # the float layer (nothing of it quantized yet) on the float model's hidden states
+                firsts = {gi: next(rel for rel in group if rel in mine) for gi, group in enumerate(ctx.arch.sequential_groups)
+                          if mine and any(rel in mine for rel in group)}
+                got = {rel: [] for rel in firsts.values()}
+                float_hidden = run_layer(step.layer, float_hidden if float_hidden is not None else step.inputs,
+                                         layer_kwargs(step), got)
+                float_inputs = {gi: got[rel] for gi, rel in firsts.items()}
             if not mine:
                 continue
             t0 = time.perf_counter()
-            figures = self.quantize_layer(step, ctx, mine)
+            figures = self.quantize_layer(step, ctx, mine, float_inputs=float_inputs)
             g = sum(f["gptq_loss"] for f in figures)
             r = sum(f["rtn_loss"] for f in figures)
             log.info("gptq: layer %d/%d: %d modules in %.1fs, layer objective gptq/rtn = %.3f",
                      step.index + 1, n_layers, len(figures), time.perf_counter() - t0, g / r if r > 0 else float("nan"))
         log.info("gptq: done in %.1fs", time.perf_counter() - t_all)
 
-    def quantize_layer(self, step, ctx, mine: dict[str, tuple[str, object]], dist=None) -> list[dict]:
+    def quantize_layer(self, step, ctx, mine: dict[str, tuple[str, object]], dist=None,
+                       float_inputs: dict[int, list] | None = None) -> list[dict]:
         """GPTQ of the modules `mine` ({path in the layer: (fqn, scheme)}) of the decoder layer in
         `step`, group by group in `arch.sequential_groups` order (true-sequential), or all from one
         pass. With `dist` (`compress.distributed`), solve u runs on rank `u % world` and is
-        broadcast from there. The in-memory walk and the larger-than-memory path both call it."""
+        broadcast from there. The in-memory walk and the larger-than-memory path both call it;
+        `gptaq` also needs `float_inputs` (see `collect_hessians`), which only the in-memory walk has."""
+        if self.gptaq and float_inputs is None:
+            raise ValueError("gptq: option gptaq needs the float model's hidden states, which only the in-memory "
+                             "layer walk carries; set gptaq: 0 for larger-than-memory or distributed runs")
         arch = ctx.arch
         attention = [rel for rel in arch.linears if rel.startswith(arch.attention + ".")]
         figures, done = [], set()
         for targets, later in group_passes(arch.sequential_groups, mine, self.true_sequential):
-            figures += self._collect_and_quantize(step, ctx, mine, targets, later, dist)
+            figures += self._collect_and_quantize(step, ctx, mine, targets, later, dist, float_inputs)
             done.update(targets)
             if arch.attention and later and not any(rel in mine and rel not in done for rel in attention):
                 step.replay(arch.attention)  # final now: later passes and the propagation reuse its outputs
         return figures
 
-    def _collect_and_quantize(self, step, ctx, mine: dict, targets: list[str], later: list[str], dist) -> list[dict]:
+    def _collect_and_quantize(self, step, ctx, mine: dict, targets: list[str], later: list[str], dist,
+                              float_inputs: dict[int, list] | None = None) -> list[dict]:
         """One Hessian per distinct input, one solve per (input, weight scheme): modules with the
-        same weight scheme are solved together."""
+        same weight scheme are solved together. With `gptaq`, each weight is first moved to its
+        asymmetric target (`asymmetric_target`)."""
         t0 = time.perf_counter()
-        sims, by_input, stats = collect_hessians(step, ctx, targets, later)
+        sims, by_input, stats, cross = collect_hessians(step, ctx, targets, later, float_inputs)
         log.debug("gptq: %s: collected %s in %.1fs", step.name, list(stats), time.perf_counter() - t0)
-        units = []  # (H, args, rels solved together)
+        units = []  # (H, args, rels solved together, Σ (x - x̃) x̃ᵀ or None)
         for rels in by_input.values():
             by_args: dict[object, list[str]] = {}
             for rel in rels:
                 by_args.setdefault(sims[rel].scheme.weights, []).append(rel)
-            units += [(stats[rels[0]].hessian, args, same) for args, same in by_args.items()]
+            units += [(stats[rels[0]].hessian, args, same, cross.get(rels[0])) for args, same in by_args.items()]
+            if rels[0] in cross:  # on the Hessian's scale: (2/N) Σ
+                cross[rels[0]].mul_(2.0 / stats[rels[0]].n_tokens)
         results, seconds = {}, {}
-        for u, (H, args, same) in enumerate(units):
+        for u, (H, args, same, dXX) in enumerate(units):
             if dist is None or dist.owns(u):
                 t1 = time.perf_counter()
                 Ws = [sims[rel].weight.detach().float() for rel in same]
+                if dXX is not None:
+                    Ws = [asymmetric_target(W, H, dXX, self.gptaq, self.damp) for W in Ws]
                 results[u] = gptq_quantize_shared(Ws, H, args, block_size=self.block_size, damp=self.damp,
                                                   act_order=self.act_order, static_groups=self.act_order)
                 seconds[u] = (time.perf_counter() - t1) / len(same)
@@ -268,7 +353,7 @@ class GPTQ:
                 results[u], seconds[u] = dist.broadcast_object((results.get(u), seconds.get(u)), src=dist.owner(u))
         tokens = {rel: stats[rels[0]].n_tokens for rels in by_input.values() for rel in rels}  # what each Hessian saw
         figures = []
-        for u, (H, args, same) in enumerate(units):
+        for u, (H, args, same, _) in enumerate(units):
             for rel, (q, scale, zero, st) in zip(same, results[u]):
                 W = sims[rel].weight.detach().to(torch.float32, copy=True)  # set_quantized overwrites the weight
                 figures.append(self._install(ctx, sims[rel], mine[rel][0], W, H, q, scale, zero, {**st, "tokens": tokens[rel]},

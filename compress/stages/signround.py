@@ -39,7 +39,7 @@ from lmpress.quant.signround import check_args, codes, dequant, init_params, sig
 
 from ..stage import register_stage
 from ..surgery import get_module, set_module, to_sim
-from .gptq import GPTQ
+from .gptq import GPTQ, layer_kwargs, layer_output, run_layer
 from .rtn import rtn_modules
 
 log = logging.getLogger(__name__)
@@ -57,28 +57,6 @@ class _Learning(nn.Module):
         if self.sim.scheme.inputs is not None:
             x = self.sim.quantize_input(x)
         return F.linear(x, dequant(self.sim.weight, self.params, self.sim.scheme.weights).to(x.dtype), self.sim.bias)
-
-
-def _out(o):
-    return o[0] if isinstance(o, (tuple, list)) else o
-
-
-def _layer_kwargs(step) -> list[dict]:
-    """The keyword arguments (position embeddings, mask, ...) the layer is called with, one dict per batch."""
-    kwargs: list[dict] = []
-    hook = step.layer.register_forward_pre_hook(lambda _m, _a, kw: kwargs.append(kw), with_kwargs=True)
-    try:
-        step.forward(until=[step.layer])  # stops as each batch enters the layer
-    finally:
-        hook.remove()
-    return kwargs
-
-
-@torch.no_grad()
-def _run(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """`layer` on each batch of `hidden` (B, T, hidden_size) with its `kwargs`; outputs on CPU."""
-    dev = next(layer.parameters()).device
-    return [_out(layer(x.to(dev), **kw)).to("cpu") for x, kw in zip(hidden, kwargs)]
 
 
 @register_stage("signround", needs_calibration=True)
@@ -116,10 +94,10 @@ class SignRound:
         t0 = time.perf_counter()
         float_hidden = None  # the float model's inputs of the current layer (reference float_model), one per batch
         for step in LayerwiseRunner(model, ctx.arch, ctx.calib.tokens, batch_size=ctx.batch_size, device=ctx.device):
-            kwargs = _layer_kwargs(step)
+            kwargs = layer_kwargs(step)
             if self.reference == "float_model":
                 float_in = float_hidden if float_hidden is not None else step.inputs
-                float_hidden = _run(step.layer, float_in, kwargs)  # the float layer (nothing installed yet)
+                float_hidden = run_layer(step.layer, float_in, kwargs)  # the float layer (nothing installed yet)
                 targets = float_hidden
             else:
                 targets = step.forward() if step.index in todo else None
@@ -145,7 +123,7 @@ class SignRound:
 
         def loss(j: int, amp: bool = False) -> torch.Tensor:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                out = _out(layer(inputs[j], **kwargs[j]))
+                out = layer_output(layer(inputs[j], **kwargs[j]))
             return (out.float() - targets[j].to(dev).float()).pow(2).mean()
 
         def total() -> float:
