@@ -406,6 +406,17 @@ def test_stage_gptaq_corrects_towards_the_float_model(monkeypatch):
     assert torch.allclose(layer1_q, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
 
 
+def test_gptaq_recipe_packs_and_reloads(tiny, tokens, tmp_path, text_file):
+    model, tok = tiny
+    report = compress(model, "w4a16-gptaq", sample_calibration(tok, source=str(text_file), n=8, seqlen=32))
+    assert {r["method"] for r in report.modules.values()} == {"gptq"} and len(report.modules) == 14
+    with torch.no_grad():
+        sim_logits = model(tokens).logits
+    loaded = load(save(model, tmp_path / "ckpt", tokenizer=tok))
+    with torch.no_grad():
+        assert (loaded(tokens).logits - sim_logits).abs().max().item() <= 1e-4
+
+
 def test_stage_gptaq_refuses_the_larger_than_memory_path():
     stage = make_stage("gptq", {"gptaq": 0.25})
     with pytest.raises(ValueError, match="in-memory"):
