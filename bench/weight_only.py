@@ -34,7 +34,8 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   rounding as it was before, against the float layer on the quantized inputs, the last step kept),
   `signround-amp` (the stage's `amp`, added after 83f5ad4: its steps under bfloat16 autocast, AutoRound's amp),
   `gptq-damp10` and `gptq-mse-damp10` (GPTQ's damping 10% of the mean Hessian diagonal instead of 1%),
-  `gptaq` (added after 60b1cb0: GPTQ solved towards the float model's output, stage option `gptaq: 0.25`),
+  `gptaq` (added after 60b1cb0: GPTQ solved towards the float model's output, stage option `gptaq: 0.25`; the
+  recipe w4a16-gptaq since 392f67e),
   `squeezellm-plain` (k-means without the Fisher weights), `squeezellm-s20` (0.20% sparse instead of 0.45%: W3 at
   3.30 bits per weight, below uniform g64's 3.3125).
 - `--val pydoc`: a third text (Python's reference documentation, `pydoc_text`; or any source of load_text), for
