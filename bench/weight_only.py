@@ -35,7 +35,7 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   `signround-amp` (the stage's `amp`, added after 83f5ad4: its steps under bfloat16 autocast, AutoRound's amp),
   `gptq-damp10` and `gptq-mse-damp10` (GPTQ's damping 10% of the mean Hessian diagonal instead of 1%),
   `gptaq` (added after 60b1cb0: GPTQ solved towards the float model's output, stage option `gptaq: 0.25`; the
-  recipe w4a16-gptaq since 392f67e),
+  recipe w4a16-gptaq since 392f67e), `gptaq-mse` (the same with `mse_clip`),
   `squeezellm-plain` (k-means without the Fisher weights), `squeezellm-s20` (0.20% sparse instead of 0.45%: W3 at
   3.30 bits per weight, below uniform g64's 3.3125).
 - `--val pydoc`: a third text (Python's reference documentation, `pydoc_text`; or any source of load_text), for
@@ -126,6 +126,7 @@ IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "
          "gptq-mse-damp10": ("gptq", lambda d: (_mse(d), _options("gptq", damp=0.1)(d))),
          # GPTAQ (library 60b1cb0 on): GPTQ towards the float model's output, its alpha 0.25
          "gptaq": ("gptq", _options("gptq", gptaq=0.25)),
+         "gptaq-mse": ("gptq", lambda d: (_mse(d), _options("gptq", gptaq=0.25)(d))),
          # SqueezeLLM's k-means unweighted (no Fisher): the codebooks see no calibration text
          "squeezellm-plain": ("squeezellm", _options("squeezellm", fisher=False)),
          # SqueezeLLM with 0.20% sparse (0.15% outliers, 0.05% Fisher-sensitive) instead of 0.45%: at 3 bits its bits
