@@ -122,6 +122,13 @@ def inverse_cholesky(H: torch.Tensor, rev: torch.Tensor, dead_rev: torch.Tensor,
     )
 
 
+def dead_inputs(H: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(dead (in,) bool: H_jj <= 0, the mean diagonal of the live inputs): what the dampening is relative to."""
+    diag = H.diagonal()
+    dead = diag <= 0
+    return dead, (float(diag[~dead].double().mean()) if int(dead.sum()) < H.shape[0] else 1.0)
+
+
 def asymmetric_target(W: torch.Tensor, H: torch.Tensor, dXX: torch.Tensor, alpha: float, damp: float = 0.01) -> torch.Tensor:
     """GPTAQ's target (Li et al., 2025, "asymmetric calibration"): the weight W* (out, in) whose GPTQ
     on the quantized model's inputs x̃ matches the float model's output W x, x its float inputs.
@@ -136,9 +143,8 @@ def asymmetric_target(W: torch.Tensor, H: torch.Tensor, dXX: torch.Tensor, alpha
         raise ValueError(f"asymmetric_target: W (out, in), H and dXX (in, in), got {tuple(W.shape)}, {tuple(H.shape)}, "
                          f"{tuple(dXX.shape)}")
     Hd = H.double().clone()  # (in, in)
+    dead, live_mean = dead_inputs(Hd)
     diag = Hd.diagonal()
-    dead = diag <= 0
-    live_mean = float(diag[~dead].mean()) if int(dead.sum()) < H.shape[0] else 1.0
     diag[dead] = 1.0
     diag.add_(damp * live_mean)
     M = W.double() @ dXX.double().to(W.device)  # (out, in)
@@ -150,9 +156,7 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.T
     """(U, damp used): U the upper Cholesky factor (float32, natural column order) of the dampened
     inverse Hessian, as `gptq_quantize` uses it, for solvers on other grids (quant/gguf.py). Dead
     inputs (H_jj = 0) get an identity block; failed factorizations retry with more dampening."""
-    diag = H.diagonal()
-    dead = diag <= 0
-    live_mean = float(diag[~dead].double().mean()) if int(dead.sum()) < H.shape[0] else 1.0
+    dead, live_mean = dead_inputs(H)
     rev = torch.arange(H.shape[0], device=H.device).flip(0)
     return inverse_cholesky(H, rev, dead[rev], damp, live_mean)
 
@@ -237,9 +241,8 @@ def _solve(W, H, args, block_size, damp, act_order, static_groups, objective):
     H = H.detach().to(dev)
 
     diag = H.diagonal()
-    dead = diag <= 0  # (in,)
+    dead, live_mean = dead_inputs(H)  # (in,)
     n_dead = int(dead.sum())
-    live_mean = float(diag[~dead].double().mean()) if n_dead < cols else 1.0
 
     grouped = args.granularity == "group"
     gs = args.group_size if grouped else cols
