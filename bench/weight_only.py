@@ -37,7 +37,8 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   `gptaq` (added after 60b1cb0: GPTQ solved towards the float model's output, stage option `gptaq: 0.25`; the
   recipe w4a16-gptaq since 392f67e), `gptaq-mse` (the same with `mse_clip`),
   `squeezellm-plain` (k-means without the Fisher weights), `squeezellm-s20` (0.20% sparse instead of 0.45%: W3 at
-  3.30 bits per weight, below uniform g64's 3.3125).
+  3.30 bits per weight, below uniform g64's 3.3125), `squeezellm-gptq` and `squeezellm-gptq-s20` (added after
+  da35be8: the same codebooks and sparse part, the codes chosen by GPTQ's error compensation, stage option `gptq`).
 - `--val pydoc`: a third text (Python's reference documentation, `pydoc_text`; or any source of load_text), for
   choosing settings that generalize without looking at `--ood`: rows then report its perplexity and the share of
   RTN's gap closed there too. An idea for the out-of-domain rule is judged by that rule on the validation text
@@ -132,7 +133,10 @@ IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "
          "squeezellm-plain": ("squeezellm", _options("squeezellm", fisher=False)),
          # SqueezeLLM with 0.20% sparse (0.15% outliers, 0.05% Fisher-sensitive) instead of 0.45%: at 3 bits its bits
          # per weight (3.30) are then below uniform g64's 3.3125, for "SqueezeLLM 3-bit beats W3 GPTQ at equal bits"
-         "squeezellm-s20": ("squeezellm", _options("squeezellm", outliers=0.0015, sensitive=0.0005))}
+         "squeezellm-s20": ("squeezellm", _options("squeezellm", outliers=0.0015, sensitive=0.0005)),
+         # SqueezeLLM's codebooks and sparse part, its codes chosen by GPTQ's error compensation (library da35be8 on)
+         "squeezellm-gptq": ("squeezellm", _options("squeezellm", gptq=True)),
+         "squeezellm-gptq-s20": ("squeezellm", _options("squeezellm", gptq=True, outliers=0.0015, sensitive=0.0005))}
 # the order of a full run: the rows each target compares first, the slow ones last
 DEFAULT_CONFIGS = ",".join(["base"] + [f"w{b}-{m}" for m in ("rtn", "gptq", "squeezellm", "awq-gptq", "quarot-gptq", "llmc-gptq",
                                                                "llmc-awq", "awq", "signround", "autoround") for b in (4, 3)])

@@ -19,6 +19,7 @@ from lmpress.kernels.formats import pack_unsigned, packed_cols
 from lmpress.kernels.linear import LUTLinear, sparse_col_dtype
 from lmpress.kernels.lut_gemm import lut_gemm, lut_gemm_ref, lut_weight
 from lmpress.quant import squeezellm as sq
+from lmpress.quant.gptq import layer_objective
 from _interpreter import run_triton_tests_in_interpreter
 
 INTERP = interpreter_ready()
@@ -104,6 +105,47 @@ def test_more_bits_and_more_sparse_entries_lower_the_error():
 def test_squeeze_refuses_unsupported_widths():
     with pytest.raises(ValueError, match="2, 3 or 4 bits"):
         sq.squeeze(_w(4, 8), None, 8)
+
+
+def _correlated_hessian(K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * K, K, generator=g) @ (torch.eye(K) + 0.6 * torch.randn(K, K, generator=g) / K ** 0.5)  # (n, K)
+    X = X * torch.rand(K, generator=g) * 3
+    return 2 * X.T @ X / X.shape[0]  # (K, K)
+
+
+def test_gptq_assign_on_a_diagonal_hessian_is_the_nearest_centroid():
+    """No correlation between inputs: an error has nowhere to go, so the codes are squeeze's."""
+    W = _w(24, 40)
+    mask, C = sq.fit_codebook(W, None, 3, outliers=0.02, sensitive=0.0)
+    H = torch.diag(torch.rand(40, generator=torch.Generator().manual_seed(4)) + 0.1)
+    parts, stats = sq.gptq_assign(W, H, mask, C)
+    ref = sq.squeeze(W, None, 3, outliers=0.02, sensitive=0.0)
+    assert torch.equal(parts["codes"], ref["codes"]) and torch.equal(parts["codebook"], ref["codebook"])
+    assert torch.equal(parts["sparse"], ref["sparse"])
+    assert stats["loss"] == pytest.approx(stats["nearest_loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_assign_lowers_the_layer_objective_and_keeps_the_table(act_order):
+    W, H = _w(48, 96, seed=5), _correlated_hessian(96)
+    mask, C = sq.fit_codebook(W, torch.rand_like(W), 3, outliers=0.01, sensitive=0.005)
+    parts, stats = sq.gptq_assign(W, H, mask, C, act_order=act_order)
+    assert stats["loss"] < 0.9 * stats["nearest_loss"]
+    Wh = sq.dequantize(parts["codes"], parts["codebook"], parts["sparse"])
+    assert stats["loss"] == pytest.approx(layer_objective(W, Wh, H), rel=1e-6)
+    assert torch.equal(parts["codebook"], C) and parts["codes"].dtype == torch.uint8
+    assert not parts["sparse"][~mask].any()  # corrections only at the kept positions
+    off = ~mask
+    assert torch.equal(Wh[off], C.float().gather(1, parts["codes"].long())[off])
+
+
+def test_gptq_assign_rows_are_independent_so_stacked_weights_solve_as_one():
+    W1, W2, H = _w(16, 64, seed=6), _w(8, 64, seed=7), _correlated_hessian(64, seed=1)
+    (m1, c1), (m2, c2) = sq.fit_codebook(W1, None, 4, 0.01, 0), sq.fit_codebook(W2, None, 4, 0.01, 0)
+    both, _ = sq.gptq_assign(torch.cat([W1, W2]), H, torch.cat([m1, m2]), torch.cat([c1, c2]))
+    one, _ = sq.gptq_assign(W2, H, m2, c2)
+    assert torch.equal(both["codes"][16:], one["codes"]) and torch.equal(both["sparse"][16:], one["sparse"])
 
 
 # ============================================================ the runtime module
@@ -238,6 +280,43 @@ def test_recipe_compresses_saves_and_reloads_bit_identically(tmp_path, recipe):
     assert isinstance(loaded.model.layers[1].self_attn.q_proj, LUTLinear)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, y)
+
+
+def test_gptq_option_solves_layer_zero_on_its_own_inputs_and_round_trips(tmp_path):
+    """gptq: true. Layer 0's q/k/v read the float model's normed embeddings: their codes are
+    `gptq_assign` on those inputs' Hessian (computed here independently), and the whole model is closer
+    to the float one on the calibration text than with nearest-centroid codes."""
+    model, _ = tiny_llama()
+    calib = _calib(model, n=8, seqlen=32)
+    attn = model.model.layers[0].self_attn
+    xs = []
+    hook = attn.q_proj.register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        ref = model(calib.tokens).logits
+    hook.remove()
+    X = torch.cat(xs).double()  # (n * seqlen, hidden)
+    H = (2 * X.T @ X / X.shape[0]).float()
+    Ws = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    fitted = [sq.fit_codebook(W, None, 3, 0.004, 0.0) for W in Ws]
+    want, _ = sq.gptq_assign(torch.cat([W.detach() for W in Ws]), H, torch.cat([m for m, _ in fitted]),
+                             torch.cat([c for _, c in fitted]))
+    data = Recipe.load("w3a16-squeezellm").to_dict()
+    plain = tiny_llama()[0]
+    data["stages"] = [{"squeezellm": {"fisher": False, "sensitive": 0.0}}]
+    compress(plain, Recipe.from_dict(data), calib)
+    data["stages"] = [{"squeezellm": {"fisher": False, "sensitive": 0.0, "gptq": True}}]
+    report = compress(model, Recipe.from_dict(data), calib)
+    assert report.extra["squeezellm"]["gptq"] is True
+    got = torch.cat([m.dense_weight() for m in (attn.q_proj, attn.k_proj, attn.v_proj)])  # (q+k+v out, hidden)
+    expect = sq.dequantize(want["codes"], want["codebook"], want["sparse"])
+    assert (got == expect).float().mean().item() > 0.99  # the batched Hessian sums in another order
+    assert report.modules["model.layers.0.self_attn.q_proj"]["method"] == "squeezellm-gptq"
+    with torch.no_grad():
+        err = lambda m: ((m(calib.tokens).logits - ref).norm() / ref.norm()).item()  # noqa: E731
+        assert err(model) < err(plain)
+    x = calib.tokens[:1, :12]
+    loaded = load(save(model, tmp_path / "c"))
+    assert torch.equal(loaded(x).logits, model(x).logits)
 
 
 def test_plain_kmeans_without_sparse_part_round_trips(tmp_path):
