@@ -33,6 +33,8 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   then learned rounding instead of GPTQ), `signround-float-layer` (library 83f5ad4 on: learned
   rounding as it was before, against the float layer on the quantized inputs, the last step kept),
   `signround-amp` (the stage's `amp`, added after 83f5ad4: its steps under bfloat16 autocast, AutoRound's amp),
+  `signround-ar` (added after 58e75c5: AutoRound's zero point with a gradient, `zero_grad`, and its random batches,
+  `sampler: random`),
   `gptq-damp10` and `gptq-mse-damp10` (GPTQ's damping 10% of the mean Hessian diagonal instead of 1%),
   `gptaq` (added after 60b1cb0: GPTQ solved towards the float model's output, stage option `gptaq: 0.25`; the
   recipe w4a16-gptaq since 392f67e), `gptaq-mse` (the same with `mse_clip`),
@@ -122,6 +124,8 @@ IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "
          "signround-float-layer": ("signround", _options("signround", reference="float_layer", keep_best=False)),
          # signround's steps under bfloat16 autocast (AutoRound's amp; the choices between steps stay float32)
          "signround-amp": ("signround", _options("signround", amp=True)),
+         # AutoRound's two remaining choices (library 58e75c5 on): gradients through the zero point, random batches
+         "signround-ar": ("signround", _options("signround", zero_grad=True, sampler="random")),
          # GPTQ's damping at 10% of the mean Hessian diagonal instead of 1%: a stronger isotropic prior where the
          # calibration text has little variance (for the out-of-domain rule; chosen on the validation text, not on --ood)
          "gptq-damp10": ("gptq", _options("gptq", damp=0.1)),

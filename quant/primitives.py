@@ -48,9 +48,11 @@ def _group_view(x: torch.Tensor, args: QuantArgs) -> list[torch.Tensor]:
     return [x]
 
 
-def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, zero_ste: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer qparams (scale, zero_point) of ranges [lo, hi] (any shape): the range widened to hold
-    0 and scaled by `args.clip_ratio`; differentiable in lo and hi through the scale."""
+    0 and scaled by `args.clip_ratio`; differentiable in lo and hi through the scale, and with
+    `zero_ste` through the zero point too (its rounding straight-through; the same values)."""
     lo = torch.clamp(lo, max=0.0) * args.clip_ratio
     hi = torch.clamp(hi, min=0.0) * args.clip_ratio
     # divide by a tensor on the data's device: CUDA divides by a Python number through its reciprocal
@@ -65,7 +67,7 @@ def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tup
     # an all-zero row/group: any scale represents it exactly; 1 keeps it finite in fp16
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if zero is None:
-        zero = torch.clamp(args.qmin - torch.round(lo / scale), args.qmin, args.qmax)
+        zero = torch.clamp(args.qmin - (round_ste if zero_ste else torch.round)(lo / scale), args.qmin, args.qmax)
     return scale, zero
 
 

@@ -41,18 +41,23 @@ def init_params(W: torch.Tensor, args: QuantArgs) -> dict[str, torch.Tensor]:
     return {"V": torch.zeros_like(W, dtype=torch.float32), "alpha": torch.ones_like(lo), "beta": torch.ones_like(lo)}
 
 
-def qparams(W: torch.Tensor, p: dict[str, torch.Tensor], args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) (rows, groups) of W with the learned range multipliers; differentiable in alpha, beta."""
+def qparams(W: torch.Tensor, p: dict[str, torch.Tensor], args: QuantArgs, zero_grad: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) (rows, groups) of W with the learned range multipliers; differentiable in alpha, beta
+    (the zero point too with `zero_grad`, its rounding straight-through)."""
     lo, hi = group_range(W.detach().float(), args)
-    return range_to_qparams(lo * p["alpha"], hi * p["beta"], args)
+    return range_to_qparams(lo * p["alpha"], hi * p["beta"], args, zero_ste=zero_grad)
 
 
-def dequant(W: torch.Tensor, p: dict[str, torch.Tensor], args: QuantArgs) -> torch.Tensor:
-    """Ŵ (rows, cols), float32, differentiable in V (straight-through), alpha and beta."""
+def dequant(W: torch.Tensor, p: dict[str, torch.Tensor], args: QuantArgs, zero_grad: bool = False) -> torch.Tensor:
+    """Ŵ (rows, cols), float32, differentiable in V (straight-through), alpha and beta. `zero_grad`
+    (AutoRound's zero point, round_ste(-min / scale)): the gradient also flows through the zero point,
+    which reaches alpha and beta where the codes clamp at the grid's ends; else the zero point is a
+    constant of each step. The values are the same either way."""
     rows, cols = W.shape
-    scale, zero = qparams(W, p, args)
+    scale, zero = qparams(W, p, args, zero_grad)
     s = expand_qparam(scale, rows, cols, args)
-    z = expand_qparam(zero.detach(), rows, cols, args)
+    z = expand_qparam(zero if zero_grad else zero.detach(), rows, cols, args)
     q = torch.clamp(round_ste(W.detach().float() / s + p["V"]) + z, args.qmin, args.qmax)
     return (q - z) * s
 

@@ -18,8 +18,11 @@ kept where their error over all batches is below the last step's. The learned qu
 kept only if its error over all batches is below round-to-nearest's (the starting point); then
 the codes are installed, as GPTQ's are. With `amp` the training steps run under bfloat16 autocast
 (AutoRound's `amp`, which on CPU tunes in bfloat16); the loss, the parameters and every choice
-between steps (least-loss step, RTN) stay float32. Modules outside the decoder layers (an lm_head
-in the plan) get RTN.
+between steps (least-loss step, RTN) stay float32. Two more of AutoRound's choices, off by default:
+`zero_grad` (the gradient also flows through the zero point, `quant.signround.dequant`) and
+`sampler: random` (each step draws a batch's worth of calibration sequences at random, seeded,
+instead of taking the batches in turn). Modules outside the decoder layers (an lm_head in the plan)
+get RTN.
 
     stages: [{signround: {iters: 200, reference: float_model, keep_best: true}}]   # w4a16-signround
 """
@@ -49,14 +52,15 @@ class _Learning(nn.Module):
     """Stands in for a SimQuantLinear while its rounding is learned: the weight it computes with
     is the learned quantization's (its input quantization, if any, as the module's own)."""
 
-    def __init__(self, sim: nn.Module, params: dict):
+    def __init__(self, sim: nn.Module, params: dict, zero_grad: bool = False):
         super().__init__()
-        self.sim, self.params = sim, params
+        self.sim, self.params, self.zero_grad = sim, params, zero_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sim.scheme.inputs is not None:
             x = self.sim.quantize_input(x)
-        return F.linear(x, dequant(self.sim.weight, self.params, self.sim.scheme.weights).to(x.dtype), self.sim.bias)
+        W = dequant(self.sim.weight, self.params, self.sim.scheme.weights, self.zero_grad)
+        return F.linear(x, W.to(x.dtype), self.sim.bias)
 
 
 @register_stage("signround", needs_calibration=True)
@@ -67,8 +71,12 @@ class SignRound:
     reference: str = "float_model"  # or "float_layer" (see the module doc)
     keep_best: bool = True  # the least-loss step's parameters, where better than the last step's
     amp: bool = False  # the training steps under bfloat16 autocast (faster where the CPU has bf16 dot products)
+    zero_grad: bool = False  # gradients through the zero point as well (AutoRound's round_ste(-min / scale))
+    sampler: str = "sequential"  # each step's batch: the calibration batches in turn, or "random" sequences
+    seed: int = 0  # of the random sampler (layer i draws from seed + i)
 
     REFERENCES = ("float_model", "float_layer")
+    SAMPLERS = ("sequential", "random")
 
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
@@ -77,7 +85,11 @@ class SignRound:
             raise ValueError(f"signround.lr={self.lr!r} must be a number in (0, 1] or null (1 / iters)")
         if self.reference not in self.REFERENCES:
             raise ValueError(f"signround.reference={self.reference!r} is not one of {', '.join(self.REFERENCES)}")
-        for name in ("keep_best", "amp"):
+        if self.sampler not in self.SAMPLERS:
+            raise ValueError(f"signround.sampler={self.sampler!r} is not one of {', '.join(self.SAMPLERS)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"signround.seed={self.seed!r} must be an integer")
+        for name in ("keep_best", "amp", "zero_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"signround.{name}={getattr(self, name)!r} must be true or false")
 
@@ -119,12 +131,25 @@ class SignRound:
         for p, _ in frozen:
             p.requires_grad_(False)
         for rel, sim in sims.items():
-            set_module(layer, rel, _Learning(sim, params[rel]))
+            set_module(layer, rel, _Learning(sim, params[rel], self.zero_grad))
 
         def loss(j: int, amp: bool = False) -> torch.Tensor:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 out = layer_output(layer(inputs[j], **kwargs[j]))
             return (out.float() - targets[j].to(dev).float()).pow(2).mean()
+
+        if self.sampler == "random":  # AutoRound's "rand": each step a random draw of a batch's worth of sequences
+            X, Y = torch.cat(inputs), torch.cat([t.to(dev) for t in targets])  # (n, T, hidden) each
+            B, gen = inputs[0].shape[0], torch.Generator().manual_seed(self.seed + step.index)
+
+            def step_loss(_it: int) -> torch.Tensor:  # the first batch's kwargs: a full batch, the same positions
+                idx = torch.randperm(X.shape[0], generator=gen)[:B].to(dev)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+                    out = layer_output(layer(X[idx], **kwargs[0]))
+                return (out.float() - Y[idx].float()).pow(2).mean()
+        else:
+            def step_loss(it: int) -> torch.Tensor:
+                return loss(it % len(inputs), self.amp)
 
         def total() -> float:
             with torch.no_grad():
@@ -139,7 +164,7 @@ class SignRound:
             best, best_at = float("inf"), None
             with torch.enable_grad():
                 for it in range(self.iters):
-                    batch_loss = loss(it % len(inputs), self.amp)
+                    batch_loss = step_loss(it)
                     if self.keep_best and batch_loss.item() < best:  # the parameters that gave it, before this step
                         best, best_at = batch_loss.item(), {rel: {k: t.detach().clone() for k, t in p.items()} for rel, p in params.items()}
                     batch_loss.backward()
