@@ -257,7 +257,7 @@ def _calib(model, n=4, seqlen=32):
     return CalibrationSet(tokens=toks, source="random", split="calib", n=n, seqlen=seqlen, seed=0, fingerprint=fingerprint(toks))
 
 
-@pytest.mark.parametrize("recipe", ["w3a16-squeezellm", "w4a16-squeezellm"])
+@pytest.mark.parametrize("recipe", ["w3a16-squeezellm", "w4a16-squeezellm", "w3a16-squeezellm-gptq"])
 def test_recipe_compresses_saves_and_reloads_bit_identically(tmp_path, recipe):
     model, _ = tiny_llama()
     x = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
