@@ -164,7 +164,7 @@ class SqueezeLLM:
         totals[0] += bpw * W.numel()
         totals[1] += W.numel()
         if ctx.report is not None:
-            group = {f"group_{k}": round(v, 6) for k, v in figures.items()}  # of the group's stacked rows
+            group = {f"group_{k}": float(f"{v:.6g}") for k, v in figures.items()}  # of the group's stacked rows
             ctx.report.record_module(fqn, scheme=f"SqueezeLLM-{bits}bit", method="squeezellm-gptq" if figures else "squeezellm",
                                      **quant_error(W, new.dense_weight(W.dtype)), bits_per_weight=round(bpw, 4),
                                      sparse_entries=new.nnz, seconds=round(time.perf_counter() - t1, 4), **group)
