@@ -359,7 +359,8 @@ def test_smollm2_rotations_keep_logits_fp32():
     assert rel <= 1e-4, rel
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-quarot-gptq", "w3a16-quarot-gptq", "w4a16-spinquant-gptq"])
+@pytest.mark.parametrize("recipe", ["w4a16-quarot-gptq", "w3a16-quarot-gptq", "w4a16-spinquant-gptq", "w4a16-quarot-gptaq",
+                                    "w3a16-quarot-gptaq"])
 def test_weight_only_rotations_leave_a_plain_model_that_stock_transformers_loads(recipe, tokens, tmp_path):
     """R1 and R2 all offline: no online module, a compressed-tensors artifact with no lmpress block,
     and stock transformers + compressed-tensors computing load()'s logits (<= 1e-4 relative)."""
