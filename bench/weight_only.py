@@ -64,7 +64,8 @@ more: on the AMD machine of that run it gives 19.293, against 19.192 in the f4cc
 compare GPTQ rows within one file). bench/results/weight_only-7ce128d.jsonl holds w4-gptaq, w4-gptaq-mse and
 w3-gptaq-mse (library 7ce128d, `--val pydoc`); bench/results/weight_only-58e75c5.jsonl w3-squeezellm-gptq-s20 and
 w4-squeezellm-gptq (library 58e75c5, `--val pydoc`); bench/results/weight_only-fb9d8ea.jsonl w3-quarot-gptaq-mse,
-w4-quarot-gptaq-mse and w3-rtn with its pydoc figure (library fb9d8ea, `--val pydoc`).
+w4-quarot-gptaq-mse, w3-rtn with its pydoc figure, w3-quarot-gptaq50-mse, w3-gptaq50-mse and w3-quarot-gptaq100-mse
+(library fb9d8ea, `--val pydoc`).
 All integer rows are groups of 64, asymmetric; the W3 rows are the same recipes with 3-bit weights.
 lm_head and the embeddings stay in high precision. Columns: perplexity on the wiki eval split
 (first `--windows` windows of `--seqlen` tokens) and its ratio to the base; the same on the
