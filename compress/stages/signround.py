@@ -133,10 +133,13 @@ class SignRound:
         for rel, sim in sims.items():
             set_module(layer, rel, _Learning(sim, params[rel], self.zero_grad))
 
-        def loss(j: int, amp: bool = False) -> torch.Tensor:
+        def error(x: torch.Tensor, target: torch.Tensor, kw: dict, amp: bool = False) -> torch.Tensor:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                out = layer_output(layer(inputs[j], **kwargs[j]))
-            return (out.float() - targets[j].to(dev).float()).pow(2).mean()
+                out = layer_output(layer(x, **kw))
+            return (out.float() - target.to(dev).float()).pow(2).mean()
+
+        def loss(j: int, amp: bool = False) -> torch.Tensor:
+            return error(inputs[j], targets[j], kwargs[j], amp)
 
         if self.sampler == "random":  # AutoRound's "rand": each step a random draw of a batch's worth of sequences
             X, Y = torch.cat(inputs), torch.cat([t.to(dev) for t in targets])  # (n, T, hidden) each
@@ -144,9 +147,7 @@ class SignRound:
 
             def step_loss(_it: int) -> torch.Tensor:  # the first batch's kwargs: a full batch, the same positions
                 idx = torch.randperm(X.shape[0], generator=gen)[:B].to(dev)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                    out = layer_output(layer(X[idx], **kwargs[0]))
-                return (out.float() - Y[idx].float()).pow(2).mean()
+                return error(X[idx], Y[idx], kwargs[0], self.amp)
         else:
             def step_loss(it: int) -> torch.Tensor:
                 return loss(it % len(inputs), self.amp)
