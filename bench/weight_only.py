@@ -40,7 +40,9 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   recipe w4a16-gptaq since 392f67e), `gptaq-mse` (the same with `mse_clip`), `quarot-gptaq-mse` (the offline
   rotations of quarot-gptq, then GPTAQ with `mse_clip`), `awq-gptaq-mse` (AWQ's scales, then GPTAQ with `mse_clip`),
   `gptaq50-mse` and `quarot-gptaq50-mse` (the same with GPTAQ's alpha 0.5 instead of 0.25), `quarot-gptaq100-mse`
-  (alpha 1: the exact least squares),
+  (alpha 1: the exact least squares), `gptq-cap100`, `gptq-mse-cap100`, `gptaq-mse-cap100` and
+  `quarot-gptaq-mse-cap100` (added after ae6825e: stage gptq's `token_cap: 100`, each token's share of the
+  Hessian capped at 100 times its batch's median, against the attention sink's massive activations),
   `squeezellm-plain` (k-means without the Fisher weights), `squeezellm-s20` (0.20% sparse instead of 0.45%: W3 at
   3.30 bits per weight, below uniform g64's 3.3125), `squeezellm-gptq` and `squeezellm-gptq-s20` (added after
   da35be8: the same codebooks and sparse part, the codes chosen by GPTQ's error compensation, stage option `gptq`).
@@ -145,6 +147,12 @@ IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "
          "gptaq50-mse": ("gptq", lambda d: (_mse(d), _options("gptq", gptaq=0.5)(d))),
          "quarot-gptaq50-mse": ("quarot-gptq", lambda d: (_mse(d), _options("gptq", gptaq=0.5)(d))),
          "quarot-gptaq100-mse": ("quarot-gptq", lambda d: (_mse(d), _options("gptq", gptaq=1.0)(d))),
+         # (library after ae6825e) each token's share of the Hessian capped at 100x the batch's median: the
+         # attention sink's massive activations no longer fill the Hessians of a few down_proj
+         "gptq-cap100": ("gptq", _options("gptq", token_cap=100)),
+         "gptq-mse-cap100": ("gptq", lambda d: (_mse(d), _options("gptq", token_cap=100)(d))),
+         "gptaq-mse-cap100": ("gptq", lambda d: (_mse(d), _options("gptq", gptaq=0.25, token_cap=100)(d))),
+         "quarot-gptaq-mse-cap100": ("quarot-gptq", lambda d: (_mse(d), _options("gptq", gptaq=0.25, token_cap=100)(d))),
          # SqueezeLLM's k-means unweighted (no Fisher): the codebooks see no calibration text
          "squeezellm-plain": ("squeezellm", _options("squeezellm", fisher=False)),
          # SqueezeLLM with 0.20% sparse (0.15% outliers, 0.05% Fisher-sensitive) instead of 0.45%: at 3 bits its bits

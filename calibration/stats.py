@@ -20,6 +20,18 @@ one `HessianAccumulator` per module; the hooks are removed on exit, also on erro
 
 `transforms` maps a module name to a function applied to the input before it is counted:
 use it to count what the module really computes with (e.g. its activation fake-quant).
+
+`token_cap` (Hessian only): a token whose squared norm exceeds `token_cap` times the median of its
+batch counts with weight ``cap · median / ‖x_t‖²`` instead of 1 (`token_weights`), so its share of H
+is that of a token at the cap. The reason is the attention sink: the first token of every
+sequence carries "massive activations" (Sun et al. 2024, arXiv:2402.17762) into a few linears.
+On SmolLM2-135M the first token holds 99.8% of the trace of layer 11's down_proj Hessian (its
+squared norm is 245,000 times the median token's) and 78% of layer 28's (1,854 times). GPTQ on
+such an H spends its error compensation on those few tokens. It also sets the dampening from
+their inflated diagonal. On held-out text (Python's documentation) layer 28's down_proj output
+error on the ordinary tokens was then 7 times RTN's. With a cap of 100 it was 0.85 times RTN's,
+and the sink token's relative error stayed at RTN's level. Measured with /tmp probes in session
+33, one layer at a time, W4 g64.
 """
 from __future__ import annotations
 
@@ -34,13 +46,16 @@ class HessianAccumulator:
     """Running statistics of the inputs of one linear with `n_features` input columns."""
 
     def __init__(self, n_features: int, *, hessian: bool = True, norms: bool = True, absmax: bool = False,
-                 dtype: torch.dtype = torch.float64, compute_dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float64, compute_dtype: torch.dtype = torch.float32,
+                 token_cap: float | None = None):
         if not isinstance(n_features, int) or n_features < 1:
             raise ValueError(f"n_features must be a positive integer, got {n_features!r}")
         if not (hessian or norms or absmax):
             raise ValueError("HessianAccumulator collects nothing: enable at least one of hessian, norms, absmax")
         if not (dtype.is_floating_point and compute_dtype.is_floating_point):
             raise ValueError(f"dtype and compute_dtype must be floating point, got {dtype} and {compute_dtype}")
+        check_token_cap(token_cap)
+        self.token_cap = token_cap
         self.n_features = n_features
         self.want_hessian, self.want_norms, self.want_absmax = hessian, norms, absmax
         self.dtype, self.compute_dtype = dtype, compute_dtype
@@ -60,7 +75,8 @@ class HessianAccumulator:
             return
         total = self.n_tokens + n
         if self.want_hessian:
-            xtx = (x.T @ x).to(self.dtype)  # (in, in)
+            xw = x if self.token_cap is None else x * token_weights(x, self.token_cap)[:, None]  # (n, in)
+            xtx = (xw.T @ x).to(self.dtype)  # (in, in)
             if self._H is None:
                 self._H = xtx.mul_(2.0 / total)
             else:
@@ -82,7 +98,7 @@ class HessianAccumulator:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """H = (2/N) Σ xᵀx, (in, in), in `dtype`."""
+        """H = (2/N) Σ xᵀx (Σ w_t x_tᵀx_t with `token_cap`), (in, in), in `dtype`."""
         return self._need("hessian", self._H, self.want_hessian)
 
     @property
@@ -106,6 +122,25 @@ class HessianAccumulator:
         self.n_tokens = 0
 
 
+def check_token_cap(token_cap, where: str = "token_cap") -> None:
+    """Refuse a `token_cap` that is not null or a number >= 1 (a multiple of the median token's squared norm)."""
+    if token_cap is None:
+        return
+    if isinstance(token_cap, bool) or not isinstance(token_cap, (int, float)) or not 1 <= token_cap < float("inf"):
+        raise ValueError(f"{where}={token_cap!r} must be null (off) or a number >= 1: the multiple of the median "
+                         "token's squared input norm above which a token's share of the Hessian is capped, e.g. 100")
+
+
+def token_weights(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token weights (n,) for the tokens x (n, in): ``min(1, cap · m / ‖x_t‖²)``, m the median
+    ‖x_t‖² over the n tokens. Σ_t w_t x_tᵀx_t then counts every token above the cap as if its
+    squared norm were cap · m (its direction kept)."""
+    sq = x.double().pow(2).sum(dim=-1)  # (n,)
+    limit = cap * sq.median()
+    w = torch.where(sq > limit, limit / sq, torch.ones_like(sq))  # sq > limit >= 0 here: no division by 0
+    return w.to(x.dtype)
+
+
 def _in_features(name: str, module: nn.Module) -> int:
     n = getattr(module, "in_features", None)
     if n is None:
@@ -125,7 +160,7 @@ def capture_input_stats(
 ) -> Iterator[dict[str, HessianAccumulator]]:
     """Hook every module of `modules` (name -> linear) and yield {name: HessianAccumulator}.
 
-    `options` go to every `HessianAccumulator` (hessian, norms, absmax, dtype, compute_dtype).
+    `options` go to every `HessianAccumulator` (hessian, norms, absmax, dtype, compute_dtype, token_cap).
     `transforms[name]`, if given, maps the module's input to what should be counted.
     """
     transforms = dict(transforms or {})

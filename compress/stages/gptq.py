@@ -32,6 +32,12 @@ over the tokens of H), with the same H. A layer thereby also undoes the error of
 it. The float pass keeps the plan's activation fake-quant where a scheme has one (as signround's
 does). Only the in-memory walk carries those hidden states (larger-than-memory runs refuse it).
 
+`token_cap: c` (default null: off) counts a token whose squared input norm is above c times its
+batch's median as if it were at c times the median (`calibration.stats.token_weights`). The
+attention-sink token's massive activations otherwise fill a few Hessians (99.8% of the trace of
+SmolLM2-135M's layer-11 down_proj). GPTQ then fits those tokens and neglects the rest; see
+calibration/stats.py for the figures.
+
 Modules of the plan outside the decoder layers' known linears (e.g. `lm_head` when a recipe
 quantizes it) have no layer inputs to calibrate on here: they fall back to RTN, with a log note.
 """
@@ -47,7 +53,7 @@ import torch
 from torch import nn
 
 from lmpress.calibration.layerwise import LayerwiseRunner, group_passes
-from lmpress.calibration.stats import capture_input_stats
+from lmpress.calibration.stats import capture_input_stats, check_token_cap, token_weights
 from lmpress.quant.gptq import asymmetric_target, gptq_quantize_shared, layer_objective, single_thread
 from lmpress.quant.primitives import dequantize, quant_error
 from lmpress.quant.rtn import rtn_quantize
@@ -171,14 +177,16 @@ def static_outside_layers(model: nn.Module, ctx, fqns) -> None:
                              "give it a dynamic input scheme (inputs: {dynamic: true}) or none")
 
 
-def collect_hessians(step, ctx, targets: list[str], later: list[str], float_inputs: dict[int, list] | None = None):
+def collect_hessians(step, ctx, targets: list[str], later: list[str], float_inputs: dict[int, list] | None = None,
+                     token_cap: float | None = None):
     """Run the layer once with `later` stubbed and collect one Hessian per distinct input:
     the modules of a sequential group read the same tensor, and those with the same input
     quantization see the same values. Returns (sims {rel: module}, by_input {(group, input
     args): [rel, ...]}, stats {first rel of each input: HessianAccumulator}, cross). With
     `float_inputs` ({sequential group: the float model's input of its linears, one per batch}),
     cross is {first rel of each input: Σ (x - x̃) x̃ᵀ (in, in) float64} over the same tokens as its
-    Hessian (x̃ the input counted there, x the float one); else {}."""
+    Hessian (x̃ the input counted there, x the float one); else {}. `token_cap` caps each token's
+    share of H (and of cross, with the same weights): see `calibration.stats.token_weights`."""
     layer = step.layer
     sims: dict[str, SimQuantLinear] = {rel: layer.get_submodule(rel) for rel in targets}
     group_of = {rel: gi for gi, group in enumerate(ctx.arch.sequential_groups) for rel in group}
@@ -199,12 +207,14 @@ def collect_hessians(step, ctx, targets: list[str], later: list[str], float_inpu
         xq = xq.reshape(-1, xq.shape[-1])  # (..., in) -> (n, in)
         xf = float_inputs[group_of[rel]][seen.get(rel, 0)].to(xq.device).float().reshape(xq.shape)  # (n, in)
         seen[rel] = seen.get(rel, 0) + 1
-        c = ((xf - xq).T @ xq).double()  # (in, in)
+        d = xf - xq if token_cap is None else (xf - xq) * token_weights(xq, token_cap)[:, None]  # (n, in)
+        c = (d.T @ xq).double()  # (in, in)
         cross[rel] = cross[rel].add_(c) if rel in cross else c
 
     hooks = [] if float_inputs is None else [m.register_forward_pre_hook(partial(accumulate, rel)) for rel, m in hooked.items()]
     try:
-        with stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False) as stats:
+        with stubbed(layer, later), capture_input_stats(hooked, transforms=transforms, norms=False,
+                                                        token_cap=token_cap) as stats:
             step.forward(until=list(hooked.values()))  # nothing after the hooked inputs is needed
     finally:
         for h in hooks:
@@ -221,6 +231,7 @@ class GPTQ:
     true_sequential: bool = True
     batch_size: int | None = None
     gptaq: float = 0.0  # GPTAQ's alpha: match the float model's outputs (see the module doc); 0: GPTQ
+    token_cap: float | None = None  # cap each token's share of H at this multiple of the median (attention sinks)
 
     def __post_init__(self) -> None:
         _positive_int("block_size", self.block_size)
@@ -228,6 +239,7 @@ class GPTQ:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0 <= a <= 1):
             raise ValueError(f"gptq: option gptaq={a!r} must be a number in [0, 1] (GPTAQ's alpha, e.g. 0.25; 0 for plain GPTQ)")
         _positive_int("batch_size", self.batch_size, allow_none=True)
+        check_token_cap(self.token_cap, "gptq: option token_cap")
         d = self.damp
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 < d <= 1):
             raise ValueError(f"gptq: option damp={d!r} must be a number in (0, 1] (a fraction of the mean Hessian diagonal, e.g. 0.01)")
@@ -328,7 +340,7 @@ class GPTQ:
         same weight scheme are solved together. With `gptaq`, each weight is first moved to its
         asymmetric target (`asymmetric_target`)."""
         t0 = time.perf_counter()
-        sims, by_input, stats, cross = collect_hessians(step, ctx, targets, later, float_inputs)
+        sims, by_input, stats, cross = collect_hessians(step, ctx, targets, later, float_inputs, self.token_cap)
         log.debug("gptq: %s: collected %s in %.1fs", step.name, list(stats), time.perf_counter() - t0)
         units = []  # (H, args, rels solved together, Σ (x - x̃) x̃ᵀ or None)
         for rels in by_input.values():
