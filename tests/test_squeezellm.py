@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmpress.calibration.data import CalibrationSet, fingerprint
+from lmpress.calibration.stats import token_weights
 from lmpress.compress import Recipe, compress, load, save
 from lmpress.compress.ct_format import why_not
 from lmpress.compress.models import tiny_llama
@@ -282,10 +283,12 @@ def test_recipe_compresses_saves_and_reloads_bit_identically(tmp_path, recipe):
         assert torch.equal(loaded(x).logits, y)
 
 
-def test_gptq_option_solves_layer_zero_on_its_own_inputs_and_round_trips(tmp_path):
+@pytest.mark.parametrize("cap", [None, 1.0])
+def test_gptq_option_solves_layer_zero_on_its_own_inputs_and_round_trips(tmp_path, cap):
     """gptq: true. Layer 0's q/k/v read the float model's normed embeddings: their codes are
-    `gptq_assign` on those inputs' Hessian (computed here independently), and the whole model is closer
-    to the float one on the calibration text than with nearest-centroid codes."""
+    `gptq_assign` on those inputs' Hessian (computed here independently; with `token_cap`, each
+    token weighted by `token_weights` over its batch), and the whole model is closer to the float
+    one on the calibration text than with nearest-centroid codes."""
     model, _ = tiny_llama()
     calib = _calib(model, n=8, seqlen=32)
     attn = model.model.layers[0].self_attn
@@ -294,8 +297,9 @@ def test_gptq_option_solves_layer_zero_on_its_own_inputs_and_round_trips(tmp_pat
     with torch.no_grad():
         ref = model(calib.tokens).logits
     hook.remove()
-    X = torch.cat(xs).double()  # (n * seqlen, hidden)
-    H = (2 * X.T @ X / X.shape[0]).float()
+    X = torch.cat(xs).double()  # (n * seqlen, hidden): one batch
+    w = torch.ones(X.shape[0], dtype=X.dtype) if cap is None else token_weights(X, cap)  # (n * seqlen,)
+    H = (2 * (X * w[:, None]).T @ X / X.shape[0]).float()
     Ws = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
     fitted = [sq.fit_codebook(W, None, 3, 0.004, 0.0) for W in Ws]
     want, _ = sq.gptq_assign(torch.cat([W.detach() for W in Ws]), H, torch.cat([m for m, _ in fitted]),
@@ -304,7 +308,7 @@ def test_gptq_option_solves_layer_zero_on_its_own_inputs_and_round_trips(tmp_pat
     plain = tiny_llama()[0]
     data["stages"] = [{"squeezellm": {"fisher": False, "sensitive": 0.0}}]
     compress(plain, Recipe.from_dict(data), calib)
-    data["stages"] = [{"squeezellm": {"fisher": False, "sensitive": 0.0, "gptq": True}}]
+    data["stages"] = [{"squeezellm": {"fisher": False, "sensitive": 0.0, "gptq": True, "token_cap": cap}}]
     report = compress(model, Recipe.from_dict(data), calib)
     assert report.extra["squeezellm"]["gptq"] is True
     got = torch.cat([m.dense_weight() for m in (attn.q_proj, attn.k_proj, attn.v_proj)])  # (q+k+v out, hidden)
@@ -348,6 +352,8 @@ def test_stage_refuses_activation_schemes_and_quantized_modules():
         compress(tiny_llama()[0], Recipe.from_dict(data), _calib(model))
     with pytest.raises(ValueError, match="outliers"):
         Recipe.from_dict({**Recipe.load("w4a16-squeezellm").to_dict(), "stages": [{"squeezellm": {"outliers": 0.7}}]})
+    with pytest.raises(ValueError, match="token_cap"):
+        Recipe.from_dict({**Recipe.load("w4a16-squeezellm").to_dict(), "stages": [{"squeezellm": {"token_cap": 0}}]})
 
 
 def test_inspect_counts_the_codebook_modules(tmp_path):

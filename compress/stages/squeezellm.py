@@ -14,7 +14,8 @@ computes it once on the original model); `fisher: false` gives plain k-means.
 `gptq: true` (lmpress's extension, not the paper's) keeps the codebooks and sparse positions but
 chooses the codes with GPTQ's error compensation (`quant.squeezellm.gptq_assign`): the decoder layers
 are walked on the calibration set as stage `gptq` walks them (true-sequential groups, each group's
-Hessian on the inputs the already-quantized modules give), with `damp` and `act_order` as there.
+Hessian on the inputs the already-quantized modules give), with `damp`, `act_order` and `token_cap`
+as there.
 Modules outside the decoder layers' linears keep the nearest-centroid codes.
 
 The report records per module the bits per weight stored (codes, codebooks, CSR) and the sparse
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from lmpress.calibration.layerwise import LayerwiseRunner, group_passes
-from lmpress.calibration.stats import capture_input_stats
+from lmpress.calibration.stats import capture_input_stats, check_token_cap
 from lmpress.kernels.linear import LUTLinear
 from lmpress.quant.mixed import empirical_fisher
 from lmpress.quant.primitives import quant_error
@@ -53,6 +54,7 @@ class SqueezeLLM:
     gptq: bool = False  # choose the codes with GPTQ's error compensation (see the module doc)
     damp: float = 0.01  # with gptq: GPTQ's dampening, a fraction of the mean Hessian diagonal
     act_order: bool = True  # with gptq: columns by decreasing Hessian diagonal
+    token_cap: float | None = None  # with gptq: cap each token's share of H (stage gptq's option)
 
     def __post_init__(self) -> None:
         for key in ("outliers", "sensitive"):
@@ -65,6 +67,7 @@ class SqueezeLLM:
         d = self.damp
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
             raise ValueError(f"squeezellm.damp={d!r} must be a number in (0, 1] (a fraction of the mean Hessian diagonal, e.g. 0.01)")
+        check_token_cap(self.token_cap, "squeezellm.token_cap")
         if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
             raise ValueError(f"squeezellm.iters={self.iters!r} must be a positive integer")
         if self.max_sequences is not None and (not isinstance(self.max_sequences, int) or self.max_sequences < 1):
@@ -131,7 +134,7 @@ class SqueezeLLM:
             t0 = time.perf_counter()
             for targets, later in group_passes(ctx.arch.sequential_groups, mine, True):
                 first = {targets[0]: step.layer.get_submodule(targets[0])}
-                with stubbed(step.layer, later), capture_input_stats(first, norms=False) as stats:
+                with stubbed(step.layer, later), capture_input_stats(first, norms=False, token_cap=self.token_cap) as stats:
                     step.forward(until=list(first.values()))
                 H = stats[targets[0]].hessian
                 t1 = time.perf_counter()
