@@ -43,6 +43,8 @@ Configurations: `base`, and `w<bits>-<method>` with bits 4 or 3 and method
   (alpha 1: the exact least squares), `gptq-cap100`, `gptq-mse-cap100`, `gptaq-mse-cap100` and
   `quarot-gptaq-mse-cap100` (added after ae6825e: stage gptq's `token_cap: 100`, each token's share of the
   Hessian capped at 100 times its batch's median, against the attention sink's massive activations),
+  `signround-normed` (added after 2fcd0fb: signround's `loss: normed`, each token's squared error divided by
+  its reference hidden state's mean square, as the next RMSNorm divides it),
   `squeezellm-plain` (k-means without the Fisher weights), `squeezellm-s20` (0.20% sparse instead of 0.45%: W3 at
   3.30 bits per weight, below uniform g64's 3.3125), `squeezellm-gptq` and `squeezellm-gptq-s20` (added after
   da35be8: the same codebooks and sparse part, the codes chosen by GPTQ's error compensation, stage option `gptq`).
@@ -153,6 +155,8 @@ IDEAS = {"gptq-mse": ("gptq", _mse), "quarot-gptq-mse": ("quarot-gptq", _mse), "
          "gptq-mse-cap100": ("gptq", lambda d: (_mse(d), _options("gptq", token_cap=100)(d))),
          "gptaq-mse-cap100": ("gptq", lambda d: (_mse(d), _options("gptq", gptaq=0.25, token_cap=100)(d))),
          "quarot-gptaq-mse-cap100": ("quarot-gptq", lambda d: (_mse(d), _options("gptq", gptaq=0.25, token_cap=100)(d))),
+         # (library after 2fcd0fb) signround's loss on each token's error relative to its hidden state's mean square
+         "signround-normed": ("signround", _options("signround", loss="normed")),
          # SqueezeLLM's k-means unweighted (no Fisher): the codebooks see no calibration text
          "squeezellm-plain": ("squeezellm", _options("squeezellm", fisher=False)),
          # SqueezeLLM with 0.20% sparse (0.15% outliers, 0.05% Fisher-sensitive) instead of 0.45%: at 3 bits its bits

@@ -11,7 +11,7 @@ from lmpress.compress.models import tiny_model
 from lmpress.compress.stage import make_stage
 from lmpress.quant.primitives import dequantize, fake_quantize
 from lmpress.quant.scheme import QuantArgs
-from lmpress.quant.signround import SCALE_RANGE, V_BOUND, codes, dequant, init_params, sign_step
+from lmpress.quant.signround import SCALE_RANGE, V_BOUND, codes, dequant, init_params, output_error, sign_step
 
 SHAPE = dict(hidden_size=128, intermediate_size=192, num_attention_heads=8)
 ARGS = [QuantArgs(bits=4, granularity="group", group_size=32, symmetric=False),
@@ -196,3 +196,39 @@ def test_random_sampler_is_seeded_and_draws_other_batches(calib):
     assert not torch.equal(a, codes_of())
     with pytest.raises(ValueError, match=r"signround.sampler='shuffle' is not one of sequential, random"):
         make_stage("signround", {"sampler": "shuffle"})
+
+
+def test_normed_loss_weighs_each_tokens_relative_error():
+    """output_error: mse is the plain mean squared error; normed divides each token's squared error by
+    its target's mean square, so scaling one token (target and output) by 1000, as a sink token's
+    massive activations do, leaves normed unchanged while it dominates mse."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 7, 16, generator=g, dtype=torch.float64)  # (batch, tokens, hidden)
+    out = target + 0.1 * torch.randn(2, 7, 16, generator=g, dtype=torch.float64)
+    assert torch.allclose(output_error(out, target), torch.nn.functional.mse_loss(out, target), rtol=1e-12)
+    per_token = (out - target).pow(2).mean(-1) / target.pow(2).mean(-1)  # (batch, tokens)
+    assert torch.allclose(output_error(out, target, "normed"), per_token.mean(), rtol=1e-12)
+    big_t, big_o = target.clone(), out.clone()
+    big_t[:, 0] *= 1000.0
+    big_o[:, 0] *= 1000.0
+    assert torch.allclose(output_error(big_o, big_t, "normed"), output_error(out, target, "normed"), rtol=1e-10)
+    sink_share = ((big_o - big_t)[:, 0].pow(2).sum() / (big_o - big_t).pow(2).sum()).item()
+    assert sink_share > 0.99
+    assert torch.isfinite(output_error(torch.ones(1, 2, 3), torch.zeros(1, 2, 3), "normed"))
+    with pytest.raises(ValueError, match="loss='l1' is not one of mse, normed"):
+        output_error(out, target, "l1")
+
+
+def test_normed_loss_learns_and_is_recorded(calib):
+    """loss normed: every layer ends below RTN on its own loss, the report says which loss, and the
+    codes differ from mse's."""
+    got = {}
+    for loss in ("mse", "normed"):
+        model, _ = tiny_model("llama", num_hidden_layers=2, **SHAPE)
+        report = compress(model, _signround(iters=20, loss=loss), calib)
+        rows = [m for m in report.modules.values() if m.get("method") == "signround"]
+        assert rows and all(m["loss"] == loss and m["layer_loss"] < 0.8 * m["layer_loss_rtn"] for m in rows)
+        got[loss] = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    assert not torch.equal(got["mse"], got["normed"])
+    with pytest.raises(ValueError, match=r"signround.loss='mae' is not one of mse, normed"):
+        make_stage("signround", {"loss": "mae"})

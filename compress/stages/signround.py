@@ -21,7 +21,10 @@ the codes are installed, as GPTQ's are. With `amp` the training steps run under 
 between steps (least-loss step, RTN) stay float32. Two more of AutoRound's choices, off by default:
 `zero_grad` (the gradient also flows through the zero point, `quant.signround.dequant`) and
 `sampler: random` (each step draws a batch's worth of calibration sequences at random, seeded,
-instead of taking the batches in turn). Modules outside the decoder layers (an lm_head in the plan)
+instead of taking the batches in turn). `loss: normed` (lmpress's, not AutoRound's) divides each
+token's squared error by the mean square of its reference hidden state, as the next layer's RMSNorm
+does, so the attention sink's massive activations no longer dominate the loss
+(`quant.signround.output_error`). Modules outside the decoder layers (an lm_head in the plan)
 get RTN.
 
     stages: [{signround: {iters: 200, reference: float_model, keep_best: true}}]   # w4a16-signround
@@ -38,7 +41,7 @@ from torch import nn
 
 from lmpress.calibration.layerwise import LayerwiseRunner
 from lmpress.quant.primitives import quant_error
-from lmpress.quant.signround import check_args, codes, dequant, init_params, sign_step
+from lmpress.quant.signround import LOSSES, check_args, codes, dequant, init_params, output_error, sign_step
 
 from ..stage import register_stage
 from ..surgery import get_module, set_module, to_sim
@@ -74,6 +77,7 @@ class SignRound:
     zero_grad: bool = False  # gradients through the zero point as well (AutoRound's round_ste(-min / scale))
     sampler: str = "sequential"  # each step's batch: the calibration batches in turn, or "random" sequences
     seed: int = 0  # of the random sampler (layer i draws from seed + i)
+    loss: str = "mse"  # or "normed": each token's error relative to its hidden state's mean square
 
     REFERENCES = ("float_model", "float_layer")
     SAMPLERS = ("sequential", "random")
@@ -89,6 +93,8 @@ class SignRound:
             raise ValueError(f"signround.sampler={self.sampler!r} is not one of {', '.join(self.SAMPLERS)}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"signround.seed={self.seed!r} must be an integer")
+        if self.loss not in LOSSES:
+            raise ValueError(f"signround.loss={self.loss!r} is not one of {', '.join(LOSSES)}")
         for name in ("keep_best", "amp", "zero_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"signround.{name}={getattr(self, name)!r} must be true or false")
@@ -136,7 +142,7 @@ class SignRound:
         def error(x: torch.Tensor, target: torch.Tensor, kw: dict, amp: bool = False) -> torch.Tensor:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 out = layer_output(layer(x, **kw))
-            return (out.float() - target.to(dev).float()).pow(2).mean()
+            return output_error(out.float(), target.to(dev).float(), self.loss)
 
         def loss(j: int, amp: bool = False) -> torch.Tensor:
             return error(inputs[j], targets[j], kwargs[j], amp)
@@ -196,6 +202,6 @@ class SignRound:
             sim.set_quantized(q, scale, zero)
             if ctx.report is not None:
                 ctx.report.record_module(mine[rel][0], scheme=sim.scheme.name, method="signround", **quant_error(W, sim.weight),
-                                         layer_loss=learned, layer_loss_rtn=rtn, iters=self.iters, amp=self.amp)
+                                         layer_loss=learned, layer_loss_rtn=rtn, iters=self.iters, amp=self.amp, loss=self.loss)
         log.info("signround: %s: layer output error %.4g (RTN %.4g, %.3f of it%s) in %.1f s", step.name, min(learned, rtn), rtn,
                  min(learned, rtn) / rtn if rtn > 0 else 1.0, "" if learned < rtn else "; kept RTN", time.perf_counter() - t0)
