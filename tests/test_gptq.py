@@ -343,19 +343,19 @@ def test_stage_lm_head_falls_back_to_rtn_and_act_quant(caplog, true_sequential):
     assert isinstance(model.lm_head, SimQuantLinear) and model.lm_head.quantized
 
 
-def test_stage_hessian_sees_fake_quantized_input(monkeypatch):
-    """The Hessian of q/k/v in layer 0 is that of the fake-quantized input_layernorm output."""
-    calib = _calib(n=4, seqlen=16)
+def _layer0_q_input(calib) -> torch.Tensor:
+    """The float tiny LLaMA's layer-0 q_proj input on the calibration tokens, (n, seqlen, hidden)."""
     ref, _ = tiny_llama()
     seen = []
     h = ref.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
         ref(calib.tokens)
     h.remove()
-    inputs = QuantArgs(bits=4, granularity="token", dynamic=True)
-    X = fake_quantize(seen[0], inputs).reshape(-1, 96).double()
-    want = 2.0 / X.shape[0] * X.T @ X
+    return seen[0]
 
+
+def _spy_solves(monkeypatch) -> list:
+    """Record (number of weights, H) of every solve of stage gptq."""
     captured = []
     real = gptq_stage.gptq_quantize_shared
 
@@ -364,6 +364,16 @@ def test_stage_hessian_sees_fake_quantized_input(monkeypatch):
         return real(Ws, H, *a, **k)
 
     monkeypatch.setattr(gptq_stage, "gptq_quantize_shared", spy)
+    return captured
+
+
+def test_stage_hessian_sees_fake_quantized_input(monkeypatch):
+    """The Hessian of q/k/v in layer 0 is that of the fake-quantized input_layernorm output."""
+    calib = _calib(n=4, seqlen=16)
+    inputs = QuantArgs(bits=4, granularity="token", dynamic=True)
+    X = fake_quantize(_layer0_q_input(calib), inputs).reshape(-1, 96).double()
+    want = 2.0 / X.shape[0] * X.T @ X
+    captured = _spy_solves(monkeypatch)
     model, _ = tiny_llama()
     compress(model, Recipe.from_yaml(LM_HEAD_RECIPE.replace("lm_head: {preset: W8A16}", "lm_head: null") % "true"), calib)
     n_qkv, H = captured[0]
@@ -375,27 +385,14 @@ def test_stage_hessian_sees_fake_quantized_input(monkeypatch):
 def test_stage_token_cap_reaches_the_hessian(monkeypatch):
     """gptq's token_cap: layer 0's q/k/v Hessian is the capped one of its input (one batch)."""
     calib = _calib(n=4, seqlen=16)
-    ref, _ = tiny_llama()
-    seen = []
-    h = ref.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    with torch.no_grad():
-        ref(calib.tokens)
-    h.remove()
-    X = seen[0].reshape(-1, 96).double()  # (4 * 16, hidden)
+    X = _layer0_q_input(calib).reshape(-1, 96).double()  # (4 * 16, hidden)
     w = token_weights(X, 1.0)  # after the RMSNorm the norms are alike: cap at the median
     assert (w < 1).sum() > 10
     want = 2.0 / X.shape[0] * (X * w[:, None]).T @ X
-    captured = []
-    real = gptq_stage.gptq_quantize_shared
-
-    def spy(Ws, H, *a, **k):
-        captured.append(H.clone())
-        return real(Ws, H, *a, **k)
-
-    monkeypatch.setattr(gptq_stage, "gptq_quantize_shared", spy)
+    captured = _spy_solves(monkeypatch)
     model, _ = tiny_llama()
     compress(model, Recipe.from_yaml(GPTAQ_RECIPE.replace("gptaq: 1.0", "token_cap: 1.0")), calib)
-    assert torch.allclose(captured[0], want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+    assert torch.allclose(captured[0][1], want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
 
 
 def test_stage_stubs_do_not_change_the_result(monkeypatch):
