@@ -70,7 +70,9 @@ w3-gptaq-mse (library 7ce128d, `--val pydoc`); bench/results/weight_only-58e75c5
 w4-squeezellm-gptq (library 58e75c5, `--val pydoc`); bench/results/weight_only-fb9d8ea.jsonl w3-quarot-gptaq-mse,
 w4-quarot-gptaq-mse, w3-rtn with its pydoc figure, w3-quarot-gptaq50-mse, w3-gptaq50-mse and w3-quarot-gptaq100-mse
 (library fb9d8ea, `--val pydoc`); bench/results/weight_only-2fcd0fb.jsonl w4-gptq-cap100 and w4-gptq-mse-cap100
-(library 2fcd0fb, `--val pydoc`, AMD: compare w4-gptq-cap100 with the f4cc7ab-val file's w4-gptq).
+(library 2fcd0fb, `--val pydoc`, AMD: compare w4-gptq-cap100 with the f4cc7ab-val file's w4-gptq);
+bench/results/weight_only-fa040ce.jsonl w3-signround-normed (library fa040ce, `--val pydoc`, AMD), exactly the
+recipe w3a16-signround.
 All integer rows are groups of 64, asymmetric; the W3 rows are the same recipes with 3-bit weights.
 lm_head and the embeddings stay in high precision. Columns: perplexity on the wiki eval split
 (first `--windows` windows of `--seqlen` tokens) and its ratio to the base; the same on the

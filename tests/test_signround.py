@@ -232,3 +232,15 @@ def test_normed_loss_learns_and_is_recorded(calib):
     assert not torch.equal(got["mse"], got["normed"])
     with pytest.raises(ValueError, match=r"signround.loss='mae' is not one of mse, normed"):
         make_stage("signround", {"loss": "mae"})
+
+
+def test_w3_recipe_learns_with_the_normed_loss_and_reloads(calib, tokens, tmp_path):
+    """w3a16-signround (3-bit groups of 64, loss normed): every layer below RTN's error on its own
+    loss, and the packed artifact reloads to the same logits."""
+    model, tok = tiny_model("llama", num_hidden_layers=2, **SHAPE)
+    report = compress(model, "w3a16-signround", calib)
+    rows = [m for m in report.modules.values() if m.get("method") == "signround"]
+    assert len(rows) == 14 and all(m["loss"] == "normed" and m["layer_loss"] < 0.9 * m["layer_loss_rtn"] for m in rows)
+    assert model.model.layers[0].mlp.up_proj.scheme.weights.bits == 3
+    with torch.no_grad():
+        assert torch.equal(load(save(model, tmp_path / "w3", tokenizer=tok))(tokens).logits, model(tokens).logits)
