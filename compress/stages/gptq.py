@@ -35,8 +35,9 @@ does). Only the in-memory walk carries those hidden states (larger-than-memory r
 `token_cap: c` (default null: off) counts a token whose squared input norm is above c times its
 batch's median as if it were at c times the median (`calibration.stats.token_weights`). The
 attention-sink token's massive activations otherwise fill a few Hessians (99.8% of the trace of
-SmolLM2-135M's layer-11 down_proj). GPTQ then fits those tokens and neglects the rest; see
-calibration/stats.py for the figures.
+SmolLM2-135M's layer-11 down_proj), and GPTQ then fits those tokens before the rest. On that
+model the cap lowered single layers' errors on held-out text but not the perplexity, so it is off
+by default; calibration/stats.py has the figures.
 
 Modules of the plan outside the decoder layers' known linears (e.g. `lm_head` when a recipe
 quantizes it) have no layer inputs to calibrate on here: they fall back to RTN, with a log note.
