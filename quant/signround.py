@@ -90,7 +90,7 @@ def output_error(out: torch.Tensor, target: torch.Tensor, loss: str = "mse") -> 
     d = (out - target).pow(2)  # (..., tokens, hidden)
     if loss == "normed":
         ms = target.pow(2).mean(dim=-1, keepdim=True)  # (..., tokens, 1)
-        d = d / ms.clamp_min(ms.mean().item() * 1e-6 + 1e-30)  # a zero target token: a floor, not a division by 0
+        d = d / torch.maximum(ms, ms.mean() * 1e-6 + 1e-30)  # a zero target token: a floor, not a division by 0 (no host sync)
     elif loss != "mse":
         raise ValueError(f"loss={loss!r} is not one of {', '.join(LOSSES)}")
     return d.mean()
