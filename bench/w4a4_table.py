@@ -16,13 +16,20 @@ channel groups at 8 bits (comet0: every group int4, the fine-grained baseline); 
 preset after QuaRot's rotations (fused norms, Hadamard R1 and R2, online Hadamard on down_proj's input; no KV
 cache); `W4A4s-<rtn|gptq>`, int4
 per-channel weights and int4 *static* per-tensor activations (one calibrated
-scale per linear); `mq-<rtn|gptq>`, recipe w4a4-static-mergequant: the same scheme after stage `mergequant` (MergeQuant's static
-per-channel steps migrated into the neighbours, clip search; no dynamic quantization op at run time).
+scale per linear); `mq-<rtn|gptq>`: the same scheme after stage `mergequant` (MergeQuant's static
+per-channel steps migrated into the neighbours, clip search; no dynamic quantization op at run time), without a rotation;
+`quarot-W4A4s-<m>` and `quarot-mq-<m>`, those static schemes after QuaRot's rotations (mq: down_proj, rotated
+online, keeps a calibrated static scale). `<scheme>-sink<N>-<m>`: any of them with the static inputs keeping
+each sequence's first N positions in float (`inputs.sink_tokens`: the attention sink, IntactKV / PrefixQuant);
+`<scheme>-aclip-<m>`: the static scales' clip ratio searched for the least squared error (`inputs.mse_clip`);
+`<scheme>-c<P>-<m>`: every input scheme's `clip_ratio` P% (QuaRot clips dynamic activations at 90%);
+`<scheme>-wmse-<m>`: every weight scheme's clipping searched (`weights.mse_clip`, as the QuaRot recipes).
 Average activation bits: the input bits of every quantized linear weighted by its in_features (the
 elements of a token's inputs), 16 where inputs stay in float.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import time
@@ -35,11 +42,36 @@ W4A4S = {"weights": {"bits": 4, "granularity": "channel", "symmetric": True},
          "inputs": {"bits": 4, "granularity": "tensor", "symmetric": True, "dynamic": False}}
 
 
+def with_static(recipe, **inputs):
+    """`recipe` with `inputs` (sink_tokens, mse_clip) set on every static input scheme."""
+    from lmpress.compress import Recipe
+
+    d = copy.deepcopy(recipe.to_dict())
+    for body in d["schemes"].values():
+        if isinstance(body, dict) and isinstance(body.get("inputs"), dict) and not body["inputs"].get("dynamic", False):
+            body["inputs"].update(inputs)
+    return Recipe.from_dict(d)
+
+
 def recipe_for(config: str):
     from lmpress.compress import Recipe
-    from lmpress.quant.scheme import PRESETS
+    from lmpress.quant.scheme import PRESETS, parse_scheme
 
     scheme, _, method = config.rpartition("-")
+    head, _, option = scheme.rpartition("-")
+    if (option.startswith("c") and option[1:].isdigit()) or option == "wmse":
+        # "-c90": every input scheme's clip_ratio 0.90 (QuaRot's); "-wmse": every weight scheme's mse_clip
+        d = copy.deepcopy(recipe_for(f"{head}-{method}").to_dict())
+        for name, body in d["schemes"].items():
+            if isinstance(body, str):
+                body = d["schemes"][name] = parse_scheme(body).to_dict()
+            side, key, value = ("weights", "mse_clip", True) if option == "wmse" else ("inputs", "clip_ratio", int(option[1:]) / 100)
+            if isinstance(body, dict) and body.get(side):
+                body[side][key] = value
+        return Recipe.from_dict({**d, "name": config})
+    if option.startswith("sink") or option == "aclip":  # static inputs: the first N positions float / the scale clip-searched
+        inputs = {"sink_tokens": int(option[4:])} if option.startswith("sink") else {"mse_clip": True}
+        return _renamed(with_static(recipe_for(f"{head}-{method}"), **inputs), config)
     if method not in ("rtn", "gptq") or not scheme:
         return Recipe.load(config)
     if scheme.startswith("flatquant-comet") and method == "gptq":  # recipe w4a4kv4-flatquant-comet-gptq at P%
@@ -65,14 +97,18 @@ def recipe_for(config: str):
         recipe["schemes"]["re:.*"]["inputs"]["outliers"] = int(scheme[5:]) / 100
         recipe["name"], recipe["stages"] = config, [{"kv_cache": {}}, {method: {}}]
         return Recipe.from_dict(recipe)
-    if scheme.startswith("quarot-") and scheme[7:] in PRESETS:  # QuaRot's offline R1/R2 and online R4, no KV cache
+    if scheme.startswith("quarot-") and scheme[7:] in tuple(PRESETS) + ("W4A4s", "mq"):
+        # QuaRot's offline R1/R2 and online R4, no KV cache; W4A4s: static per-tensor inputs; mq: MergeQuant's steps
+        # migrated after the rotation (down_proj's input is rotated online, so it keeps a calibrated static scale)
         rotate = {"rotate": {"kind": "hadamard", "seed": 0, "online": ["down_proj"], "r2": True}}
-        return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": scheme[7:]},
-                                 "stages": [{"fuse_norms": {}}, rotate, {method: {}}]})
-    if scheme == "mq":  # recipe w4a4-static-mergequant, its weight stage by `method`
-        recipe = Recipe.load("w4a4-static-mergequant").to_dict()
-        recipe["name"], recipe["stages"] = config, recipe["stages"][:1] + [{method: {}}]
-        return Recipe.from_dict(recipe)
+        body = W4A4S if scheme[7:] in ("W4A4s", "mq") else scheme[7:]
+        merge = [{"mergequant": {"down_proj": False}}] if scheme[7:] == "mq" else []
+        return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": body},
+                                 "stages": [{"fuse_norms": {}}, rotate] + merge + [{method: {}}]
+                                 + ([{"act_scales": {}}] if body is W4A4S and method == "rtn" else [])})
+    if scheme == "mq":  # MergeQuant as published, without a rotation (recipe w4a4-static-mergequant adds QuaRot's)
+        return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": W4A4S},
+                                 "stages": [{"mergequant": {}}, {method: {}}]})
     if scheme == "W4A4s":
         body, stages = W4A4S, [{method: {}}] + ([{"act_scales": {}}] if method == "rtn" else [])
     elif scheme in PRESETS:
@@ -80,6 +116,12 @@ def recipe_for(config: str):
     else:
         return Recipe.load(config)
     return Recipe.from_dict({"version": 1, "name": config, "schemes": {"lm_head": None, "re:.*": body}, "stages": stages})
+
+
+def _renamed(recipe, name: str):
+    from lmpress.compress import Recipe
+
+    return Recipe.from_dict({**recipe.to_dict(), "name": name})
 
 
 def act_bits(model) -> float:

@@ -52,7 +52,7 @@ from torch import nn
 
 from lmpress.kernels.linear import LUTLinear, PackedLinear, Sparse24Linear, link_siblings
 from lmpress.quant.scheme import QuantScheme
-from lmpress.quant.sim import SimQuantLinear
+from lmpress.quant.sim import SimQuantLinear, follow_sequence_position, uses_sink_tokens
 
 from . import ct_format
 from .surgery import set_module
@@ -419,6 +419,8 @@ def load(out_dir: str | Path, device: str | torch.device = "cpu", verify: bool =
     from lmpress.kernels.kv_cache import use_runtime_cache
 
     use_runtime_cache(model)  # a per-token quantized KV cache: forwards with use_cache=True get QuantizedKVCache
+    if uses_sink_tokens(model):
+        follow_sequence_position(model)  # static inputs keep each sequence's first positions in float
     model.lmpress_meta = {"manifest": manifest, "path": str(out)}
     return model
 

@@ -161,6 +161,8 @@ def why_not(schemes: Mapping[str, QuantScheme], in_features: Mapping[str, int], 
     kv_only = all(d.get("type") == "float" and "key_rotation" not in d for d in (attention.get("kv_cache") or {}).values())
     if block and (block.get("online_transforms") or (attention and not (set(attention) <= {"implementation", "kv_cache"} and kv_only))):
         return "online transforms / lmpress attention settings have no compressed-tensors form"  # (2:4 metadata: the scheme says)
+    if any(s.inputs is not None and s.inputs.sink_tokens for s in schemes.values()):
+        return "float inputs at each sequence's first positions (inputs.sink_tokens) have no compressed-tensors form"
     if any(s.inputs is not None and s.inputs.outliers for s in schemes.values()):
         return "COMET's 4/8-bit activation channel groups (inputs.outliers) have no compressed-tensors form"
     if kv is not None and fp8_kv_scale(kv) is None:

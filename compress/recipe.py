@@ -14,6 +14,7 @@ Scheme-map keys are a module's full name, a name suffix (`down_proj` matches eve
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -35,7 +36,7 @@ class RecipeError(ValueError):
 
 
 def _scheme_spec_to_yaml(spec: Any) -> Any:
-    return spec.to_dict() if isinstance(spec, QuantScheme) else spec
+    return spec.to_dict() if isinstance(spec, QuantScheme) else copy.deepcopy(spec)  # the caller's to change
 
 
 def matches(pattern: str, fqn: str) -> bool:
@@ -109,7 +110,7 @@ class Recipe:
             "name": self.name,
             "description": self.description,
             "schemes": {k: _scheme_spec_to_yaml(v) for k, v in self.schemes},
-            "kv_cache": self.kv_cache,
+            "kv_cache": copy.deepcopy(self.kv_cache),
             "stages": [{s.name: stage_options(s)} for s in self.stages],
         }
 
@@ -146,9 +147,9 @@ class Recipe:
             except ValueError as e:
                 raise RecipeError(f"stages[{i}]: {e}") from None
         return cls(
-            schemes=tuple(schemes.items()),
+            schemes=tuple((k, copy.deepcopy(v)) for k, v in schemes.items()),  # a frozen recipe owns its specs
             stages=tuple(stages),
-            kv_cache=data.get("kv_cache"),
+            kv_cache=copy.deepcopy(data.get("kv_cache")),
             name=str(data.get("name") or ""),
             description=str(data.get("description") or ""),
             version=data.get("version", FORMAT_VERSION),

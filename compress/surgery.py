@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from lmpress.quant.scheme import QuantScheme
-from lmpress.quant.sim import SimQuantLinear
+from lmpress.quant.sim import SimQuantLinear, follow_sequence_position
 
 
 def get_module(model: nn.Module, fqn: str) -> nn.Module:
@@ -53,6 +53,8 @@ def to_sim(model: nn.Module, fqn: str, scheme: QuantScheme) -> SimQuantLinear:
         raise TypeError(f"{fqn} is a {type(mod).__name__}, not a linear layer")
     sim = SimQuantLinear(mod, scheme, copy=False)  # it replaces `mod`: no second copy of the weights
     set_module(model, fqn, sim)
+    if scheme.inputs is not None and scheme.inputs.sink_tokens:
+        follow_sequence_position(model)  # a decode step's rows are no sequence's first positions
     return sim
 
 

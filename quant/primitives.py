@@ -14,6 +14,8 @@ Conventions (shared by every form: simulated, packed, runtime):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -182,12 +184,51 @@ def fake_quantize(x: torch.Tensor, args: QuantArgs, scale=None, zero=None) -> to
     return dequantize(quantize(x, scale, zero, args), scale, zero, args, dtype=x.dtype)
 
 
+_CONTINUING: ContextVar[bool] = ContextVar("lmpress_continuing_sequence", default=False)
+
+
+@contextmanager
+def continuing_sequence(flag: bool = True):
+    """While active with `flag`, the rows a linear sees continue sequences already begun (a decode step
+    over a KV cache), so none of them is a sequence's first position (`QuantArgs.sink_tokens`). The
+    default, outside it, is that rows along dim -2 start at position 0: every full-sequence forward,
+    and the layer-by-layer calibration."""
+    token = _CONTINUING.set(flag)
+    try:
+        yield
+    finally:
+        _CONTINUING.reset(token)
+
+
+def sink_rows(x: torch.Tensor, args: QuantArgs | None) -> int:
+    """How many leading rows along dim -2 of x (..., T, C) are sink positions that `args.sink_tokens`
+    keeps in float: 0 for a 1-D x, when rows continue a sequence, or without sink tokens."""
+    if args is None or not args.sink_tokens or x.dim() < 2 or _CONTINUING.get():
+        return 0
+    return min(args.sink_tokens, x.shape[-2])
+
+
+def without_sinks(x: torch.Tensor, args: QuantArgs | None) -> torch.Tensor:
+    """x (..., T, C) without its sink rows (`sink_rows`): what static scales are calibrated on."""
+    n = sink_rows(x, args)
+    return x[..., n:, :] if n else x
+
+
 def fake_quantize_input(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None,
                         input_perm: torch.Tensor | None = None) -> torch.Tensor:
     """A scheme's activation fake-quant. Dynamic args, or a static scheme not calibrated yet
     (`input_scale` None): qparams from `x`. Calibrated static: the per-tensor `input_scale` (1, 1),
-    or for NVFP4 the group scales of `x` under the tensor scale `input_scale`. COMET's 4/8-bit
-    groups (`args.outliers`): over the channels reordered by `input_perm` (`quant.fmpq`)."""
+    or for NVFP4 the group scales of `x` under the tensor scale `input_scale`; the sink rows
+    (`args.sink_tokens`, `sink_rows`) are returned unchanged. COMET's 4/8-bit groups
+    (`args.outliers`): over the channels reordered by `input_perm` (`quant.fmpq`)."""
+    n = sink_rows(x, args) if input_scale is not None else 0
+    if n:  # (..., T, C) -> the first n positions in float, the rest on the static grid
+        return torch.cat([x[..., :n, :], _fake_quantize_rows(x[..., n:, :], args, input_scale, input_perm)], dim=-2)
+    return _fake_quantize_rows(x, args, input_scale, input_perm)
+
+
+def _fake_quantize_rows(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None,
+                        input_perm: torch.Tensor | None) -> torch.Tensor:
     if args.outliers:
         return fmpq_fake_quantize(x, args, input_perm)
     if args.dynamic or input_scale is None:

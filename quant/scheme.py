@@ -28,7 +28,9 @@ class QuantArgs:
     `group_size` applies along the last (input) dimension; a last group may be partial.
     `dynamic` means qparams are computed at run time from the tensor itself (activations).
     `clip_ratio` shrinks the observed range before qparams are computed; `mse_clip` searches
-    the ratio per row/group that minimizes the quantization error (weights only).
+    the ratio per row/group that minimizes the quantization error (weights), or for static integer
+    inputs the ratio of the calibrated scale with the least squared error over the calibration
+    inputs (`quant.smooth.static_tensor_ratio`).
     `full_range` (symmetric only) spreads absmax over the whole signed range, scale = absmax /
     ((qmax - qmin) / 2) (int8: /127.5), as compressed-tensors' reference forward computes it, so a
     W8A8 artifact runs identically in stock transformers; the default is absmax / qmax (int8:
@@ -38,6 +40,13 @@ class QuantArgs:
     `outliers` (COMET's FMPQ, `lmpress.quant.fmpq`; dynamic symmetric integer inputs in groups):
     that share of the channel groups, after the channels are reordered by calibrated absmax
     (largest first), takes `outlier_bits` (8) instead of `bits`; each token's group has its own scale.
+
+    `sink_tokens` (static inputs only; IntactKV's / PrefixQuant's pivot tokens): the first that many
+    positions of every sequence keep float inputs, and static scales are calibrated without them.
+    A causal LM's first token is its attention sink, whose hidden state carries "massive activations"
+    (Sun et al. 2024, arXiv:2402.17762) that one static scale cannot hold beside the other tokens.
+    Whether rows continue a sequence is told by `quant.primitives.continuing_sequence` (set per forward
+    by `quant.sim.follow_sequence_position`).
 
     `granularity: block` (FP8 weights: DeepSeek-V3's and compressed-tensors' FP8_BLOCK) takes one
     scale per `group_size` x `group_size` tile of the weight (out and in), edge tiles partial.
@@ -62,6 +71,7 @@ class QuantArgs:
     scale_format: str | None = None
     outliers: float = 0.0
     outlier_bits: int = 8
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
@@ -100,6 +110,12 @@ class QuantArgs:
         if self.full_range and not self.symmetric:
             raise ValueError("QuantArgs.full_range sets the symmetric scale divisor; asymmetric schemes use the full range already")
         self._check_outliers()
+        n = self.sink_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"QuantArgs.sink_tokens={n!r} must be a non-negative integer (1: the first token, the attention sink)")
+        if n and self.dynamic:
+            raise ValueError("QuantArgs.sink_tokens is for static inputs (dynamic: false): a dynamic scale already fits "
+                             "each token; drop sink_tokens or set dynamic: false")
 
     def _check_outliers(self) -> None:
         if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not 0 <= self.outliers <= 1:
@@ -158,7 +174,8 @@ class QuantArgs:
     def to_dict(self) -> dict[str, Any]:
         # `full_range`, `type` and `scale_format` only when set, so manifests and recipes written
         # before they existed stay identical
-        defaults = {"full_range": False, "type": "int", "scale_format": None, "outliers": 0.0, "outlier_bits": 8}
+        defaults = {"full_range": False, "type": "int", "scale_format": None, "outliers": 0.0, "outlier_bits": 8,
+                    "sink_tokens": 0}
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name not in defaults or getattr(self, f.name) != defaults[f.name]}
 
@@ -189,11 +206,14 @@ class QuantScheme:
             raise ValueError("QuantScheme: nothing to do; give weights, inputs or sparsity (or map the module to null)")
         if self.weights is not None and self.weights.dynamic:
             raise ValueError("QuantScheme.weights cannot be dynamic; weights are quantized offline")
+        if self.weights is not None and self.weights.sink_tokens:
+            raise ValueError("QuantScheme.weights.sink_tokens: sink tokens keep float *inputs*; put it under inputs")
         a = self.inputs
         if a is not None and not a.dynamic:
             # static: one calibrated per-tensor scale (`input_scale`), or NVFP4's calibrated tensor
             # scale over group scales still computed at run time
-            if not ((a.granularity == "tensor" and a.symmetric and not a.mse_clip) or a.block_format == "nvfp4"):
+            if not ((a.granularity == "tensor" and a.symmetric and (not a.mse_clip or a.type == "int"))
+                    or (a.block_format == "nvfp4" and not a.mse_clip)):
                 raise ValueError("QuantScheme.inputs with dynamic: false takes one calibrated scale: granularity tensor, symmetric "
                                  "(FP8 / INT8 static), or NVFP4 (its tensor scale calibrated, group scales at run time); "
                                  f"got {a.granularity} {'sym' if a.symmetric else 'asym'}{' ' + a.block_format if a.block_format else ''}; "

@@ -9,7 +9,7 @@ from torch import nn
 from lmpress.kernels.formats import pack, unpack
 
 from .fmpq import channel_order
-from .primitives import dequantize, fake_quantize_input, int_factored, int_linear, static_input_scale
+from .primitives import continuing_sequence, dequantize, fake_quantize_input, int_factored, int_linear, static_input_scale
 from .scheme import QuantScheme
 
 
@@ -115,3 +115,44 @@ class SimQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+
+def _continues(kwargs: dict) -> bool:
+    """Whether a causal LM's forward continues sequences already in a cache: a non-empty `cache`
+    (`past_key_values` before transformers renamed it), or a `cache_position` that does not start at 0."""
+    past = kwargs.get("cache", kwargs.get("past_key_values"))
+    if past is not None:
+        length = past.get_seq_length() if hasattr(past, "get_seq_length") else (past[0][0].shape[-2] if len(past) else 0)
+        if length:
+            return True
+    pos = kwargs.get("cache_position")
+    return pos is not None and pos.numel() > 0 and int(pos.reshape(-1)[0]) > 0
+
+
+def follow_sequence_position(model: nn.Module) -> None:
+    """Tell the static input quantizers of `model` (`QuantArgs.sink_tokens`) whether each forward
+    starts its sequences at position 0: hooks on the top module set `primitives.continuing_sequence`
+    for the forward's duration (a decode step over a KV cache continues; a prompt does not). Once per
+    model; the hooks are not saved, so `compress.load` calls it again."""
+    if getattr(model, "_lmpress_follows_position", False):
+        return
+
+    active: list = []  # the open contexts, innermost last (a forward inside a forward)
+
+    def before(_m, _args, kwargs):
+        ctx = continuing_sequence(_continues(kwargs))
+        ctx.__enter__()
+        active.append(ctx)
+
+    def after(_m, _args, _kwargs, _out):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True, always_call=True)
+    model._lmpress_follows_position = True
+
+
+def uses_sink_tokens(model: nn.Module) -> bool:
+    """Whether any linear of `model` keeps sink positions' inputs in float (`QuantArgs.sink_tokens`)."""
+    return any(getattr(getattr(getattr(m, "scheme", None), "inputs", None), "sink_tokens", 0) for m in model.modules())

@@ -42,6 +42,19 @@ def fold_smoothing(s: torch.Tensor, producer_weight: torch.Tensor, readers: list
 CHANNEL_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(19))  # 1.0 .. 0.1
 
 
+def static_tensor_ratio(x: torch.Tensor, args) -> float:
+    """The clip ratio r of `CHANNEL_CLIP_GRID` whose static per-tensor step r · max|x| / args.sym_divisor
+    gives the least squared error of activations x (N, C) on the symmetric int grid of `args` (codes
+    clamped to [qmin, qmax]): MergeQuant's adaptive clipping for one calibrated scale (static inputs
+    with `mse_clip`). Heavy-tailed inputs (down_proj's, whose per-token absmax spans 5-9x on SmolLM2)
+    lose far less to clipping their few largest tokens than to a coarse grid for all the others."""
+    xf = x.reshape(-1, x.shape[-1]).float()  # (N, C)
+    amax = float(xf.abs().amax().clamp(min=1e-8))
+    errs = [float(((xf / (r * amax / args.sym_divisor)).round().clamp(args.qmin, args.qmax) * (r * amax / args.sym_divisor)
+                   - xf).square().sum()) for r in CHANNEL_CLIP_GRID]
+    return CHANNEL_CLIP_GRID[min(range(len(errs)), key=errs.__getitem__)]
+
+
 def static_channel_steps(x: torch.Tensor, args, clip_search: bool = True) -> torch.Tensor:
     """Static per-channel quantization steps (C,) for activations x (N, C) under symmetric int input
     `args`: step_c = r_c · max|x_c| / args.sym_divisor, with r_c (`clip_search`) the ratio of

@@ -81,3 +81,16 @@ def test_scheme_validation_messages():
     with pytest.raises(ValueError, match="nothing to do"):
         QuantScheme()
     assert W8A8.name == "W8A8"
+
+
+def test_a_recipe_owns_its_specs():
+    body = {"weights": {"bits": 4}, "inputs": {"bits": 4, "granularity": "token", "dynamic": True}}
+    kv = {"bits": 4}
+    recipe = Recipe.from_dict({"version": 1, "name": "t", "schemes": {"re:.*": body}, "kv_cache": kv, "stages": ["rtn"]})
+    yaml_before = recipe.to_yaml()
+    body["inputs"]["bits"] = 8  # the caller's dicts change after the fact
+    kv["bits"] = 2
+    out = recipe.to_dict()
+    out["schemes"]["re:.*"]["weights"]["bits"] = 3  # and so does what to_dict gave
+    out["kv_cache"]["bits"] = 8
+    assert recipe.to_yaml() == yaml_before

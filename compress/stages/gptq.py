@@ -56,9 +56,10 @@ from torch import nn
 from lmpress.calibration.layerwise import LayerwiseRunner, group_passes
 from lmpress.calibration.stats import capture_input_stats, check_token_cap, token_weights
 from lmpress.quant.gptq import asymmetric_target, gptq_quantize_shared, layer_objective, single_thread
-from lmpress.quant.primitives import dequantize, quant_error
+from lmpress.quant.primitives import dequantize, quant_error, without_sinks
 from lmpress.quant.rtn import rtn_quantize
 from lmpress.quant.sim import SimQuantLinear
+from lmpress.quant.smooth import static_tensor_ratio
 
 from ..stage import register_stage
 from ..surgery import get_module, set_module, to_sim
@@ -138,10 +139,15 @@ def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], 
             h.remove()
 
 
+STATIC_CLIP_STRIDE = 4  # every 4th calibration token searched for a static scale's clip ratio (memory)
+
+
 def observe_inputs(step, rels: list[str], later: list[str]) -> None:
     """Calibrate the static input scales (or COMET's channel orders) of the linears `rels` (paths in
     the layer of `step`): one pass with `later` stubbed, the per-channel absmax of each one's input
-    over the calibration batches (`SimQuantLinear.calibrate_inputs`). The
+    over the calibration batches (`SimQuantLinear.calibrate_inputs`), for static inputs with
+    `mse_clip` shrunk by the clip ratio of least squared error (`quant.smooth.static_tensor_ratio`,
+    on every `STATIC_CLIP_STRIDE`-th token). Sink positions (`inputs.sink_tokens`) are left out. The
     body of stage `act_scales`; stage `gptq` runs it before collecting a group's Hessians."""
     layer = step.layer
     # a scale fixed by an earlier stage (mergequant: the steps were migrated into the weights) is kept
@@ -149,11 +155,16 @@ def observe_inputs(step, rels: list[str], later: list[str]) -> None:
     if not sims:
         return
     amax: dict[str, torch.Tensor] = {}
+    # static inputs with mse_clip: every STATIC_CLIP_STRIDE-th token kept for the clip search
+    rows: dict[str, list[torch.Tensor]] = {rel: [] for rel, sim in sims.items() if sim.static_inputs and sim.scheme.inputs.mse_clip}
 
     def hook(rel, _m, args):
-        x = args[0].detach()
-        a = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # (..., in) -> per channel (in,)
+        x = without_sinks(args[0].detach(), sims[rel].scheme.inputs)  # sink positions stay float: not calibrated on
+        x2 = x.reshape(-1, x.shape[-1])  # (..., in) -> (n, in)
+        a = x2.abs().amax(dim=0).float()  # per channel (in,)
         amax[rel] = torch.maximum(amax[rel], a) if rel in amax else a
+        if rel in rows:
+            rows[rel].append(x2[::STATIC_CLIP_STRIDE].float().cpu())
 
     hooks = [sim.register_forward_pre_hook(partial(hook, rel)) for rel, sim in sims.items()]
     try:
@@ -163,7 +174,10 @@ def observe_inputs(step, rels: list[str], later: list[str]) -> None:
         for h in hooks:
             h.remove()
     for rel, sim in sims.items():
-        sim.calibrate_inputs(amax[rel])
+        ratio = static_tensor_ratio(torch.cat(rows.pop(rel)), sim.scheme.inputs) if rel in rows else 1.0
+        if ratio != 1.0:
+            log.info("%s.%s: static input scale clipped to %.2f of the calibration absmax (mse_clip)", step.name, rel, ratio)
+        sim.calibrate_inputs(amax[rel] * ratio)
 
 
 def static_outside_layers(model: nn.Module, ctx, fqns) -> None:

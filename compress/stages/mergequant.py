@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from lmpress.calibration.layerwise import LayerwiseRunner
+from lmpress.quant.primitives import without_sinks
 from lmpress.quant.smooth import fold_smoothing, static_channel_steps
 
 from ..stage import register_stage
@@ -94,9 +96,12 @@ class MergeQuant:
                     raise ValueError(f"mergequant must run before quantization stages and online transforms: "
                                      f"{step.name}.{rel} is a {type(layer.get_submodule(rel)).__name__}")
         xs: dict[str, list[torch.Tensor]] = {readers[0]: [] for _, readers in groups}
-        hooks = [layer.get_submodule(readers[0]).register_forward_pre_hook(
-            lambda _m, a, key=readers[0]: xs[key].append(a[0].detach().reshape(-1, a[0].shape[-1]).float().cpu()))
-            for _, readers in groups]
+
+        def keep(key, _m, a):  # the reader's input (B, T, in) -> (B * (T - sinks), in): sink positions stay float
+            x = without_sinks(a[0].detach(), schemes[key].inputs)
+            xs[key].append(x.reshape(-1, x.shape[-1]).float().cpu())
+
+        hooks = [layer.get_submodule(readers[0]).register_forward_pre_hook(partial(keep, readers[0])) for _, readers in groups]
         try:
             step.forward(until=[layer.get_submodule(readers[0]) for _, readers in groups])
         finally:
