@@ -58,24 +58,33 @@ def test_sink_rows_stay_float_and_the_rest_take_the_static_grid():
     assert torch.equal(fake_quantize_input(x, args), fake_quantize_input(x, QuantArgs(**STATIC)))
 
 
-def test_static_scales_are_calibrated_without_the_sink_positions():
+def _spiked_sink(stages: str = "[gptq]"):
+    """A tiny LLaMA compressed under static inputs with one sink token, on calibration sequences that all
+    open with token 0 (found nowhere else), a spike on channel 3: after the input norm a massive value, as a
+    sink's. Returns (model, calibration tokens, layer 0's q_proj input over them (n, T, in))."""
     calib = _calib()
+    calib.tokens[:, 0] = 0
+    calib.tokens[:, 1:] = calib.tokens[:, 1:].clamp(min=1)
     model, _ = tiny_llama(seed=0)
-    compress(model, _recipe(1), calib)
-    q = model.model.layers[1].self_attn.q_proj
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0] = 0.0
+        model.model.embed_tokens.weight[0, 3] = 1.0
+    compress(model, _recipe(1, stages), calib)
+    q = model.model.layers[0].self_attn.q_proj  # its input, the embedding's norm, is the same after compression
     seen = []
-    # the inputs gptq calibrated on: layer 1's q_proj input in the quantized model, all calibration sequences
     h = q.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
     try:
         with torch.no_grad():
             model(calib.tokens)
     finally:
         h.remove()
-    x = seen[0]  # (n, T, in)
-    expect = static_input_scale(x[:, 1:].abs().amax(), q.scheme.inputs)
-    assert torch.allclose(q.input_scale, expect, rtol=1e-5)
-    assert not torch.allclose(q.input_scale, static_input_scale(x.abs().amax(), q.scheme.inputs), rtol=1e-3) or \
-        x[:, 0].abs().amax() <= x[:, 1:].abs().amax()
+    return model, q, seen[0]
+
+
+def test_static_scales_are_calibrated_without_the_sink_positions():
+    _, q, x = _spiked_sink()
+    assert torch.allclose(q.input_scale, static_input_scale(x[:, 1:].abs().amax(), q.scheme.inputs), rtol=1e-5)
+    assert x[:, 0].abs().amax() > 1.3 * x[:, 1:].abs().amax()  # the sink would have set a scale 1.3x as large
 
 
 def _decode_logits(model, toks: torch.Tensor, prompt: int) -> torch.Tensor:
@@ -128,23 +137,8 @@ def test_decode_steps_quantize_every_row_and_equal_the_full_forward(tmp_path):
 
 
 def test_mergequant_steps_are_taken_without_the_sink_positions():
-    calib = _calib()
-    calib.tokens[:, 0] = 0  # every sequence opens with token 0, found nowhere else
-    calib.tokens[:, 1:] = calib.tokens[:, 1:].clamp(min=1)
-    model, _ = tiny_llama(seed=0)
-    with torch.no_grad():  # token 0 is a spike on channel 3: a massive value after the input norm, as a sink's
-        model.model.embed_tokens.weight[0] = 0.0
-        model.model.embed_tokens.weight[0, 3] = 1.0
-    compress(model, _recipe(1, "[{mergequant: {clip_search: false, samples: 8}}, gptq]"), calib)
-    q = model.model.layers[0].self_attn.q_proj  # its input, the embedding's norm, is the same after compression
-    seen = []
-    h = q.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach()))
-    try:
-        with torch.no_grad():
-            model(calib.tokens)
-    finally:
-        h.remove()
-    x = seen[0]  # (n, T, in): with clip_search off the steps are each channel's absmax / 7 over the non-sink positions
+    _, q, x = _spiked_sink("[{mergequant: {clip_search: false, samples: 8}}, gptq]")
+    # with clip_search off the steps are each channel's absmax / 7 over the non-sink positions
     assert torch.equal(q.input_scale, torch.ones(1, 1)) and primitives.sink_rows(x, q.scheme.inputs) == 1
     assert x[:, 1:].abs().amax() <= 7 + 1e-3
     assert x[:, 0].abs().amax() > 7 * 2  # the sink's spike would have set channel 3's step
