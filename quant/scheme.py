@@ -46,7 +46,8 @@ class QuantArgs:
     A causal LM's first token is its attention sink, whose hidden state carries "massive activations"
     (Sun et al. 2024, arXiv:2402.17762) that one static scale cannot hold beside the other tokens.
     Whether rows continue a sequence is told by `quant.primitives.continuing_sequence` (set per forward
-    by `quant.sim.follow_sequence_position`).
+    by `quant.sim.follow_sequence_position`). The positions are the input's first rows along its
+    sequence axis: a left-padded batch would keep its pads in float instead (lmpress pads on the right).
 
     `granularity: block` (FP8 weights: DeepSeek-V3's and compressed-tensors' FP8_BLOCK) takes one
     scale per `group_size` x `group_size` tile of the weight (out and in), edge tiles partial.
