@@ -148,6 +148,16 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
     return "dequant", f"{weights.bits}-bit weights: no torch CPU kernel (only 4 and 8 bits)"
 
 
+_AS_TOKEN = QuantArgs(bits=8, granularity="token", symmetric=True, dynamic=True)  # stands for any per-token input
+
+
+def static_tensor(inputs: QuantArgs | None) -> bool:
+    """Static symmetric integer activations with one calibrated scale (`input_scale`): their codes are
+    round(x / s) clamped, and s factors out of the integer GEMM as a per-token scale does."""
+    return (inputs is not None and inputs.type == "int" and inputs.symmetric and not inputs.dynamic
+            and inputs.granularity == "tensor" and not inputs.outliers)
+
+
 def int8mm_declined() -> str:
     """Why `INT8MM_ENV` keeps activation-quantized schemes off the int8 GEMM ('' when it lets them on)."""
     if os.environ.get(INT8MM_ENV, "") == "0":
@@ -159,7 +169,7 @@ def int8mm_misfit(weights: QuantArgs, inputs: QuantArgs) -> str:
     """Why oneDNN's int8 GEMM cannot run this activation-quantized scheme exactly ('' when it can)."""
     if _QLINEAR is None or not torch.backends.mkldnn.is_available():
         return "quantized activations: this torch build has no oneDNN int8 GEMM; exact fake-quant + fp32 GEMM instead"
-    if int_factored(weights, inputs):
+    if int_factored(weights, inputs) or (static_tensor(inputs) and int_factored(weights, _AS_TOKEN)):
         return ""
     if inputs.granularity != "token" or not inputs.dynamic or not inputs.symmetric or inputs.type != "int":
         return (f"{'dynamic' if inputs.dynamic else 'static'} {'symmetric' if inputs.symmetric else 'asymmetric'} "
@@ -284,6 +294,17 @@ def token_codes(x2: torch.Tensor, args: QuantArgs, as_bytes: bool = True) -> tup
     return (q.add_(128).to(torch.uint8), s) if as_bytes else (q, s)
 
 
+def static_codes(x2: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor, as_bytes: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_codes` for static inputs (`static_tensor`): codes round(x / s) clamped under the calibrated
+    scale s (1, 1), bit-identical to `quantize` with it; the scale is returned as it is. The GEMM on them
+    equals the simulation (F.linear of the fake-quantized input and the dequantized weight) to fp32
+    rounding: the sum runs over the codes, the scales after it."""
+    s = input_scale.float().reshape(1, 1)
+    q = (x2.float() / s).round_().clamp_(args.qmin, args.qmax)  # (M, K) integers in [qmin, qmax], exact in fp32
+    return (q.add_(128).to(torch.uint8), s) if as_bytes else (q, s)
+
+
 _LAST = threading.local()  # .codes: (x, x._version, args, as_bytes, u, s) of the last decode-sized call
 
 
@@ -305,14 +326,20 @@ def shared_token_codes(x: torch.Tensor, args: QuantArgs, as_bytes: bool = True) 
     return u, s
 
 
-def linear_int8mm(x: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """(..., K) float activations -> (M, N): the simulation's per-token codes, the exact integer GEMM (fbgemm's
-    up to `GEMV_M` rows where `gemv_exact`, oneDNN's otherwise), then ``* s_w[n] * s_x[m]`` (+ bias) in fp32."""
+def linear_int8mm(x: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                  input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., K) float activations -> (M, N): the simulation's per-token codes (or with `input_scale` (1, 1),
+    static inputs' codes round(x / s) clamped), the exact integer GEMM (fbgemm's up to `GEMV_M` rows where
+    `gemv_exact`, oneDNN's otherwise), then ``* s_w[n] * s_x[m]`` (+ bias) in fp32."""
+    if input_scale is not None:
+        codes = lambda as_bytes: static_codes(x.reshape(-1, x.shape[-1]), prep.inputs, input_scale, as_bytes)  # noqa: E731
+    else:
+        codes = lambda as_bytes: shared_token_codes(x, prep.inputs, as_bytes)  # noqa: E731
     if x.numel() <= GEMV_M * x.shape[-1] and gemv_exact():
-        q, sx = shared_token_codes(x, prep.inputs, as_bytes=False)  # (M, K) fp32 q, (M, 1) fp32
+        q, sx = codes(False)  # (M, K) fp32 q, (M|1, 1) fp32
         y = _GEMV(q, 1.0, 128, prep.fbgemm())  # fp32(sum_k q_k qw_k) * s_w[n]: it quantizes q / 1 + 128 exactly
     else:
-        u, sx = shared_token_codes(x, prep.inputs)  # (M, K) uint8 q + 128, (M, 1) fp32
+        u, sx = codes(True)  # (M, K) uint8 q + 128, (M|1, 1) fp32
         y = _QLINEAR(u, 1.0, 128, prep.onednn(), prep.col_scale, prep.zero, None, 1.0, 0, torch.float32, "none", [], "")
     y = y * sx
     if bias is not None:

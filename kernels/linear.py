@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmpress.quant.primitives import (dequantize, fake_quantize, fake_quantize_input, int_factored, int_linear, n_groups,
-                                      qparam_rows)
+                                      qparam_rows, sink_rows)
 from lmpress.quant.scheme import QuantScheme
 
 from . import cpu
@@ -211,7 +211,14 @@ class PackedLinear(nn.Module):
                                       self.scheme.weights, K, self.bias)
         self._note("cpu-" + kind)
         prep = self._cpu_prep(kind)
-        if kind == "int8mm":
+        if kind == "int8mm" and self.input_scale is not None:  # static codes; sink positions stay float (exact path)
+            n = sink_rows(x, inputs)
+            y = cpu.linear_int8mm(x[..., n:, :], prep, self.bias, x.dtype, self.input_scale)
+            if n:  # (..., T, K): the first n positions of each sequence in float, the rest on the int8 GEMM
+                head = cpu.linear_dequant(x[..., :n, :], self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                          self.scheme.weights, K, self.bias)
+                return torch.cat([head, y.view(*x.shape[:-2], -1, N)], dim=-2)
+        elif kind == "int8mm":
             y = cpu.linear_int8mm(x, prep, self.bias, x.dtype)  # x itself: q/k/v (gate/up) share its codes
         else:
             y = cpu.linear_small_m(x2, prep, self.bias, x.dtype)

@@ -151,3 +151,32 @@ def test_compressed_tensors_export_refuses_it():
                    {"model.layers.0.mlp.up_proj": 64}, None, None) is None
     why = why_not({"model.layers.0.mlp.up_proj": scheme}, {"model.layers.0.mlp.up_proj": 64}, None, None)
     assert why is not None and "sink_tokens" in why
+
+
+def test_static_inputs_run_the_int8_gemm_on_the_cpu_and_keep_the_sinks_float(tmp_path):
+    from lmpress.kernels import cpu
+
+    if cpu.int8mm_misfit(QuantArgs(bits=4), QuantArgs(**STATIC)) or not cpu.int8mm_exact():
+        pytest.skip("no exact oneDNN int8 GEMM on this CPU/torch")
+    calib = _calib()
+    model, tok = tiny_llama(seed=0)
+    compress(model, _recipe(1), calib)
+    toks = calib.tokens[:2, :12]
+    with torch.no_grad():
+        sim = model(toks).logits
+    packed = load(save(model, tmp_path / "ckpt", tokenizer=tok))
+    q = packed.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, q.in_features)
+    with torch.no_grad():
+        ref = q._forward_ref(x, "")  # the simulation's operations: fake-quant codes (sinks float) + F.linear
+        fast = q._forward_cpu(x)
+        assert q.kernel_path.kind == "cpu-int8mm"
+        assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(fast[:, :1], cpu.linear_dequant(x[:, :1], q.weight_packed, q.weight_scale, q.weight_zero_point,
+                                                           q.scheme.weights, q.in_features, q.bias))
+        with continuing_sequence():  # a decode step: every row on the integer GEMM
+            assert torch.allclose(q._forward_cpu(x), q._forward_ref(x, ""), atol=1e-5, rtol=1e-5)
+        codes, s = cpu.static_codes(x.reshape(-1, x.shape[-1]), q.scheme.inputs, q.input_scale, as_bytes=False)
+        assert torch.equal(codes, primitives.quantize(x.reshape(-1, x.shape[-1]), q.input_scale, torch.zeros(1, 1),
+                                                      q.scheme.inputs).float())
+        assert torch.allclose(packed(toks).logits, sim, atol=1e-4)
