@@ -148,16 +148,6 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
     return "dequant", f"{weights.bits}-bit weights: no torch CPU kernel (only 4 and 8 bits)"
 
 
-_AS_TOKEN = QuantArgs(bits=8, granularity="token", symmetric=True, dynamic=True)  # stands for any per-token input
-
-
-def static_tensor(inputs: QuantArgs | None) -> bool:
-    """Static symmetric integer activations with one calibrated scale (`input_scale`): their codes are
-    round(x / s) clamped, and s factors out of the integer GEMM as a per-token scale does."""
-    return (inputs is not None and inputs.type == "int" and inputs.symmetric and not inputs.dynamic
-            and inputs.granularity == "tensor" and not inputs.outliers)
-
-
 def int8mm_declined() -> str:
     """Why `INT8MM_ENV` keeps activation-quantized schemes off the int8 GEMM ('' when it lets them on)."""
     if os.environ.get(INT8MM_ENV, "") == "0":
@@ -169,7 +159,7 @@ def int8mm_misfit(weights: QuantArgs, inputs: QuantArgs) -> str:
     """Why oneDNN's int8 GEMM cannot run this activation-quantized scheme exactly ('' when it can)."""
     if _QLINEAR is None or not torch.backends.mkldnn.is_available():
         return "quantized activations: this torch build has no oneDNN int8 GEMM; exact fake-quant + fp32 GEMM instead"
-    if int_factored(weights, inputs) or (static_tensor(inputs) and int_factored(weights, _AS_TOKEN)):
+    if int_factored(weights, inputs):
         return ""
     if inputs.granularity != "token" or not inputs.dynamic or not inputs.symmetric or inputs.type != "int":
         return (f"{'dynamic' if inputs.dynamic else 'static'} {'symmetric' if inputs.symmetric else 'asymmetric'} "
@@ -296,10 +286,9 @@ def token_codes(x2: torch.Tensor, args: QuantArgs, as_bytes: bool = True) -> tup
 
 def static_codes(x2: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor, as_bytes: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_codes` for static inputs (`static_tensor`): codes round(x / s) clamped under the calibrated
+    """`token_codes` for static symmetric per-tensor inputs: codes round(x / s) clamped under the calibrated
     scale s (1, 1), bit-identical to `quantize` with it; the scale is returned as it is. The GEMM on them
-    equals the simulation (F.linear of the fake-quantized input and the dequantized weight) to fp32
-    rounding: the sum runs over the codes, the scales after it."""
+    is the simulation's `int_linear` bit for bit, as for per-token codes."""
     s = input_scale.float().reshape(1, 1)
     q = (x2.float() / s).round_().clamp_(args.qmin, args.qmax)  # (M, K) integers in [qmin, qmax], exact in fp32
     return (q.add_(128).to(torch.uint8), s) if as_bytes else (q, s)

@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmpress.quant.primitives import (dequantize, fake_quantize, fake_quantize_input, int_factored, int_linear, n_groups,
-                                      qparam_rows, sink_rows)
+from lmpress.quant.primitives import (dequantize, fake_quantize, fake_quantize_input, float_rows, int_factored, int_linear,
+                                      n_groups, qparam_rows, sink_rows)
 from lmpress.quant.scheme import QuantScheme
 
 from . import cpu
@@ -186,7 +186,8 @@ class PackedLinear(nn.Module):
     def _forward_ref(self, x: torch.Tensor, reason: str) -> torch.Tensor:
         self._note("ref", reason)
         if int_factored(self.scheme.weights, self.scheme.inputs):  # the simulation's integer GEMM + epilogue
-            return int_linear(x, self._weight_for(torch.float32, codes=True), self.weight_scale, self.scheme.inputs, self.bias)
+            return int_linear(x, self._weight_for(torch.float32, codes=True), self.weight_scale, self.scheme.inputs, self.bias,
+                              self.input_scale)
         if self.scheme.inputs is not None:
             x = self.quantize_input(x)
         return F.linear(x, self._weight_for(x.dtype), self.bias)
@@ -205,7 +206,8 @@ class PackedLinear(nn.Module):
         if kind == "dequant" or (M > cpu.SMALL_M and kind != "int8mm"):  # exact: the simulation's operations
             self._note("cpu-dequant", why or f"{M} rows > {cpu.SMALL_M}")
             if int_factored(self.scheme.weights, inputs):  # the simulation's integer GEMM + epilogue
-                return int_linear(x, unpack(self.weight_packed, self.scheme.weights.bits, K), self.weight_scale, inputs, self.bias)
+                return int_linear(x, unpack(self.weight_packed, self.scheme.weights.bits, K), self.weight_scale, inputs, self.bias,
+                                  self.input_scale)
             xin = self.quantize_input(x) if inputs is not None else x
             return cpu.linear_dequant(xin, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                       self.scheme.weights, K, self.bias)
@@ -215,9 +217,9 @@ class PackedLinear(nn.Module):
             n = sink_rows(x, inputs)
             y = cpu.linear_int8mm(x[..., n:, :], prep, self.bias, x.dtype, self.input_scale)
             if n:  # (..., T, K): the first n positions of each sequence in float, the rest on the int8 GEMM
-                head = cpu.linear_dequant(x[..., :n, :], self.weight_packed, self.weight_scale, self.weight_zero_point,
-                                          self.scheme.weights, K, self.bias)
-                return torch.cat([head, y.view(*x.shape[:-2], -1, N)], dim=-2)
+                head = float_rows(x[..., :n, :], unpack(self.weight_packed, self.scheme.weights.bits, K), self.weight_scale,
+                                  self.bias)  # as the simulation's `int_linear` computes them
+                return torch.cat([head, y.to(x.dtype).view(*x.shape[:-2], -1, N)], dim=-2)
         elif kind == "int8mm":
             y = cpu.linear_int8mm(x, prep, self.bias, x.dtype)  # x itself: q/k/v (gate/up) share its codes
         else:

@@ -243,15 +243,16 @@ def _fake_quantize_rows(x: torch.Tensor, args: QuantArgs, input_scale: torch.Ten
 
 def int_factored(weights: QuantArgs | None, inputs: QuantArgs | None) -> bool:
     """Whether a linear under these schemes factors into an integer GEMM and a scale epilogue: symmetric
-    integer weights with one scale per output channel (or per tensor) under dynamic symmetric per-token
-    integer activations (W8A8, W4A8, W4A4, W6A6...). Every form computes such a linear by `int_linear`."""
+    integer weights with one scale per output channel (or per tensor) under symmetric integer activations,
+    dynamic per token (W8A8, W4A8, W4A4, W6A6...) or static per tensor (one calibrated scale, MergeQuant's
+    W4A4). Every form computes such a linear by `int_linear`."""
     return (weights is not None and inputs is not None and weights.type == "int" and weights.symmetric
             and weights.granularity in ("channel", "tensor") and inputs.type == "int" and inputs.symmetric
-            and inputs.dynamic and inputs.granularity == "token" and not inputs.outliers)
+            and not inputs.outliers and (inputs.granularity == "token" if inputs.dynamic else inputs.granularity == "tensor"))
 
 
 def int_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, inputs: QuantArgs,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) float, w_codes (N, K) integer codes (any dtype), w_scale (N|1, 1) -> (..., N) in x's dtype:
     ``(sum_k q_x[m, k] q_w[n, k]) * s_w[n] * s_x[m] + b[n]`` in float32 (float64 for float64 x), x's codes and scales as
     `compute_qparams` / `quantize` give them. The sum is an fp32 GEMM of the codes, exact (in any order)
@@ -259,16 +260,39 @@ def int_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, in
     codes unless a token's full-scale codes align with a row's over more than ~1000 channels. So this is,
     bit for bit, what an integer GEMM with a scale epilogue returns (oneDNN's on CPU: `kernels.cpu`), not
     the fp32 sum of dequantized products: the simulation of `int_factored` schemes is the integer kernel.
+    Static inputs with their calibrated `input_scale` (1, 1): s_x is it, and the sink rows
+    (`inputs.sink_tokens`, `sink_rows`) take float inputs against the dequantized weight,
+    ``x @ (q_w * s_w)^T + b``, in the same dtype (as `fake_quantize_input` leaves them).
     Differentiable in x through s_x, as `fake_quantize` is."""
+    n = sink_rows(x, inputs) if input_scale is not None else 0
+    if n:  # (..., T, K): the first n positions of each sequence in float, the rest on the integer GEMM
+        return torch.cat([float_rows(x[..., :n, :], w_codes, w_scale, bias),
+                          _int_rows(x[..., n:, :], w_codes, w_scale, inputs, bias, input_scale)], dim=-2)
+    return _int_rows(x, w_codes, w_scale, inputs, bias, input_scale)
+
+
+def _int_rows(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, inputs: QuantArgs,
+              bias: torch.Tensor | None, input_scale: torch.Tensor | None) -> torch.Tensor:
     K = x.shape[-1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 models (invariance tests) stay so
     x2 = x.reshape(-1, K).float()  # (M, K)
-    s, _ = compute_qparams(x2, inputs)  # (M, 1); zero points 0 (symmetric)
+    if input_scale is not None:
+        s = input_scale.float().reshape(1, 1)  # static: the calibrated scale
+    else:
+        s, _ = compute_qparams(x2, inputs)  # (M, 1), or (1, 1) for a static scheme not calibrated yet; zero points 0
     q = torch.clamp(torch.round(x2 / s), inputs.qmin, inputs.qmax)  # (M, K): `quantize`'s codes, in fp32
     y = F.linear(q.to(acc), w_codes.to(acc)) * w_scale.to(acc).reshape(1, -1) * s.to(acc)  # (M, N)
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def float_rows(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`int_linear`'s sink rows: x (..., K) in float against the dequantized weight (q_w * s_w) (N, K), in
+    float32 (float64 for float64 x), + b; every form computes them with this."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = w_codes.to(acc) * w_scale.to(acc).reshape(-1, 1)  # (N, K)
+    return F.linear(x.to(acc), w, None if bias is None else bias.to(acc)).to(x.dtype)
 
 
 def static_input_scale(amax: torch.Tensor, args: QuantArgs) -> torch.Tensor:

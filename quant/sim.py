@@ -106,9 +106,10 @@ class SimQuantLinear(nn.Module):
             self.weight.data = deq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_codes_packed is not None and int_factored(self.scheme.weights, self.scheme.inputs):
+        if self.weight_codes_packed is not None and int_factored(self.scheme.weights, self.scheme.inputs) and (
+                self.scheme.inputs.dynamic or self.input_scale is not None):
             # integer GEMM + scale epilogue, what the packed runtime's kernels compute
-            return int_linear(x, self.weight_codes, self.weight_scale, self.scheme.inputs, self.bias)
+            return int_linear(x, self.weight_codes, self.weight_scale, self.scheme.inputs, self.bias, self.input_scale)
         if self.scheme.inputs is not None:
             x = self.quantize_input(x)
         return F.linear(x, self.weight, self.bias)
