@@ -104,13 +104,21 @@ def _spy_sink_rows(model, got: list):
     return q.register_forward_pre_hook(lambda m, a: got.append(sink_rows(a[0], m.scheme.inputs)))
 
 
-def test_decode_steps_quantize_every_row_and_equal_the_full_forward(tmp_path):
+def _compressed_with_a_sink():
+    """A tiny LLaMA compressed under static inputs with one sink token; (model, tokenizer, tokens (2, 12),
+    the simulation's logits on them)."""
     calib = _calib()
     model, tok = tiny_llama(seed=0)
     compress(model, _recipe(1), calib)
     toks = calib.tokens[:2, :12]
     with torch.no_grad():
-        full = model(toks).logits
+        logits = model(toks).logits
+    return model, tok, toks, logits
+
+
+def test_decode_steps_quantize_every_row_and_equal_the_full_forward(tmp_path):
+    calib = _calib()
+    model, tok, toks, full = _compressed_with_a_sink()
     rows: list[int] = []
     h = _spy_sink_rows(model, rows)
     try:
@@ -160,12 +168,7 @@ def test_static_inputs_run_the_int8_gemm_on_the_cpu_and_keep_the_sinks_float(tmp
 
     if cpu.int8mm_misfit(QuantArgs(bits=4), QuantArgs(**STATIC)) or not cpu.int8mm_exact():
         pytest.skip("no exact oneDNN int8 GEMM on this CPU/torch")
-    calib = _calib()
-    model, tok = tiny_llama(seed=0)
-    compress(model, _recipe(1), calib)
-    toks = calib.tokens[:2, :12]
-    with torch.no_grad():
-        sim = model(toks).logits
+    model, tok, toks, sim = _compressed_with_a_sink()
     packed = load(save(model, tmp_path / "ckpt", tokenizer=tok))
     q = packed.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 5, q.in_features)
