@@ -161,9 +161,11 @@ def int8mm_misfit(weights: QuantArgs, inputs: QuantArgs) -> str:
         return "quantized activations: this torch build has no oneDNN int8 GEMM; exact fake-quant + fp32 GEMM instead"
     if int_factored(weights, inputs):
         return ""
-    if inputs.granularity != "token" or not inputs.dynamic or not inputs.symmetric or inputs.type != "int":
+    if not (inputs.type == "int" and inputs.symmetric and not inputs.outliers
+            and inputs.granularity == ("token" if inputs.dynamic else "tensor")):
         return (f"{'dynamic' if inputs.dynamic else 'static'} {'symmetric' if inputs.symmetric else 'asymmetric'} "
-                f"{inputs.bits}-bit {inputs.granularity} activations: the int8 GEMM takes dynamic symmetric per-token codes")
+                f"{inputs.bits}-bit {inputs.granularity} activations: the int8 GEMM takes dynamic symmetric per-token "
+                "or static symmetric per-tensor codes")
     return (f"{weights.bits}-bit {weights.type} {'symmetric' if weights.symmetric else 'asymmetric'} {weights.granularity} "
             "weights under quantized activations: the int8 GEMM takes symmetric integer codes with one scale per output channel")
 

@@ -50,9 +50,11 @@ def static_tensor_ratio(x: torch.Tensor, args) -> float:
     lose far less to clipping their few largest tokens than to a coarse grid for all the others."""
     xf = x.reshape(-1, x.shape[-1]).float()  # (N, C)
     amax = float(xf.abs().amax().clamp(min=1e-8))
-    errs = [float(((xf / (r * amax / args.sym_divisor)).round().clamp(args.qmin, args.qmax) * (r * amax / args.sym_divisor)
-                   - xf).square().sum()) for r in CHANNEL_CLIP_GRID]
-    return CHANNEL_CLIP_GRID[min(range(len(errs)), key=errs.__getitem__)]
+
+    def err(r: float) -> float:
+        step = r * amax / args.sym_divisor
+        return float(((xf / step).round().clamp(args.qmin, args.qmax) * step - xf).square().sum())
+    return min(CHANNEL_CLIP_GRID, key=err)
 
 
 def static_channel_steps(x: torch.Tensor, args, clip_search: bool = True) -> torch.Tensor:
