@@ -223,16 +223,23 @@ def _byte_fields(bits: int, device: str) -> torch.Tensor:
     return fields.view(_WIDE[bits]).reshape(256)  # (256, 8 // bits) float32 -> (256,)
 
 
-def unsigned_codes_float(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+def unsigned_codes_float(packed: torch.Tensor, bits: int, cols: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """`unsigned_codes` as float32 through a byte lookup table (one gather, no shift passes), for runtime
-    paths that multiply the codes next: int32 words (..., words) -> (..., cols), any leading dimensions."""
+    paths that multiply the codes next: int32 words (..., words) -> (..., cols), any leading dimensions.
+    `out`: a contiguous float32 tensor of the result's size to write into (returned, viewed to its shape)."""
     _check_bits(bits)
     lead, words = packed.shape[:-1], packed.shape[-1]
-    if bits not in _WIDE or sys.byteorder != "little":
-        return unsigned_codes(packed.reshape(lead.numel(), words), bits, cols, dtype=torch.float32).reshape(*lead, cols)
+    full = 4 * words * 8 // bits
+    if bits not in _WIDE or sys.byteorder != "little" or (out is not None and full != cols):
+        u = unsigned_codes(packed.reshape(lead.numel(), words), bits, cols, dtype=torch.float32).reshape(*lead, cols)
+        return u if out is None else out.view(u.shape).copy_(u)
     b = packed.contiguous().view(torch.uint8).reshape(-1)  # the bitstream's bytes in order, rows after rows
-    u = torch.index_select(_byte_fields(bits, str(packed.device)), 0, b.int()).view(torch.float32)  # (bytes * 8 // bits,)
-    return u.reshape(*lead, 4 * words * 8 // bits)[..., :cols]  # (..., 4 * words * 8 // bits) -> (..., cols)
+    table = _byte_fields(bits, str(packed.device))
+    if out is not None:  # rows fill their words exactly: the gather writes the result itself
+        torch.index_select(table, 0, b.int(), out=out.view(table.dtype).reshape(-1))
+        return out.view(*lead, cols)
+    u = torch.index_select(table, 0, b.int()).view(torch.float32)  # (bytes * 8 // bits,)
+    return u.reshape(*lead, full)[..., :cols]  # (..., 4 * words * 8 // bits) -> (..., cols)
 
 
 # ---- 2:4 sparsity: kept values + 2-bit positions (lmpress's own layout) -----------------------

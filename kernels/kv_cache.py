@@ -34,9 +34,9 @@ quantized, so the runtime attention is the simulated one. A decode step (one new
 per-channel keys, neither GEAR nor ZipCache) flushes first and returns empty keys tagged with the
 layer (`DECODE_STATE_ATTR`): the attention function then calls `decode_attention`, which attends
 over the stored codes without building the dequantized prefix (`stored_key_scores`,
-`stored_value_mix`); under RotateKV the stored pre-RoPE keys are rotated back by one matrix and
-RoPE'd as one complex product (`rotated_key_scores`), with the RoPE tables computed once a step
-for all layers (`_Shared.rope_tables`). Works with `model.generate(...,
+`stored_value_mix`); under RotateKV the stored pre-RoPE keys are rotated back through the Hadamard's
+Kronecker factors and RoPE'd channel-major, as the codes are stored (`stored_rotated_key_scores`), with
+the RoPE tables computed once a step for all layers (`_Shared.rope_tables`, `rope_columns`). Works with `model.generate(...,
 **cache_kwargs(QuantizedKVCache(model)))`, batch > 1 with left padding included: positions
 for RoPE (RotateKV) come from the model's `position_ids` (a forward pre-hook records them).
 
@@ -53,7 +53,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from lmpress.quant.kv_cache import (gear_apply, gear_lowrank, gear_outliers, key_rows, quantize_kv_tokens, quantized_keys,
-                                    quantized_values, rope_on_pairs, rope_pair_order, rows_to_keys, without_outliers)
+                                    quantized_values, rows_to_keys, without_outliers)
 from lmpress.quant.zipcache import salient_count, token_axis, zip_codes, zip_dequantize
 
 from .attention import DECODE_STATE_ATTR, RUNTIME_PREFIX_ATTR, TOKEN_KV_ATTR, ZIP_STATE_ATTR, attention_modules, settings_of
@@ -69,6 +69,8 @@ class _Shared:
 
     def __init__(self) -> None:
         self._tables_key, self._tables = None, None
+        self._columns_for = self._columns = None
+        self.scratch = Scratch()  # the decode step's temporaries, shared by the layers (they run one after another)
         self.offset = None
 
     @property
@@ -86,6 +88,12 @@ class _Shared:
             pos = self.positions(n, device)
             self._tables_key, self._tables = key, (pos, settings.rope_tables(pos, device))
         return self._tables
+
+    def rope_columns(self, tables):
+        """`rope_columns` of the step's tables, made once a step for all layers."""
+        if self._columns_for is not tables:
+            self._columns, self._columns_for = rope_columns(*tables), tables
+        return self._columns
 
     def positions(self, n: int, device) -> torch.Tensor:
         idx = torch.arange(n, device=device)[None, :]  # (1, n)
@@ -188,12 +196,13 @@ class QuantizedKVLayer(DynamicLayer):
         scores = [dot(sink_k)]
         if self.nk:
             if self._from_b is None:
-                scores.append(stored_key_scores(q, self.kw, self.ks, self.km, a.bits, a.group_size))
-            else:  # RotateKV: pre-RoPE keys, rotated back (one matrix) and RoPE'd at their positions (one complex product)
+                scores.append(stored_key_scores(q, self.kw, self.ks, self.km, a.bits, a.group_size, self.shared.scratch))
+            else:  # RotateKV: pre-RoPE keys, rotated back and RoPE'd at their positions, from the codes
                 S = a.sink_tokens
-                cos, sin = (t[:, :, S:S + self.nk] for t in self._tables)
-                sc = rotated_key_scores(q, self._stored_keys(None), self.settings.key_rotation, cos, sin)
-                scores.append(sc if sc is not None else dot(self._stored_keys(self._from_b)))
+                cs = self.shared.rope_columns(self._tables)
+                scores.append(dot(self._stored_keys(self._from_b)) if cs is None else stored_rotated_key_scores(
+                    q, self.kw, self.ks, self.km, a.bits, a.group_size, self.settings.key_rotation, cs[..., S:S + self.nk],
+                    self.shared.scratch))
         scores.append(dot(res_k))
         s = torch.cat(scores, dim=-1) * (D ** -0.5 if scaling is None else scaling)  # (B, H, gq, T)
         T = s.shape[-1]
@@ -204,7 +213,7 @@ class QuantizedKVLayer(DynamicLayer):
         ns = self.sink_v.shape[2]
         out = torch.matmul(p[..., :ns], self.sink_v.to(ct)) + torch.matmul(p[..., ns + self.nv:], self.values.to(ct))
         if self.nv:
-            out = out + stored_value_mix(p[..., ns:ns + self.nv], self.vw, self.vs, self.vm, a.bits, D)
+            out = out + stored_value_mix(p[..., ns:ns + self.nv], self.vw, self.vs, self.vm, a.bits, D, self.shared.scratch)
         return out.to(query.dtype).reshape(B, Hq, L, D).transpose(1, 2).contiguous()  # (B, 1, Hq, D)
 
     # ---- ZipCache ---------------------------------------------------------------------------
@@ -506,45 +515,90 @@ class PerTokenKVLayer(DynamicLayer):
 
 
 def stored_key_scores(q: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int,
-                      G: int) -> torch.Tensor:
+                      G: int, scratch: "Scratch | None" = None) -> torch.Tensor:
     """q · k for per-channel quantized keys without dequantizing them: with k = s·u + m per (channel, group of G
     tokens), q·k = (q ⊙ s)·u + q·m. q (B, H, gq, D) float; words (B, H, D, ng·W), scale/min (B, H, D, ng) ->
-    scores (B, H, gq, ng·G) in q's dtype, token order."""
+    scores (B, H, gq, ng·G) in q's dtype, token order. `scratch`: where the float codes go (`Scratch`)."""
     B, H, D, ng = scale.shape
     words = w.reshape(B, H, D, ng, -1).transpose(2, 3)  # (B, H, ng, D, W): a group's channels
-    u = unsigned_codes_float(words, bits, G).to(q.dtype)  # (B, H, ng, D, G)
+    u = unsigned_codes_float(words, bits, G, out=_codes_buffer(scratch, B * H * ng * D * G, q.device)).to(q.dtype)  # (B, H, ng, D, G)
     qs = q[:, :, None] * scale.to(q.dtype).transpose(2, 3)[:, :, :, None, :]  # (B, H, ng, gq, D)
     sc = torch.matmul(qs, u) + torch.matmul(q, mn.to(q.dtype)).transpose(2, 3)[..., None]  # (B, H, ng, gq, G)
     return sc.transpose(2, 3).reshape(B, H, q.shape[2], ng * G)  # (B, H, gq, ng·G)
 
 
-def rotated_key_scores(q: torch.Tensor, kb: torch.Tensor, kr, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """q · RoPE(R⁻¹ k̂) for RotateKV's stored keys k̂ (B, H, n, D), in the basis of `kr` (KeyRotation), at positions
-    whose RoPE tables cos/sin are (B|1, 1, n, D); q (B, H, gq, D) -> scores (B, H, gq, n) in q's dtype. R⁻¹ is one
-    matmul (`kr.inverse_pairs`, its output in RoPE's pair order), RoPE one complex product, and q enters the
-    pair order. The rotation and RoPE run in float32 (float64 for float64 keys), as `key_basis`' from_basis
-    does. None when the RoPE tables are not rotate-half ones (the caller takes the general path)."""
-    B, H, n, D = kb.shape
-    ct = torch.promote_types(kb.dtype, torch.float32)
-    gh = kr.group_heads
-    kg = kb.to(ct).transpose(1, 2).reshape(B, n, H // gh, gh * D)  # (B, n, groups, size): a group's heads
-    y = kr.inverse_pairs(kg).reshape(B, n, H, D)  # (B, n, H, D), each head in pair order
-    k = rope_on_pairs(y, cos.transpose(1, 2), sin.transpose(1, 2))  # tables (B|1, n, 1, D)
-    if k is None:
+def rope_columns(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """RoPE tables cos, sin, each (B|1, 1, n, D), as the columns `stored_rotated_key_scores` takes: (B|1, 1, 2, D, n);
+    None when their halves differ (not rotate-half RoPE: the caller takes the general path)."""
+    h = cos.shape[-1] // 2
+    if not (torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:])):
         return None
-    qp = q[..., rope_pair_order(D).to(q.device)]  # (B, H, gq, D) in pair order: q·k is unchanged
-    return torch.einsum("bhgd,bnhd->bhgn", qp, k.to(q.dtype))
+    return torch.stack([cos, sin], dim=2).transpose(-1, -2).contiguous()
+
+
+def stored_rotated_key_scores(q: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int, G: int,
+                              kr, cs: torch.Tensor, scratch: "Scratch | None" = None) -> torch.Tensor:
+    """q · RoPE(R⁻¹ k̂) over RotateKV's stored keys k̂, from their codes and channel-major throughout (a row is one
+    channel's tokens, as the codes are stored): the codes dequantized, rotated back by `kr.inverse_columns` (the
+    Hadamard's Kronecker factors and one row gather, not a dense size x size matmul over every token), and RoPE as
+    two products with the step's tables, since with r = R⁻¹k̂, q·RoPE(r) = q·(r∘C) + q'·(r∘S), q' = (q₂, −q₁) (its
+    halves swapped, the first negated; C, S the cos and sin tables, halves repeated, as rotate-half RoPE has them).
+    q (B, H, gq, D); words (B, H, D, ng·W), scale/min (B, H, D, ng); cs (B|1, 1, 2, D, ng·G): cos and sin at the
+    stored tokens' positions (`rope_columns`) -> scores (B, H, gq, ng·G) in q's dtype. Computed in float32
+    (float64 for float64 queries), as `key_basis`' from_basis. `scratch`: buffers reused across calls for the
+    temporaries (megabytes at long contexts)."""
+    B, H, D, ng = scale.shape
+    T = ng * G
+    ct = torch.promote_types(q.dtype, torch.float32)
+    sc = scratch if scratch is not None and ct == torch.float32 else Scratch(keep=False)
+    u = unsigned_codes_float(w.reshape(B, H, D, ng, -1), bits, G, out=sc.get("codes", B * H * D * T, torch.float32, q.device))
+    k = u.to(ct).view(B, H, D, ng, G)  # (B, H, D, ng, G), its own buffer
+    k.mul_(scale.to(ct)[..., None]).add_(mn.to(ct)[..., None])  # dequantized as `minmax_dequantize` does
+    gh = kr.group_heads
+    r = kr.inverse_columns(k.view(B, H // gh, gh * D, T),  # (B, groups, size, T): rotated back, channel order
+                           lambda i: sc.get(f"rotate{i}", B * H * D * T, ct, q.device))
+    z = torch.mul(r.view(B, H, 1, D, T), cs.to(ct), out=sc.get("rope", 2 * B * H * D * T, ct, q.device).view(B, H, 2, D, T))
+    h = D // 2
+    q2 = torch.cat([q, q[..., h:], -q[..., :h]], dim=-1).to(ct)  # (B, H, gq, 2D): q then q'
+    return torch.matmul(q2, z.view(B, H, 2 * D, T)).to(q.dtype)  # (B, H, gq, T)
+
+
+def _codes_buffer(scratch: "Scratch | None", numel: int, device) -> torch.Tensor | None:
+    return None if scratch is None else scratch.get("codes", numel, torch.float32, device)
+
+
+class Scratch:
+    """Named buffers reused from call to call (and layer to layer) for a decode step's temporaries. At 4k tokens
+    these are megabytes each; a fresh tensor that size is fresh pages from the OS every time (glibc maps large
+    allocations and unmaps them on free), and their page faults cost more than the arithmetic: one layer's
+    RotateKV key scores at 3904 tokens took 10.3 ms a call with fresh tensors, 2.9 ms with glibc's mapping
+    threshold raised (2026-12-07, 1 thread, EPYC). `keep=False`: plain fresh tensors."""
+
+    def __init__(self, keep: bool = True):
+        self.keep, self._bufs = keep, {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """A flat, contiguous tensor of `numel` elements (contents undefined)."""
+        if not self.keep:
+            return torch.empty(numel, dtype=dtype, device=device)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = self._bufs[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
 def stored_value_mix(p: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int,
-                     D: int) -> torch.Tensor:
+                     D: int, scratch: "Scratch | None" = None) -> torch.Tensor:
     """p @ v for per-token quantized values without dequantizing them: with v = s·u + m per (token, group of g
     channels), p·v = (p ⊙ s)·u + p·m. p (B, H, gq, n) float; words (B, H, n, D/g, W), scale/min (B, H, n, D/g) ->
-    (B, H, gq, D) in p's dtype."""
+    (B, H, gq, D) in p's dtype. `scratch`: where the float codes go (`Scratch`)."""
     B, H, n, ng = scale.shape
     g = D // ng
     words = w.transpose(2, 3)  # (B, H, ng, n, W)
-    u = unsigned_codes_float(words, bits, g).to(p.dtype)  # (B, H, ng, n, g)
+    u = unsigned_codes_float(words, bits, g, out=_codes_buffer(scratch, B * H * n * D, p.device)).to(p.dtype)  # (B, H, ng, n, g)
     ps = p[:, :, None] * scale.to(p.dtype).transpose(2, 3)[:, :, :, None, :]  # (B, H, ng, gq, n)
     out = torch.matmul(ps, u) + torch.matmul(p, mn.to(p.dtype)).transpose(2, 3)[..., None]  # (B, H, ng, gq, g)
     return out.transpose(2, 3).reshape(B, H, p.shape[2], ng * g)  # (B, H, gq, D)

@@ -41,6 +41,7 @@ dequantized keys (online). Values' per-head rotation is folded offline into v_pr
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fp import E4M3, round_to_grid
-from .hadamard import hadamard_factors, hadamard_transform, has_hadamard, random_hadamard, random_signs
+from .hadamard import hadamard_factors, hadamard_matrix, hadamard_transform, has_hadamard, random_hadamard, random_signs
 from .primitives import dequantize
 from .scheme import KV_BITS, KV_CLIP_GRID, KVCacheArgs, QuantArgs
 
@@ -467,24 +468,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def rope_pair_order(D: int) -> torch.Tensor:
-    """The channel order (D,) that puts each RoPE pair (j, j + D/2) side by side: 0, D/2, 1, D/2 + 1, ..."""
-    h = D // 2
-    return torch.stack([torch.arange(h), torch.arange(h) + h], dim=-1).reshape(-1)
-
-
-def rope_on_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """`apply_rope` on x (..., D) whose channels are in `rope_pair_order`, as one complex multiplication;
-    cos/sin (..., D) in the usual order broadcast against x. The result stays in pair order. None when the
-    tables do not repeat their halves (not transformers' rotate-half RoPE: use `apply_rope`)."""
-    h = x.shape[-1] // 2
-    c, s = cos[..., :h], sin[..., :h]
-    if not (torch.equal(c, cos[..., h:]) and torch.equal(s, sin[..., h:])):
-        return None
-    z = torch.view_as_complex(x.reshape(*x.shape[:-1], h, 2).contiguous())  # (..., h): x_j + i·x_{j+h}
-    return torch.view_as_real(z * torch.complex(c, s).to(z.dtype)).reshape(x.shape)
-
-
 def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Exact inverse of `apply_rope` (also with an attention scaling folded into cos/sin)."""
     return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
@@ -514,6 +497,14 @@ def zigzag_order(magnitude: torch.Tensor, block: int) -> torch.Tensor:
         b = k if rnd % 2 == 0 else nb - 1 - k
         perm[b * block + rnd] = ch
     return perm
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """a @ b, into `out` (viewed to the product's shape) when given."""
+    if out is None:
+        return torch.matmul(a, b)
+    shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    return torch.matmul(a, b, out=out.view(shape))
 
 
 class KeyRotation(nn.Module):
@@ -581,29 +572,43 @@ class KeyRotation(nn.Module):
         y = torch.gather(y, -1, self.inv_perm.expand(*y.shape[:2], -1, -1))
         return self._ungrouped(y, x.shape)
 
-    def pair_matrix(self, dtype: torch.dtype, device=None) -> torch.Tensor:
-        """`inverse` as one matrix per head group, with its output columns in RoPE's pair order:
-        (groups, size, size) M with x_g @ M[g] = inverse(x) of group g, each head's D channels laid out as
-        (j, j + D/2) pairs, j < D/2 (`rope_pair_order`), so that a complex view of the result takes RoPE as
-        one multiplication. Built once per dtype and device, in float64, by `inverse` of the identity."""
-        cache = self.__dict__.setdefault("_pair_matrices", {})
+    def inverse_columns(self, k: torch.Tensor, scratch: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """`inverse` of channel-major keys: k (..., groups, size, T), a group's channels down the rows and the tokens
+        along the last dim -> the same layout, each group's channels back in their own order (its heads after one
+        another). As columns the inverse of a block is Y = diag(s)(H_m ⊗ H_p) X / sqrt(block): H_m mixes the block's
+        m slabs of p rows (one matmul, N = p·T), then each slab takes its own signed, scaled H_p (one batched
+        matmul, N = T); one row gather undoes the reorder. 2·T·size·(m + p) flops against the dense 2·T·size²
+        (SmolLM2's 192 channels: T·192·28 multiply-adds, not T·192·192). Blocks without a known Hadamard take
+        their dense Q. `scratch(i)`: a buffer of k's dtype and size for step i (0, 1), to write into instead of
+        fresh tensors (the result is then scratch(1))."""
+        *lead, groups, size, T = k.shape
+        b = self.block
+        new = (lambda i: None) if scratch is None else (lambda i: scratch(i).view(k.shape))
+        X = k.reshape(*lead, groups, size // b, b, T)  # (..., groups, blocks, block, T)
+        if self.fast:
+            Hm, Sp = self._column_factors(k.dtype, k.device)  # (m, m) ±1, (m, p, p): diag(s/√b) H_p per slab
+            m, p = Hm.shape[0], self.p
+            if m > 1:
+                X = _matmul(Hm, X.reshape(*lead, groups, size // b, m, p * T), new(1))  # (..., m, p·T): slabs mixed
+            Y = _matmul(Sp, X.reshape(*lead, groups, size // b, m, p, T), new(0))  # (..., m, p, T)
+        else:
+            Y = _matmul(self.Q.to(k.dtype), X, new(0))  # rows x Qᵀ are the columns Q X
+        Y = Y.reshape(*lead, groups, size, T)
+        out = new(1)
+        if groups == 1:
+            return Y.index_select(-2, self.inv_perm[0]) if out is None else torch.index_select(Y, -2, self.inv_perm[0], out=out)
+        return torch.stack([Y[..., g, :, :].index_select(-2, self.inv_perm[g]) for g in range(groups)], dim=-3,
+                           **({} if out is None else {"out": out}))
+
+    def _column_factors(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.__dict__.setdefault("_column_cache", {})
         key = (dtype, str(device))
         if key not in cache:
-            gh, D = self.group_heads, self.head_dim
-            size, groups = gh * D, self.n_kv // gh
-            eye = torch.eye(size, dtype=torch.float64, device=self.perm.device)
-            x = eye[None, :, None, :].expand(1, size, groups, size)  # grouped (1, T = size, groups, size): row t = e_t
-            y = self.inverse(self._ungrouped(x, (1, self.n_kv, size, D)))  # (1, H, size, D)
-            M = self._grouped(y)[0].transpose(0, 1)  # (groups, size, size): M[g][t] = inverse(e_t) of group g
-            il = (rope_pair_order(D)[None, :] + D * torch.arange(gh)[:, None]).reshape(-1)  # (size,) pair order per head
-            cache[key] = M[:, :, il.to(M.device)].to(dtype=dtype, device=device).contiguous()
+            m, p = self.Hm.shape[0], self.p
+            Hp = hadamard_matrix(p).to(torch.float64)
+            s = self.signs.to(torch.float64).reshape(m, p, 1) / math.sqrt(self.block)  # (m, p, 1): slab a's signs
+            cache[key] = (self.Hm.to(dtype=dtype, device=device), (s * Hp).to(dtype=dtype, device=device))
         return cache[key]
-
-    def inverse_pairs(self, kg: torch.Tensor) -> torch.Tensor:
-        """`inverse` of grouped keys kg (..., groups, size), each head's output channels in RoPE's pair order:
-        one matmul with `pair_matrix`. (Through the Hadamard's Kronecker factors it is fewer multiply-adds, but the
-        reorder then costs a column gather, which measured slower on CPU than the dense size x size matmul.)"""
-        return torch.einsum("...gs,gsu->...gu", kg, self.pair_matrix(kg.dtype, kg.device))
 
     def spec(self) -> dict:
         return {"n_kv": self.n_kv, "head_dim": self.head_dim, "group_heads": self.group_heads, "block": self.block,
@@ -638,5 +643,5 @@ __all__ = [
     "fake_quantize_kv", "quantize_kv_tokens", "dequantize_kv_tokens", "fake_quantize_kv_fp8", "check_kv_args", "fake_quantize_keys_values", "minmax_quantize", "minmax_dequantize",
     "key_rows", "rows_to_keys", "token_rows", "fake_quantize_keys_kivi", "fake_quantize_tokens_kivi",
     "quantized_keys", "quantized_values", "decode_masks", "quantized_copy", "kv_mixed_attention", "gear_fake_quantize",
-    "apply_rope", "invert_rope", "rope_pair_order", "rope_on_pairs", "key_positions", "zigzag_order", "KeyRotation", "fold_value_rotation",
+    "apply_rope", "invert_rope", "key_positions", "zigzag_order", "KeyRotation", "fold_value_rotation",
 ]

@@ -135,3 +135,6 @@ def test_unsigned_codes_float_is_unsigned_codes_by_lookup(bits, shape):
     assert got.dtype == torch.float32 and torch.equal(got, ref)
     if len(lead) == 2:
         assert torch.equal(unsigned_codes_float(w.reshape(*lead, w.shape[1]).transpose(0, 1), bits, cols), ref.transpose(0, 1))
+    out = torch.full((ref.numel() + 3,), float("nan"))[:ref.numel()]  # a reused buffer: rows that fill their words or not
+    into = unsigned_codes_float(w.reshape(*lead, w.shape[1]), bits, cols, out=out)
+    assert into.data_ptr() == out.data_ptr() and torch.equal(into, ref)

@@ -12,13 +12,13 @@ from lmpress.compress.models import tiny_llama
 from lmpress.kernels.dispatch import interpreter_ready
 from lmpress.kernels.formats import pack_unsigned, unpack_unsigned
 from lmpress.kernels.attention import DECODE_STATE_ATTR
-from lmpress.kernels.kv_cache import QuantizedKVCache, cache_kwargs, rotated_key_scores
+from lmpress.kernels.kv_cache import QuantizedKVCache, cache_kwargs, rope_columns, stored_rotated_key_scores
 from lmpress.kernels.kv_quant import kv_dequant_ref, kv_quant_ref
 from lmpress.kernels.online import OnlineHadamard
 from lmpress.kernels.attention import attach_attention, attention_specs, settings_of, attention_modules
 from lmpress.quant.kv_cache import (
-    KeyRotation, apply_rope, decode_masks, invert_rope, rope_on_pairs, rope_pair_order, minmax_dequantize, minmax_quantize, quantized_keys,
-    quantized_values, zigzag_order,
+    KeyRotation, apply_rope, decode_masks, invert_rope, minmax_dequantize, minmax_quantize, quantized_keys,
+    quantized_values, rows_to_keys, zigzag_order,
 )
 from lmpress.quant.scheme import KV2, KVCacheArgs
 from _interpreter import run_triton_tests_in_interpreter
@@ -468,27 +468,67 @@ def test_key_rotation_fast_transform_is_the_dense_rotation(n_kv, head_dim, group
 
 
 @pytest.mark.parametrize("n_kv,head_dim,group_heads,block", [(3, 64, 3, 192), (4, 16, 2, 8), (6, 12, 2, 24), (2, 8, 1, 8),
-                                                             (2, 6, 1, 6)])
-def test_rotated_key_scores_is_q_dot_rope_of_the_inverse_rotation(n_kv, head_dim, group_heads, block):
-    """The RotateKV decode path: the inverse rotation as one pair-ordered matrix, RoPE as one complex product, q in
-    pair order; equal (float64) to q · apply_rope(inverse(k̂)). Reordered channels; odd head dims; groups of heads."""
+                                                             (2, 6, 1, 6), (3, 64, 3, 64)])
+def test_stored_rotated_key_scores_is_q_dot_rope_of_the_inverse_rotation(n_kv, head_dim, group_heads, block):
+    """The RotateKV decode path, from the stored codes: dequantized channel-major, rotated back through the
+    Hadamard's Kronecker factors (`inverse_columns`), RoPE as two products with q and its swapped halves; equal
+    (float64) to q · apply_rope(inverse(k̂)) of the keys as `_unpack_key_groups` reads them back. Reordered channels,
+    odd head dims, groups of heads, a block with no Hadamard (6: a dense random orthogonal one)."""
     g = torch.Generator().manual_seed(3)
     size = group_heads * head_dim
     kr = KeyRotation(n_kv, head_dim, group_heads, block, 5,
-                     perm=[torch.randperm(size, generator=g).tolist() for _ in range(n_kv // group_heads)])
-    B, n, gq, h = 2, 9, 3, head_dim // 2
-    kb = torch.randn(B, n_kv, n, head_dim, dtype=torch.float64, generator=g)
+                     perm=[torch.randperm(size, generator=g).tolist() for _ in range(n_kv // group_heads)]).double()
+    assert kr.fast == (block != 6)
+    B, G, ng, gq, h, bits = 2, 8, 3, 3, head_dim // 2, 2
+    n = ng * G
+    rows = torch.randn(B * n_kv * head_dim * ng, G, dtype=torch.float64, generator=g)  # (rows, G): a channel's G tokens
+    w, s, m = kv_quant_ref(rows, bits)
+    kb = rows_to_keys(kv_dequant_ref(w, s, m, bits, G, torch.float64).reshape(B, n_kv, head_dim, ng, G))  # (B, H, n, D)
     q = torch.randn(B, n_kv, gq, head_dim, dtype=torch.float64, generator=g)
-    ang = torch.rand(1, 1, n, h, dtype=torch.float64, generator=g) * 6
-    cos, sin = ang.cos().repeat(1, 1, 1, 2), ang.sin().repeat(1, 1, 1, 2)  # (1, 1, n, D): halves repeated
+    ang = torch.rand(B, 1, n, h, dtype=torch.float64, generator=g) * 6
+    cos, sin = ang.cos().repeat(1, 1, 1, 2), ang.sin().repeat(1, 1, 1, 2)  # (B, 1, n, D): halves repeated
     ref = q @ apply_rope(kr.inverse(kb), cos, sin).transpose(-1, -2)  # (B, H, gq, n)
-    assert (rotated_key_scores(q, kb, kr, cos, sin) - ref).abs().max().item() < 1e-12
-    M = kr.pair_matrix(torch.float64)  # (groups, size, size), pair order per head
-    y = torch.einsum("bngs,gsu->bngu", kb.transpose(1, 2).reshape(B, n, -1, size), M).reshape(B, n, n_kv, head_dim)
-    back = torch.argsort(rope_pair_order(head_dim))
-    assert (y[..., back].transpose(1, 2) - kr.inverse(kb)).abs().max().item() < 1e-13
-    assert kr.fast == (block != 6)  # no Hadamard of order 6: a random orthogonal block
-    assert (kr.inverse_pairs(kb.transpose(1, 2).reshape(B, n, -1, size)).reshape(y.shape) - y).abs().max().item() < 1e-13
-    # tables whose halves differ are not rotate-half RoPE: the caller takes the general path
-    assert rope_on_pairs(y, torch.rand(1, n, 1, head_dim, dtype=torch.float64), sin.transpose(1, 2)) is None
-    assert rotated_key_scores(q, kb, kr, torch.rand(1, 1, n, head_dim, dtype=torch.float64), sin) is None
+    cs = torch.stack([cos, sin], dim=2).transpose(-1, -2)  # (B, 1, 2, D, n)
+    got = stored_rotated_key_scores(q, w.reshape(B, n_kv, head_dim, -1), s.reshape(B, n_kv, head_dim, ng),
+                                    m.reshape(B, n_kv, head_dim, ng), bits, G, kr, cs)
+    assert got.shape == ref.shape and (got - ref).abs().max().item() < 1e-12
+    grouped = kb.transpose(1, 2).reshape(B, n, n_kv // group_heads, size).permute(0, 2, 3, 1)  # (B, groups, size, n)
+    back = kr.inverse_columns(grouped).permute(0, 3, 1, 2).reshape(B, n, n_kv, head_dim).transpose(1, 2)
+    assert (back - kr.inverse(kb)).abs().max().item() < 1e-13
+
+
+def test_decode_scratch_buffers_are_reused_and_change_nothing():
+    """The float32 decode path writes its temporaries into `Scratch` buffers, reused from call to call: the same
+    scores as fresh tensors, bit for bit, and no new buffer on the second call (a shorter cache reuses them too)."""
+    from lmpress.kernels.kv_cache import Scratch, stored_key_scores, stored_value_mix
+
+    g = torch.Generator().manual_seed(5)
+    kr = KeyRotation(3, 64, 3, 192, 1, perm=[torch.randperm(192, generator=g).tolist()])
+    B, H, D, G, ng, bits = 1, 3, 64, 64, 4, 2
+    w, s, m = kv_quant_ref(torch.randn(B * H * D * ng, G, generator=g), bits)
+    w, s, m = w.reshape(B, H, D, -1), s.reshape(B, H, D, ng), m.reshape(B, H, D, ng)
+    q = torch.randn(B, H, 3, D, generator=g)
+    ang = torch.rand(1, 1, ng * G, D // 2, generator=g) * 6
+    cs = rope_columns(ang.cos().repeat(1, 1, 1, 2), ang.sin().repeat(1, 1, 1, 2))
+    vw, vs, vm = kv_quant_ref(torch.randn(B * H * ng * G, D, generator=g), bits)  # values: a token's D channels a group
+    vw, vs, vm = vw.reshape(B, H, ng * G, 1, -1), vs.reshape(B, H, ng * G, 1), vm.reshape(B, H, ng * G, 1)
+    p = torch.softmax(torch.randn(B, H, 3, ng * G, generator=g), -1)
+    sc = Scratch()
+    fresh = (stored_rotated_key_scores(q, w, s, m, bits, G, kr, cs), stored_key_scores(q, w, s, m, bits, G),
+             stored_value_mix(p, vw, vs, vm, bits, D))
+    for _ in range(2):
+        got = (stored_rotated_key_scores(q, w, s, m, bits, G, kr, cs, sc), stored_key_scores(q, w, s, m, bits, G, sc),
+               stored_value_mix(p, vw, vs, vm, bits, D, sc))
+        assert all(torch.equal(a, b) for a, b in zip(got, fresh))
+        held = sc.nbytes()
+    assert held == 4 * B * H * D * ng * G * (1 + 2 + 2)  # codes, two rotation steps, the RoPE'd pair
+    short = stored_rotated_key_scores(q, w[..., :8], s[..., :2], m[..., :2], bits, G, kr, cs[..., :2 * G], sc)
+    assert torch.equal(short, fresh[0][..., :2 * G]) and sc.nbytes() == held
+
+
+def test_rope_columns_only_for_rotate_half_tables():
+    ang = torch.rand(1, 1, 5, 4, dtype=torch.float64)
+    cos, sin = ang.cos().repeat(1, 1, 1, 2), ang.sin().repeat(1, 1, 1, 2)  # (1, 1, n, D)
+    cs = rope_columns(cos, sin)
+    assert cs.shape == (1, 1, 2, 8, 5) and torch.equal(cs[0, 0, 0, :, 2], cos[0, 0, 2]) and torch.equal(cs[0, 0, 1, :, 2], sin[0, 0, 2])
+    assert rope_columns(torch.rand(1, 1, 5, 8), sin) is None  # halves differ: not rotate-half RoPE
