@@ -594,11 +594,9 @@ class KeyRotation(nn.Module):
         else:
             Y = _matmul(self.Q.to(k.dtype), X, new(0))  # rows x Qᵀ are the columns Q X
         Y = Y.reshape(*lead, groups, size, T)
-        out = new(1)
         if groups == 1:
-            return Y.index_select(-2, self.inv_perm[0]) if out is None else torch.index_select(Y, -2, self.inv_perm[0], out=out)
-        return torch.stack([Y[..., g, :, :].index_select(-2, self.inv_perm[g]) for g in range(groups)], dim=-3,
-                           **({} if out is None else {"out": out}))
+            return torch.index_select(Y, -2, self.inv_perm[0], out=new(1))
+        return torch.stack([Y[..., g, :, :].index_select(-2, self.inv_perm[g]) for g in range(groups)], dim=-3, out=new(1))
 
     def _column_factors(self, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.__dict__.setdefault("_column_cache", {})
