@@ -47,7 +47,7 @@ scheme off it (the same numbers through an fp32 GEMM of the unpacked codes, slow
 Up to `GEMV_M` rows (decode) the same integer sum comes from fbgemm's int8 GEMM instead
 (``quantized.linear_with_input_q_dq_qweight_dq_output_fp32`` on ``quantized.linear_prepack``'s copy of the
 codes, given the float codes with unit scale and zero point 128, which it turns into the same bytes), where
-a probe finds it exact (`gemv_exact`): its fixed cost per call is lower. One thread, us a call, oneDNN /
+it has an exact form (`int8mm_form`): its fixed cost per call is lower. One thread, us a call, oneDNN /
 fbgemm (2026-12-06, `torch.equal` outputs): 1 x 576 x 960 35 / 20, 1 x 576 x 3072 76 / 51, 1 x 1536 x 576
 38 / 25, 2 x 576 x 3072 103 / 58, 4 x 576 x 3072 126 / 80, 1 x 4096 x 12288 2108 / 1875; from 16 rows on
 oneDNN wins (16 x 576 x 3072 104 / 175, 256 x 576 x 1536 284 / 990). Each copy is made on its first use,
@@ -57,8 +57,20 @@ Measured here on one thread against an fp32 F.linear of the dequantized weight: 
 9.8 ms -> 1.0 ms, 16 x 4096 x 4096 13.5 ms -> 0.8 ms, 512 x 576 x 1536 13.2 ms -> 1.2 ms, activation
 quantization included; ``torch._int_mm``, the other exact op, was 8-35x slower than fp32. oneDNN runs
 signed int8 sources through a reference loop (5 s for 256 x 576 x 1536), so the codes go in as
-unsigned bytes with zero point 128. A CPU without VNNI sums u8 x s8 pairs in 16 bits and saturates
-(`int8mm_exact`): there nothing takes ``int8mm``. The bf16 weight-only ops stay off these schemes:
+unsigned bytes with zero point 128.
+
+A CPU without VNNI (AVX2 only, e.g. AMD EPYC before Zen 4) adds u8 x s8 products in pairs in 16 bits
+with saturation (vpmaddubsw), in oneDNN and fbgemm alike (`int8_sums` probes each): codes + 128 against
+8-bit weights overflow (2 x 255 x 127). A sum is exact there while every pair fits int16, and
+`int8mm_form` keeps the codes inside: narrower activations shift by -qmin only (4-bit codes as 0..15:
+2 x 15 x 128), 4-bit weights take codes + 128 as they are (2 x 255 x 8), and 8-bit activations against
+8-bit weights go in as two blocks of rows, q⁺ = max(q, 0) and q⁻ = max(-q, 0) (2 x 128 x 127), the
+sum being their difference (twice the rows: free at decode, where reading the weight is the cost).
+Probed on such a CPU (2026-12-07, AVX2 EPYC): pairs up to 2 x 129 x 127 exact, 2 x 130 x 127 wrong.
+SmolLM2-135M there, packed / fp32 base decode tokens/s (`bench/decode.py --tokens 32 --repeats 3`,
+1 thread, batch 1): w8a8-smoothquant-rtn 0.22x on the dequant path that such a CPU took until then
+(`LMPRESS_INT8_GEMM=0`) and 0.92x in these forms, w4a4kv4-quarot-rtn 0.19x and 0.71x, greedy tokens
+equal to the reference path's. The bf16 weight-only ops stay off these schemes:
 codes rounded from bf16-perturbed inputs differ from the simulation's, and a 4-bit code that flips
 is a large error (un-rotated SmolLM2 W4A4 RTN: +8.6% perplexity).
 
@@ -124,15 +136,21 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
     """(kind, why): ``int8mm`` (activation-quantized schemes as `INT8MM_ENV` picks, any number of rows), ``int4pack`` /
     ``int8pack`` (torch's bf16 weight-only ops, up to `SMALL_M` rows; above it the caller takes
     ``dequant``), or ``dequant`` (exact: on-the-fly dequantization + F.linear) with the reason the
-    ops do not fit."""
+    ops do not fit; for ``int8mm`` on a CPU without VNNI, the form its codes take (`int8mm_form`)."""
     if weights.type == "float" or (inputs is not None and inputs.type == "float"):
         return "dequant", "floating-point formats: exact grid lookup + fp32 GEMM (torch has no CPU FP8/FP4 GEMM)"
     if inputs is not None:
         why = int8mm_misfit(weights, inputs) or int8mm_declined()
-        if not why and not int8mm_exact():
-            why = ("quantized activations: this CPU's oneDNN int8 GEMM saturates (no VNNI: u8 x s8 pairs summed in "
-                   "16 bits); exact fake-quant + fp32 GEMM instead")
-        return ("dequant", why) if why else ("int8mm", "")
+        if not why and int8mm_form(weights, inputs, "onednn") is None:
+            why = (f"quantized activations: this CPU's oneDNN int8 GEMM ({int8_sums('onednn') or 'absent or wrong'}) sums no form "
+                   "of these codes exactly; exact fake-quant + fp32 GEMM instead")
+        if why:
+            return "dequant", why
+        zero, split = int8mm_form(weights, inputs, "onednn")
+        if int8_sums("onednn") != "pairs":
+            return "int8mm", ""
+        return "int8mm", ("no VNNI (u8 x s8 pairs summed in 16 bits): " +
+                          ("q⁺ and q⁻ as two blocks of rows" if split else f"codes + {zero}"))
     if x_dtype not in FAST_DTYPES:
         return "dequant", f"{x_dtype} activations: torch's CPU int4/int8 kernels are vectorized for bfloat16 only"
     if weights.bits == 4:
@@ -170,24 +188,67 @@ def int8mm_misfit(weights: QuantArgs, inputs: QuantArgs) -> str:
             "weights under quantized activations: the int8 GEMM takes symmetric integer codes with one scale per output channel")
 
 
-@functools.lru_cache(maxsize=1)
-def int8mm_exact() -> bool:
-    """Whether oneDNN's u8 x s8 GEMM sums exactly on this CPU (checked once, on extreme codes). Without
-    VNNI (AVX2-only x86, e.g. AMD EPYC before Zen 4) its kernels add u8 x s8 products in pairs in 16 bits
-    (vpmaddubsw), which saturates at 2 x 255 x 127: the integer sum is then wrong, not just rounded."""
-    if _QLINEAR is None or not torch.backends.mkldnn.is_available():
-        return False
+PAIR_LIMITS = (-32768, 32767)  # int16: where a CPU without VNNI adds each two u8 x s8 products (vpmaddubsw saturates)
+
+
+def _gemm_sums(gemm: str, u: torch.Tensor, zero: int, w: torch.Tensor) -> bool | None:
+    """Whether `gemm` ('onednn' or 'fbgemm') computes sum_k (u - zero) w exactly for uint8 u (M, K) and int8 w (N, K)
+    (None: not in this build, or it refuses)."""
+    exact = ((u.to(torch.int64) - zero) @ w.to(torch.int64).T).float()  # (M, N)
+    N = w.shape[0]
+    try:
+        if gemm == "onednn":
+            if _QLINEAR is None or not torch.backends.mkldnn.is_available():
+                return None
+            y = _QLINEAR(u, 1.0, zero, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(N),
+                         torch.zeros(N, dtype=torch.int64), None, 1.0, 0, torch.float32, "none", [], "")
+        else:
+            if _GEMV is None or "fbgemm" not in torch.backends.quantized.supported_engines:
+                return None
+            y = _GEMV(u.float() - zero, 1.0, zero, _fbgemm_prepack(w, torch.ones(N)))
+    except RuntimeError:
+        return None
+    return bool(torch.equal(y, exact))
+
+
+@functools.lru_cache(maxsize=None)
+def int8_sums(gemm: str) -> str:
+    """How `gemm` ('onednn' or 'fbgemm') sums u8 x s8 products on this CPU, probed once on extreme codes:
+    'exact' (VNNI / AMX: int32 throughout); 'pairs' (no VNNI, e.g. AVX2-only AMD EPYC before Zen 4: adjacent
+    products are added in pairs in 16 bits with saturation (vpmaddubsw), so a sum is exact only while every
+    pair stays inside `PAIR_LIMITS`: `int8mm_form` keeps the codes there); '' (absent, or wrong even then)."""
     K, N = 256, 16
     w = torch.full((N, K), 127, dtype=torch.int8)
-    w[1::2] = -127  # (N, K): rows of +127 and -127
-    u = torch.full((4, K), 255, dtype=torch.uint8)  # codes +127 under zero point 128
-    try:
-        y = _QLINEAR(u, 1.0, 128, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(N), torch.zeros(N, dtype=torch.int64),
-                     None, 1.0, 0, torch.float32, "none", [], "")
-    except RuntimeError:
-        return False
-    exact = (127 * w.to(torch.int64).sum(1)).float()  # (N,) the exact sums
-    return bool(torch.equal(y, exact.expand(4, N)))
+    w[1::2] = -128  # (N, K): rows of +127 and -128, the int8 extremes
+    if _gemm_sums(gemm, torch.full((4, K), 255, dtype=torch.uint8), 128, w):  # pairs 2 x 255 x 127 overflow int16
+        return "exact"
+    if _gemm_sums(gemm, torch.full((4, K), 128, dtype=torch.uint8), 0, w):  # pairs 2 x 128 x 127, 2 x 128 x -128 fit
+        return "pairs"
+    return ""
+
+
+def int8mm_form(weights: QuantArgs, inputs: QuantArgs, gemm: str) -> tuple[int, bool] | None:
+    """How activation codes q in [inputs.qmin, inputs.qmax] go into `gemm` against weight codes in [weights.qmin,
+    weights.qmax] so that the integer sum is exact on this CPU (`int8_sums`): (zero point, split), the bytes being
+    q + zero point; `split`: q⁺ = max(q, 0) and q⁻ = max(-q, 0) as two blocks of rows, zero point 0, and the sum is
+    the first block's minus the second's. None: no exact form. Where sums are 'exact', q + 128. Where they are
+    'pairs', the smallest shift that makes the codes unsigned (q - qmin: 4-bit codes as 0..15) when every pair of
+    products then fits int16, else the split (8-bit activations against 8-bit weights: q + 128 reaches 255, and
+    2 x 255 x 127 does not fit; q⁺ and q⁻ reach 128, and 2 x 128 x 127 does)."""
+    sums = int8_sums(gemm)
+    if sums == "exact":
+        return 128, False
+    if sums != "pairs":
+        return None
+
+    def fits(top: int) -> bool:  # codes u in [0, top]: every pair u1 w1 + u2 w2 inside int16
+        return PAIR_LIMITS[0] <= 2 * top * weights.qmin and 2 * top * weights.qmax <= PAIR_LIMITS[1]
+
+    if fits(inputs.qmax - inputs.qmin):
+        return -inputs.qmin, False
+    if fits(max(inputs.qmax, -inputs.qmin)):
+        return 0, True
+    return None
 
 
 def _fbgemm_prepack(w: torch.Tensor, col_scale: torch.Tensor):
@@ -204,35 +265,18 @@ def _fbgemm_prepack(w: torch.Tensor, col_scale: torch.Tensor):
             torch.backends.quantized.engine = prev
 
 
-@functools.lru_cache(maxsize=1)
-def gemv_exact() -> bool:
-    """Whether fbgemm's int8 GEMM is present and sums exactly here (checked once, on extreme codes, as
-    `int8mm_exact`): without VNNI it too adds u8 x s8 pairs in 16 bits, which saturates."""
-    if _GEMV is None or "fbgemm" not in torch.backends.quantized.supported_engines:
-        return False
-    K, N = 256, 16
-    w = torch.full((N, K), 127, dtype=torch.int8)
-    w[1::2] = -127  # (N, K): rows of +127 and -127
-    q = torch.full((4, K), 127.0)
-    q[2:] = -127.0  # (4, K): codes +127 and -127 under zero point 128 (bytes 255 and 1)
-    try:
-        y = _GEMV(q, 1.0, 128, _fbgemm_prepack(w, torch.ones(N)))
-    except RuntimeError:
-        return False
-    exact = (q.to(torch.int64) @ w.to(torch.int64).T).float()  # (4, N) the exact sums
-    return bool(torch.equal(y, exact))
-
-
 @dataclass(eq=False)
 class Int8MM:
     """Weight codes for the exact int8 GEMMs, each copy prepacked on its first use: oneDNN's
-    (`onednn.qlinear_prepack`) above `GEMV_M` rows, fbgemm's (`quantized.linear_prepack`) up to it."""
+    (`onednn.qlinear_prepack`) above `GEMV_M` rows, fbgemm's (`quantized.linear_prepack`) up to it, where
+    fbgemm has an exact form. `forms`: each GEMM's `int8mm_form` for these codes (None: that GEMM stays unused)."""
 
     codes: Callable[[], torch.Tensor]  # -> (N, K) int8 codes, read from the packed words when a copy is made
     col_scale: torch.Tensor  # fp32 (N,)
     zero: torch.Tensor  # int64 (N,) zeros: symmetric weights
     inputs: QuantArgs  # the activations' scheme: their codes are computed as the simulation does
     in_features: int  # K
+    forms: dict[str, tuple[int, bool] | None]  # "onednn" / "fbgemm" -> (zero point, split) or None
     _onednn: torch.Tensor | None = field(default=None, repr=False)  # int8, oneDNN's blocked layout
     _fbgemm: Any = field(default=None, repr=False)  # fbgemm's packed codes (a ScriptObject)
 
@@ -242,8 +286,9 @@ class Int8MM:
         return self._onednn
 
     def fbgemm(self):
-        if self._fbgemm is None:
-            self._fbgemm = _fbgemm_prepack(self.codes(), self.col_scale)
+        if self._fbgemm is None:  # a split form subtracts before scaling: unit scales in the copy then
+            split = self.forms["fbgemm"][1]
+            self._fbgemm = _fbgemm_prepack(self.codes(), torch.ones_like(self.col_scale) if split else self.col_scale)
         return self._fbgemm
 
     def nbytes(self) -> int:
@@ -264,16 +309,17 @@ def prepare_int8mm(packed: torch.Tensor | Callable[[], torch.Tensor], scale: tor
     N = scale.shape[0] if scale.shape[0] != 1 else words().shape[0]
     K = int(in_features)
     col = scale.float().cpu().reshape(-1).expand(N).contiguous()
-    return Int8MM(lambda: unpack(words().cpu(), args.bits, K), col, torch.zeros(N, dtype=torch.int64), inputs, K)
+    forms = {g: int8mm_form(args, inputs, g) for g in ("onednn", "fbgemm")}
+    return Int8MM(lambda: unpack(words().cpu(), args.bits, K), col, torch.zeros(N, dtype=torch.int64), inputs, K, forms)
 
 
-def token_codes(x2: torch.Tensor, args: QuantArgs, as_bytes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> (codes + 128 as uint8 (M, K), or with `as_bytes=False` the codes themselves in float32
+def token_codes(x2: torch.Tensor, args: QuantArgs, zero: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (codes + `zero` as uint8 (M, K), or with `zero=None` the codes themselves in float32
     (fbgemm's GEMM takes those), scales fp32 (M, 1)) of dynamic symmetric per-token
     integer activations: bit-identical to `compute_qparams` + `quantize` (tests/test_kernels.py), in 8 torch
     ops where the generic pair takes ~30, which a decode step pays once per linear. oneDNN's fast kernels
     take unsigned activations (signed int8 takes a reference loop, ~1000x slower here), so the codes go in
-    shifted by 128 and zero point 128 takes it back."""
+    shifted (by 128, or as `int8mm_form` says) and the zero point takes it back."""
     xf = x2.float()  # (M, K)
     # range_to_qparams' symmetric range max(-min(x, 0), max(x, 0)) * clip is absmax * clip exactly
     # (negation is exact and rounding a product by clip >= 0 is monotone)
@@ -283,23 +329,23 @@ def token_codes(x2: torch.Tensor, args: QuantArgs, as_bytes: bool = True) -> tup
     s = s / torch.full((), args.sym_divisor)
     s = torch.where(s > 0, s, 1.0)  # an all-zero row: scale 1, as there
     q = (xf / s).round_().clamp_(args.qmin, args.qmax)  # (M, K) integers in [qmin, qmax], exact in fp32
-    return (q.add_(128).to(torch.uint8), s) if as_bytes else (q, s)
+    return (q, s) if zero is None else (q.add_(zero).to(torch.uint8), s)
 
 
-def static_codes(x2: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor, as_bytes: bool = True
+def static_codes(x2: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor, zero: int | None = 128
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_codes` for static symmetric per-tensor inputs: codes round(x / s) clamped under the calibrated
     scale s (1, 1), bit-identical to `quantize` with it; the scale is returned as it is. The GEMM on them
     is the simulation's `int_linear` bit for bit, as for per-token codes."""
     s = input_scale.float().reshape(1, 1)
     q = (x2.float() / s).round_().clamp_(args.qmin, args.qmax)  # (M, K) integers in [qmin, qmax], exact in fp32
-    return (q.add_(128).to(torch.uint8), s) if as_bytes else (q, s)
+    return (q, s) if zero is None else (q.add_(zero).to(torch.uint8), s)
 
 
-_LAST = threading.local()  # .codes: (x, x._version, args, as_bytes, u, s) of the last decode-sized call
+_LAST = threading.local()  # .codes: (x, x._version, args, zero, u, s) of the last decode-sized call
 
 
-def shared_token_codes(x: torch.Tensor, args: QuantArgs, as_bytes: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_token_codes(x: torch.Tensor, args: QuantArgs, zero: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """`token_codes` of x (..., K), taken from the previous call when that one quantized this very tensor
     (the same object, unmodified since: its `_version`) under an equal scheme. A decoder's q/k/v
     projections read one normed hidden state and gate/up another, so a decode step computes 4 sets of
@@ -307,13 +353,13 @@ def shared_token_codes(x: torch.Tensor, args: QuantArgs, as_bytes: bool = True) 
     and not for inference-mode tensors (they keep no version counter)."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] > SMALL_M or x.is_inference():
-        return token_codes(x2, args, as_bytes)
+        return token_codes(x2, args, zero)
     last = getattr(_LAST, "codes", None)
     if (last is not None and last[0] is x and last[1] == x._version and (last[2] is args or last[2] == args)
-            and last[3] == as_bytes):
+            and last[3] == zero):
         return last[4], last[5]
-    u, s = token_codes(x2, args, as_bytes)
-    _LAST.codes = (x, x._version, args, as_bytes, u, s)
+    u, s = token_codes(x2, args, zero)
+    _LAST.codes = (x, x._version, args, zero, u, s)
     return u, s
 
 
@@ -321,18 +367,32 @@ def linear_int8mm(x: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out_
                   input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """(..., K) float activations -> (M, N): the simulation's per-token codes (or with `input_scale` (1, 1),
     static inputs' codes round(x / s) clamped), the exact integer GEMM (fbgemm's up to `GEMV_M` rows where
-    `gemv_exact`, oneDNN's otherwise), then ``* s_w[n] * s_x[m]`` (+ bias) in fp32."""
+    it has an exact form, oneDNN's otherwise) in its `int8mm_form`, then ``* s_w[n] * s_x[m]`` (+ bias) in fp32.
+    A split form sums q⁺ and q⁻ rows apart under unit scales; their difference is the integer sum (exact:
+    each half is an integer under 2^24 in fp32 while the simulation's own sums are), then the same epilogue."""
     if input_scale is not None:
-        codes = lambda as_bytes: static_codes(x.reshape(-1, x.shape[-1]), prep.inputs, input_scale, as_bytes)  # noqa: E731
+        codes = lambda zero: static_codes(x.reshape(-1, x.shape[-1]), prep.inputs, input_scale, zero)  # noqa: E731
     else:
-        codes = lambda as_bytes: shared_token_codes(x, prep.inputs, as_bytes)  # noqa: E731
-    if x.numel() <= GEMV_M * x.shape[-1] and gemv_exact():
-        q, sx = codes(False)  # (M, K) fp32 q, (M|1, 1) fp32
-        y = _GEMV(q, 1.0, 128, prep.fbgemm())  # fp32(sum_k q_k qw_k) * s_w[n]: it quantizes q / 1 + 128 exactly
+        codes = lambda zero: shared_token_codes(x, prep.inputs, zero)  # noqa: E731
+    gemm = "fbgemm" if x.numel() <= GEMV_M * x.shape[-1] and prep.forms["fbgemm"] is not None else "onednn"
+    zero, split = prep.forms[gemm]
+    if split:
+        q, sx = codes(None)  # (M, K) fp32 q, (M|1, 1) fp32
+        M = q.shape[0]
+        q = torch.cat([q, q.neg()])  # (2M, K): q rows, then -q rows, negatives to clamp to 0 (q⁺, q⁻)
+        if gemm == "fbgemm":  # it quantizes to uint8, clamping to [0, 255] itself
+            y = _GEMV(q, 1.0, 0, prep.fbgemm())  # (2M, N) fp32 sums: unit scales in this copy
+        else:
+            y = _QLINEAR(q.clamp_(min=0).to(torch.uint8), 1.0, 0, prep.onednn(), torch.ones_like(prep.col_scale), prep.zero,
+                         None, 1.0, 0, torch.float32, "none", [], "")
+        y = torch.sub(y[:M], y[M:]).mul_(prep.col_scale)  # (M, N) fp32(sum_k q_k qw_k) * s_w[n]
+    elif gemm == "fbgemm":
+        q, sx = codes(None)  # (M, K) fp32 q, (M|1, 1) fp32
+        y = _GEMV(q, 1.0, zero, prep.fbgemm())  # fp32(sum_k q_k qw_k) * s_w[n]: it quantizes q / 1 + zero exactly
     else:
-        u, sx = codes(True)  # (M, K) uint8 q + 128, (M|1, 1) fp32
-        y = _QLINEAR(u, 1.0, 128, prep.onednn(), prep.col_scale, prep.zero, None, 1.0, 0, torch.float32, "none", [], "")
-    y = y * sx
+        u, sx = codes(zero)  # (M, K) uint8 q + zero, (M|1, 1) fp32
+        y = _QLINEAR(u, 1.0, zero, prep.onednn(), prep.col_scale, prep.zero, None, 1.0, 0, torch.float32, "none", [], "")
+    y = y.mul_(sx)  # y is the GEMM's fresh output (or the split's difference)
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)

@@ -211,7 +211,7 @@ class PackedLinear(nn.Module):
             xin = self.quantize_input(x) if inputs is not None else x
             return cpu.linear_dequant(xin, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                       self.scheme.weights, K, self.bias)
-        self._note("cpu-" + kind)
+        self._note("cpu-" + kind, why)
         prep = self._cpu_prep(kind)
         if kind == "int8mm" and self.input_scale is not None:  # static codes; sink positions stay float (exact path)
             n = sink_rows(x, inputs)

@@ -180,10 +180,10 @@ def test_int8_gemm_is_the_simulation(name, dtype, choice, monkeypatch):
     the codes with the same scale epilogue (`int_linear`). Every other scheme is the simulation exactly too."""
     scheme, fits = INT8MM_SCHEMES[name]
     kind = "cpu-dequant" if choice == "0" else fits
-    saturates = kind == "cpu-int8mm" and not cpu.int8mm_exact()  # a CPU without VNNI: nothing takes it
-    if saturates:
+    inexact = kind == "cpu-int8mm" and not cpu.int8_sums("onednn")  # no oneDNN, or it sums no form exactly
+    if inexact:
         kind = "cpu-dequant"
-    why = ("the int8 GEMM takes" if fits == "cpu-dequant" else "saturates" if saturates else f"{cpu.INT8MM_ENV}=0")
+    why = ("the int8 GEMM takes" if fits == "cpu-dequant" else "sums no form" if inexact else f"{cpu.INT8MM_ENV}=0")
     sim = _sim(scheme, 200, 40, dtype=dtype)
     packed = PackedLinear.from_sim(sim)
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
@@ -221,23 +221,41 @@ def test_int_linear_is_an_exact_integer_gemm():
         assert torch.equal(int_linear(x.reshape(1, 5, K), qw, sw, a, b), want.reshape(1, 5, 7))  # (..., K) -> (..., N)
 
 
+def _forced_sums(monkeypatch, sums: str, gemv: bool) -> dict[str, str]:
+    """Make `cpu.int8_sums` answer 'pairs' (with `sums='pairs'`) where the probe found the GEMM exact or pairwise:
+    the forms for 16-bit pair sums are exact on any CPU. fbgemm off unless `gemv`. Skips where oneDNN is absent."""
+    probed = {g: cpu.int8_sums(g) for g in ("onednn", "fbgemm")}
+    if not probed["onednn"] or gemv and not probed["fbgemm"]:
+        pytest.skip("no int8 GEMM that sums exactly in some form on this CPU/torch")
+    forced = {g: "pairs" if sums == "pairs" and v else v for g, v in probed.items()}
+    if not gemv:
+        forced["fbgemm"] = ""
+    monkeypatch.setattr(cpu, "int8_sums", forced.get)
+    return forced
+
+
+@pytest.mark.parametrize("sums", ["probed", "pairs"])
 @pytest.mark.parametrize("gemv", [True, False])
-@pytest.mark.parametrize("name", ["W8A8", "W4A4-clip", "W8A8-tensor-weights"])
-def test_both_int8_gemms_are_the_simulation(name, gemv, monkeypatch):
-    """Up to `GEMV_M` rows fbgemm's int8 GEMM (where it sums exactly), oneDNN's above: either is bit-identical to
-    the simulation, and each weight copy is made only when a call of its size comes."""
-    if gemv and not cpu.gemv_exact() or not cpu.int8mm_exact():
-        pytest.skip("this CPU's int8 GEMMs saturate (no VNNI)")
-    monkeypatch.setattr(cpu, "gemv_exact", lambda: gemv)
+@pytest.mark.parametrize("name", ["W8A8", "W4A4-clip", "W8A8-tensor-weights", "W4A8"])
+def test_both_int8_gemms_are_the_simulation(name, gemv, sums, monkeypatch):
+    """Up to `GEMV_M` rows fbgemm's int8 GEMM (where it has an exact form), oneDNN's above: either is bit-identical
+    to the simulation, in the CPU's own form or in the forms of a CPU without VNNI (`sums='pairs'`: W8A8 as q⁺ and
+    q⁻ rows, W4A4 as codes + 8), and each weight copy is made only when a call of its size comes."""
+    forced = _forced_sums(monkeypatch, sums, gemv)
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
     monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
-    sim = _sim(INT8MM_SCHEMES[name][0], 200, 40)
+    scheme = INT8MM_SCHEMES[name][0]
+    sim = _sim(scheme, 200, 40)
     packed = PackedLinear.from_sim(sim)
     with torch.no_grad():
         for rows in (1, cpu.GEMV_M):
             x = _x(rows, 200) * 3
+            x[0, :3] = torch.tensor([-1e3, 1e3, 0.0])  # the codes' extremes, both signs
             assert torch.equal(packed(x), sim(x)) and packed.kernel_path.kind == "cpu-int8mm"
         prep = packed._fast[1]
+        if forced["onednn"] == "pairs":
+            want = {"W8A8": (0, True), "W8A8-tensor-weights": (0, True), "W4A4-clip": (8, False), "W4A8": (128, False)}
+            assert prep.forms["onednn"] == want[name]
         assert (prep._fbgemm is not None) == gemv and (prep._onednn is None) == gemv
         small = prep.nbytes()
         x = _x(cpu.GEMV_M + 1, 200)
@@ -245,22 +263,56 @@ def test_both_int8_gemms_are_the_simulation(name, gemv, monkeypatch):
         assert prep.nbytes() == small + (prep._onednn.numel() if gemv else 0)
 
 
-def test_token_codes_in_float_are_the_bytes_codes():
-    x = _x(5, 77) * 4
-    u, s = cpu.token_codes(x, W8A8.inputs)
-    q, s2 = cpu.token_codes(x, W8A8.inputs, as_bytes=False)
-    assert q.dtype == torch.float32 and torch.equal(s, s2) and torch.equal(q, u.float() - 128)
+def _pairwise_sums(u: torch.Tensor, zero: int, w: torch.Tensor) -> torch.Tensor:
+    """sum_k (u - zero) w as a CPU without VNNI computes it: u8 x s8 products added in adjacent pairs with int16
+    saturation (vpmaddubsw), the pairs then summed in int32, minus zero x sum_k w. u (M, K), w (N, K), K even."""
+    p = u.long()[:, None, :] * w.long()[None, :, :]  # (M, N, K) products
+    pairs = (p[..., 0::2] + p[..., 1::2]).clamp(*cpu.PAIR_LIMITS)  # (M, N, K/2)
+    return pairs.sum(-1) - zero * w.long().sum(1)[None, :]  # (M, N)
+
+
+@pytest.mark.parametrize("wbits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("abits", [2, 4, 5, 6, 8])
+def test_int8mm_form_sums_exactly_with_pairs_in_int16(wbits, abits, monkeypatch):
+    """`int8mm_form` on a CPU that sums pairs in 16 bits: every code pair at the ranges' extremes (the worst case
+    of saturation), run through a model of that arithmetic, gives the exact integer sum; the plain codes + 128 do
+    not for 8-bit against 8-bit. On a CPU that sums exactly: codes + 128, one block of rows."""
+    wa, aa = QuantArgs(bits=wbits), QuantArgs(bits=abits, granularity="token", dynamic=True)
+    monkeypatch.setattr(cpu, "int8_sums", lambda gemm: "exact")
+    assert cpu.int8mm_form(wa, aa, "onednn") == (128, False)
+    monkeypatch.setattr(cpu, "int8_sums", lambda gemm: "")
+    assert cpu.int8mm_form(wa, aa, "onednn") is None
+    monkeypatch.setattr(cpu, "int8_sums", lambda gemm: "pairs")
+    zero, split = cpu.int8mm_form(wa, aa, "onednn")
+    assert split == (wbits == abits == 8) and zero == (0 if split else 1 << (abits - 1))
+    q = torch.tensor([[aa.qmin] * 4, [aa.qmax] * 4, [aa.qmin, aa.qmax] * 2, [aa.qmax, aa.qmin] * 2])  # (4, 4) codes
+    w = torch.tensor([[wa.qmin] * 4, [wa.qmax] * 4, [wa.qmin, wa.qmax] * 2, [wa.qmax, wa.qmin] * 2])  # (4, 4) codes
+    exact = q @ w.T  # (4, 4)
+    if split:
+        pos, neg = q.clamp(min=0), (-q).clamp(min=0)
+        got = _pairwise_sums(pos, 0, w) - _pairwise_sums(neg, 0, w)
+        assert not torch.equal(_pairwise_sums(q + 128, 128, w), exact)  # the codes + 128 saturate
+    else:
+        got = _pairwise_sums(q + zero, zero, w)
+    assert torch.equal(got, exact)
 
 
 @pytest.mark.parametrize("choice", ["", "1"])
-def test_int8_gemm_is_ignored_where_the_cpu_saturates(choice, monkeypatch):
+def test_int8_gemm_is_ignored_where_no_form_sums_exactly(choice, monkeypatch):
     monkeypatch.setenv(cpu.INT8MM_ENV, choice)
-    monkeypatch.setattr(cpu, "int8mm_exact", lambda: False)
+    monkeypatch.setattr(cpu, "int8_sums", lambda gemm: "")
     kind, why = cpu.plan(W8A8.weights, W8A8.inputs, torch.float32)
-    assert kind == "dequant" and "saturates" in why and "VNNI" in why
-    monkeypatch.setattr(cpu, "int8mm_exact", lambda: True)
+    assert kind == "dequant" and "sums no form" in why
+    monkeypatch.setattr(cpu, "int8_sums", lambda gemm: "pairs")
     assert cpu.plan(W8A8.weights, W8A8.inputs, torch.float32)[0] == ("int8mm" if not cpu.int8mm_misfit(W8A8.weights, W8A8.inputs)
                                                                    else "dequant")
+
+
+def test_token_codes_in_float_are_the_bytes_codes():
+    x = _x(5, 77) * 4
+    u, s = cpu.token_codes(x, W8A8.inputs)
+    q, s2 = cpu.token_codes(x, W8A8.inputs, zero=None)
+    assert q.dtype == torch.float32 and torch.equal(s, s2) and torch.equal(q, u.float() - 128)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -295,7 +347,7 @@ def test_shared_token_codes_reuse_only_the_same_unmodified_tensor():
     assert cpu.shared_token_codes(x, a8)[0] is u  # the same tensor, unmodified: reused
     assert cpu.shared_token_codes(x.clone(), a8)[0] is not u  # an equal but other tensor: recomputed
     assert cpu.shared_token_codes(x, a4)[0] is not u  # another scheme: recomputed
-    assert cpu.shared_token_codes(x, a8, as_bytes=False)[0].dtype == torch.float32  # another form: recomputed
+    assert cpu.shared_token_codes(x, a8, zero=None)[0].dtype == torch.float32  # another form: recomputed
     u8, _ = cpu.shared_token_codes(x, a8)
     x[0, 0, 0] = 50.0  # in place: the version counter moves
     u9, s9 = cpu.shared_token_codes(x, a8)
@@ -363,7 +415,7 @@ def test_dispatch_env(monkeypatch):
     sim8 = _sim(W4A8, 200, 24)  # ... unless it takes the int8 GEMM, which beats the reference's fake-quant
     packed8 = PackedLinear.from_sim(sim8)
     y = packed8(x)
-    assert packed8.kernel_path.kind == ("cpu-int8mm" if cpu.int8mm_exact() else "ref")
+    assert packed8.kernel_path.kind == ("cpu-int8mm" if cpu.int8_sums("onednn") else "ref")
     assert torch.equal(y, sim8(x))
     monkeypatch.setenv("LMPRESS_KERNELS", "cuda")
     with pytest.raises(ValueError, match="LMPRESS_KERNELS='cuda'"):
@@ -422,8 +474,8 @@ def test_sibling_group_is_the_separate_linears(name, dtype, monkeypatch):
     from lmpress.kernels.linear import link_siblings
 
     scheme, kind = GROUP_SCHEMES[name]
-    if kind == "cpu-int8mm" and not cpu.int8mm_exact():
-        kind = "cpu-dequant"  # a CPU without VNNI: no exact int8 GEMM, so no op path and no stacked GEMM
+    if kind == "cpu-int8mm" and not cpu.int8_sums("onednn"):
+        kind = "cpu-dequant"  # no oneDNN int8 GEMM that sums exactly: no op path and no stacked GEMM
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
     sims = [_sim(scheme, 192, n, bias=b, dtype=dtype, seed=i) for i, (n, b) in enumerate([(40, True), (24, False), (24, True)])]
     alone = [PackedLinear.from_sim(s) for s in sims]
@@ -476,7 +528,7 @@ def test_checkpoint_links_siblings_and_stays_exact(tiny, tokens, tmp_path, monke
     monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
     with torch.no_grad():
         got = [runtime(t).logits for t in (tokens, tokens[:1, :1])]
-        stacked = 5 * runtime.config.num_hidden_layers if cpu.int8mm_exact() else 0  # without VNNI: the dequant path
+        stacked = 5 * runtime.config.num_hidden_layers if cpu.int8_sums("onednn") else 0  # else the dequant path
         assert sum("one GEMM" in m.kernel_path.reason for m in packed) == stacked
         for m in packed:
             m._group = None
@@ -696,8 +748,8 @@ def test_rotated_packed_linear_other_paths_apply_the_transform_first(name, backe
     mod = RotatedInput(T, PackedLinear.from_sim(sim))
     monkeypatch.setenv("LMPRESS_KERNELS", backend)
     monkeypatch.delenv(cpu.INT8MM_ENV, raising=False)
-    # on the CPU by default: through the int8 GEMM (where this CPU sums exactly), which is the simulation
-    kind = "ref" if backend == "ref" else "cpu-int8mm" if cpu.int8mm_exact() else "cpu-dequant"
+    # on the CPU by default: through the int8 GEMM (in a form this CPU sums exactly), which is the simulation
+    kind = "ref" if backend == "ref" else "cpu-int8mm" if cpu.int8_sums("onednn") else "cpu-dequant"
     x = _x(2, 5, 160)
     with torch.no_grad():
         y, want = mod(x), sim(T(x))

@@ -166,7 +166,7 @@ def test_static_inputs_run_the_int8_gemm_on_the_cpu_and_keep_the_sinks_float(tmp
     with the calibrated scale (sink rows by `float_rows`), and the CPU's int8 GEMM returns it bit for bit."""
     from lmpress.kernels import cpu
 
-    if cpu.int8mm_misfit(QuantArgs(bits=4), QuantArgs(**STATIC)) or not cpu.int8mm_exact():
+    if cpu.int8mm_misfit(QuantArgs(bits=4), QuantArgs(**STATIC)) or not cpu.int8_sums("onednn"):
         pytest.skip("no exact oneDNN int8 GEMM on this CPU/torch")
     model, tok, toks, sim = _compressed_with_a_sink()
     packed = load(save(model, tmp_path / "ckpt", tokenizer=tok))
@@ -183,7 +183,7 @@ def test_static_inputs_run_the_int8_gemm_on_the_cpu_and_keep_the_sinks_float(tmp
             decode = q._forward_cpu(x)
             assert torch.equal(decode, q._forward_ref(x, ""))
         assert torch.equal(decode[:, 1:], fast[:, 1:]) and not torch.allclose(decode[:, :1], fast[:, :1], atol=1e-4)
-        codes, _ = cpu.static_codes(x.reshape(-1, x.shape[-1]), q.scheme.inputs, q.input_scale, as_bytes=False)
+        codes, _ = cpu.static_codes(x.reshape(-1, x.shape[-1]), q.scheme.inputs, q.input_scale, zero=None)
         assert torch.equal(codes, primitives.quantize(x.reshape(-1, x.shape[-1]), q.input_scale, torch.zeros(1, 1),
                                                       q.scheme.inputs).float())
         assert torch.equal(packed(toks).logits, sim)
