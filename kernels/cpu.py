@@ -99,7 +99,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from lmpress.quant.primitives import dequantize, int_factored
+from lmpress.quant.primitives import dequantize, int_codes, int_epilogue, int_factored, int_linear, sink_rows
 from lmpress.quant.scheme import QuantArgs
 
 from .formats import unpack, unsigned_codes, unsigned_codes_float
@@ -573,6 +573,39 @@ def linear_dequant(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
         w = dequantize_fast(packed[sl], s, z, args, K, x.dtype)
         y[:, sl] = F.linear(x2, w, None if bias is None else bias[sl])
     return y.view(*x.shape[:-1], N)
+
+
+def linear_int_dequant(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, weights: QuantArgs, inputs: QuantArgs,
+                       in_features: int, bias: torch.Tensor | None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The simulation of an `int_factored` scheme, `int_linear`, on the packed words, off the int8 GEMMs.
+
+    Layers up to WHOLE_BYTES of fp32 codes (and float64 inputs, and static inputs' sink rows): the weight's
+    codes unpacked whole and `int_linear` itself. Larger ones: x's codes once (`int_codes`), the fp32 GEMM of the
+    codes in blocks of ~CHUNK_BYTES of output channels, each block's codes unpacked into one reused buffer, then
+    `int_epilogue`. Bit-identical to `int_linear`: every sum of codes is an exact integer in fp32 (under 2^24),
+    so the blocks' order of summation cannot change it. A 7B-shaped layer (1 x 4096 x 11008, 8-bit) unpacked
+    whole took 405 ms for `unpack` alone (1 thread, AVX2 EPYC, 2026-12-07); that made an AVX2 CPU's W8A8
+    decode 0.02x of fp32 before it had an int8 GEMM form (`int8mm_form`). In blocks: 16 ms (8-bit), 31 ms (4-bit,
+    whose byte-table unpack is the larger part), against ~8 ms for the bare fp32 GEMM; the 7B-shaped stack's
+    decode on this path (`LMPRESS_INT8_GEMM=0 python -P bench/stack7b.py --threads 1`) 0.02x -> 0.47x of fp32
+    for W8A8, 0.21x -> 0.24x for W4A4."""
+    K, N, bits = int(in_features), packed.shape[0], weights.bits
+    if (N * K * 4 <= WHOLE_BYTES or x.dtype == torch.float64
+            or (input_scale is not None and sink_rows(x, inputs))):
+        return int_linear(x, unpack(packed, bits, K), scale, inputs, bias, input_scale)
+    q, s = int_codes(x.reshape(-1, K).float(), inputs, input_scale)  # (M, K), (M|1, 1)
+    sums = torch.empty(q.shape[0], N, dtype=torch.float32, device=x.device)  # (M, N)
+    rows = max(64, CHUNK_BYTES // (4 * max(K, 1)))
+    w = torch.empty(min(rows, N), K, dtype=torch.float32, device=x.device)  # one block's codes, reused
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        wb = w[: n1 - n0]
+        if bits in (2, 4):  # one byte-table gather into the buffer, as `dequantize_fast`
+            unsigned_codes_float(packed[n0:n1], bits, K, out=wb)  # (n, K)
+        else:
+            wb.copy_(unsigned_codes(packed[n0:n1], bits, K, torch.uint8 if 32 % bits == 0 else torch.int32))  # (n, K)
+        sums[:, n0:n1] = F.linear(q, wb.sub_(1 << (bits - 1)))  # signed codes: q_w = u - 2^(b-1)
+    return int_epilogue(sums, scale, s, bias, x)
 
 
 def reference_weight(packed, scale, zero, args, in_features, dtype):

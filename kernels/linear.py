@@ -206,8 +206,8 @@ class PackedLinear(nn.Module):
         if kind == "dequant" or (M > cpu.SMALL_M and kind != "int8mm"):  # exact: the simulation's operations
             self._note("cpu-dequant", why or f"{M} rows > {cpu.SMALL_M}")
             if int_factored(self.scheme.weights, inputs):  # the simulation's integer GEMM + epilogue
-                return int_linear(x, unpack(self.weight_packed, self.scheme.weights.bits, K), self.weight_scale, inputs, self.bias,
-                                  self.input_scale)
+                return cpu.linear_int_dequant(x, self.weight_packed, self.weight_scale, self.scheme.weights, inputs, K,
+                                              self.bias, self.input_scale)
             xin = self.quantize_input(x) if inputs is not None else x
             return cpu.linear_dequant(xin, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                       self.scheme.weights, K, self.bias)

@@ -275,13 +275,27 @@ def _int_rows(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, inp
               bias: torch.Tensor | None, input_scale: torch.Tensor | None) -> torch.Tensor:
     K = x.shape[-1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 models (invariance tests) stay so
-    x2 = x.reshape(-1, K).float()  # (M, K)
+    q, s = int_codes(x.reshape(-1, K).float(), inputs, input_scale)  # (M, K), (M|1, 1)
+    return int_epilogue(F.linear(q.to(acc), w_codes.to(acc)), w_scale, s, bias, x)
+
+
+def int_codes(x2: torch.Tensor, inputs: QuantArgs, input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`int_linear`'s activation side: x2 (M, K) float32 -> (codes (M, K) in float32, as `quantize` gives them;
+    scales (M, 1), or (1, 1) for static inputs: their calibrated `input_scale`, or a static scheme's own range
+    while not calibrated yet)."""
     if input_scale is not None:
         s = input_scale.float().reshape(1, 1)  # static: the calibrated scale
     else:
         s, _ = compute_qparams(x2, inputs)  # (M, 1), or (1, 1) for a static scheme not calibrated yet; zero points 0
-    q = torch.clamp(torch.round(x2 / s), inputs.qmin, inputs.qmax)  # (M, K): `quantize`'s codes, in fp32
-    y = F.linear(q.to(acc), w_codes.to(acc)) * w_scale.to(acc).reshape(1, -1) * s.to(acc)  # (M, N)
+    return torch.clamp(torch.round(x2 / s), inputs.qmin, inputs.qmax), s  # (M, K): `quantize`'s codes, in fp32
+
+
+def int_epilogue(sums: torch.Tensor, w_scale: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None,
+                 x: torch.Tensor) -> torch.Tensor:
+    """`int_linear`'s epilogue: the codes' sums (M, N) -> ``sums * s_w[n] * s_x[m] + b[n]`` in their dtype, in this
+    order, then in x's dtype and leading shape (..., N)."""
+    acc = sums.dtype
+    y = sums * w_scale.to(acc).reshape(1, -1) * s.to(acc)  # (M, N)
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)

@@ -201,6 +201,33 @@ def test_int8_gemm_is_the_simulation(name, dtype, choice, monkeypatch):
     assert packed._cached is None  # no dequantized copy kept
 
 
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("wbits,abits,K", [(8, 8, 203), (4, 4, 200), (3, 8, 97), (2, 4, 64), (6, 6, 130)])
+def test_int_dequant_in_blocks_is_int_linear(wbits, abits, K, static, monkeypatch):
+    """Off the int8 GEMMs, large `int_factored` layers run the fp32 GEMM of the codes a block of output channels at
+    a time (`cpu.linear_int_dequant`), unpacking each block into one buffer: bit-identical to `int_linear` on the
+    whole unpacked weight (sums of codes are exact integers), ragged blocks and K included; small layers and
+    float64 take `int_linear` itself."""
+    from lmpress.quant.primitives import int_linear
+
+    monkeypatch.setattr(cpu, "WHOLE_BYTES", 0)  # every layer takes the blocks ...
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 1)  # ... of 64 rows (the least): 150 channels = 64 + 64 + 22
+    wa = _w(wbits)
+    aa = QuantArgs(bits=abits, granularity="tensor", dynamic=False) if static else QuantArgs(bits=abits, granularity="token",
+                                                                                              dynamic=True)
+    qw = torch.randint(wa.qmin, wa.qmax + 1, (150, K), generator=torch.Generator().manual_seed(5), dtype=torch.int8)
+    packed = pack(qw, wbits)
+    sw = torch.rand(150, 1, generator=torch.Generator().manual_seed(6)) / 50
+    b = _x(150, seed=7)
+    s_in = torch.tensor([[0.05]]) if static else None
+    for x in (_x(1, K) * 3, _x(2, 9, K) * 3):
+        want = int_linear(x, qw, sw, aa, b, s_in)
+        got = cpu.linear_int_dequant(x, packed, sw, wa, aa, K, b, s_in)
+        assert got.shape == want.shape and torch.equal(got, want)
+        x64 = x.double()
+        assert torch.equal(cpu.linear_int_dequant(x64, packed, sw, wa, aa, K, b, s_in), int_linear(x64, qw, sw, aa, b, s_in))
+
+
 def test_int_linear_is_an_exact_integer_gemm():
     """`int_linear` (the simulation of integer-factored schemes) against int64 arithmetic in float64:
     the integer sum is exact, then the scale epilogue in float32, in its order."""
