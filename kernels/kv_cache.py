@@ -688,7 +688,9 @@ _DEFAULT_HOOK_ATTR = "_lmpress_default_cache_hook"
 def _default_cache_pre_hook(module, args, kwargs):
     if kwargs.get("use_cache") is not True:
         return None
-    name = cache_kwarg()
+    # the cache under either name: transformers still takes `past_key_values` after the rename (deprecated), and a
+    # new cache beside it under the other name would replace the caller's (the step then sees no prefix)
+    name = next((k for k in (cache_kwarg(), "cache", "past_key_values") if kwargs.get(k) is not None), cache_kwarg())
     cache = kwargs.get(name)
     if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):  # none, or generate's fresh one
         return args, {**kwargs, name: QuantizedKVCache(module)}

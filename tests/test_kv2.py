@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+import warnings
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -313,6 +315,13 @@ def test_loaded_per_token_model_decodes_through_the_runtime_cache(tokens, tmp_pa
         filled = returned_cache(rt(ids, use_cache=True))
         assert use_runtime_cache(rt)
         assert returned_cache(rt(ids[:, :1], use_cache=True, **cache_kwargs(filled))) is filled
+        # under the deprecated name too: the caller's cache is the one the step reads and extends, not a new one
+        pre = returned_cache(rt(ids[:, :11], use_cache=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step = rt(ids[:, 11:], use_cache=True, past_key_values=pre)
+        assert returned_cache(step) is pre and pre.get_seq_length() == 12
+        assert torch.allclose(step.logits[:, -1], rt(ids).logits[:, -1], atol=1e-4)
     assert torch.equal(gen.sequences, sim)
 
 
