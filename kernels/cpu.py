@@ -141,12 +141,13 @@ def plan(weights: QuantArgs, inputs: QuantArgs | None, x_dtype: torch.dtype) -> 
         return "dequant", "floating-point formats: exact grid lookup + fp32 GEMM (torch has no CPU FP8/FP4 GEMM)"
     if inputs is not None:
         why = int8mm_misfit(weights, inputs) or int8mm_declined()
-        if not why and int8mm_form(weights, inputs, "onednn") is None:
+        form = None if why else int8mm_form(weights, inputs, "onednn")
+        if not why and form is None:
             why = (f"quantized activations: this CPU's oneDNN int8 GEMM ({int8_sums('onednn') or 'absent or wrong'}) sums no form "
                    "of these codes exactly; exact fake-quant + fp32 GEMM instead")
         if why:
             return "dequant", why
-        zero, split = int8mm_form(weights, inputs, "onednn")
+        zero, split = form
         if int8_sums("onednn") != "pairs":
             return "int8mm", ""
         return "int8mm", ("no VNNI (u8 x s8 pairs summed in 16 bits): " +
@@ -502,6 +503,18 @@ def linear_small_m(x2: torch.Tensor, prep: Int4Pack | Int8Pack, bias: torch.Tens
     return y.to(out_dtype)
 
 
+def _fields_float(packed: torch.Tensor, bits: int, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The unsigned fields (q + 2^(b-1)) of int32 words (N, words) as a contiguous float32 (N, K), in `out` (N*K
+    elements) when given: 2 and 4 bits by one byte-table gather (`formats.unsigned_codes_float`, ~30% faster), other
+    widths through `formats.unsigned_codes` and a copy."""
+    if bits in (2, 4) and packed.device.type == "cpu":
+        w = unsigned_codes_float(packed, bits, K, out=out)  # a view of a fresh buffer when K is ragged and no out
+        return w if w.is_contiguous() else w.contiguous()
+    u = unsigned_codes(packed, bits, K, torch.uint8 if 32 % bits == 0 else torch.int32)  # (N, K)
+    w = torch.empty(u.shape, dtype=torch.float32, device=packed.device) if out is None else out.view(u.shape)
+    return w.copy_(u)
+
+
 def dequantize_fast(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs,
                     in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """(N, K) weight in `dtype`, bit-identical to `dequantize(unpack(...))`.
@@ -515,14 +528,7 @@ def dequantize_fast(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     if args.type == "float":  # codes are bit patterns: the reference's grid lookup
         return dequantize(unpack(packed, bits, K), scale, torch.zeros_like(scale), args, dtype)
     N = packed.shape[0]
-    if bits in (2, 4) and packed.device.type == "cpu":  # one byte-table gather straight to fp32: ~30% faster
-        w = unsigned_codes_float(packed, bits, K)  # (N, K) float32, a fresh buffer (a view of one when K is ragged)
-        if not w.is_contiguous():
-            w = w.contiguous()
-    else:
-        u = unsigned_codes(packed, bits, K, torch.uint8 if 32 % bits == 0 else torch.int32)  # (N, K)
-        w = torch.empty(N, K, dtype=torch.float32, device=packed.device)
-        w.copy_(u)
+    w = _fields_float(packed, bits, K)  # (N, K)
     s = scale.float()
     zo = (zero.float() if zero is not None else torch.zeros_like(s)) + float(1 << (bits - 1))
     if args.granularity == "group":
@@ -599,11 +605,7 @@ def linear_int_dequant(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
     w = torch.empty(min(rows, N), K, dtype=torch.float32, device=x.device)  # one block's codes, reused
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
-        wb = w[: n1 - n0]
-        if bits in (2, 4):  # one byte-table gather into the buffer, as `dequantize_fast`
-            unsigned_codes_float(packed[n0:n1], bits, K, out=wb)  # (n, K)
-        else:
-            wb.copy_(unsigned_codes(packed[n0:n1], bits, K, torch.uint8 if 32 % bits == 0 else torch.int32))  # (n, K)
+        wb = _fields_float(packed[n0:n1], bits, K, out=w[: n1 - n0])  # (n, K)
         sums[:, n0:n1] = F.linear(q, wb.sub_(1 << (bits - 1)))  # signed codes: q_w = u - 2^(b-1)
     return int_epilogue(sums, scale, s, bias, x)
 
