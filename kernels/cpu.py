@@ -14,7 +14,7 @@ What torch 2.13 provides, and what it asks for (checked numerically in tests/tes
 
 Both are vectorized (AVX2 / AVX512) for bfloat16 activations only; their float32 and float16
 variants are scalar loops, 15-50x slower than an fp32 matmul on this machine. So, for up to
-`SMALL_M` rows (decode, batched decode, prompts up to 64 tokens), weight-only schemes (W4A16, W8A16) run the op in bfloat16 for float32
+`SMALL_M` rows (decode, batched decode, prompts up to 64 tokens; 32 without AVX-512), weight-only schemes (W4A16, W8A16) run the op in bfloat16 for float32
 and bfloat16 models:
 
 - per-channel / per-tensor weights: the op gets unit scales (and the exact integer zero point
@@ -108,8 +108,10 @@ INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu acce
 # rows up to which the bf16 weight-only ops beat dequantize + fp32 matmul: an int4 g64 call costs ~21 us a row at
 # 1536 x 576 against ~1 ms of dequantization + the fp32 GEMM (1 thread: 662 / 1468 us at 32 rows, 1346 / 1812 at 64,
 # 2764 / 2529 at 128; 2 threads 721 / 1190 at 64; 576 x 1536 and 576 x 576 alike, 2026-12-06). 16 until then: a
-# 32-token prompt dequantized every weight (W4A16 time to first token ~3x the fp32 base's)
-SMALL_M = 64
+# 32-token prompt dequantized every weight (W4A16 time to first token ~3x the fp32 base's). Without AVX-512 the op
+# is slower (AVX2 EPYC, 2026-12-08, W4A16 g64 SmolLM2 layers, 1 thread, medians of 15, op / dequant us: 1536 x 576
+# 1561 / 1751 at 32 rows, 2259 / 1847 at 48; 576 x 576 579 / 559 and 835 / 679; 64 there cost ~25%): 32 there
+SMALL_M = 64 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 32
 # `auto` sends smaller layers to the (cached fp32) reference: below this the int4 op's fixed cost
 # (~0.1 ms a call here) exceeds a streamed fp32 GEMV (SmolLM2's 192x576 k/v: 0.10 ms against 0.05 ms
 # cold at one row), and their fp32 copies are small (SmolLM2: 25 MiB of 405; the model stays < 40%)
@@ -505,8 +507,8 @@ def linear_small_m(x2: torch.Tensor, prep: Int4Pack | Int8Pack, bias: torch.Tens
 
 def _fields_float(packed: torch.Tensor, bits: int, K: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The unsigned fields (q + 2^(b-1)) of int32 words (N, words) as a contiguous float32 (N, K), in `out` (N*K
-    elements) when given: 2 and 4 bits by one byte-table gather (`formats.unsigned_codes_float`, ~30% faster), other
-    widths through `formats.unsigned_codes` and a copy."""
+    elements) when given: 2 and 4 bits through `formats.unsigned_codes_float` (one byte-table gather at 2 bits; at 4,
+    fields spread to bytes and converted into the buffer), other widths through `formats.unsigned_codes` and a copy."""
     if bits in (2, 4) and packed.device.type == "cpu":
         w = unsigned_codes_float(packed, bits, K, out=out)  # a view of a fresh buffer when K is ragged and no out
         return w if w.is_contiguous() else w.contiguous()
@@ -519,8 +521,8 @@ def dequantize_fast(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                     in_features: int, dtype: torch.dtype) -> torch.Tensor:
     """(N, K) weight in `dtype`, bit-identical to `dequantize(unpack(...))`.
 
-    Byte-wide unpacking (2 and 4 bits: `formats.unsigned_codes_float`, one gather from a byte table into the
-    fp32 buffer, 1536 x 576 int4 g64 in 643 against 940 us; else `formats.unsigned_codes` and a copy), and the
+    Byte-wide unpacking (2 and 4 bits: `formats.unsigned_codes_float`, 1536 x 576 int4 g64 in 459 us against 545
+    through the byte table it used until 2026-12-08, medians, 1 thread, AVX2 EPYC; else `formats.unsigned_codes` and a copy), and the
     qparams applied in place and broadcast per group: ``(u - (z + 2^(b-1))) * s``, where
     ``u - (z + 2^(b-1))`` is the same exact small integer as the reference's ``q - z``.
     """

@@ -123,14 +123,16 @@ def test_every_width_is_compressed_tensors_dense_packing(bits, cols):
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (2, 4, 64), (3, 2, 130), (4, 0)])
 def test_unsigned_codes_float_is_unsigned_codes_by_lookup(bits, shape):
-    """The byte-lookup unpack (`unsigned_codes_float`) reads the same fields as `unsigned_codes`, as float32, over
-    any leading dimensions, non-contiguous words included."""
+    """The runtime unpacks (`unsigned_codes`, and `unsigned_codes_float`: byte lookup at 2 bits, `_spread` bytes
+    at 4) read the fields `unpack` decodes, + 2^(b-1), over any leading dimensions, non-contiguous words included."""
     from lmpress.kernels.formats import unsigned_codes, unsigned_codes_float
 
     *lead, cols = shape
     q = _random_codes(int(torch.Size(lead).numel()), cols, bits, seed=cols)
     w = pack(q, bits)  # (rows, words)
-    ref = unsigned_codes(w, bits, cols).float().reshape(*lead, cols)
+    ref = (unpack(w, bits, cols).float() + (1 << (bits - 1))).reshape(*lead, cols)
+    for dtype in (torch.uint8, torch.int32):
+        assert torch.equal(unsigned_codes(w, bits, cols, dtype).float().reshape(*lead, cols), ref)
     got = unsigned_codes_float(w.reshape(*lead, w.shape[1]), bits, cols)
     assert got.dtype == torch.float32 and torch.equal(got, ref)
     if len(lead) == 2:
