@@ -313,7 +313,9 @@ def prepare_int8mm(packed: torch.Tensor | Callable[[], torch.Tensor], scale: tor
     K = int(in_features)
     col = scale.float().cpu().reshape(-1).expand(N).contiguous()
     forms = {g: int8mm_form(args, inputs, g) for g in ("onednn", "fbgemm")}
-    return Int8MM(lambda: unpack(words().cpu(), args.bits, K), col, torch.zeros(N, dtype=torch.int64), inputs, K, forms)
+    # contiguous: where K is not a multiple of the words' fields, `unpack` returns a column slice, and
+    # oneDNN's prepack reads its argument as dense rows (every output wrong for K % 4 != 0 at 8 bits, until 2026-12-08)
+    return Int8MM(lambda: unpack(words().cpu(), args.bits, K).contiguous(), col, torch.zeros(N, dtype=torch.int64), inputs, K, forms)
 
 
 def token_codes(x2: torch.Tensor, args: QuantArgs, zero: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:

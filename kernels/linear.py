@@ -343,11 +343,12 @@ class PackedLinear(nn.Module):
         return self._fast[1]
 
     # ---- memory --------------------------------------------------------------------------
-    def weight_nbytes(self) -> int:
+    def weight_nbytes(self, shared: frozenset = frozenset()) -> int:
         """Bytes this module holds for its weight: packed words, qparams, and whatever runtime
-        copy a path keeps (the reference's dequantized weight, the CPU path's repacked one)."""
+        copy a path keeps (the reference's dequantized weight, the CPU path's repacked one).
+        `shared`: data pointers of buffers another module already counts (Sparse24Linear's dense form)."""
         n = sum(t.numel() * t.element_size() for name, t in self.named_buffers(recurse=False)
-                if t is not None and name != "bias")
+                if t is not None and name != "bias" and t.data_ptr() not in shared)
         if self._cached is not None:
             n += self._cached[1].numel() * self._cached[1].element_size()
         if self._fast is not None:
@@ -512,8 +513,13 @@ class Sparse24Linear(nn.Module):
     codes, `formats.pack` order, when the scheme quantizes weights; else floats (out, slots)),
     `weight_sparse24_meta` (int32, their 2-bit positions, `formats.sparse24_compress`),
     `weight_scale` / `weight_zero_point` (quantized only, as PackedLinear), `weight_shape`, `bias`.
-    The forward runs `sparse24_gemm` (Triton) on CUDA, else the reference (dense weight cached,
-    bit-identical to the SimQuantLinear it came from); `kernel_path` records which.
+    The forward runs `sparse24_gemm` (Triton) on CUDA. On the CPU, integer weights under no or dynamic activation
+    quantization run as the PackedLinear of their dense codes (`dense_packed`: the pruned positions hold the zero
+    point's code, as in the SimQuantLinear they came from, so it is `PackedLinear.from_sim` of it), on its CPU paths:
+    the int4 / int8 ops or the int8 GEMMs, exact on-the-fly dequantization above `cpu.SMALL_M` rows (torch has no
+    CPU 2:4 kernel; the dense codes cost 4 / bits x less than the dense fp32 weight cached until 2026-12-08).
+    Otherwise the reference (dense weight cached, bit-identical to the SimQuantLinear it came from).
+    `kernel_path` records which.
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool,
@@ -539,6 +545,7 @@ class Sparse24Linear(nn.Module):
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._cached: tuple | None = None
+        self._dense: tuple | None = None  # (buffers key, PackedLinear of the dense codes): the CPU paths only
         self.kernel_path: Path | None = None
 
     @classmethod
@@ -595,6 +602,11 @@ class Sparse24Linear(nn.Module):
             self.kernel_path = Path("triton-sparse24")
             return sparse24_gemm(fake_quantize(x, a) if a is not None else x, self.weight_sparse24_values,
                                  self.weight_sparse24_meta, *self._qparams(), bias=self.bias, **self._gemm_args())
+        if (x.device.type == "cpu" and backend in ("auto", "cpu") and not (x.requires_grad and torch.is_grad_enabled())
+                and self.dense_packed() is not None):
+            y = self._dense[1]._dispatch(x, grouped=False)
+            self.kernel_path = self._dense[1].kernel_path
+            return y
         why = "" if not x.is_cuda else "no Triton kernel for this scheme"
         p = self.kernel_path
         if p is None or p.kind != "ref" or p.reason != why:
@@ -615,13 +627,47 @@ class Sparse24Linear(nn.Module):
             return int_linear(x, self._cached[1], b["weight_scale"], a, b["bias"])
         return F.linear(fake_quantize(x, a) if a is not None else x, self._cached[1], b["bias"])
 
+    def dense_packed(self) -> "PackedLinear | None":
+        """The PackedLinear of this weight's dense codes (kept while the buffers are unchanged), which the CPU
+        runs; None where the scheme has no such form here: unquantized or floating-point weights, static or
+        outlier-channel activations (a PackedLinear would need their `input_scale` / `input_perm`)."""
+        w, a = self.scheme.weights, self.scheme.inputs
+        if w is None or w.type != "int" or (a is not None and (not a.dynamic or a.outliers)):
+            return None
+        b = self._buffers
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (b["weight_sparse24_values"], b["weight_sparse24_meta"],
+                                                                   b["weight_scale"], b["weight_zero_point"], b["bias"])
+                    if t is not None)
+        if self._dense is None or self._dense[0] != key:
+            from .formats import sparse24_decompress, sparse24_slots
+
+            K, N = self.in_features, self.out_features
+            kept = unpack(b["weight_sparse24_values"], w.bits, sparse24_slots(K)).float()  # (N, slots) codes
+            z = b["weight_zero_point"]
+            fill = 0.0
+            if z is not None:  # every pruned weight's code is its group's zero point: it dequantizes to 0
+                g = (torch.arange(K, device=z.device) // w.group_size if w.granularity == "group"
+                     else torch.zeros(K, dtype=torch.int64, device=z.device)).clamp_(max=z.shape[1] - 1)  # (K,) group
+                fill = z.float().expand(N, -1)[:, g]  # (N, K)
+            codes = sparse24_decompress(kept, b["weight_sparse24_meta"], K, fill)  # (N, K)
+            d = PackedLinear(K, N, self.scheme, b["bias"] is not None,
+                             dtype=b["bias"].dtype if b["bias"] is not None else torch.float32, device="meta")
+            d.weight_packed = pack(codes.to(torch.int8), w.bits)
+            d.weight_scale, d.weight_zero_point, d.bias = b["weight_scale"], z, b["bias"]
+            d.weight_shape = b["weight_shape"]
+            self._dense = (key, d)
+        return self._dense[1]
+
     def weight_nbytes(self) -> int:
         """Bytes this module holds for its weight: the 2:4 values and metadata, qparams, and the
-        reference path's cached dense weight (or codes) once a forward made it."""
-        n = sum(t.numel() * t.element_size() for name, t in self.named_buffers(recurse=False)
-                if t is not None and name != "bias")
+        reference path's cached dense weight (or codes) once a forward made it, or the CPU's dense
+        form (`dense_packed`: its codes and whatever copy its path keeps)."""
+        mine = [t for name, t in self.named_buffers(recurse=False) if t is not None and name != "bias"]
+        n = sum(t.numel() * t.element_size() for t in mine)
         if self._cached is not None:
             n += self._cached[1].numel() * self._cached[1].element_size()
+        if self._dense is not None:
+            n += self._dense[1].weight_nbytes(shared=frozenset(t.data_ptr() for t in mine))
         return n
 
     def extra_repr(self) -> str:

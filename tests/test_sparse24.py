@@ -111,15 +111,43 @@ def test_sparse24_linear_matches_sim_exactly(scheme, in_f):
     x = torch.randn(3, 4, in_f)
     held = packed.weight_nbytes()  # before a forward: values, metadata, qparams
     assert torch.equal(packed(x), sim(x))
-    assert packed.kernel_path.kind == "ref"
-    assert packed.weight_nbytes() == held + 11 * in_f * 4  # + the reference's cached dense fp32 weight (or codes)
+    dense = packed.dense_packed()  # None: the reference (unquantized weights)
+    # a small layer runs the reference, or the int8 GEMM where activations are quantized (cheaper there)
+    assert packed.kernel_path.kind == ("cpu-int8mm" if dense is not None and dense.cpu_plan(x.dtype)[0] == "int8mm" else "ref")
+    extra = 11 * in_f * 4 if packed.kernel_path.kind == "ref" else 0  # the reference's cached fp32 weight (or codes)
+    if dense is not None:  # run as the PackedLinear of the dense codes: + those codes, + the int8 GEMM's copy
+        assert torch.equal(dense.weight_packed, PackedLinear.from_sim(sim).weight_packed)
+        extra += dense.weight_packed.numel() * 4 + (dense._fast[1].nbytes() if dense._fast is not None else 0)
+    assert packed.weight_nbytes() == held + extra
     # the state dict round-trips through a meta-device skeleton
     fresh = Sparse24Linear(in_f, 11, scheme, bias=True, device="meta")
     fresh.load_state_dict(packed.state_dict(), assign=True)
     assert torch.equal(fresh(x), sim(x))
 
 
-def test_sparse24_linear_refuses_three_of_four():
+@pytest.mark.parametrize("scheme", [
+    QuantScheme(weights=QuantArgs(bits=4, granularity="group", group_size=64, symmetric=False), sparsity="2:4"),
+    QuantScheme(weights=QuantArgs(bits=4), sparsity="2:4"),
+    QuantScheme(weights=QuantArgs(bits=8), inputs=QuantArgs(bits=8, granularity="token", dynamic=True), sparsity="2:4"),
+    QuantScheme(weights=QuantArgs(bits=3, granularity="group", group_size=32, symmetric=False), sparsity="2:4"),
+], ids=lambda s: s.name)
+def test_sparse24_linear_runs_the_packed_cpu_paths(scheme):
+    """A CPU-sized 2:4 layer with integer weights runs as `PackedLinear.from_sim` of its SimQuantLinear would, path
+    for path and bit for bit (the pruned weights' codes are their zero points), and holds its dense codes, not
+    the dense fp32 weight."""
+    sim = _pruned_sim(scheme, 576, 256)  # 147456 weights: above cpu.MIN_FAST_WEIGHTS
+    sparse, dense = Sparse24Linear.from_sim(sim), PackedLinear.from_sim(sim)
+    with torch.no_grad():
+        for x in (torch.randn(1, 3, 576), torch.randn(2, 40, 576)):  # decode rows, and more than cpu.SMALL_M
+            y = sparse(x)
+            assert torch.equal(y, dense(x)) and sparse.kernel_path == dense.kernel_path
+            assert sparse.kernel_path.kind.startswith("cpu-")
+            if sparse.kernel_path.kind in ("cpu-dequant", "cpu-int8mm"):  # exact paths
+                assert torch.equal(y, sim(x))
+            else:  # torch's bf16 weight-only op
+                assert ((y - sim(x)).norm() / sim(x).norm()).item() < 1e-2
+    assert sparse.weight_nbytes() < 256 * 576 * 4  # W8A8: its codes and both int8 GEMMs' copies, 0.92x
+
     sim = SimQuantLinear(nn.Linear(8, 2), QuantScheme(sparsity="2:4"))
     with pytest.raises(ValueError, match="not 2:4 sparse"):
         Sparse24Linear.from_sim(sim)
