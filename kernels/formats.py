@@ -226,10 +226,12 @@ def _spread(b: torch.Tensor, bits: int) -> torch.Tensor:
     return x.view(torch.uint8)  # (..., n * 8 // bits)
 
 
-# one byte's 8 // bits float32 fields as one element (16 bytes). Only 2 bits: at 4 bits (8-byte elements) the gather
-# lost to `_spread` and a conversion (1536 x 576: 417 against 267 us, 1 thread, AVX2 EPYC, 2026-12-08); at 2 bits it
-# still wins (264 against 342 us)
-_WIDE = {2: torch.complex128}
+_WIDE = {2: torch.complex128, 4: torch.int64}  # one byte's 8 // bits float32 fields as one element (16, 8 bytes)
+# 4-bit words of at least this many bytes go through `_spread` and a conversion instead of the gather: fewer ops
+# for the gather (a decode step's KV codes), less time per byte for the spread (medians, 1 thread, AVX2 EPYC,
+# 2026-12-08, gather / spread us: 16 KiB 79 / 114, 64 KiB 171 / 151, 1 MiB 1290 / 785; 1536 x 576 weights 417 / 267).
+# At 2 bits the gather (16-byte elements) wins at every size (1536 x 576: 264 against 342 us)
+SPREAD_BYTES = 1 << 15
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,13 +245,13 @@ def _byte_fields(bits: int, device: str) -> torch.Tensor:
 
 def unsigned_codes_float(packed: torch.Tensor, bits: int, cols: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """`unsigned_codes` as float32, for runtime paths that multiply the codes next: int32 words (..., words) ->
-    (..., cols), any leading dimensions. 2 bits through a byte lookup table (one gather, no shift passes), 4 bits
-    through `_spread`'s bytes and one conversion, written straight into `out` when given: a contiguous float32
-    tensor of the result's size (returned, viewed to its shape)."""
+    (..., cols), any leading dimensions: through a byte lookup table (one gather, no shift passes), or for 4-bit
+    words of `SPREAD_BYTES` or more through `_spread`'s bytes and one conversion. `out`: a contiguous float32
+    tensor of the result's size to write into (returned, viewed to its shape)."""
     _check_bits(bits)
     lead, words = packed.shape[:-1], packed.shape[-1]
     full = 4 * words * 8 // bits
-    if bits == 4 and sys.byteorder == "little":
+    if bits == 4 and sys.byteorder == "little" and packed.numel() * 4 >= SPREAD_BYTES:
         u = _spread(packed.contiguous().view(torch.uint8), bits)[..., :cols]  # (..., cols) uint8, lead kept
         return u.to(torch.float32) if out is None else out.view(u.shape).copy_(u)
     if bits not in _WIDE or sys.byteorder != "little" or (out is not None and full != cols):

@@ -122,10 +122,15 @@ def test_every_width_is_compressed_tensors_dense_packing(bits, cols):
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (2, 4, 64), (3, 2, 130), (4, 0)])
-def test_unsigned_codes_float_is_unsigned_codes_by_lookup(bits, shape):
-    """The runtime unpacks (`unsigned_codes`, and `unsigned_codes_float`: byte lookup at 2 bits, `_spread` bytes
-    at 4) read the fields `unpack` decodes, + 2^(b-1), over any leading dimensions, non-contiguous words included."""
+@pytest.mark.parametrize("spread", [False, True])
+def test_unsigned_codes_float_is_unsigned_codes_by_lookup(bits, shape, spread, monkeypatch):
+    """The runtime unpacks (`unsigned_codes`, and `unsigned_codes_float`: byte lookup, or `_spread` bytes for 4-bit
+    words past `SPREAD_BYTES`, forced here by `spread`) read the fields `unpack` decodes, + 2^(b-1), over any
+    leading dimensions, non-contiguous words included."""
+    from lmpress.kernels import formats
     from lmpress.kernels.formats import unsigned_codes, unsigned_codes_float
+
+    monkeypatch.setattr(formats, "SPREAD_BYTES", 0 if spread else 1 << 40)
 
     *lead, cols = shape
     q = _random_codes(int(torch.Size(lead).numel()), cols, bits, seed=cols)
