@@ -483,7 +483,7 @@ class SiblingGroup:
 
 def link_siblings(model: nn.Module, groups: Iterable[Sequence[str]]) -> int:
     """Give each set of PackedLinears named in `groups` (module paths; each set reads one input tensor,
-    e.g. a layer's q/k/v) a `SiblingGroup`. Sets that are not all PackedLinears of one scheme and input
+    e.g. a layer's q/k/v) a `SiblingGroup`; for a set of Sparse24Linears, their `dense_packed` forms. Sets that are not all PackedLinears of one scheme and input
     width (a RotatedInput, a mixed-precision plan, COMET's permuted or static activation scales) are
     left alone. Returns the number of groups linked."""
     n = 0
@@ -492,6 +492,8 @@ def link_siblings(model: nn.Module, groups: Iterable[Sequence[str]]) -> int:
             mods = [model.get_submodule(p) for p in names]
         except AttributeError:
             continue
+        if mods and all(type(m) is Sparse24Linear for m in mods):  # 2:4 layers: their dense codes' PackedLinears
+            mods = [m.dense_packed() for m in mods]  # None where a scheme has none (`Sparse24Linear.dense_packed`)
         if len(mods) < 2 or not all(type(m) is PackedLinear for m in mods):
             continue
         first = mods[0]
@@ -604,7 +606,7 @@ class Sparse24Linear(nn.Module):
                                  self.weight_sparse24_meta, *self._qparams(), bias=self.bias, **self._gemm_args())
         if (x.device.type == "cpu" and backend in ("auto", "cpu") and not (x.requires_grad and torch.is_grad_enabled())
                 and self.dense_packed() is not None):
-            y = self._dense[1]._dispatch(x, grouped=False)
+            y = self._dense[1]._dispatch(x)  # grouped with its siblings' dense forms where `link_siblings` linked them
             self.kernel_path = self._dense[1].kernel_path
             return y
         why = "" if not x.is_cuda else "no Triton kernel for this scheme"

@@ -133,7 +133,7 @@ def test_sparse24_linear_matches_sim_exactly(scheme, in_f):
 ], ids=lambda s: s.name)
 def test_sparse24_linear_runs_the_packed_cpu_paths(scheme):
     """A CPU-sized 2:4 layer with integer weights runs as `PackedLinear.from_sim` of its SimQuantLinear would, path
-    for path and bit for bit (the pruned weights' codes are their zero points), and holds its dense codes, not
+    for path and bit for bit (the pruned weights' codes are their zero points), and holds its dense codes (and the op's copies), not
     the dense fp32 weight."""
     sim = _pruned_sim(scheme, 576, 256)  # 147456 weights: above cpu.MIN_FAST_WEIGHTS
     sparse, dense = Sparse24Linear.from_sim(sim), PackedLinear.from_sim(sim)
@@ -148,6 +148,27 @@ def test_sparse24_linear_runs_the_packed_cpu_paths(scheme):
                 assert ((y - sim(x)).norm() / sim(x).norm()).item() < 1e-2
     assert sparse.weight_nbytes() < 256 * 576 * 4  # W8A8: its codes and both int8 GEMMs' copies, 0.92x
 
+
+def test_sparse24_siblings_run_as_one_gemm(monkeypatch):
+    """`link_siblings` links 2:4 layers that read one input through their dense forms: one stacked GEMM on the
+    CPU op path, each output bit-identical to its layer alone; 2:4 layers without a dense form stay unlinked."""
+    from lmpress.kernels.linear import link_siblings
+
+    monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
+    scheme = QuantScheme(weights=QuantArgs(bits=4, granularity="group", group_size=64, symmetric=False), sparsity="2:4")
+    sims = [_pruned_sim(scheme, 192, n, seed=i) for i, n in enumerate((40, 24, 24))]
+    alone = [Sparse24Linear.from_sim(s) for s in sims]
+    parent = nn.ModuleDict({k: Sparse24Linear.from_sim(s) for k, s in zip("qkv", sims)})
+    floats = nn.ModuleDict({k: Sparse24Linear.from_sim(_pruned_sim(QuantScheme(sparsity="2:4"), 192, 24, seed=i))
+                            for i, k in enumerate("ab")})
+    assert link_siblings(parent, [["q", "k", "v"]]) == 1 and link_siblings(floats, [["a", "b"]]) == 0
+    x = torch.randn(3, 192)
+    with torch.no_grad():
+        for m, a in zip(parent.values(), alone):
+            assert torch.equal(m(x), a(x)) and "one GEMM for the 3 linears" in m.kernel_path.reason
+
+
+def test_sparse24_linear_refuses_three_of_four():
     sim = SimQuantLinear(nn.Linear(8, 2), QuantScheme(sparsity="2:4"))
     with pytest.raises(ValueError, match="not 2:4 sparse"):
         Sparse24Linear.from_sim(sim)
