@@ -55,6 +55,13 @@ from .dispatch import Path, requested_backend, triton_available
 from .formats import pack, packed_cols, unpack
 
 
+def _version(t: torch.Tensor) -> int:
+    """A buffer's version counter, for the keys of the copies made from it; -1 for an inference tensor, which keeps
+    none (a checkpoint loaded under torch.inference_mode: every forward raised until 2026-12-08). Such a buffer can
+    change in place only inside inference mode, which these keys then do not see."""
+    return -1 if t.is_inference() else t._version
+
+
 class PackedLinear(nn.Module):
     """y = fq_in(x) @ dequant(unpack(weight_packed))^T + b, bit-identical to SimQuantLinear.
 
@@ -228,7 +235,7 @@ class PackedLinear(nn.Module):
 
     def _buffers_key(self) -> tuple:
         b = self._buffers  # direct: nn.Module.__getattr__ costs microseconds, ~200 calls a token
-        return tuple((t.data_ptr(), t._version, t.device) for t in
+        return tuple((t.data_ptr(), _version(t), t.device) for t in
                      (b["weight_packed"], b["weight_scale"], b["weight_zero_point"]) if t is not None)
 
     def _cpu_prep(self, kind: str):
@@ -327,8 +334,8 @@ class PackedLinear(nn.Module):
         8-bit containers), made once and kept with the buffers' identity and version, as `_int8_container`."""
         bits = self.scheme.weights.bits
         w_bits = bits if bits in (4, 8) else 8
-        key = ("perm", self.weight_packed.data_ptr(), self.weight_packed._version, self.input_perm.data_ptr(),
-               self.input_perm._version, self.weight_packed.device)
+        key = ("perm", self.weight_packed.data_ptr(), _version(self.weight_packed), self.input_perm.data_ptr(),
+               _version(self.input_perm), self.weight_packed.device)
         if self._fast is None or self._fast[0] != key:
             q = unpack(self.weight_packed, bits, self.in_features)  # (out, in) int8
             self._fast = (key, pack(q.index_select(1, self.input_perm.to(q.device)).contiguous(), w_bits))
@@ -337,7 +344,7 @@ class PackedLinear(nn.Module):
     def _int8_container(self) -> torch.Tensor:
         """The codes of a 2/3/5/6-bit weight repacked 8 bits a field (the integer GEMM's int8 containers),
         made once and kept with the buffers' identity and version (`_fast`, as the CPU path's copy)."""
-        key = ("int8", self.weight_packed.data_ptr(), self.weight_packed._version, self.weight_packed.device)
+        key = ("int8", self.weight_packed.data_ptr(), _version(self.weight_packed), self.weight_packed.device)
         if self._fast is None or self._fast[0] != key:
             self._fast = (key, pack(unpack(self.weight_packed, self.scheme.weights.bits, self.in_features), 8))
         return self._fast[1]
@@ -454,7 +461,7 @@ class SiblingGroup:
     def _prep(self, kind: str) -> tuple:
         ms = self.members
         key = (kind,) + tuple(m._buffers_key() for m in ms) + tuple(
-            (m.bias.data_ptr(), m.bias._version) for m in ms if m.bias is not None)
+            (m.bias.data_ptr(), _version(m.bias)) for m in ms if m.bias is not None)
         if self._fast is None or self._fast[0] != key:
             self._fast = None  # free the old copy before building the new one
 
@@ -616,7 +623,7 @@ class Sparse24Linear(nn.Module):
         factored = int_factored(w, a)  # the simulation's integer GEMM + epilogue on the dense codes (zeros where pruned)
         b = self._buffers  # direct: nn.Module.__getattr__ costs ~1 us, and decode runs ~200 of these a token
         vals, meta = b["weight_sparse24_values"], b["weight_sparse24_meta"]
-        key = (torch.float32 if factored else x.dtype, factored, vals.data_ptr(), vals._version, meta.data_ptr(), meta._version,
+        key = (torch.float32 if factored else x.dtype, factored, vals.data_ptr(), _version(vals), meta.data_ptr(), _version(meta),
                x.device)
         if self._cached is None or self._cached[0] != key:
             from .sparse24_gemm import sparse24_dense_weight
@@ -637,7 +644,7 @@ class Sparse24Linear(nn.Module):
         if w is None or w.type != "int" or (a is not None and (not a.dynamic or a.outliers)):
             return None
         b = self._buffers
-        key = tuple((t.data_ptr(), t._version, t.device) for t in (b["weight_sparse24_values"], b["weight_sparse24_meta"],
+        key = tuple((t.data_ptr(), _version(t), t.device) for t in (b["weight_sparse24_values"], b["weight_sparse24_meta"],
                                                                    b["weight_scale"], b["weight_zero_point"], b["bias"])
                     if t is not None)
         if self._dense is None or self._dense[0] != key:
@@ -769,7 +776,7 @@ class LUTLinear(nn.Module):
                 y = y + (S @ x2.T).T.reshape(y.shape)  # (out, M) -> (M, out) -> (..., out)
             return y
         self.kernel_path = Path("ref", "" if not x.is_cuda else "Triton is not available")
-        key = (x.dtype, x.device, *((t.data_ptr(), t._version) for t in (self.weight_codes, self.weight_codebook,
+        key = (x.dtype, x.device, *((t.data_ptr(), _version(t)) for t in (self.weight_codes, self.weight_codebook,
                                                                           self.weight_sparse_cols, self.weight_sparse_values)))
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, self.dense_weight(x.dtype))

@@ -565,6 +565,26 @@ def test_checkpoint_links_siblings_and_stays_exact(tiny, tokens, tmp_path, monke
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
+@pytest.mark.parametrize("recipe", ["w8a8-rtn", "w4a16-rtn"])
+def test_checkpoint_loaded_in_inference_mode_runs(recipe, tiny, tokens, tmp_path, monkeypatch):
+    """A checkpoint loaded under torch.inference_mode (its buffers then keep no version counter, which the runtime
+    copies' keys read) runs inside and outside that mode, with the logits of one loaded as usual."""
+    from lmpress.compress import compress, load, save
+
+    model, _ = tiny
+    compress(model, recipe)
+    save(model, tmp_path / "ckpt")
+    monkeypatch.setenv("LMPRESS_KERNELS", "cpu")
+    with torch.no_grad():
+        want = [load(tmp_path / "ckpt")(t).logits for t in (tokens, tokens[:1, :1])]
+    with torch.inference_mode():
+        runtime = load(tmp_path / "ckpt")
+        inside = [runtime(t).logits for t in (tokens, tokens[:1, :1])]
+    with torch.no_grad():
+        outside = [runtime(t).logits for t in (tokens, tokens[:1, :1])]
+    assert all(torch.equal(a, w) and torch.equal(b, w) for a, b, w in zip(inside, outside, want))
+
+
 # ============================================================ Triton kernels (interpreter)
 W4A16_CASES = [
     # M, N, K, args, dtype, split_k, layout, config
