@@ -44,7 +44,7 @@ it by rounding, which flipped later layers' codes (w4a4kv4-quarot-rtn +1.6% perp
 and only 8-bit activations took this path by default. ``LMPRESS_INT8_GEMM=0`` (`INT8MM_ENV`) takes every
 scheme off it (the same numbers through an fp32 GEMM of the unpacked codes, slower).
 
-Up to `GEMV_M` rows (decode) the same integer sum comes from fbgemm's int8 GEMM instead
+Up to `GEMV_M` rows (decode; `GEMV_M_PAIRS` without VNNI) the same integer sum comes from fbgemm's int8 GEMM instead
 (``quantized.linear_with_input_q_dq_qweight_dq_output_fp32`` on ``quantized.linear_prepack``'s copy of the
 codes, given the float codes with unit scale and zero point 128, which it turns into the same bytes), where
 it has an exact form (`int8mm_form`): its fixed cost per call is lower. One thread, us a call, oneDNN /
@@ -126,6 +126,18 @@ _GEMV = getattr(getattr(torch.ops, "quantized", None), "linear_with_input_q_dq_q
 # fbgemm still wins there: SmolLM2 batch 8, 2 threads, W8A8 134 -> 147 tokens/s and W4A4 95 -> 101 at 8 rows
 # against 4 (1 thread 95 -> 99 and 76 -> 77; `bench/decode.py`, 2026-12-06)
 GEMV_M = 8
+# the same on a CPU whose int8 sums go in pairs (`int8_sums` 'pairs': AVX2 without VNNI), where oneDNN's kernels are
+# slower: medians of 15, 1 thread, AVX2 EPYC, 2026-12-08, fbgemm / oneDNN / fp32 us (`/tmp` script). W8A8 (split):
+# 1536 x 576 16 rows 484 / 565 / 528, 32 rows 1083 / 1206 / 1084, 64 rows 2024 / 1938 / 1768; 576 x 1536 32 rows
+# 938 / 1060 / 947. W4A4 (codes + 8): 32 rows 528 / 657, 64 rows 1162 / 1196, 256 rows 3847 / 3449. 2 threads alike.
+# A prompt of up to 32 tokens then makes only fbgemm's copy of the codes
+GEMV_M_PAIRS = 32
+
+
+def gemv_rows() -> int:
+    """Rows up to which `linear_int8mm` takes fbgemm's GEMM (where it has an exact form): `GEMV_M`, or `GEMV_M_PAIRS`
+    where oneDNN's sums go in pairs."""
+    return GEMV_M_PAIRS if int8_sums("onednn") == "pairs" else GEMV_M
 # "0" keeps activation-quantized schemes off oneDNN's int8 GEMM (the same numbers either way: `int_linear`)
 INT8MM_ENV = "LMPRESS_INT8_GEMM"
 
@@ -271,7 +283,7 @@ def _fbgemm_prepack(w: torch.Tensor, col_scale: torch.Tensor):
 @dataclass(eq=False)
 class Int8MM:
     """Weight codes for the exact int8 GEMMs, each copy prepacked on its first use: oneDNN's
-    (`onednn.qlinear_prepack`) above `GEMV_M` rows, fbgemm's (`quantized.linear_prepack`) up to it, where
+    (`onednn.qlinear_prepack`) above `gemv_rows()` rows, fbgemm's (`quantized.linear_prepack`) up to it, where
     fbgemm has an exact form. `forms`: each GEMM's `int8mm_form` for these codes (None: that GEMM stays unused)."""
 
     codes: Callable[[], torch.Tensor]  # -> (N, K) int8 codes, read from the packed words when a copy is made
@@ -371,7 +383,7 @@ def shared_token_codes(x: torch.Tensor, args: QuantArgs, zero: int | None = 128)
 def linear_int8mm(x: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out_dtype: torch.dtype,
                   input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """(..., K) float activations -> (M, N): the simulation's per-token codes (or with `input_scale` (1, 1),
-    static inputs' codes round(x / s) clamped), the exact integer GEMM (fbgemm's up to `GEMV_M` rows where
+    static inputs' codes round(x / s) clamped), the exact integer GEMM (fbgemm's up to `gemv_rows()` rows where
     it has an exact form, oneDNN's otherwise) in its `int8mm_form`, then ``* s_w[n] * s_x[m]`` (+ bias) in fp32.
     A split form sums q⁺ and q⁻ rows apart under unit scales; their difference is the integer sum (exact:
     each half is an integer under 2^24 in fp32 while the simulation's own sums are), then the same epilogue."""
@@ -379,7 +391,7 @@ def linear_int8mm(x: torch.Tensor, prep: Int8MM, bias: torch.Tensor | None, out_
         codes = lambda zero: static_codes(x.reshape(-1, x.shape[-1]), prep.inputs, input_scale, zero)  # noqa: E731
     else:
         codes = lambda zero: shared_token_codes(x, prep.inputs, zero)  # noqa: E731
-    gemm = "fbgemm" if x.numel() <= GEMV_M * x.shape[-1] and prep.forms["fbgemm"] is not None else "onednn"
+    gemm = "fbgemm" if x.numel() <= gemv_rows() * x.shape[-1] and prep.forms["fbgemm"] is not None else "onednn"
     zero, split = prep.forms[gemm]
     if split:
         q, sx = codes(None)  # (M, K) fp32 q, (M|1, 1) fp32

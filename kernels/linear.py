@@ -21,7 +21,7 @@ The forward dispatches (`lmpress.kernels.dispatch`, ``LMPRESS_KERNELS``):
 - CPU -> `lmpress.kernels.cpu`, for layers of at least `cpu.MIN_FAST_WEIGHTS` weights under
   ``auto`` (smaller ones take the cached reference unless they take ``cpu-int8mm``): per-token
   activation schemes with symmetric per-channel weights (`quant.primitives.int_factored`: W8A8, W4A8,
-  W4A4...) run an int8 GEMM on the codes (`cpu-int8mm`: fbgemm's up to `cpu.GEMV_M` rows, oneDNN's above; every size, bit-identical to the
+  W4A4...) run an int8 GEMM on the codes (`cpu-int8mm`: fbgemm's up to `cpu.gemv_rows()` rows, oneDNN's above; every size, bit-identical to the
   simulation's `int_linear`; ``LMPRESS_INT8_GEMM=0`` turns it off, see `cpu`); weight-only 4/8-bit
   schemes run torch's int4/int8 ops in bfloat16 on a repacked copy for up to `cpu.SMALL_M` rows
   (decode); larger calls and whatever the ops cannot serve dequantize on the fly and run F.linear

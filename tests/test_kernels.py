@@ -266,7 +266,7 @@ def _forced_sums(monkeypatch, sums: str, gemv: bool) -> dict[str, str]:
 @pytest.mark.parametrize("name", ["W8A8", "W4A4-clip", "W8A8-tensor-weights", "W4A8"])
 @pytest.mark.parametrize("K", [200, 37])
 def test_both_int8_gemms_are_the_simulation(name, gemv, sums, K, monkeypatch):
-    """Up to `GEMV_M` rows fbgemm's int8 GEMM (where it has an exact form), oneDNN's above: either is bit-identical
+    """Up to `gemv_rows()` rows fbgemm's int8 GEMM (where it has an exact form), oneDNN's above: either is bit-identical
     to the simulation, in the CPU's own form or in the forms of a CPU without VNNI (`sums='pairs'`: W8A8 as q⁺ and
     q⁻ rows, W4A4 as codes + 8), and each weight copy is made only when a call of its size comes. K = 37 fills no
     int32 word of codes exactly (oneDNN's prepack once read the unpacked codes' column slice as dense rows)."""
@@ -277,7 +277,7 @@ def test_both_int8_gemms_are_the_simulation(name, gemv, sums, K, monkeypatch):
     sim = _sim(scheme, K, 40)
     packed = PackedLinear.from_sim(sim)
     with torch.no_grad():
-        for rows in (1, cpu.GEMV_M):
+        for rows in (1, cpu.gemv_rows()):
             x = _x(rows, K) * 3
             x[0, :3] = torch.tensor([-1e3, 1e3, 0.0])  # the codes' extremes, both signs
             assert torch.equal(packed(x), sim(x)) and packed.kernel_path.kind == "cpu-int8mm"
@@ -287,7 +287,7 @@ def test_both_int8_gemms_are_the_simulation(name, gemv, sums, K, monkeypatch):
             assert prep.forms["onednn"] == want[name]
         assert (prep._fbgemm is not None) == gemv and (prep._onednn is None) == gemv
         small = prep.nbytes()
-        x = _x(cpu.GEMV_M + 1, K)
+        x = _x(cpu.gemv_rows() + 1, K)
         assert torch.equal(packed(x), sim(x)) and prep._onednn is not None
         assert prep.nbytes() == small + (prep._onednn.numel() if gemv else 0)
 
