@@ -490,9 +490,9 @@ class SiblingGroup:
 
 def link_siblings(model: nn.Module, groups: Iterable[Sequence[str]]) -> int:
     """Give each set of PackedLinears named in `groups` (module paths; each set reads one input tensor,
-    e.g. a layer's q/k/v) a `SiblingGroup`; for a set of Sparse24Linears, their `dense_packed` forms. Sets that are not all PackedLinears of one scheme and input
-    width (a RotatedInput, a mixed-precision plan, COMET's permuted or static activation scales) are
-    left alone. Returns the number of groups linked."""
+    e.g. a layer's q/k/v) a `SiblingGroup`; for a set of Sparse24Linears, their `dense_packed` forms. Sets
+    that are not all PackedLinears of one scheme and input width (a RotatedInput, a mixed-precision plan,
+    COMET's permuted or static activation scales) are left alone. Returns the number of groups linked."""
     n = 0
     for names in groups:
         try:
