@@ -132,12 +132,6 @@ GEMV_M = 8
 # 938 / 1060 / 947. W4A4 (codes + 8): 32 rows 528 / 657, 64 rows 1162 / 1196, 256 rows 3847 / 3449. 2 threads alike.
 # A prompt of up to 32 tokens then makes only fbgemm's copy of the codes
 GEMV_M_PAIRS = 32
-
-
-def gemv_rows() -> int:
-    """Rows up to which `linear_int8mm` takes fbgemm's GEMM (where it has an exact form): `GEMV_M`, or `GEMV_M_PAIRS`
-    where oneDNN's sums go in pairs."""
-    return GEMV_M_PAIRS if int8_sums("onednn") == "pairs" else GEMV_M
 # "0" keeps activation-quantized schemes off oneDNN's int8 GEMM (the same numbers either way: `int_linear`)
 INT8MM_ENV = "LMPRESS_INT8_GEMM"
 
@@ -240,6 +234,12 @@ def int8_sums(gemm: str) -> str:
     if _gemm_sums(gemm, torch.full((4, K), 128, dtype=torch.uint8), 0, w):  # pairs 2 x 128 x 127, 2 x 128 x -128 fit
         return "pairs"
     return ""
+
+
+def gemv_rows() -> int:
+    """Rows up to which `linear_int8mm` takes fbgemm's GEMM (where it has an exact form): `GEMV_M`, or `GEMV_M_PAIRS`
+    where oneDNN's sums go in pairs."""
+    return GEMV_M_PAIRS if int8_sums("onednn") == "pairs" else GEMV_M
 
 
 def int8mm_form(weights: QuantArgs, inputs: QuantArgs, gemm: str) -> tuple[int, bool] | None:
